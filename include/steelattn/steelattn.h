@@ -1,0 +1,121 @@
+// steelattn public C++ API.
+//
+// The core knows no framework: tensors arrive as TensorRef (pointer, dtype,
+// device, shape, strides), all outputs and workspaces are allocated by the
+// caller, and every entry point returns a Status instead of throwing.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace steelattn {
+
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, boolean = 4, i32 = 5, i64 = 6 };
+enum class Device : int32_t { cpu = 1, cuda = 2 };
+
+const char* dtype_name(DType t);
+int dtype_size(DType t);
+
+// A strided view of caller-owned memory. Strides are in elements. Up to 4 dims;
+// unused trailing dims have shape 1. A null `data` means "absent" for optional
+// tensors.
+struct TensorRef {
+  void* data = nullptr;
+  DType dtype = DType::f32;
+  Device device = Device::cpu;
+  int32_t device_id = 0;
+  int32_t ndim = 0;
+  int64_t shape[4] = {1, 1, 1, 1};
+  int64_t stride[4] = {0, 0, 0, 0};
+
+  bool present() const { return data != nullptr; }
+};
+
+// Everything one attention call needs. Every feature is a field, so new kernels
+// slot in without changing signatures. Fields a kernel does not understand must
+// be at their defaults for that kernel to be selected (see select_forward_path).
+struct AttentionParams {
+  // Inputs. q: [B, H, N, D], k: [B, Hkv, S, D], v: [B, Hkv, S, Dv]; H % Hkv == 0.
+  TensorRef q, k, v;
+  // Outputs. out: [B, H, N, Dv] (dtype of q). lse: [B, H, N] fp32, optional.
+  TensorRef out, lse;
+  // Optional [B, H, N, S] fp32 softmax probabilities (before dropout).
+  TensorRef attn_weights;
+
+  // Scores: s = scale * q.k; softcap; ALiBi; bias; mask.
+  float scale = 1.0f;
+  float softcap = 0.0f;  // > 0 enables s = softcap * tanh(s / softcap)
+  // ALiBi slopes, fp32, shape [B, H] (stride 0 over B for per-head slopes).
+  TensorRef alibi_slopes;
+  // Additive bias, fp32, broadcast to [B, H, N, S] through zero strides.
+  TensorRef bias;
+  // Boolean keep-mask (true = attend), 1 byte per element, broadcast to
+  // [B, H, N, S] through zero strides.
+  TensorRef bool_mask;
+
+  // Band mask. Query i is aligned with key i + diag_offset; it sees keys j with
+  // i + diag_offset - window_left <= j <= i + diag_offset + window_right.
+  // -1 means unbounded on that side. Causal is window_right = 0;
+  // flash_attention uses diag_offset = S - N (bottom-right), torch's SDPA 0.
+  int64_t diag_offset = 0;
+  int64_t window_left = -1;
+  int64_t window_right = -1;
+
+  // Dropout on the probabilities: keep with probability 1 - p, scale by 1/(1-p).
+  // The keep decision is a Philox draw keyed by (seed, offset, b, h, i, j).
+  float dropout_p = 0.0f;
+  uint64_t dropout_seed = 0;
+  uint64_t dropout_offset = 0;
+
+  // CPU only: worker threads (<= 0 means hardware concurrency).
+  int32_t num_threads = 0;
+
+  // Dimensions, derived by validate_forward() from the tensors.
+  int64_t B = 0, H = 0, Hkv = 0, N = 0, S = 0, D = 0, Dv = 0;
+};
+
+enum class StatusCode : int32_t { ok = 0, invalid_argument = 1, not_implemented = 2, runtime_error = 3 };
+
+struct Status {
+  StatusCode code = StatusCode::ok;
+  std::string message;
+  bool ok() const { return code == StatusCode::ok; }
+  static Status Ok() { return {}; }
+  static Status Invalid(std::string m) { return {StatusCode::invalid_argument, std::move(m)}; }
+  static Status NotImplemented(std::string m) { return {StatusCode::not_implemented, std::move(m)}; }
+  static Status Error(std::string m) { return {StatusCode::runtime_error, std::move(m)}; }
+};
+
+// The kernel paths a forward call can take. One function picks the path; the
+// dispatcher, the feature report and the dispatch counters all use it.
+enum class ForwardPath : int32_t {
+  none = 0,          // no steelattn kernel serves this call
+  cpu_avx512 = 1,    // CPU flash kernel, AVX-512 instantiation
+  cpu_avx2 = 2,      // CPU flash kernel, AVX2 + FMA instantiation
+  cpu_scalar = 3,    // CPU flash kernel, portable instantiation
+  cuda_sm90 = 4,     // Hopper wgmma + TMA kernel
+  cuda_generic = 5,  // mma.sync kernel, sm_80 and newer
+};
+const char* path_name(ForwardPath p);
+
+// Checks shapes, dtypes, devices and strides, fills the derived dimensions.
+// The message names the offending argument.
+Status validate_forward(AttentionParams& p);
+
+// The path a (validated) call would take, with the reason when it is `none`.
+ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not = nullptr);
+
+// Validates, selects and runs. `stream` is a cudaStream_t for CUDA tensors.
+Status attention_forward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
+
+// The dropout keep-mask the kernels use, materialised as bytes [B, H, N, S]
+// (for tests and for users who need to reproduce a training step).
+Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p,
+                         uint64_t seed, uint64_t offset);
+
+// The CPU instruction set the CPU backend dispatches to at run time.
+const char* cpu_isa();
+
+bool cuda_compiled();
+
+}  // namespace steelattn

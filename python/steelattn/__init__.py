@@ -1,0 +1,18 @@
+"""steelattn: exact flash attention for NVIDIA Hopper GPUs and x86-64 CPUs.
+
+A drop-in for torch.nn.functional.scaled_dot_product_attention plus the
+flash_attention API (causal, sliding window, GQA, softcap, ALiBi, bias, dropout,
+LSE, attention weights). See README.md.
+"""
+from ._dispatch import get_dispatch_stats, reset_dispatch_stats
+from .api import (alibi_slopes, dropout_keep_mask, flash_attention, flash_attention_alibi,
+                  scaled_dot_product_attention)
+from .info import get_device_info, get_supported_configs, is_available
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "alibi_slopes", "dropout_keep_mask", "flash_attention", "flash_attention_alibi", "get_device_info",
+    "get_dispatch_stats", "get_supported_configs", "is_available", "reset_dispatch_stats",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,27 @@
+// Internal interface between the dispatcher (src/core) and the kernels.
+// Each backend reports whether it can serve a validated call and runs it.
+#pragma once
+
+#include <string>
+
+#include "steelattn/steelattn.h"
+
+namespace steelattn {
+
+// CPU flash kernel (src/cpu). Serves every validated CPU call.
+enum class CpuIsa { avx512, avx2, scalar };
+CpuIsa detect_cpu_isa();
+Status cpu_forward(const AttentionParams& p, CpuIsa isa);
+
+// CUDA kernels (src/cuda), compiled only when nvcc is found
+// (STEELATTN_WITH_CUDA). Both take a validated call and a cudaStream_t.
+#if defined(STEELATTN_WITH_CUDA)
+// Hopper wgmma + TMA kernel: true when it serves this call on this device.
+bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not);
+Status cuda_sm90_forward(const AttentionParams& p, void* stream);
+// Generic mma.sync kernel (sm_80+): true when it serves this call on this device.
+bool cuda_generic_supports(const AttentionParams& p, std::string* why_not);
+Status cuda_generic_forward(const AttentionParams& p, void* stream);
+#endif
+
+}  // namespace steelattn

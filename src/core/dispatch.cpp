@@ -1,0 +1,78 @@
+// The one place that decides which kernel serves a forward call. The Python
+// dispatcher, get_supported_configs() and the dispatch counters all ask here.
+#include <cstring>
+
+#include "core/backends.h"
+#include "steelattn/detail/philox.h"
+
+namespace steelattn {
+
+const char* path_name(ForwardPath p) {
+  switch (p) {
+    case ForwardPath::none: return "none";
+    case ForwardPath::cpu_avx512: return "cpu_avx512";
+    case ForwardPath::cpu_avx2: return "cpu_avx2";
+    case ForwardPath::cpu_scalar: return "cpu_scalar";
+    case ForwardPath::cuda_sm90: return "cuda_sm90";
+    case ForwardPath::cuda_generic: return "cuda_generic";
+  }
+  return "unknown";
+}
+
+bool cuda_compiled() {
+#if defined(STEELATTN_WITH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not) {
+  if (p.q.device == Device::cpu) {
+    switch (detect_cpu_isa()) {
+      case CpuIsa::avx512: return ForwardPath::cpu_avx512;
+      case CpuIsa::avx2: return ForwardPath::cpu_avx2;
+      default: return ForwardPath::cpu_scalar;
+    }
+  }
+#if defined(STEELATTN_WITH_CUDA)
+  std::string sm90_why, generic_why;
+  if (cuda_sm90_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
+  if (cuda_generic_supports(p, &generic_why)) return ForwardPath::cuda_generic;
+  if (why_not) *why_not = "sm90: " + sm90_why + "; generic: " + generic_why;
+#else
+  if (why_not) *why_not = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
+#endif
+  return ForwardPath::none;
+}
+
+Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
+  Status st = validate_forward(p);
+  if (!st.ok()) return st;
+  std::string why;
+  const ForwardPath path = select_forward_path(p, &why);
+  if (taken) *taken = path;
+  // Empty problems have nothing to compute; outputs of size zero need no write.
+  if (p.B == 0 || p.H == 0 || p.N == 0) return Status::Ok();
+  switch (path) {
+    case ForwardPath::cpu_avx512: return cpu_forward(p, CpuIsa::avx512);
+    case ForwardPath::cpu_avx2: return cpu_forward(p, CpuIsa::avx2);
+    case ForwardPath::cpu_scalar: return cpu_forward(p, CpuIsa::scalar);
+#if defined(STEELATTN_WITH_CUDA)
+    case ForwardPath::cuda_sm90: return cuda_sm90_forward(p, stream);
+    case ForwardPath::cuda_generic: return cuda_generic_forward(p, stream);
+#endif
+    default: (void)stream; return Status::NotImplemented("no steelattn kernel serves this call: " + why);
+  }
+}
+
+Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p, uint64_t seed,
+                         uint64_t offset) {
+  if (!(p >= 0.0f && p < 1.0f)) return Status::Invalid("dropout_p: must be in [0, 1)");
+  const uint32_t thr = detail::dropout_threshold24(p);
+  const uint64_t total = uint64_t(B * H * N * S);
+  for (uint64_t idx = 0; idx < total; ++idx) out[idx] = detail::dropout_keep(idx, seed, offset, thr) ? 1 : 0;
+  return Status::Ok();
+}
+
+}  // namespace steelattn

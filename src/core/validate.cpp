@@ -1,0 +1,145 @@
+// Argument checks for a forward call. Every message names the argument and
+// what was expected, and nothing is written before the checks pass.
+#include <cmath>
+#include <sstream>
+
+#include "steelattn/steelattn.h"
+
+namespace steelattn {
+
+const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::f32: return "float32";
+    case DType::f16: return "float16";
+    case DType::bf16: return "bfloat16";
+    case DType::f64: return "float64";
+    case DType::boolean: return "bool";
+    case DType::i32: return "int32";
+    case DType::i64: return "int64";
+  }
+  return "unknown";
+}
+
+int dtype_size(DType t) {
+  switch (t) {
+    case DType::f32: case DType::i32: return 4;
+    case DType::f16: case DType::bf16: return 2;
+    case DType::f64: case DType::i64: return 8;
+    case DType::boolean: return 1;
+  }
+  return 0;
+}
+
+namespace {
+
+constexpr int64_t kMaxHeadDim = 512;
+
+std::string shape_str(const TensorRef& t) {
+  std::ostringstream os;
+  os << "[";
+  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
+  os << "]";
+  return os.str();
+}
+
+bool is_attention_dtype(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+
+Status check_same_device(const TensorRef& t, const TensorRef& q, const char* name) {
+  if (t.device != q.device || t.device_id != q.device_id)
+    return Status::Invalid(std::string(name) + ": must be on the same device as q");
+  return Status::Ok();
+}
+
+// A [d0, d1, d2, d3] tensor whose dims may broadcast (stride 0) over `want`.
+Status check_broadcast4(const TensorRef& t, const char* name, const int64_t want[4]) {
+  if (t.ndim != 4) return Status::Invalid(std::string(name) + ": expected 4 dims after broadcasting, got " + shape_str(t));
+  for (int i = 0; i < 4; ++i)
+    if (t.shape[i] != want[i])
+      return Status::Invalid(std::string(name) + ": shape " + shape_str(t) + " does not match [B, H, N, S]");
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status validate_forward(AttentionParams& p) {
+  const struct { TensorRef* t; const char* name; } io[] = {{&p.q, "q"}, {&p.k, "k"}, {&p.v, "v"}, {&p.out, "out"}};
+  for (const auto& x : io) {
+    if (!x.t->present()) return Status::Invalid(std::string(x.name) + ": missing");
+    if (x.t->ndim != 4)
+      return Status::Invalid(std::string(x.name) + ": expected 4 dims [B, H, N, D], got " + shape_str(*x.t));
+    if (!is_attention_dtype(x.t->dtype))
+      return Status::Invalid(std::string(x.name) + ": dtype " + dtype_name(x.t->dtype) +
+                             " is not supported (float32, float16, bfloat16)");
+    if (x.t->dtype != p.q.dtype)
+      return Status::Invalid(std::string(x.name) + ": dtype " + dtype_name(x.t->dtype) + " differs from q's " +
+                             dtype_name(p.q.dtype));
+    if (x.t->stride[3] != 1 && x.t->shape[3] > 1)
+      return Status::Invalid(std::string(x.name) + ": the last dim must be contiguous (stride 1), got stride " +
+                             std::to_string(x.t->stride[3]));
+    Status st = check_same_device(*x.t, p.q, x.name);
+    if (!st.ok()) return st;
+  }
+  p.B = p.q.shape[0];
+  p.H = p.q.shape[1];
+  p.N = p.q.shape[2];
+  p.D = p.q.shape[3];
+  p.Hkv = p.k.shape[1];
+  p.S = p.k.shape[2];
+  p.Dv = p.v.shape[3];
+  if (p.k.shape[0] != p.B || p.v.shape[0] != p.B)
+    return Status::Invalid("k, v: batch size must equal q's (" + std::to_string(p.B) + ")");
+  if (p.k.shape[3] != p.D)
+    return Status::Invalid("k: head dim " + std::to_string(p.k.shape[3]) + " differs from q's " + std::to_string(p.D));
+  if (p.v.shape[1] != p.Hkv || p.v.shape[2] != p.S)
+    return Status::Invalid("v: shape " + shape_str(p.v) + " must be [B, Hkv, S, Dv] with k's Hkv and S");
+  if (p.Hkv < 1 || p.H % p.Hkv != 0)
+    return Status::Invalid("k: number of heads " + std::to_string(p.Hkv) + " must divide q's " + std::to_string(p.H));
+  if (p.D < 1 || p.D > kMaxHeadDim)
+    return Status::Invalid("q: head dim " + std::to_string(p.D) + " out of range [1, 512]");
+  if (p.Dv < 1 || p.Dv > kMaxHeadDim)
+    return Status::Invalid("v: head dim " + std::to_string(p.Dv) + " out of range [1, 512]");
+  if (p.out.shape[0] != p.B || p.out.shape[1] != p.H || p.out.shape[2] != p.N || p.out.shape[3] != p.Dv)
+    return Status::Invalid("out: shape " + shape_str(p.out) + " must be [B, H, N, Dv]");
+  if (!std::isfinite(p.scale)) return Status::Invalid("scale: must be finite");
+  if (!(p.softcap >= 0.0f) || !std::isfinite(p.softcap)) return Status::Invalid("softcap: must be finite and >= 0");
+  if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) return Status::Invalid("dropout_p: must be in [0, 1)");
+  if (p.window_left < -1 || p.window_right < -1)
+    return Status::Invalid("window_size: each side must be -1 (unbounded) or >= 0");
+
+  if (p.lse.present()) {
+    if (p.lse.dtype != DType::f32 || p.lse.ndim != 3 || p.lse.shape[0] != p.B || p.lse.shape[1] != p.H ||
+        p.lse.shape[2] != p.N)
+      return Status::Invalid("lse: must be float32 [B, H, N]");
+    Status st = check_same_device(p.lse, p.q, "lse");
+    if (!st.ok()) return st;
+  }
+  const int64_t full[4] = {p.B, p.H, p.N, p.S};
+  if (p.attn_weights.present()) {
+    if (p.attn_weights.dtype != DType::f32) return Status::Invalid("attn_weights: must be float32");
+    Status st = check_broadcast4(p.attn_weights, "attn_weights", full);
+    if (st.ok()) st = check_same_device(p.attn_weights, p.q, "attn_weights");
+    if (!st.ok()) return st;
+  }
+  if (p.bias.present()) {
+    if (p.bias.dtype != DType::f32) return Status::Invalid("bias: must be float32 (cast it before the call)");
+    Status st = check_broadcast4(p.bias, "bias", full);
+    if (st.ok()) st = check_same_device(p.bias, p.q, "bias");
+    if (!st.ok()) return st;
+  }
+  if (p.bool_mask.present()) {
+    if (p.bool_mask.dtype != DType::boolean) return Status::Invalid("bool_mask: must be bool");
+    Status st = check_broadcast4(p.bool_mask, "bool_mask", full);
+    if (st.ok()) st = check_same_device(p.bool_mask, p.q, "bool_mask");
+    if (!st.ok()) return st;
+  }
+  if (p.alibi_slopes.present()) {
+    const TensorRef& a = p.alibi_slopes;
+    if (a.dtype != DType::f32 || a.ndim != 2 || a.shape[0] != p.B || a.shape[1] != p.H)
+      return Status::Invalid("alibi_slopes: must be float32 [H] or [B, H]");
+    Status st = check_same_device(a, p.q, "alibi_slopes");
+    if (!st.ok()) return st;
+  }
+  return Status::Ok();
+}
+
+}  // namespace steelattn

@@ -1,0 +1,46 @@
+// Picks the CPU kernel's instruction set once, at run time.
+#include <cstdlib>
+#include <cstring>
+
+#include "core/backends.h"
+#include "cpu/flash_fwd.h"
+
+namespace steelattn {
+
+CpuIsa detect_cpu_isa() {
+  static const CpuIsa isa = [] {
+    // STEELATTN_CPU_ISA=avx2|scalar forces a narrower path (testing, old CPUs).
+    const char* force = std::getenv("STEELATTN_CPU_ISA");
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (force && std::strcmp(force, "scalar") == 0) return CpuIsa::scalar;
+    if (force && std::strcmp(force, "avx2") == 0 && avx2) return CpuIsa::avx2;
+    if (avx512) return CpuIsa::avx512;
+    if (avx2) return CpuIsa::avx2;
+#endif
+    (void)force;
+    return CpuIsa::scalar;
+  }();
+  return isa;
+}
+
+Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512: return cpu::flash_forward_avx512(p);
+    case CpuIsa::avx2: return cpu::flash_forward_avx2(p);
+    default: return cpu::flash_forward_scalar(p);
+  }
+}
+
+const char* cpu_isa() {
+  switch (detect_cpu_isa()) {
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace steelattn
