@@ -16,6 +16,10 @@ from .reference import attention_reference
 
 _BACKENDS = ("auto", "steel", "torch")
 
+# Tests set this to fill outputs with NaN before the kernel runs, so an element the
+# kernel forgot to write cannot pass for a correct one.
+_debug_poison_outputs = False
+
 
 def _ext():
     from . import _ext as ext  # imported lazily so a missing build gives a clear error
@@ -69,9 +73,11 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     seed = offset = 0
     if dropout_p > 0:
         seed, offset = _dropout_seed(generator, q.device)
-    out = torch.empty(B, H, N, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device) if return_lse else None
-    weights = torch.empty(B, H, N, S, dtype=torch.float32, device=q.device) if return_weights else None
+    alloc = torch.full if _debug_poison_outputs else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
+    nan = float("nan")
+    out = alloc((B, H, N, Dv), nan, dtype=q.dtype, device=q.device)
+    lse = alloc((B, H, N), nan, dtype=torch.float32, device=q.device) if return_lse else None
+    weights = alloc((B, H, N, S), nan, dtype=torch.float32, device=q.device) if return_weights else None
     args = dict(
         scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset),
         window_left=int(wl), window_right=int(wr), dropout_p=float(dropout_p), seed=seed, offset=offset,
