@@ -1,0 +1,75 @@
+"""The main job: attention on the best available device, checked against the float64
+reference, then its speed against torch (a quick benchmark matrix).
+
+    python -m steelattn [--device cpu|cuda] [--no-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import steelattn
+from steelattn import bench
+from steelattn.reference import attention_reference, relative_error
+
+_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
+
+# (name, B, H, Hkv, N, S, D, Dv, dtype, kwargs)
+_CHECKS = [
+    ("full fp32", 2, 4, 4, 257, 257, 64, 64, torch.float32, {}),
+    ("causal bf16 N!=S", 1, 8, 8, 300, 1000, 128, 128, torch.bfloat16, {"causal": True}),
+    ("GQA 4:1 causal fp16", 2, 8, 2, 130, 130, 128, 128, torch.float16, {"causal": True}),
+    ("window + softcap bf16", 1, 4, 2, 500, 500, 64, 64, torch.bfloat16, {"window_size": (128, 0), "softcap": 30.0}),
+    ("ALiBi fp32 D=80", 1, 4, 4, 100, 120, 80, 80, torch.float32, {"alibi_slopes": "alibi", "causal": True}),
+    ("Dv != D, D=256 bf16", 1, 2, 1, 64, 200, 256, 128, torch.bfloat16, {}),
+]
+
+
+def run_checks(device, log=print):
+    ok = True
+    g = torch.Generator().manual_seed(0)
+    for name, B, H, Hkv, N, S, D, Dv, dtype, kw in _CHECKS:
+        q = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
+        k = torch.randn(B, Hkv, S, D, generator=g).to(device=device, dtype=dtype)
+        v = torch.randn(B, Hkv, S, Dv, generator=g).to(device=device, dtype=dtype)
+        kw = dict(kw)
+        if kw.get("alibi_slopes") == "alibi":
+            kw["alibi_slopes"] = steelattn.alibi_slopes(H).to(device)
+        steelattn.reset_dispatch_stats()
+        out = steelattn.flash_attention(q, k, v, **kw)
+        path = [p for p in steelattn.get_dispatch_stats() if p != "fallback_reasons"]
+        wl, wr = kw.get("window_size") or (-1, -1)
+        if kw.get("causal"):
+            wr = 0
+        ref, _, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), softcap=kw.get("softcap", 0.0),
+                                        alibi_slopes=kw["alibi_slopes"].cpu() if "alibi_slopes" in kw else None,
+                                        diag_offset=S - N, window_left=wl,
+                                        window_right=wr)
+        err = relative_error(out.cpu(), ref)
+        good = bool(torch.isfinite(out).all()) and err < _TOL[dtype]
+        ok &= good
+        log(f"  {'PASS' if good else 'FAIL'}  {name:24s} rel.err {err:.2e}  (bound {_TOL[dtype]:.0e}, path {path})")
+    return ok
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m steelattn", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-bench", action="store_true", help="only the correctness checks")
+    args = ap.parse_args(argv)
+    print(f"steelattn {steelattn.__version__} on {args.device}: {bench.device_name(args.device)}; torch {torch.__version__}")
+    print("Correctness against the float64 reference:")
+    ok = run_checks(args.device)
+    if not args.no_bench:
+        print("Speed against torch (quick matrix):")
+        result = bench.run(args.device, quick=True)
+        print(bench.to_markdown(result))
+    print("all checks passed" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
