@@ -75,10 +75,8 @@ constexpr float kExp2Coef[7] = {1.0f,          0.693147181f,  0.240226507f,  0.0
                                 0.00961812911f, 0.00133335581f, 0.000154035304f};
 
 struct Scalar {
-  static constexpr int W = 1;       // lanes
-  static constexpr int kQkRows = 4;  // key rows per QK^T micro-tile
-  static constexpr int kPvRows = 2;  // query rows per PV micro-tile
-  static constexpr int kPvVecs = 4;  // output vectors per PV micro-tile row
+  static constexpr int W = 1;      // lanes
+  static constexpr int kRows = 4;  // rows of C per micro-tile (tiles.h)
   using V = float;
   static V load(const float* p) { return *p; }
   static void store(float* p, V v) { *p = v; }
@@ -102,9 +100,7 @@ struct Scalar {
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 struct Avx2 {
   static constexpr int W = 8;
-  static constexpr int kQkRows = 6;  // 6x2 accumulators + 2 Q + 1 broadcast = 15 ymm
-  static constexpr int kPvRows = 2;  // 2x6 accumulators + 2 broadcasts + 1 V = 15 ymm
-  static constexpr int kPvVecs = 6;
+  static constexpr int kRows = 6;  // 6x2 accumulators + 2 B vectors + 1 broadcast = 15 ymm
   using V = __m256;
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -151,9 +147,7 @@ struct Avx2 {
 #if defined(__AVX512F__)
 struct Avx512 {
   static constexpr int W = 16;
-  static constexpr int kQkRows = 12;  // 12x2 accumulators + 2 Q + 1 broadcast = 27 zmm
-  static constexpr int kPvRows = 3;   // 3x8 accumulators + 3 broadcasts + 1 V = 28 zmm
-  static constexpr int kPvVecs = 8;
+  static constexpr int kRows = 12;  // 12x2 accumulators + 2 B vectors + 1 broadcast = 27 zmm
   using V = __m512;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }

@@ -1,0 +1,130 @@
+// Score tiles shared by the CPU forward and backward kernels: constants, element
+// access for any dtype, the per-row table of a packed row block, the band-mask
+// range of a row block, and the score transform (softcap, ALiBi, bias, masks).
+//
+// Scores are held transposed, St[key][row], with rows on the SIMD lanes.
+// Internal linkage: see flash_fwd_impl.h.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+
+#include "cpu/simd.h"
+#include "steelattn/steelattn.h"
+
+namespace steelattn::cpu {
+namespace {
+
+constexpr int64_t kBlockRows = 64;   // packed query rows per task (multiple of 2 * W)
+constexpr int64_t kBlockKeys = 128;  // keys per K/V tile
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Reads element e of a row of `dtype` as float.
+inline float load_elem(const void* base, DType t, int64_t e) {
+  switch (t) {
+    case DType::f32: return static_cast<const float*>(base)[e];
+    case DType::f16: return f16_to_float(static_cast<const uint16_t*>(base)[e]);
+    default: return bf16_to_float(static_cast<const uint16_t*>(base)[e]);
+  }
+}
+inline void store_elem(void* base, DType t, int64_t e, float x) {
+  switch (t) {
+    case DType::f32: static_cast<float*>(base)[e] = x; break;
+    case DType::f16: static_cast<uint16_t*>(base)[e] = float_to_f16(x); break;
+    default: static_cast<uint16_t*>(base)[e] = float_to_bf16(x); break;
+  }
+}
+inline const char* elem_ptr(const TensorRef& t, int64_t a, int64_t b, int64_t c) {
+  return static_cast<const char*>(t.data) +
+         (a * t.stride[0] + b * t.stride[1] + c * t.stride[2]) * dtype_size(t.dtype);
+}
+
+// Where a band of rows [i_lo, i_hi] may see keys: [lo, hi).
+inline void band_range(const AttentionParams& p, int64_t i_lo, int64_t i_hi, int64_t S, int64_t* lo,
+                       int64_t* hi) {
+  *lo = p.window_left < 0 ? 0 : std::max<int64_t>(0, i_lo + p.diag_offset - p.window_left);
+  *hi = p.window_right < 0 ? S : std::min<int64_t>(S, i_hi + p.diag_offset + p.window_right + 1);
+}
+
+inline bool tile_fully_visible(const AttentionParams& p, int64_t i_lo, int64_t i_hi, int64_t k0,
+                               int64_t k1) {
+  return (p.window_left < 0 || k0 >= i_hi + p.diag_offset - p.window_left) &&
+         (p.window_right < 0 || k1 - 1 <= i_lo + p.diag_offset + p.window_right);
+}
+
+// Per-lane table of a block of packed rows: row r is query i[r] of head h[r].
+struct RowInfo {
+  int64_t i[kBlockRows];
+  int64_t h[kBlockRows];
+  float alibi_log2[kBlockRows];  // slope * log2(e), 0 without ALiBi
+};
+
+// Packed rows [r_begin, r_begin + nrows) of kv head hk (G query heads per kv head).
+// Padding lanes up to `lanes` repeat the last real row so masks stay sane there.
+inline void fill_rows(const AttentionParams& p, int64_t b, int64_t hk, int64_t G, int64_t r_begin,
+                      int64_t nrows, int64_t lanes, RowInfo* ri) {
+  for (int64_t r = 0; r < lanes; ++r) {
+    const int64_t pr = r_begin + std::min(r, nrows - 1);
+    ri->i[r] = pr / G;
+    ri->h[r] = hk * G + pr % G;
+    ri->alibi_log2[r] = 0.0f;
+    if (p.alibi_slopes.present()) {
+      const TensorRef& t = p.alibi_slopes;
+      ri->alibi_log2[r] = kLog2e * static_cast<const float*>(t.data)[b * t.stride[0] + ri->h[r] * t.stride[1]];
+    }
+  }
+}
+
+// Applies softcap, ALiBi, bias, boolean mask and the band to a score tile held
+// transposed (St[j][r]), turning raw dots into log2-domain logits. With softcap,
+// `dcap` (same layout, may be null) receives d(cap*tanh(t))/d(cap*t) = 1 - tanh^2.
+template <bool kFull>
+void transform_tile(const AttentionParams& p, float cap_log2, const RowInfo& ri, int64_t b,
+                    int64_t k0, int64_t nk, int64_t lanes, float* st, int64_t ld, float* dcap = nullptr) {
+  const bool cap = p.softcap > 0.0f;
+  const bool alibi = p.alibi_slopes.present();
+  const bool bias = p.bias.present();
+  const bool bmask = p.bool_mask.present();
+  for (int64_t j = 0; j < nk; ++j) {
+    const int64_t kj = k0 + j;
+    float* row = st + j * ld;
+    for (int64_t r = 0; r < lanes; ++r) {
+      const int64_t i = ri.i[r];
+      float x = row[r];
+      if (cap) {
+        const float th = std::tanh(x);
+        x = cap_log2 * th;
+        if (dcap) dcap[j * ld + r] = 1.0f - th * th;
+      }
+      if (alibi) x -= ri.alibi_log2[r] * float(std::llabs(i + p.diag_offset - kj));
+      if (bias) {
+        const TensorRef& t = p.bias;
+        x += kLog2e * static_cast<const float*>(t.data)[b * t.stride[0] + ri.h[r] * t.stride[1] +
+                                                        i * t.stride[2] + kj * t.stride[3]];
+      }
+      if (bmask) {
+        const TensorRef& t = p.bool_mask;
+        if (!static_cast<const uint8_t*>(t.data)[b * t.stride[0] + ri.h[r] * t.stride[1] +
+                                                 i * t.stride[2] + kj * t.stride[3]])
+          x = kNegInf;
+      }
+      if (!kFull) {
+        const int64_t a = i + p.diag_offset;
+        if ((p.window_left >= 0 && kj < a - p.window_left) || (p.window_right >= 0 && kj > a + p.window_right))
+          x = kNegInf;
+      }
+      row[r] = x;
+    }
+  }
+}
+
+
+}  // namespace
+}  // namespace steelattn::cpu

@@ -1,0 +1,84 @@
+// The one register-blocked micro-kernel of the CPU backend and the tile loops
+// around it. Every matrix product in the forward and backward passes has the
+// shape  C[m][lanes] (+)= A[m][k] · B[k][lanes]  with the SIMD lanes running
+// along C's rows in memory, and A read by scalar broadcasts through two strides
+// (so A can be a row-major tile or the transpose of one without a copy).
+//
+// Internal linkage: see flash_fwd_impl.h on why each ISA unit keeps its own copy.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cpu/simd.h"
+
+namespace steelattn::cpu {
+namespace {
+
+// MR rows of C, NV vectors of lanes at column `col`. With kAcc, C is loaded and
+// (when col_scale is given) multiplied lane-wise by col_scale[col..] first.
+template <class Isa, int MR, int NV, bool kAcc>
+inline void gemm_tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld, int64_t K,
+                      float* c, int64_t c_ld, int64_t col, const float* col_scale) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  V acc[MR][NV];
+  if constexpr (kAcc) {
+    V s[NV];
+    for (int v = 0; v < NV; ++v) s[v] = col_scale ? Isa::load(col_scale + col + v * W) : Isa::set1(1.0f);
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Isa::mul(s[v], Isa::load(c + r * c_ld + col + v * W));
+  } else {
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = Isa::zero();
+  }
+  const float* bp = b + col;
+  const float* ap = a;
+  for (int64_t kk = 0; kk < K; ++kk, bp += b_ld, ap += a_ks) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = Isa::load(bp + v * W);
+    for (int r = 0; r < MR; ++r) {
+      const V av = Isa::set1(ap[r * a_rs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = Isa::fma(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) Isa::store(c + r * c_ld + col + v * W, acc[r][v]);
+}
+
+template <class Isa, int MR, bool kAcc>
+inline void gemm_rows(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld, int64_t K,
+                      float* c, int64_t c_ld, int64_t lanes, const float* col_scale) {
+  constexpr int W = Isa::W;
+  int64_t col = 0;
+  for (; col + 2 * W <= lanes; col += 2 * W)
+    gemm_tile<Isa, MR, 2, kAcc>(a, a_rs, a_ks, b, b_ld, K, c, c_ld, col, col_scale);
+  if (col < lanes) gemm_tile<Isa, MR, 1, kAcc>(a, a_rs, a_ks, b, b_ld, K, c, c_ld, col, col_scale);
+}
+
+// Picks the compile-time row count for the ragged last group of rows.
+template <class Isa, int MR, bool kAcc>
+inline void gemm_tail(int m, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld,
+                      int64_t K, float* c, int64_t c_ld, int64_t lanes, const float* col_scale) {
+  if constexpr (MR > 0) {
+    if (m == MR) return gemm_rows<Isa, MR, kAcc>(a, a_rs, a_ks, b, b_ld, K, c, c_ld, lanes, col_scale);
+    gemm_tail<Isa, MR - 1, kAcc>(m, a, a_rs, a_ks, b, b_ld, K, c, c_ld, lanes, col_scale);
+  }
+}
+
+// C[m][lanes] (+)= A[m][K] · B[K][lanes]; A element (r, kk) is a[r * a_rs + kk * a_ks];
+// `lanes` is a multiple of the SIMD width and B/C rows are padded to it.
+template <class Isa, bool kAcc>
+void gemm(int64_t m, int64_t lanes, int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
+          int64_t b_ld, float* c, int64_t c_ld, const float* col_scale = nullptr) {
+  constexpr int MR = Isa::kRows;
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR)
+    gemm_rows<Isa, MR, kAcc>(a + r * a_rs, a_rs, a_ks, b, b_ld, K, c + r * c_ld, c_ld, lanes, col_scale);
+  if (r < m)
+    gemm_tail<Isa, MR - 1, kAcc>(int(m - r), a + r * a_rs, a_rs, a_ks, b, b_ld, K, c + r * c_ld, c_ld, lanes,
+                                 col_scale);
+}
+
+}  // namespace
+}  // namespace steelattn::cpu
