@@ -1,0 +1,201 @@
+// Entry points of the generic CUDA forward path (sm_80 and newer):
+// cuda_generic_supports / cuda_generic_forward, declared in src/core/backends.h.
+//
+// Host side only: translate the validated AttentionParams into KernelParams
+// (strides, broadcast strides, derived counts), pick the kernel family and Dv
+// tile for the device's shared memory, launch, and report CUDA errors.
+// Depends only on the headers (no symbol from src/core/*.cpp), so the kernels
+// and tests/cuda/generic_harness.cu link without the core library.
+// Debug knob: STEELATTN_GENERIC_FORCE_SIMT=1 routes fp16/bf16 to the SIMT kernel.
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+
+#include "core/backends.h"
+#include "launchers.h"
+#include "steelattn/detail/philox.h"
+
+namespace steelattn {
+namespace {
+
+using cuda_generic::KernelParams;
+
+constexpr int kMaxHeadDim = 512;
+
+// Strides of `t` as `n` logical dims, size-1 dims broadcast (stride 0). A
+// tensor with at least n dims maps its leading n dims (lse given as
+// [B,H,N,1] works); one with fewer is right-aligned like numpy broadcasting
+// (an ALiBi [H] tensor becomes [B,H] with b-stride 0, a bias [N,S] becomes
+// [B,H,N,S] with zero b and h strides).
+void broadcast_strides(const TensorRef& t, int n, int64_t* out) {
+  for (int d = 0; d < n; ++d) out[d] = 0;
+  const int shift = t.ndim >= n ? 0 : n - t.ndim;
+  for (int d = shift; d < n; ++d) {
+    const int src = d - shift;
+    out[d] = t.shape[src] == 1 ? 0 : t.stride[src];
+  }
+}
+
+// cp.async moves 16 bytes: the base and every row start must be 16-byte aligned.
+bool rows_16b_aligned(const TensorRef& t, const int64_t (&stride)[3]) {
+  const int64_t elems = t.dtype == DType::f32 ? 4 : 8;
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (stride[d] % elems != 0) return false;
+  return true;
+}
+
+KernelParams make_kernel_params(const AttentionParams& p) {
+  KernelParams k{};
+  int64_t tmp[4];
+  k.q = p.q.data;
+  k.k = p.k.data;
+  k.v = p.v.data;
+  broadcast_strides(p.q, 4, tmp);
+  for (int d = 0; d < 3; ++d) k.q_stride[d] = tmp[d];
+  broadcast_strides(p.k, 4, tmp);
+  for (int d = 0; d < 3; ++d) k.k_stride[d] = tmp[d];
+  broadcast_strides(p.v, 4, tmp);
+  for (int d = 0; d < 3; ++d) k.v_stride[d] = tmp[d];
+  k.out = p.out.data;
+  broadcast_strides(p.out, 4, tmp);
+  for (int d = 0; d < 3; ++d) k.out_stride[d] = tmp[d];
+  k.lse = static_cast<float*>(p.lse.data);
+  if (p.lse.present()) broadcast_strides(p.lse, 3, k.lse_stride);
+  k.attn = static_cast<float*>(p.attn_weights.data);
+  if (p.attn_weights.present()) broadcast_strides(p.attn_weights, 4, k.attn_stride);
+
+  k.B = int32_t(p.B);
+  k.H = int32_t(p.H);
+  k.Hkv = int32_t(p.Hkv);
+  k.group = int32_t(p.H / p.Hkv);
+  k.N = int32_t(p.N);
+  k.S = int32_t(p.S);
+  k.D = int32_t(p.D);
+  k.Dv = int32_t(p.Dv);
+
+  k.scale = p.scale;
+  k.softcap = p.softcap;
+  k.alibi = static_cast<const float*>(p.alibi_slopes.data);
+  if (k.alibi) broadcast_strides(p.alibi_slopes, 2, k.alibi_stride);
+  k.bias = static_cast<const float*>(p.bias.data);
+  if (k.bias) broadcast_strides(p.bias, 4, k.bias_stride);
+  k.mask = static_cast<const uint8_t*>(p.bool_mask.data);
+  if (k.mask) broadcast_strides(p.bool_mask, 4, k.mask_stride);
+  k.diag_offset = p.diag_offset;
+  k.window_left = p.window_left;
+  k.window_right = p.window_right;
+
+  k.dropout = p.dropout_p > 0.0f;
+  k.dropout_threshold24 = detail::dropout_threshold24(p.dropout_p);
+  k.dropout_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+  k.dropout_seed = p.dropout_seed;
+  k.dropout_offset = p.dropout_offset;
+
+  k.num_q_tiles = int32_t((p.N + cuda_generic::kBlockM - 1) / cuda_generic::kBlockM);
+  k.num_dv_chunks = 1;
+  k.q_vec = rows_16b_aligned(p.q, k.q_stride);
+  k.k_vec = rows_16b_aligned(p.k, k.k_stride);
+  k.v_vec = rows_16b_aligned(p.v, k.v_stride);
+  return k;
+}
+
+// Restores the caller's current device on scope exit.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cudaGetDevice(&prev_);
+    if (prev_ != device) cudaSetDevice(device);
+  }
+  ~DeviceGuard() {
+    int cur = -1;
+    cudaGetDevice(&cur);
+    if (cur != prev_) cudaSetDevice(prev_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int prev_ = 0;
+};
+
+Status cuda_status(const char* what, cudaError_t err) {
+  return Status::Error(std::string("steelattn cuda_generic: ") + what + ": " +
+                       cudaGetErrorString(err));
+}
+
+}  // namespace
+
+bool cuda_generic_supports(const AttentionParams& p, std::string* why_not) {
+  auto no = [&](std::string m) {
+    if (why_not) *why_not = std::move(m);
+    return false;
+  };
+  if (p.q.device != Device::cuda) return no("cuda_generic: tensors are not on a CUDA device");
+  if (p.q.dtype != DType::f32 && p.q.dtype != DType::f16 && p.q.dtype != DType::bf16)
+    return no("cuda_generic: dtype code " + std::to_string(int(p.q.dtype)) +
+              " (supported: float32, float16, bfloat16)");
+  if (p.D > kMaxHeadDim || p.Dv > kMaxHeadDim)
+    return no("cuda_generic: head dim D=" + std::to_string(p.D) + ", Dv=" +
+              std::to_string(p.Dv) + " (at most 512)");
+  if (p.N > INT32_MAX || p.S > INT32_MAX || p.B > INT32_MAX || p.H > INT32_MAX)
+    return no("cuda_generic: B, H, N and S must each fit in int32");
+  int major = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id);
+  if (err != cudaSuccess)
+    return no(std::string("cuda_generic: cannot query device ") + std::to_string(p.q.device_id) +
+              ": " + cudaGetErrorString(err));
+  if (major < 8)
+    return no("cuda_generic: device " + std::to_string(p.q.device_id) +
+              " has compute capability " + std::to_string(major) + ".x (needs 8.0 or newer)");
+  return true;
+}
+
+Status cuda_generic_forward(const AttentionParams& p, void* stream) {
+  std::string why;
+  if (!cuda_generic_supports(p, &why)) return Status::NotImplemented(why);
+  if (p.B == 0 || p.H == 0 || p.N == 0 || p.Dv == 0) return Status::Ok();  // nothing to write
+  DeviceGuard guard(p.q.device_id);
+  const auto cu_stream = static_cast<cudaStream_t>(stream);
+
+  KernelParams k = make_kernel_params(p);
+  int smem_optin = 0;
+  cudaError_t err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                           p.q.device_id);
+  if (err != cudaSuccess) return cuda_status("cudaDeviceGetAttribute", err);
+
+  // Tensor cores for 16-bit inputs: the widest Dv tile that covers Dv in as
+  // few chunks as possible and fits shared memory (D = 512 with a 256 tile needs
+  // 163 KiB: A100 and H100 yes, sm_86/89 no, which then use narrower tiles).
+  // STEELATTN_GENERIC_FORCE_SIMT=1 sends 16-bit inputs to the SIMT kernel too,
+  // so tests can cover the route that small-shared-memory devices take.
+  const char* force_env = std::getenv("STEELATTN_GENERIC_FORCE_SIMT");
+  const bool force_simt = force_env != nullptr && force_env[0] == '1';
+  int dv_tile = 0;
+  if (p.q.dtype != DType::f32 && !force_simt) {
+    const int want = p.Dv <= 64 ? 64 : p.Dv <= 128 ? 128 : 256;
+    for (int t = want; t >= 64; t /= 2) {
+      if (cuda_generic::mma_smem_bytes_for(int(p.D), t) <= size_t(smem_optin)) {
+        dv_tile = t;
+        break;
+      }
+    }
+  }
+  const int chunk = dv_tile > 0 ? dv_tile : cuda_generic::kSimtDvTile;
+  if (dv_tile == 0 && cuda_generic::simt_smem_bytes_for() > size_t(smem_optin))
+    return Status::Error("steelattn cuda_generic: device shared memory too small");
+  k.num_dv_chunks = int32_t((p.Dv + chunk - 1) / chunk);
+  const int64_t ctas = int64_t(k.num_q_tiles) * k.num_dv_chunks * p.H * p.B;
+  if (ctas > INT32_MAX) return Status::Error("steelattn cuda_generic: grid too large");
+
+  err = dv_tile > 0 ? cuda_generic::launch_forward_mma(k, p.q.dtype, dv_tile, cu_stream)
+                    : cuda_generic::launch_forward_simt(k, p.q.dtype, cu_stream);
+  if (err != cudaSuccess) return cuda_status("kernel launch", err);
+  return Status::Ok();
+}
+
+}  // namespace steelattn
