@@ -43,8 +43,8 @@ struct AttentionParams {
   TensorRef attn_weights;
 
   // Scores: s = scale * q.k; softcap; ALiBi; bias; mask.
-  float scale = 1.0f;
-  float softcap = 0.0f;  // > 0 enables s = softcap * tanh(s / softcap)
+  double scale = 1.0;
+  double softcap = 0.0;  // > 0 enables s = softcap * tanh(s / softcap)
   // ALiBi slopes, fp32, shape [B, H] (stride 0 over B for per-head slopes).
   TensorRef alibi_slopes;
   // Additive bias, fp32, broadcast to [B, H, N, S] through zero strides.
@@ -67,6 +67,13 @@ struct AttentionParams {
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
 
+  // Backward only (attention_backward). dout [B, H, N, Dv] is the gradient of
+  // out; q, k, v, out and lse are the forward's (lse required). dq, dk, dv have
+  // the shapes and dtypes of q, k, v. dbias (optional, [B, H, N, S] float, no
+  // zero strides) receives the gradient of the score, i.e. of an additive bias;
+  // elements of tiles outside the band are not written (pass zeros).
+  TensorRef dout, dq, dk, dv, dbias;
+
   // CPU only: worker threads (<= 0 means hardware concurrency).
   int32_t num_threads = 0;
 
@@ -86,7 +93,7 @@ struct Status {
   static Status Error(std::string m) { return {StatusCode::runtime_error, std::move(m)}; }
 };
 
-// The kernel paths a forward call can take. One function picks the path; the
+// The kernel paths a forward or backward call can take. One function picks the path; the
 // dispatcher, the feature report and the dispatch counters all use it.
 enum class ForwardPath : int32_t {
   none = 0,          // no steelattn kernel serves this call
@@ -107,6 +114,13 @@ ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not =
 
 // Validates, selects and runs. `stream` is a cudaStream_t for CUDA tensors.
 Status attention_forward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
+
+// Backward: checks the gradient tensors on top of validate_forward.
+Status validate_backward(AttentionParams& p);
+// The kernel that computes the gradients of a (validated) call, or `none`.
+ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not = nullptr);
+// dq, dk, dv (and dbias) from dout, recomputing P from lse.
+Status attention_backward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
 
 // The dropout keep-mask the kernels use, materialised as bytes [B, H, N, S]
 // (for tests and for users who need to reproduce a training step).

@@ -12,6 +12,7 @@ namespace steelattn {
 enum class CpuIsa { avx512, avx2, scalar };
 CpuIsa detect_cpu_isa();
 Status cpu_forward(const AttentionParams& p, CpuIsa isa);
+Status cpu_backward(const AttentionParams& p, CpuIsa isa);
 
 // CUDA kernels (src/cuda), compiled only when nvcc is found
 // (STEELATTN_WITH_CUDA). Both take a validated call and a cudaStream_t.

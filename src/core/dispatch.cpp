@@ -29,6 +29,7 @@ bool cuda_compiled() {
 
 ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not) {
   if (p.q.device == Device::cpu) {
+    if (p.q.dtype == DType::f64) return ForwardPath::cpu_scalar;  // float64 runs the portable kernel
     switch (detect_cpu_isa()) {
       case CpuIsa::avx512: return ForwardPath::cpu_avx512;
       case CpuIsa::avx2: return ForwardPath::cpu_avx2;
@@ -63,6 +64,28 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
     case ForwardPath::cuda_generic: return cuda_generic_forward(p, stream);
 #endif
     default: (void)stream; return Status::NotImplemented("no steelattn kernel serves this call: " + why);
+  }
+}
+
+ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not) {
+  if (p.q.device == Device::cpu) return select_forward_path(p, why_not);
+  if (why_not) *why_not = "the CUDA backward pass is not implemented yet";
+  return ForwardPath::none;
+}
+
+Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) {
+  (void)stream;
+  Status st = validate_backward(p);
+  if (!st.ok()) return st;
+  std::string why;
+  const ForwardPath path = select_backward_path(p, &why);
+  if (taken) *taken = path;
+  if (p.B == 0 || p.H == 0 || p.N == 0 || p.S == 0) return Status::Ok();  // the caller zero-fills
+  switch (path) {
+    case ForwardPath::cpu_avx512: return cpu_backward(p, CpuIsa::avx512);
+    case ForwardPath::cpu_avx2: return cpu_backward(p, CpuIsa::avx2);
+    case ForwardPath::cpu_scalar: return cpu_backward(p, CpuIsa::scalar);
+    default: return Status::NotImplemented("no steelattn kernel computes this backward: " + why);
   }
 }
 

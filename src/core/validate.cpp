@@ -42,7 +42,11 @@ std::string shape_str(const TensorRef& t) {
   return os.str();
 }
 
-bool is_attention_dtype(DType t) { return t == DType::f32 || t == DType::f16 || t == DType::bf16; }
+bool is_attention_dtype(DType t) {
+  return t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::f64;
+}
+// fp32 side tensors (lse, bias, weights, slopes); float64 calls may use float64 ones.
+bool is_side_float(DType t, DType q) { return t == DType::f32 || (q == DType::f64 && t == DType::f64); }
 
 Status check_same_device(const TensorRef& t, const TensorRef& q, const char* name) {
   if (t.device != q.device || t.device_id != q.device_id)
@@ -69,7 +73,7 @@ Status validate_forward(AttentionParams& p) {
       return Status::Invalid(std::string(x.name) + ": expected 4 dims [B, H, N, D], got " + shape_str(*x.t));
     if (!is_attention_dtype(x.t->dtype))
       return Status::Invalid(std::string(x.name) + ": dtype " + dtype_name(x.t->dtype) +
-                             " is not supported (float32, float16, bfloat16)");
+                             " is not supported (float32, float16, bfloat16, float64)");
     if (x.t->dtype != p.q.dtype)
       return Status::Invalid(std::string(x.name) + ": dtype " + dtype_name(x.t->dtype) + " differs from q's " +
                              dtype_name(p.q.dtype));
@@ -101,13 +105,13 @@ Status validate_forward(AttentionParams& p) {
   if (p.out.shape[0] != p.B || p.out.shape[1] != p.H || p.out.shape[2] != p.N || p.out.shape[3] != p.Dv)
     return Status::Invalid("out: shape " + shape_str(p.out) + " must be [B, H, N, Dv]");
   if (!std::isfinite(p.scale)) return Status::Invalid("scale: must be finite");
-  if (!(p.softcap >= 0.0f) || !std::isfinite(p.softcap)) return Status::Invalid("softcap: must be finite and >= 0");
+  if (!(p.softcap >= 0.0) || !std::isfinite(p.softcap)) return Status::Invalid("softcap: must be finite and >= 0");
   if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) return Status::Invalid("dropout_p: must be in [0, 1)");
   if (p.window_left < -1 || p.window_right < -1)
     return Status::Invalid("window_size: each side must be -1 (unbounded) or >= 0");
 
   if (p.lse.present()) {
-    if (p.lse.dtype != DType::f32 || p.lse.ndim != 3 || p.lse.shape[0] != p.B || p.lse.shape[1] != p.H ||
+    if (!is_side_float(p.lse.dtype, p.q.dtype) || p.lse.ndim != 3 || p.lse.shape[0] != p.B || p.lse.shape[1] != p.H ||
         p.lse.shape[2] != p.N)
       return Status::Invalid("lse: must be float32 [B, H, N]");
     Status st = check_same_device(p.lse, p.q, "lse");
@@ -115,13 +119,13 @@ Status validate_forward(AttentionParams& p) {
   }
   const int64_t full[4] = {p.B, p.H, p.N, p.S};
   if (p.attn_weights.present()) {
-    if (p.attn_weights.dtype != DType::f32) return Status::Invalid("attn_weights: must be float32");
+    if (!is_side_float(p.attn_weights.dtype, p.q.dtype)) return Status::Invalid("attn_weights: must be float32");
     Status st = check_broadcast4(p.attn_weights, "attn_weights", full);
     if (st.ok()) st = check_same_device(p.attn_weights, p.q, "attn_weights");
     if (!st.ok()) return st;
   }
   if (p.bias.present()) {
-    if (p.bias.dtype != DType::f32) return Status::Invalid("bias: must be float32 (cast it before the call)");
+    if (!is_side_float(p.bias.dtype, p.q.dtype)) return Status::Invalid("bias: must be float32 (cast it before the call)");
     Status st = check_broadcast4(p.bias, "bias", full);
     if (st.ok()) st = check_same_device(p.bias, p.q, "bias");
     if (!st.ok()) return st;
@@ -134,10 +138,42 @@ Status validate_forward(AttentionParams& p) {
   }
   if (p.alibi_slopes.present()) {
     const TensorRef& a = p.alibi_slopes;
-    if (a.dtype != DType::f32 || a.ndim != 2 || a.shape[0] != p.B || a.shape[1] != p.H)
+    if (!is_side_float(a.dtype, p.q.dtype) || a.ndim != 2 || a.shape[0] != p.B || a.shape[1] != p.H)
       return Status::Invalid("alibi_slopes: must be float32 [H] or [B, H]");
     Status st = check_same_device(a, p.q, "alibi_slopes");
     if (!st.ok()) return st;
+  }
+  return Status::Ok();
+}
+
+Status validate_backward(AttentionParams& p) {
+  Status st = validate_forward(p);
+  if (!st.ok()) return st;
+  if (!p.lse.present()) return Status::Invalid("lse: the backward pass needs the forward's lse");
+  const struct { TensorRef* t; const TensorRef* like; const char* name; } grads[] = {
+      {&p.dout, &p.out, "dout"}, {&p.dq, &p.q, "dq"}, {&p.dk, &p.k, "dk"}, {&p.dv, &p.v, "dv"}};
+  for (const auto& g : grads) {
+    if (!g.t->present()) return Status::Invalid(std::string(g.name) + ": missing");
+    if (g.t->ndim != 4 || g.t->dtype != g.like->dtype)
+      return Status::Invalid(std::string(g.name) + ": must be 4-d with the dtype of its forward tensor");
+    for (int i = 0; i < 4; ++i)
+      if (g.t->shape[i] != g.like->shape[i])
+        return Status::Invalid(std::string(g.name) + ": shape " + shape_str(*g.t) + " differs from " +
+                               shape_str(*g.like));
+    if (g.t->stride[3] != 1 && g.t->shape[3] > 1)
+      return Status::Invalid(std::string(g.name) + ": the last dim must be contiguous (stride 1)");
+    st = check_same_device(*g.t, p.q, g.name);
+    if (!st.ok()) return st;
+  }
+  if (p.dbias.present()) {
+    const int64_t full[4] = {p.B, p.H, p.N, p.S};
+    if (!is_side_float(p.dbias.dtype, p.q.dtype)) return Status::Invalid("dbias: must be float32");
+    st = check_broadcast4(p.dbias, "dbias", full);
+    if (st.ok()) st = check_same_device(p.dbias, p.q, "dbias");
+    if (!st.ok()) return st;
+    for (int i = 0; i < 4; ++i)
+      if (p.dbias.stride[i] == 0 && p.dbias.shape[i] > 1)
+        return Status::Invalid("dbias: must not have zero strides (each element is written)");
   }
   return Status::Ok();
 }

@@ -3,7 +3,7 @@
 #include <cstring>
 
 #include "core/backends.h"
-#include "cpu/flash_fwd.h"
+#include "cpu/flash.h"
 
 namespace steelattn {
 
@@ -28,10 +28,20 @@ CpuIsa detect_cpu_isa() {
 }
 
 Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
+  if (p.q.dtype == DType::f64) return cpu::flash_forward_f64(p);
   switch (isa) {
     case CpuIsa::avx512: return cpu::flash_forward_avx512(p);
     case CpuIsa::avx2: return cpu::flash_forward_avx2(p);
     default: return cpu::flash_forward_scalar(p);
+  }
+}
+
+Status cpu_backward(const AttentionParams& p, CpuIsa isa) {
+  if (p.q.dtype == DType::f64) return cpu::flash_backward_f64(p);
+  switch (isa) {
+    case CpuIsa::avx512: return cpu::flash_backward_avx512(p);
+    case CpuIsa::avx2: return cpu::flash_backward_avx2(p);
+    default: return cpu::flash_backward_scalar(p);
   }
 }
 

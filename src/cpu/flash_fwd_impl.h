@@ -40,11 +40,17 @@ struct FwdShape {
   bool k_direct;       // K tiles read in place (fp32)
   bool v_direct;       // V tiles read in place (fp32)
   bool has_mods;       // softcap, ALiBi, bias or boolean mask present
-  float q_scale;       // folded into Qt
-  float cap_log2;      // softcap * log2(e), when softcap > 0
+  double q_scale;      // folded into Qt
+  double cap_log2;     // softcap * log2(e), when softcap > 0
   uint32_t drop_threshold;
-  float drop_scale;
+  double drop_scale;
 };
+
+// Per-thread scratch of n elements of T (thread_pool.h hands out floats).
+template <class T>
+T* scratch_of(int thread, int64_t n) {
+  return reinterpret_cast<T*>(thread_scratch(thread, size_t(n) * sizeof(T) / sizeof(float)));
+}
 
 struct FwdCtx {
   const AttentionParams* p;
@@ -52,14 +58,15 @@ struct FwdCtx {
   std::atomic<bool> failed{false};
 };
 
-// A K or V tile as fp32 rows: in place for fp32, converted into `buf` otherwise.
+// A K or V tile as rows of the compute type: in place when the dtype matches, else converted into `buf`.
 template <class Isa>
-const float* fp32_tile(const TensorRef& t, const char* base, int64_t k0, int64_t nk, int64_t width, bool direct,
-                       float* buf, int64_t* stride) {
+const typename Isa::T* compute_tile(const TensorRef& t, const char* base, int64_t k0, int64_t nk, int64_t width,
+                                    bool direct, typename Isa::T* buf, int64_t* stride) {
+  using T = typename Isa::T;
   const int64_t ts = t.stride[2];
   if (direct) {
     *stride = ts;
-    return reinterpret_cast<const float*>(base) + k0 * ts;
+    return reinterpret_cast<const T*>(base) + k0 * ts;
   }
   const uint16_t* src = reinterpret_cast<const uint16_t*>(base);
   for (int64_t j = 0; j < nk; ++j) {
@@ -72,30 +79,31 @@ const float* fp32_tile(const TensorRef& t, const char* base, int64_t k0, int64_t
 
 // Packs rows of a [B, H, N, D]-like tensor transposed: dst[d][r] = x[b, h_r, i_r, d] * mul,
 // zero in padding lanes.
-inline void pack_transposed(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t ld,
-                            int64_t width, float mul, float* dst) {
+template <class T>
+void pack_transposed(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t ld, int64_t width,
+                     T mul, T* dst) {
   for (int64_t r = 0; r < ld; ++r) {
     if (r < nrows) {
       const char* row = elem_ptr(t, b, ri.h[r], ri.i[r]);
-      for (int64_t d = 0; d < width; ++d) dst[d * ld + r] = load_elem(row, t.dtype, d) * mul;
+      for (int64_t d = 0; d < width; ++d) dst[d * ld + r] = load_elem<T>(row, t.dtype, d) * mul;
     } else {
-      for (int64_t d = 0; d < width; ++d) dst[d * ld + r] = 0.0f;
+      for (int64_t d = 0; d < width; ++d) dst[d * ld + r] = T(0);
     }
   }
 }
 
 // One online-softmax step over a tile of nk keys (St in log2 units, rows on lanes):
 // updates m, l, writes alpha (the rescale of the running output) and P into St.
-template <class Isa>
-void online_softmax(float* st, int64_t ld, int64_t nk, int64_t lanes, float* m, float* l, float* alpha) {
+template <class Isa, class T = typename Isa::T>
+void online_softmax(T* st, int64_t ld, int64_t nk, int64_t lanes, T* m, T* l, T* alpha) {
   using V = typename Isa::V;
   constexpr int W = Isa::W;
   for (int64_t c = 0; c < lanes; c += W) {
     V mx = Isa::load(m + c);
     for (int64_t j = 0; j < nk; ++j) mx = Isa::max(mx, Isa::load(st + j * ld + c));
-    alignas(64) float mxs[W], mus[W];
+    alignas(64) T mxs[W], mus[W];
     Isa::store(mxs, mx);
-    for (int x = 0; x < W; ++x) mus[x] = mxs[x] == kNegInf ? 0.0f : mxs[x];  // all-masked rows stay NaN-free
+    for (int x = 0; x < W; ++x) mus[x] = mxs[x] == neg_inf<T>() ? T(0) : mxs[x];  // all-masked rows stay NaN-free
     const V mu = Isa::load(mus);
     Isa::store(alpha + c, Isa::exp2(Isa::sub(Isa::load(m + c), mu)));
     V sum = Isa::zero();
@@ -110,18 +118,20 @@ void online_softmax(float* st, int64_t ld, int64_t nk, int64_t lanes, float* m, 
 }
 
 // P <- P * keep / (1 - p) with the Philox keep-mask of (b, h_r, i_r, k0 + j).
-inline void apply_dropout(const AttentionParams& p, const RowInfo& ri, int64_t b, int64_t k0, int64_t nk,
-                          int64_t nrows, float* st, int64_t ld, uint32_t threshold, float scale) {
+template <class T>
+void apply_dropout(const AttentionParams& p, const RowInfo& ri, int64_t b, int64_t k0, int64_t nk, int64_t nrows,
+                   T* st, int64_t ld, uint32_t threshold, T scale) {
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t r = 0; r < nrows; ++r) {
       const uint64_t idx = detail::dropout_index(b, ri.h[r], ri.i[r], k0 + j, p.H, p.N, p.S);
-      float& x = st[j * ld + r];
-      x = detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset, threshold) ? x * scale : 0.0f;
+      T& x = st[j * ld + r];
+      x = detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset, threshold) ? x * scale : T(0);
     }
 }
 
 template <class Isa>
 void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
+  using T = typename Isa::T;
   constexpr int W = Isa::W;
   const AttentionParams& p = *ctx.p;
   const FwdShape& s = ctx.s;
@@ -140,26 +150,26 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   const int64_t n_qt = s.D * ld, n_st = kBlockKeys * ld, n_o = s.Dv * ld;
   const int64_t n_kb = s.k_direct ? 0 : kBlockKeys * s.D;
   const int64_t n_vb = s.v_direct ? 0 : kBlockKeys * s.Dv;
-  float* qt = thread_scratch(thread, size_t(n_qt + n_st + n_o + 3 * ld + n_kb + n_vb));
+  T* qt = scratch_of<T>(thread, n_qt + n_st + n_o + 3 * ld + n_kb + n_vb);
   if (!qt) {
     ctx.failed = true;
     return;
   }
-  float* st = qt + n_qt;
-  float* ot = st + n_st;
-  float* m = ot + n_o;
-  float* l = m + ld;
-  float* alpha = l + ld;
-  float* kb = alpha + ld;
-  float* vb = kb + n_kb;
+  T* st = qt + n_qt;
+  T* ot = st + n_st;
+  T* m = ot + n_o;
+  T* l = m + ld;
+  T* alpha = l + ld;
+  T* kb = alpha + ld;
+  T* vb = kb + n_kb;
 
   RowInfo ri;
   fill_rows(p, b, hk, s.G, r_begin, nrows, lanes, &ri);
   const int64_t i_lo = ri.i[0], i_hi = ri.i[nrows - 1];
-  pack_transposed(p.q, b, ri, nrows, ld, s.D, s.q_scale, qt);
-  std::fill(m, m + ld, kNegInf);
-  std::fill(l, l + ld, 0.0f);
-  std::fill(ot, ot + n_o, 0.0f);
+  pack_transposed(p.q, b, ri, nrows, ld, s.D, T(s.q_scale), qt);
+  std::fill(m, m + ld, neg_inf<T>());
+  std::fill(l, l + ld, T(0));
+  std::fill(ot, ot + n_o, T(0));
 
   int64_t lo, hi;
   band_range(p, i_lo, i_hi, s.S, &lo, &hi);
@@ -169,53 +179,48 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   // Scores of one tile in log2 units, masked and modified.
   auto scores = [&](int64_t k0, int64_t nk) {
     int64_t ks;
-    const float* kt = fp32_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
+    const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
     gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
-    if (!full) transform_tile<false>(p, s.cap_log2, ri, b, k0, nk, lanes, st, ld);
-    else if (s.has_mods) transform_tile<true>(p, s.cap_log2, ri, b, k0, nk, lanes, st, ld);
+    if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
+    else if (s.has_mods) transform_tile<true>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
   };
 
   for (int64_t k0 = lo; k0 < hi; k0 += kBlockKeys) {
     const int64_t nk = std::min(kBlockKeys, hi - k0);
     scores(k0, nk);
     online_softmax<Isa>(st, ld, nk, lanes, m, l, alpha);
-    if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, s.drop_scale);
+    if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, T(s.drop_scale));
     int64_t vs;
-    const float* vt = fp32_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
+    const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
     gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
   }
 
   // Epilogue: normalise, write O and LSE (natural log).
   for (int64_t r = 0; r < nrows; ++r) {
-    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
     char* orow = const_cast<char*>(elem_ptr(p.out, b, ri.h[r], ri.i[r]));
     for (int64_t e = 0; e < s.Dv; ++e) store_elem(orow, p.out.dtype, e, ot[e * ld + r] * inv);
-    if (p.lse.present()) {
-      float* lse = static_cast<float*>(p.lse.data);
-      lse[b * p.lse.stride[0] + ri.h[r] * p.lse.stride[1] + ri.i[r] * p.lse.stride[2]] =
-          l[r] > 0.0f ? (m[r] + std::log2(l[r])) * kLn2 : kNegInf;
-    }
+    if (p.lse.present())
+      store_elem(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r]),
+                 l[r] > T(0) ? (m[r] + std::log2(l[r])) * T(kLn2) : neg_inf<T>());
   }
 
   // Optional probabilities: recompute each tile's scores against the final max and sum.
   if (p.attn_weights.present()) {
     const TensorRef& t = p.attn_weights;
-    float* w = static_cast<float*>(t.data);
-    auto wrow = [&](int64_t r) { return w + b * t.stride[0] + ri.h[r] * t.stride[1] + ri.i[r] * t.stride[2]; };
     for (int64_t r = 0; r < nrows; ++r) {
-      float* row = wrow(r);
-      for (int64_t j = 0; j < lo; ++j) row[j * t.stride[3]] = 0.0f;
-      for (int64_t j = hi; j < s.S; ++j) row[j * t.stride[3]] = 0.0f;
+      for (int64_t j = 0; j < lo; ++j) store_elem(t.data, t.dtype, offset4(t, b, ri.h[r], ri.i[r], j), T(0));
+      for (int64_t j = hi; j < s.S; ++j) store_elem(t.data, t.dtype, offset4(t, b, ri.h[r], ri.i[r], j), T(0));
     }
     for (int64_t k0 = lo; k0 < hi; k0 += kBlockKeys) {
       const int64_t nk = std::min(kBlockKeys, hi - k0);
       scores(k0, nk);
       for (int64_t r = 0; r < nrows; ++r) {
-        float* row = wrow(r);
-        const float mu = m[r] == kNegInf ? 0.0f : m[r];
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-        for (int64_t j = 0; j < nk; ++j) row[(k0 + j) * t.stride[3]] = std::exp2(st[j * ld + r] - mu) * inv;
+        const T mu = m[r] == neg_inf<T>() ? T(0) : m[r];
+        const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
+        for (int64_t j = 0; j < nk; ++j)
+          store_elem(t.data, t.dtype, offset4(t, b, ri.h[r], ri.i[r], k0 + j), std::exp2(st[j * ld + r] - mu) * inv);
       }
     }
   }
@@ -235,13 +240,14 @@ Status flash_forward_impl(const AttentionParams& p) {
   s.G = p.H / p.Hkv;
   s.rows = s.N * s.G;
   s.row_blocks = (s.rows + kBlockRows - 1) / kBlockRows;
-  s.k_direct = p.k.dtype == DType::f32;
-  s.v_direct = p.v.dtype == DType::f32;
+  constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
+  s.k_direct = p.k.dtype == kCompute;
+  s.v_direct = p.v.dtype == kCompute;
   s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;
   s.drop_threshold = detail::dropout_threshold24(p.dropout_p);
-  s.drop_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
+  s.drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
 
   const int64_t tasks = s.B * s.Hkv * s.row_blocks;
   const int threads = p.num_threads > 0 ? p.num_threads : default_threads();

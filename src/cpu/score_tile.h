@@ -20,26 +20,35 @@ namespace {
 
 constexpr int64_t kBlockRows = 64;   // packed query rows per task (multiple of 2 * W)
 constexpr int64_t kBlockKeys = 128;  // keys per K/V tile
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2 = 0.6931471805599453;
+template <class T>
+constexpr T neg_inf() { return -std::numeric_limits<T>::infinity(); }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// Reads element e of a row of `dtype` as float.
-inline float load_elem(const void* base, DType t, int64_t e) {
+// Reads element e of a `dtype` array.
+template <class T = float>
+inline T load_elem(const void* base, DType t, int64_t e) {
   switch (t) {
-    case DType::f32: return static_cast<const float*>(base)[e];
-    case DType::f16: return f16_to_float(static_cast<const uint16_t*>(base)[e]);
-    default: return bf16_to_float(static_cast<const uint16_t*>(base)[e]);
+    case DType::f32: return T(static_cast<const float*>(base)[e]);
+    case DType::f64: return T(static_cast<const double*>(base)[e]);
+    case DType::f16: return T(f16_to_float(static_cast<const uint16_t*>(base)[e]));
+    default: return T(bf16_to_float(static_cast<const uint16_t*>(base)[e]));
   }
 }
-inline void store_elem(void* base, DType t, int64_t e, float x) {
+template <class T>
+inline void store_elem(void* base, DType t, int64_t e, T x) {
   switch (t) {
-    case DType::f32: static_cast<float*>(base)[e] = x; break;
-    case DType::f16: static_cast<uint16_t*>(base)[e] = float_to_f16(x); break;
-    default: static_cast<uint16_t*>(base)[e] = float_to_bf16(x); break;
+    case DType::f32: static_cast<float*>(base)[e] = float(x); break;
+    case DType::f64: static_cast<double*>(base)[e] = double(x); break;
+    case DType::f16: static_cast<uint16_t*>(base)[e] = float_to_f16(float(x)); break;
+    default: static_cast<uint16_t*>(base)[e] = float_to_bf16(float(x)); break;
   }
+}
+// Element offset of [a, b, c, d] in a 4-d (or leading-dims) tensor.
+inline int64_t offset4(const TensorRef& t, int64_t a, int64_t b, int64_t c, int64_t d = 0) {
+  return a * t.stride[0] + b * t.stride[1] + c * t.stride[2] + (t.ndim > 3 ? d * t.stride[3] : 0);
 }
 inline const char* elem_ptr(const TensorRef& t, int64_t a, int64_t b, int64_t c) {
   return static_cast<const char*>(t.data) +
@@ -63,7 +72,7 @@ inline bool tile_fully_visible(const AttentionParams& p, int64_t i_lo, int64_t i
 struct RowInfo {
   int64_t i[kBlockRows];
   int64_t h[kBlockRows];
-  float alibi_log2[kBlockRows];  // slope * log2(e), 0 without ALiBi
+  double alibi_log2[kBlockRows];  // slope * log2(e), 0 without ALiBi
 };
 
 // Packed rows [r_begin, r_begin + nrows) of kv head hk (G query heads per kv head).
@@ -77,7 +86,7 @@ inline void fill_rows(const AttentionParams& p, int64_t b, int64_t hk, int64_t G
     ri->alibi_log2[r] = 0.0f;
     if (p.alibi_slopes.present()) {
       const TensorRef& t = p.alibi_slopes;
-      ri->alibi_log2[r] = kLog2e * static_cast<const float*>(t.data)[b * t.stride[0] + ri->h[r] * t.stride[1]];
+      ri->alibi_log2[r] = kLog2e * load_elem<double>(t.data, t.dtype, b * t.stride[0] + ri->h[r] * t.stride[1]);
     }
   }
 }
@@ -85,40 +94,37 @@ inline void fill_rows(const AttentionParams& p, int64_t b, int64_t hk, int64_t G
 // Applies softcap, ALiBi, bias, boolean mask and the band to a score tile held
 // transposed (St[j][r]), turning raw dots into log2-domain logits. With softcap,
 // `dcap` (same layout, may be null) receives d(cap*tanh(t))/d(cap*t) = 1 - tanh^2.
-template <bool kFull>
-void transform_tile(const AttentionParams& p, float cap_log2, const RowInfo& ri, int64_t b,
-                    int64_t k0, int64_t nk, int64_t lanes, float* st, int64_t ld, float* dcap = nullptr) {
+template <bool kFull, class T>
+void transform_tile(const AttentionParams& p, T cap_log2, const RowInfo& ri, int64_t b, int64_t k0, int64_t nk,
+                    int64_t lanes, T* st, int64_t ld, T* dcap = nullptr) {
   const bool cap = p.softcap > 0.0f;
   const bool alibi = p.alibi_slopes.present();
   const bool bias = p.bias.present();
   const bool bmask = p.bool_mask.present();
   for (int64_t j = 0; j < nk; ++j) {
     const int64_t kj = k0 + j;
-    float* row = st + j * ld;
+    T* row = st + j * ld;
     for (int64_t r = 0; r < lanes; ++r) {
       const int64_t i = ri.i[r];
-      float x = row[r];
+      T x = row[r];
       if (cap) {
-        const float th = std::tanh(x);
+        const T th = std::tanh(x);
         x = cap_log2 * th;
-        if (dcap) dcap[j * ld + r] = 1.0f - th * th;
+        if (dcap) dcap[j * ld + r] = T(1) - th * th;
       }
-      if (alibi) x -= ri.alibi_log2[r] * float(std::llabs(i + p.diag_offset - kj));
+      if (alibi) x -= T(ri.alibi_log2[r]) * T(std::llabs(i + p.diag_offset - kj));
       if (bias) {
         const TensorRef& t = p.bias;
-        x += kLog2e * static_cast<const float*>(t.data)[b * t.stride[0] + ri.h[r] * t.stride[1] +
-                                                        i * t.stride[2] + kj * t.stride[3]];
+        x += T(kLog2e) * load_elem<T>(t.data, t.dtype, offset4(t, b, ri.h[r], i, kj));
       }
       if (bmask) {
         const TensorRef& t = p.bool_mask;
-        if (!static_cast<const uint8_t*>(t.data)[b * t.stride[0] + ri.h[r] * t.stride[1] +
-                                                 i * t.stride[2] + kj * t.stride[3]])
-          x = kNegInf;
+        if (!static_cast<const uint8_t*>(t.data)[offset4(t, b, ri.h[r], i, kj)]) x = neg_inf<T>();
       }
       if (!kFull) {
         const int64_t a = i + p.diag_offset;
         if ((p.window_left >= 0 && kj < a - p.window_left) || (p.window_right >= 0 && kj > a + p.window_right))
-          x = kNegInf;
+          x = neg_inf<T>();
       }
       row[r] = x;
     }

@@ -74,31 +74,36 @@ inline uint16_t float_to_f16(float f) {  // round to nearest even
 constexpr float kExp2Coef[7] = {1.0f,          0.693147181f,  0.240226507f,  0.0555041087f,
                                 0.00961812911f, 0.00133335581f, 0.000154035304f};
 
-struct Scalar {
+// Portable path, also the float64 path (gradcheck and float64 users).
+template <class TT>
+struct ScalarT {
+  using T = TT;                    // element type of every buffer
   static constexpr int W = 1;      // lanes
   static constexpr int kRows = 4;  // rows of C per micro-tile (tiles.h)
-  using V = float;
-  static V load(const float* p) { return *p; }
-  static void store(float* p, V v) { *p = v; }
-  static V set1(float x) { return x; }
-  static V zero() { return 0.0f; }
+  using V = TT;
+  static V load(const T* p) { return *p; }
+  static void store(T* p, V v) { *p = v; }
+  static V set1(T x) { return x; }
+  static V zero() { return T(0); }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
   static V max(V a, V b) { return a > b ? a : b; }
   static V exp2(V x) { return std::exp2(x); }
-  static float hsum(V a) { return a; }
-  static void load_bf16_row(const uint16_t* s, float* d, int64_t n) {
+  static void load_bf16_row(const uint16_t* s, T* d, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(s[i]);
   }
-  static void load_f16_row(const uint16_t* s, float* d, int64_t n) {
+  static void load_f16_row(const uint16_t* s, T* d, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = f16_to_float(s[i]);
   }
 };
+using Scalar = ScalarT<float>;
+using Scalar64 = ScalarT<double>;
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 struct Avx2 {
+  using T = float;
   static constexpr int W = 8;
   static constexpr int kRows = 6;  // 6x2 accumulators + 2 B vectors + 1 broadcast = 15 ymm
   using V = __m256;
@@ -146,6 +151,7 @@ struct Avx2 {
 
 #if defined(__AVX512F__)
 struct Avx512 {
+  using T = float;
   static constexpr int W = 16;
   static constexpr int kRows = 12;  // 12x2 accumulators + 2 B vectors + 1 broadcast = 27 zmm
   using V = __m512;

@@ -18,22 +18,23 @@ namespace {
 // MR rows of C, NV vectors of lanes at column `col`. With kAcc, C is loaded and
 // (when col_scale is given) multiplied lane-wise by col_scale[col..] first.
 template <class Isa, int MR, int NV, bool kAcc>
-inline void gemm_tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld, int64_t K,
-                      float* c, int64_t c_ld, int64_t col, const float* col_scale) {
+inline void gemm_tile(const typename Isa::T* a, int64_t a_rs, int64_t a_ks, const typename Isa::T* b, int64_t b_ld,
+                      int64_t K, typename Isa::T* c, int64_t c_ld, int64_t col, const typename Isa::T* col_scale) {
   using V = typename Isa::V;
+  using T = typename Isa::T;
   constexpr int W = Isa::W;
   V acc[MR][NV];
   if constexpr (kAcc) {
     V s[NV];
-    for (int v = 0; v < NV; ++v) s[v] = col_scale ? Isa::load(col_scale + col + v * W) : Isa::set1(1.0f);
+    for (int v = 0; v < NV; ++v) s[v] = col_scale ? Isa::load(col_scale + col + v * W) : Isa::set1(T(1));
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = Isa::mul(s[v], Isa::load(c + r * c_ld + col + v * W));
   } else {
     for (int r = 0; r < MR; ++r)
       for (int v = 0; v < NV; ++v) acc[r][v] = Isa::zero();
   }
-  const float* bp = b + col;
-  const float* ap = a;
+  const T* bp = b + col;
+  const T* ap = a;
   for (int64_t kk = 0; kk < K; ++kk, bp += b_ld, ap += a_ks) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = Isa::load(bp + v * W);
@@ -47,8 +48,8 @@ inline void gemm_tile(const float* a, int64_t a_rs, int64_t a_ks, const float* b
 }
 
 template <class Isa, int MR, bool kAcc>
-inline void gemm_rows(const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld, int64_t K,
-                      float* c, int64_t c_ld, int64_t lanes, const float* col_scale) {
+inline void gemm_rows(const typename Isa::T* a, int64_t a_rs, int64_t a_ks, const typename Isa::T* b, int64_t b_ld,
+                      int64_t K, typename Isa::T* c, int64_t c_ld, int64_t lanes, const typename Isa::T* col_scale) {
   constexpr int W = Isa::W;
   int64_t col = 0;
   for (; col + 2 * W <= lanes; col += 2 * W)
@@ -58,8 +59,9 @@ inline void gemm_rows(const float* a, int64_t a_rs, int64_t a_ks, const float* b
 
 // Picks the compile-time row count for the ragged last group of rows.
 template <class Isa, int MR, bool kAcc>
-inline void gemm_tail(int m, const float* a, int64_t a_rs, int64_t a_ks, const float* b, int64_t b_ld,
-                      int64_t K, float* c, int64_t c_ld, int64_t lanes, const float* col_scale) {
+inline void gemm_tail(int m, const typename Isa::T* a, int64_t a_rs, int64_t a_ks, const typename Isa::T* b,
+                      int64_t b_ld, int64_t K, typename Isa::T* c, int64_t c_ld, int64_t lanes,
+                      const typename Isa::T* col_scale) {
   if constexpr (MR > 0) {
     if (m == MR) return gemm_rows<Isa, MR, kAcc>(a, a_rs, a_ks, b, b_ld, K, c, c_ld, lanes, col_scale);
     gemm_tail<Isa, MR - 1, kAcc>(m, a, a_rs, a_ks, b, b_ld, K, c, c_ld, lanes, col_scale);
@@ -69,8 +71,9 @@ inline void gemm_tail(int m, const float* a, int64_t a_rs, int64_t a_ks, const f
 // C[m][lanes] (+)= A[m][K] · B[K][lanes]; A element (r, kk) is a[r * a_rs + kk * a_ks];
 // `lanes` is a multiple of the SIMD width and B/C rows are padded to it.
 template <class Isa, bool kAcc>
-void gemm(int64_t m, int64_t lanes, int64_t K, const float* a, int64_t a_rs, int64_t a_ks, const float* b,
-          int64_t b_ld, float* c, int64_t c_ld, const float* col_scale = nullptr) {
+void gemm(int64_t m, int64_t lanes, int64_t K, const typename Isa::T* a, int64_t a_rs, int64_t a_ks,
+          const typename Isa::T* b, int64_t b_ld, typename Isa::T* c, int64_t c_ld,
+          const typename Isa::T* col_scale = nullptr) {
   constexpr int MR = Isa::kRows;
   int64_t r = 0;
   for (; r + MR <= m; r += MR)

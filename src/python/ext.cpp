@@ -53,7 +53,7 @@ TensorRef to_ref(const nb::handle& obj, const char* name) {
 
 AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
                             nb::handle attn_weights, nb::handle bias, nb::handle bool_mask,
-                            nb::handle alibi_slopes, float scale, float softcap, int64_t diag_offset,
+                            nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset,
                             int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed,
                             uint64_t offset, int num_threads) {
   AttentionParams p;
@@ -86,7 +86,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "forward",
       [](nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle attn_weights,
-         nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, float scale, float softcap,
+         nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, double scale, double softcap,
          int64_t diag_offset, int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed,
          uint64_t offset, int num_threads, uintptr_t stream, bool dry_run) {
         AttentionParams p = make_params(q, k, v, out, lse, attn_weights, bias, bool_mask, alibi_slopes, scale,
@@ -114,6 +114,43 @@ NB_MODULE(_ext, m) {
       nb::arg("diag_offset"), nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"),
       nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream"), nb::arg("dry_run"),
       "Run (or with dry_run=True only validate and select) one attention forward. Returns (path, why_not).");
+
+  m.def(
+      "backward",
+      [](nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle dq,
+         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle bias, nb::handle bool_mask,
+         nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset, int64_t window_left,
+         int64_t window_right, float dropout_p, uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream,
+         bool dry_run) {
+        AttentionParams p = make_params(q, k, v, out, lse, nb::none(), bias, bool_mask, alibi_slopes, scale, softcap,
+                                        diag_offset, window_left, window_right, dropout_p, seed, offset, num_threads);
+        p.dout = to_ref(dout, "dout");
+        p.dq = to_ref(dq, "dq");
+        p.dk = to_ref(dk, "dk");
+        p.dv = to_ref(dv, "dv");
+        p.dbias = to_ref(dbias, "dbias");
+        if (dry_run) {
+          Status st = validate_backward(p);
+          if (!st.ok()) raise(st);
+          std::string why;
+          const ForwardPath path = select_backward_path(p, &why);
+          return nb::make_tuple(std::string(path_name(path)), why);
+        }
+        ForwardPath taken = ForwardPath::none;
+        Status st;
+        {
+          nb::gil_scoped_release release;
+          st = attention_backward(p, reinterpret_cast<void*>(stream), &taken);
+        }
+        if (!st.ok()) raise(st);
+        return nb::make_tuple(std::string(path_name(taken)), std::string());
+      },
+      nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dq"),
+      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
+      nb::arg("alibi_slopes").none(), nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("diag_offset"),
+      nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
+      nb::arg("num_threads"), nb::arg("stream"), nb::arg("dry_run"),
+      "Gradients dq, dk, dv (and dbias) of one attention call. Returns (path, why_not).");
 
   m.def(
       "dropout_keep_mask",

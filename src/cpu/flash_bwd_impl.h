@@ -1,0 +1,219 @@
+// CPU flash-attention backward: recomputes P from the saved LSE, blocked and
+// threaded, with tiles outside the band mask skipped.
+//
+// One task = (batch, kv head). Packed row blocks run in the outer loop (rows
+// pack the G query heads of the kv head, as in the forward, so dK/dV sum over
+// the group for free; each block's Q, dO, LSE and D = rowsum(dO * O) are packed
+// once), the key tiles they can see in the inner loop. Per (row block, key
+// tile), with rows on the SIMD lanes:
+//   St  = K . Qt                 -> P^T = exp2(St - lse2)        (scores)
+//   dPt = V . dOt                                                 (dP^T)
+//   dV += Pd^T . dO              (Pd = P with the dropout mask applied)
+//   dSt = P^T * (dPd^T - Drow)   (* (1 - tanh^2) under softcap)
+//   dK += dSt . Q
+//   dQt += K^T . dSt             (dQ of the row block, written after its key loop)
+// and dQ, dK are scaled by `scale` when written. dK/dV accumulate for all keys
+// of the task in scratch, so no atomics are needed.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+
+#include "cpu/flash_fwd_impl.h"
+
+namespace steelattn::cpu {
+namespace {
+
+constexpr int64_t kBwdKeys = 64;  // keys per tile: the four score-sized tiles stay in L1/L2
+
+struct BwdCtx {
+  const AttentionParams* p;
+  int64_t G, rows;
+  bool k_direct, v_direct;
+  double q_scale, cap_log2, drop_scale;
+  uint32_t drop_threshold;
+  std::atomic<bool> failed{false};
+};
+
+// Row-major pack: dst[r][d] = x[b, h_r, i_r, d], rows padded with zeros to `ld` lanes,
+// columns padded with zeros to `width_p`.
+template <class T>
+void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t lanes, int64_t width,
+               int64_t width_p, T* dst) {
+  for (int64_t r = 0; r < lanes; ++r) {
+    T* out = dst + r * width_p;
+    if (r < nrows) {
+      const char* row = elem_ptr(t, b, ri.h[r], ri.i[r]);
+      for (int64_t d = 0; d < width; ++d) out[d] = load_elem<T>(row, t.dtype, d);
+      std::fill(out + width, out + width_p, T(0));
+    } else {
+      std::fill(out, out + width_p, T(0));
+    }
+  }
+}
+
+template <class Isa>
+void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
+  using T = typename Isa::T;
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  constexpr int64_t ld = kBlockRows, bk = kBwdKeys;
+  const AttentionParams& p = *ctx.p;
+  const int64_t b = task / p.Hkv, hk = task % p.Hkv;
+  const int64_t D = p.D, Dv = p.Dv, Dp = round_up(D, W), Dvp = round_up(Dv, W), G = ctx.G;
+  const int64_t Sp = round_up(p.S, bk);
+  const bool cap = p.softcap > 0.0;
+  const bool dropout = p.dropout_p > 0.0f;
+  const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
+
+  // Scratch: dK [Sp][Dp] | dV [Sp][Dvp] | dQt [D][ld] | Qt [D][ld] | Qp [ld][Dp] | dOt [Dv][ld] |
+  //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles.
+  const int64_t n_dk = Sp * Dp, n_dv = Sp * Dvp, n_qt = D * ld, n_qp = ld * Dp, n_dot = Dv * ld, n_dop = ld * Dvp;
+  const int64_t n_tile = bk * ld;
+  const int64_t n_kb = ctx.k_direct ? 0 : bk * D, n_vb = ctx.v_direct ? 0 : bk * Dv;
+  T* dk_acc = scratch_of<T>(thread, n_dk + n_dv + 2 * n_qt + n_qp + n_dot + n_dop + 2 * ld + 4 * n_tile + n_kb + n_vb);
+  if (!dk_acc) {
+    ctx.failed = true;
+    return;
+  }
+  T* dv_acc = dk_acc + n_dk;
+  T* dqt = dv_acc + n_dv;
+  T* qt = dqt + n_qt;
+  T* qp = qt + n_qt;
+  T* dot = qp + n_qp;
+  T* dop = dot + n_dot;
+  T* lse2 = dop + n_dop;
+  T* drow = lse2 + ld;
+  T* st = drow + ld;
+  T* dpt = st + n_tile;
+  T* pd = dropout ? dpt + n_tile : st;
+  T* dcap = dpt + 2 * n_tile;
+  T* kb = dpt + 3 * n_tile;
+  T* vb = kb + n_kb;
+  std::fill(dk_acc, dk_acc + n_dk + n_dv, T(0));
+
+  const char* kbase = elem_ptr(p.k, b, hk, 0);
+  const char* vbase = elem_ptr(p.v, b, hk, 0);
+  const T scale = T(p.scale);
+  RowInfo ri;
+
+  for (int64_t r_begin = 0; r_begin < ctx.rows; r_begin += ld) {
+    const int64_t nrows = std::min(ld, ctx.rows - r_begin);
+    const int64_t lanes = round_up(nrows, W);
+    fill_rows(p, b, hk, G, r_begin, nrows, lanes, &ri);
+    const int64_t i_lo = ri.i[0], i_hi = ri.i[nrows - 1];
+    int64_t lo, hi;
+    band_range(p, i_lo, i_hi, p.S, &lo, &hi);
+    // Rows of this block that see no key keep dQ = 0.
+    pack_transposed(p.q, b, ri, nrows, ld, D, T(ctx.q_scale), qt);
+    pack_rows(p.q, b, ri, nrows, lanes, D, Dp, qp);
+    pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
+    pack_rows(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
+    for (int64_t r = 0; r < lanes; ++r) {
+      const T l = r < nrows ? load_elem<T>(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r])) : T(0);
+      // A row that saw no key (lse = -inf) has P = 0 everywhere: +inf makes exp2 give 0.
+      lse2[r] = l == neg_inf<T>() ? -neg_inf<T>() : l * T(kLog2e);
+      T acc = 0;
+      if (r < nrows) {
+        const char* orow = elem_ptr(p.out, b, ri.h[r], ri.i[r]);
+        for (int64_t e = 0; e < Dv; ++e) acc += dop[r * Dvp + e] * load_elem<T>(orow, p.out.dtype, e);
+      }
+      drow[r] = acc;
+    }
+    std::fill(dqt, dqt + n_qt, T(0));
+
+    for (int64_t k0 = lo; k0 < hi; k0 += bk) {
+      const int64_t nk = std::min(bk, hi - k0);
+      int64_t ks, vs;
+      const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
+      const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, Dv, ctx.v_direct, vb, &vs);
+
+      // P^T from the recomputed scores.
+      gemm<Isa, false>(nk, lanes, D, kt, ks, 1, qt, ld, st, ld);
+      const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
+      if (!full) transform_tile<false>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
+      else if (mods) transform_tile<true>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = 0; c < lanes; c += W)
+          Isa::store(st + j * ld + c, Isa::exp2(Isa::sub(Isa::load(st + j * ld + c), Isa::load(lse2 + c))));
+
+      // dP^T = V . dO^T, then the dropout mask on both P (for dV) and dP.
+      gemm<Isa, false>(nk, lanes, Dv, vt, vs, 1, dot, ld, dpt, ld);
+      if (dropout) {
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t r = 0; r < lanes; ++r) {
+            const bool keep =
+                r < nrows && detail::dropout_keep(detail::dropout_index(b, ri.h[r], ri.i[r], k0 + j, p.H, p.N, p.S),
+                                                  p.dropout_seed, p.dropout_offset, ctx.drop_threshold);
+            const T z = keep ? T(ctx.drop_scale) : T(0);
+            pd[j * ld + r] = st[j * ld + r] * z;
+            dpt[j * ld + r] *= z;
+          }
+      }
+      gemm<Isa, true>(nk, Dvp, nrows, pd, ld, 1, dop, Dvp, dv_acc + k0 * Dvp, Dvp);
+
+      // dS^T = P^T * (dP^T - Drow), the gradient w.r.t. the final score.
+      for (int64_t j = 0; j < nk; ++j)
+        for (int64_t c = 0; c < lanes; c += W) {
+          const V ds = Isa::mul(Isa::load(st + j * ld + c), Isa::sub(Isa::load(dpt + j * ld + c), Isa::load(drow + c)));
+          Isa::store(dpt + j * ld + c, ds);
+        }
+      if (p.dbias.present()) {
+        const TensorRef& t = p.dbias;
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t r = 0; r < nrows; ++r)
+            store_elem(t.data, t.dtype, offset4(t, b, ri.h[r], ri.i[r], k0 + j), dpt[j * ld + r]);
+      }
+      if (cap)  // through cap * tanh(t): the remaining factor of d(score)/d(q.k) besides `scale`
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t c = 0; c < lanes; c += W)
+            Isa::store(dpt + j * ld + c, Isa::mul(Isa::load(dpt + j * ld + c), Isa::load(dcap + j * ld + c)));
+
+      gemm<Isa, true>(nk, Dp, nrows, dpt, ld, 1, qp, Dp, dk_acc + k0 * Dp, Dp);
+      gemm<Isa, true>(D, lanes, nk, kt, 1, ks, dpt, ld, dqt, ld);
+    }
+
+    // dQ of this row block is complete.
+    for (int64_t r = 0; r < nrows; ++r) {
+      char* dqrow = const_cast<char*>(elem_ptr(p.dq, b, ri.h[r], ri.i[r]));
+      for (int64_t d = 0; d < D; ++d) store_elem(dqrow, p.dq.dtype, d, dqt[d * ld + r] * scale);
+    }
+  }
+
+  // dK, dV summed over every row of the group (keys no row sees stay 0).
+  for (int64_t j = 0; j < p.S; ++j) {
+    char* dkrow = const_cast<char*>(elem_ptr(p.dk, b, hk, j));
+    char* dvrow = const_cast<char*>(elem_ptr(p.dv, b, hk, j));
+    for (int64_t d = 0; d < D; ++d) store_elem(dkrow, p.dk.dtype, d, dk_acc[j * Dp + d] * scale);
+    for (int64_t e = 0; e < Dv; ++e) store_elem(dvrow, p.dv.dtype, e, dv_acc[j * Dvp + e]);
+  }
+}
+
+template <class Isa>
+void bwd_task_entry(void* ctx, int64_t task, int thread) {
+  bwd_task<Isa>(*static_cast<BwdCtx*>(ctx), task, thread);
+}
+
+template <class Isa>
+Status flash_backward_impl(const AttentionParams& p) {
+  BwdCtx ctx;
+  ctx.p = &p;
+  ctx.G = p.H / p.Hkv;
+  ctx.rows = p.N * ctx.G;
+  constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
+  ctx.k_direct = p.k.dtype == kCompute;
+  ctx.v_direct = p.v.dtype == kCompute;
+  ctx.q_scale = p.softcap > 0.0 ? p.scale / p.softcap : p.scale * kLog2e;
+  ctx.cap_log2 = p.softcap * kLog2e;
+  ctx.drop_threshold = detail::dropout_threshold24(p.dropout_p);
+  ctx.drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
+  const int threads = p.num_threads > 0 ? p.num_threads : default_threads();
+  parallel_for(p.B * p.Hkv, threads, &bwd_task_entry<Isa>, &ctx);
+  if (ctx.failed) return Status::Error("cpu backward: could not allocate per-thread scratch");
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace steelattn::cpu
