@@ -73,6 +73,8 @@ struct AttentionParams {
   // zero strides) receives the gradient of the score, i.e. of an additive bias;
   // elements of tiles outside the band are not written (pass zeros).
   TensorRef dout, dq, dk, dv, dbias;
+  // Optional gradient of lse ([B, H, N], lse's dtype), for losses that use it.
+  TensorRef dlse;
 
   // CPU only: worker threads (<= 0 means hardware concurrency).
   int32_t num_threads = 0;

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch
 
-ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 MAX_HEAD_DIM = 512
+
+
+def side_dtype(q):
+    """dtype of lse, bias, slopes and weights: float32, or float64 for float64 inputs."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 def check_qkv(fn: str, names, q, k, v):
@@ -16,7 +21,7 @@ def check_qkv(fn: str, names, q, k, v):
         if t.dim() != 4:
             raise ValueError(f"{fn}: {name} must have 4 dims [B, H, N, D], got shape {tuple(t.shape)}")
         if t.dtype not in ATTENTION_DTYPES:
-            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; expected float32, float16 or bfloat16")
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype}; expected float32, float16, bfloat16 or float64")
         if t.size(-1) > 1 and t.stride(-1) != 1:
             raise ValueError(f"{fn}: {name} must be contiguous in its last dim (stride 1), got stride {t.stride(-1)}")
     for name, t in ((kn, k), (vn, v)):
@@ -92,8 +97,9 @@ def check_alibi(fn, slopes, q, B, H):
         raise ValueError(f"{fn}: alibi_slopes is on {slopes.device} but q is on {q.device}")
     if not slopes.is_floating_point():
         raise TypeError(f"{fn}: alibi_slopes must be a float tensor, got {slopes.dtype}")
+    side = side_dtype(q)
     if tuple(slopes.shape) == (H,):
-        return slopes.to(torch.float32).unsqueeze(0).expand(B, H)
+        return slopes.to(side).unsqueeze(0).expand(B, H)
     if tuple(slopes.shape) == (B, H):
-        return slopes.to(torch.float32)
+        return slopes.to(side)
     raise ValueError(f"{fn}: alibi_slopes must have shape [H]={[H]} or [B, H]={[B, H]}, got {tuple(slopes.shape)}")

@@ -12,6 +12,11 @@ import torch
 
 from . import _dispatch, _validate
 from ._tensor import describe
+
+try:  # registers the torch.library ops; needs the compiled extension
+    from . import ops
+except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
+    ops = None
 from .reference import attention_reference
 
 _BACKENDS = ("auto", "steel", "torch")
@@ -19,12 +24,6 @@ _BACKENDS = ("auto", "steel", "torch")
 # Tests set this to fill outputs with NaN before the kernel runs, so an element the
 # kernel forgot to write cannot pass for a correct one.
 _debug_poison_outputs = False
-
-
-def _ext():
-    from . import _ext as ext  # imported lazily so a missing build gives a clear error
-
-    return ext
 
 
 def _dropout_seed(generator, device):
@@ -38,7 +37,7 @@ def dropout_keep_mask(B, H, N, S, p, seed, offset):
     """The bool [B, H, N, S] keep-mask the kernels apply for (p, seed, offset)."""
     out = torch.empty(B, H, N, S, dtype=torch.uint8)
     if out.numel():
-        _ext().dropout_keep_mask(out.data_ptr(), B, H, N, S, float(p), seed, offset)
+        ops._ext.dropout_keep_mask(out.data_ptr(), B, H, N, S, float(p), seed, offset)
     return out.bool()
 
 
@@ -46,61 +45,94 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, backward):
+    """Asks the C++ selector which kernel would serve this call (nothing is run):
+    returns (path, why_not). With backward=True, the kernel for the gradients too."""
+    from ._tensor import fake
+
+    B, H, N, Dv = out_shape
+    out_d = fake((B, H, N, Dv), q.dtype, q.device.type, q.device.index or 0)
+    lse_d = fake((B, H, N), ops.lse_dtype(q), q.device.type, q.device.index or 0)
+    path, why = ops._ext.forward(describe(q), describe(k), describe(v), out_d, lse_d if lse else None,
+                                 fake((B, H, N, k.size(2)), torch.float32, q.device.type, q.device.index or 0)
+                                 if weights else None, describe(bias), describe(bool_mask), describe(alibi),
+                                 **args, dry_run=True)
+    if path != "none" and backward:
+        like = lambda t: fake(tuple(t.shape), t.dtype, t.device.type, t.device.index or 0)  # noqa: E731
+        path, why = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, like(q), like(k),
+                                      like(v), None, None, describe(bias), describe(bool_mask), describe(alibi),
+                                      **args, dry_run=True)
+    return path, why
+
+
 def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
          dropout_p, generator, return_lse, return_weights, backend, torch_fallback):
-    """Shared body of every entry point: pick the path, allocate, run, count."""
+    """Shared body of every entry point: pick the path, run, count.
+
+    Returns (out, lse, weights) with lse/weights None unless requested. Calls that
+    need gradients go through the custom op (autograd registered); under
+    torch.compile the op is called directly (no selection, no counting)."""
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
     B, H, N, _ = q.shape
     S, Dv = k.size(2), v.size(3)
+    grad = _needs_grad(q, k, v, bias, alibi)
 
     reason = None
     if backend == "torch":
         reason = "backend='torch' requested"
-    elif _needs_grad(q, k, v, bias, alibi):
-        reason = "gradients requested (the backward pass is not implemented yet)"
-    if reason is None:
-        try:
-            ext = _ext()
-        except ImportError as e:  # pragma: no cover - broken install
-            reason = f"extension not built: {e}"
+    elif ops is None:  # pragma: no cover - broken install
+        reason = "extension not built"
+    elif return_weights and grad:
+        reason = "return_attn_weights with gradients (the weights are a forward-only output)"
+    elif torch.compiler.is_compiling():
+        if grad and q.is_cuda:  # no CUDA backward kernel yet: trace the differentiable torch path
+            return torch_fallback()
+        return _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
+                        generator) + (None,)
     if reason is not None:
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {reason}")
         _dispatch.record("torch", reason)
         return torch_fallback()
 
-    seed = offset = 0
-    if dropout_p > 0:
-        seed, offset = _dropout_seed(generator, q.device)
-    alloc = torch.full if _debug_poison_outputs else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
-    nan = float("nan")
-    out = alloc((B, H, N, Dv), nan, dtype=q.dtype, device=q.device)
-    lse = alloc((B, H, N), nan, dtype=torch.float32, device=q.device) if return_lse else None
-    weights = alloc((B, H, N, S), nan, dtype=torch.float32, device=q.device) if return_weights else None
-    args = dict(
-        scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset),
-        window_left=int(wl), window_right=int(wr), dropout_p=float(dropout_p), seed=seed, offset=offset,
-        num_threads=torch.get_num_threads(),
-        stream=torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0,
-    )
-    tensors = [describe(t) for t in (q, k, v, out, lse, weights, bias, bool_mask, alibi)]
-    path, why = ext.forward(*tensors, **args, dry_run=True)
+    args = dict(scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset), window_left=int(wl),
+                window_right=int(wr), dropout_p=float(dropout_p), seed=0, offset=0,
+                num_threads=torch.get_num_threads(), stream=0)
+    path, why = _select(q, k, v, (B, H, N, Dv), return_lse, return_weights, bias, bool_mask, alibi, args, grad)
     if path == "none":
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {why}")
         _dispatch.record("torch", why)
         return torch_fallback()
-    if out.numel() and S == 0:
-        out.zero_()
-        if lse is not None:
-            lse.fill_(float("-inf"))
-        if weights is not None:
-            weights.zero_()
-    elif out.numel():
-        ext.forward(*tensors, **args, dry_run=False)
     _dispatch.record(path)
-    return out, lse, weights
+    if not return_weights:
+        out, lse = _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
+                            generator)
+        return out, lse if return_lse else None, None
+
+    # Attention weights: a forward-only call straight into the extension.
+    seed, offset = _dropout_seed(generator, q.device) if dropout_p > 0 else (0, 0)
+    alloc = torch.full if _debug_poison_outputs else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
+    nan = float("nan")
+    out = alloc((B, H, N, Dv), nan, dtype=q.dtype, device=q.device)
+    lse = alloc((B, H, N), nan, dtype=ops.lse_dtype(q), device=q.device)
+    weights = alloc((B, H, N, S), nan, dtype=ops.lse_dtype(q), device=q.device)
+    if out.numel() and S == 0:
+        out.zero_(), lse.fill_(float("-inf")), weights.zero_()
+    elif out.numel():
+        args.update(seed=seed, offset=offset, stream=ops._stream(q))
+        ops._ext.forward(*[describe(t) for t in (q, k, v, out, lse, weights, bias, bool_mask, alibi)], **args,
+                         dry_run=False)
+    return out, lse if return_lse else None, weights
+
+
+def _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p, generator):
+    rng = None
+    if dropout_p > 0:
+        rng = torch.tensor(_dropout_seed(generator, q.device), dtype=torch.int64)
+    return ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
+                             int(wl), int(wr), float(dropout_p), rng)
 
 
 def _pack(out, lse, weights, return_lse, return_weights):
@@ -115,7 +147,7 @@ def _pack(out, lse, weights, return_lse, return_weights):
 def _reference_fallback(q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
                         dropout_p, generator):
     """backend='torch' for flash_attention: the definition evaluated with torch ops in
-    float32 (differentiable; materialises [B, H, N, S])."""
+    float32 (float64 for float64 inputs; differentiable; materialises [B, H, N, S])."""
     B, H, N, _ = q.shape
     S = k.size(2)
     keep = None
@@ -125,7 +157,7 @@ def _reference_fallback(q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag
     out, lse, probs = attention_reference(
         q, k, v, scale=scale, softcap=softcap, alibi_slopes=alibi, bias=bias, bool_mask=bool_mask,
         diag_offset=diag_offset, window_left=wl, window_right=wr, dropout_keep=keep, dropout_p=dropout_p,
-        compute_dtype=torch.float32)
+        compute_dtype=_validate.side_dtype(q))
     return out.to(q.dtype), lse, probs
 
 
@@ -163,7 +195,7 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
         if attn_bias.dtype == torch.bool:
             bool_mask = attn_bias.expand(B, H, N, S)
         elif attn_bias.is_floating_point():
-            bias = attn_bias.to(torch.float32).expand(B, H, N, S)
+            bias = attn_bias.to(_validate.side_dtype(q)).expand(B, H, N, S)
         else:
             raise TypeError(f"{fn}: attn_bias must be a float or bool tensor, got {attn_bias.dtype}")
     common = dict(scale=scale, softcap=softcap, alibi=alibi, bias=bias, bool_mask=bool_mask,
@@ -242,7 +274,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         if m.dtype == torch.bool:
             bool_mask = full
         elif m.is_floating_point():
-            bias = m.to(torch.float32).expand(B, H, N, S)
+            bias = m.to(_validate.side_dtype(q)).expand(B, H, N, S)
         else:
             raise TypeError(f"{fn}: attn_mask must be bool or float, got {m.dtype}")
     scale_v = 1.0 / math.sqrt(D) if scale is None else float(scale)

@@ -12,8 +12,7 @@ from ._tensor import fake
 
 # Features that are not implemented yet in any backend: reported False everywhere
 # (their entry points do not exist or raise NotImplementedError).
-_NOT_YET = ("backward", "varlen", "block_sparse", "paged_kv", "split_kv_decode", "rope", "int8",
-            "torch_compile")
+_NOT_YET = ("varlen", "block_sparse", "paged_kv", "split_kv_decode", "rope", "int8")
 
 
 def _ext():
@@ -53,8 +52,9 @@ def get_device_info() -> dict:
 
 def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=256, wl=-1, wr=-1,
            softcap=0.0, alibi=False, bias=False, bool_mask=False, dropout=0.0, lse=False, weights=False,
-           nonc=False):
-    """The path a call of this shape would take on `device` (no memory touched)."""
+           nonc=False, backward=False):
+    """The path a call of this shape would take on `device` (no memory touched);
+    with backward=True, the path of its gradients."""
     Dv = D if Dv is None else Dv
     B = 2
     q = fake((B, H, N, D), dtype, device)
@@ -67,9 +67,13 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
             fake((B, H, N, S), torch.float32, device) if bias else None,
             fake((B, H, N, S), torch.bool, device) if bool_mask else None,
             fake((B, H), torch.float32, device) if alibi else None]
-    path, _ = _ext().forward(*args, scale=0.1, softcap=softcap, diag_offset=S - N, window_left=wl,
-                             window_right=wr, dropout_p=dropout, seed=0, offset=0, num_threads=1, stream=0,
-                             dry_run=True)
+    kw = dict(scale=0.1, softcap=softcap, diag_offset=S - N, window_left=wl, window_right=wr, dropout_p=dropout,
+              seed=0, offset=0, num_threads=1, stream=0, dry_run=True)
+    if backward:
+        lse_d = fake((B, H, N), torch.float32, device)
+        path, _ = _ext().backward(args[3], *args[:4], lse_d, args[0], args[1], args[2], None, None, *args[6:], **kw)
+    else:
+        path, _ = _ext().forward(*args, **kw)
     return path
 
 
@@ -93,6 +97,10 @@ def _features(device):
         "n_ne_s": ok(N=100, S=300),
         "non_contiguous": ok(nonc=True),
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
+        "float64": ok(dtype=torch.float64),
+        "backward": ok(backward=True),
+        # custom ops with fake implementations and registered autograd (python/steelattn/ops.py)
+        "torch_compile": ok(),
     }
     f.update({k: False for k in _NOT_YET})
     return f
@@ -133,4 +141,4 @@ def _features_none():
 def _features_keys():
     return ("float32", "float16", "bfloat16", "causal", "sliding_window", "gqa", "softcap", "alibi", "attn_bias",
             "bool_mask", "dropout", "return_lse", "return_attn_weights", "dv_ne_d", "n_ne_s", "non_contiguous",
-            "head_dim_1_to_512") + _NOT_YET
+            "head_dim_1_to_512", "float64", "backward", "torch_compile") + _NOT_YET

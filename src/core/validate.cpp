@@ -165,6 +165,13 @@ Status validate_backward(AttentionParams& p) {
     st = check_same_device(*g.t, p.q, g.name);
     if (!st.ok()) return st;
   }
+  if (p.dlse.present()) {
+    if (p.dlse.dtype != p.lse.dtype || p.dlse.ndim != 3 || p.dlse.shape[0] != p.B || p.dlse.shape[1] != p.H ||
+        p.dlse.shape[2] != p.N)
+      return Status::Invalid("dlse: must have lse's dtype and shape [B, H, N]");
+    st = check_same_device(p.dlse, p.q, "dlse");
+    if (!st.ok()) return st;
+  }
   if (p.dbias.present()) {
     const int64_t full[4] = {p.B, p.H, p.N, p.S};
     if (!is_side_float(p.dbias.dtype, p.q.dtype)) return Status::Invalid("dbias: must be float32");

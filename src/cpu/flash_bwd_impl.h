@@ -9,7 +9,7 @@
 //   St  = K . Qt                 -> P^T = exp2(St - lse2)        (scores)
 //   dPt = V . dOt                                                 (dP^T)
 //   dV += Pd^T . dO              (Pd = P with the dropout mask applied)
-//   dSt = P^T * (dPd^T - Drow)   (* (1 - tanh^2) under softcap)
+//   dSt = P^T * (dPd^T - Drow)   (Drow = rowsum(dO * O) - dlse; * (1 - tanh^2) under softcap)
 //   dK += dSt . Q
 //   dQt += K^T . dSt             (dQ of the row block, written after its key loop)
 // and dQ, dK are scaled by `scale` when written. dK/dV accumulate for all keys
@@ -119,6 +119,8 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       if (r < nrows) {
         const char* orow = elem_ptr(p.out, b, ri.h[r], ri.i[r]);
         for (int64_t e = 0; e < Dv; ++e) acc += dop[r * Dvp + e] * load_elem<T>(orow, p.out.dtype, e);
+        // dL/ds += dlse * P folds into the same term: dS = P * (dP - (D - dlse)).
+        if (p.dlse.present()) acc -= load_elem<T>(p.dlse.data, p.dlse.dtype, offset4(p.dlse, b, ri.h[r], ri.i[r]));
       }
       drow[r] = acc;
     }

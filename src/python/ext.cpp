@@ -118,7 +118,7 @@ NB_MODULE(_ext, m) {
   m.def(
       "backward",
       [](nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle dq,
-         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle bias, nb::handle bool_mask,
+         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle dlse, nb::handle bias, nb::handle bool_mask,
          nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset, int64_t window_left,
          int64_t window_right, float dropout_p, uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream,
          bool dry_run) {
@@ -129,6 +129,7 @@ NB_MODULE(_ext, m) {
         p.dk = to_ref(dk, "dk");
         p.dv = to_ref(dv, "dv");
         p.dbias = to_ref(dbias, "dbias");
+        p.dlse = to_ref(dlse, "dlse");
         if (dry_run) {
           Status st = validate_backward(p);
           if (!st.ok()) raise(st);
@@ -146,7 +147,7 @@ NB_MODULE(_ext, m) {
         return nb::make_tuple(std::string(path_name(taken)), std::string());
       },
       nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dq"),
-      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
+      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("dlse").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
       nb::arg("alibi_slopes").none(), nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("diag_offset"),
       nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
       nb::arg("num_threads"), nb::arg("stream"), nb::arg("dry_run"),
