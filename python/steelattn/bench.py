@@ -90,6 +90,40 @@ def cpu_cases(quick=False):
                         yield dt, 1, H, Hkv, N, N, D, causal
 
 
+def cpu_bwd_cases(quick=False):
+    for dt in ("fp32", "bf16"):
+        for N in ((512, 2048) if not quick else (2048,)):
+            for D in (64, 128):
+                for causal in (False, True):
+                    yield dt, 1, 8, 8, N, N, D, causal
+
+
+def _time_backward(fwd, inputs, dout, timer):
+    """Times the backward pass alone: one forward keeps its graph, grads are taken repeatedly."""
+    out = fwd()
+    return timer(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+
+
+def bench_cpu_bwd(quick=False, log=print):
+    rows = []
+    for dt, B, H, Hkv, N, S, D, causal in cpu_bwd_cases(quick):
+        dtype = _DTYPES[dt]
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, h, n, D, generator=g).to(dtype).requires_grad_()
+                   for h, n in ((H, N), (Hkv, S), (Hkv, S)))
+        dout = torch.randn(B, H, N, D, generator=g).to(dtype)
+        fl = 2.5 * flops(B, H, N, S, D, causal)
+        ours = _time_backward(lambda: steelattn.flash_attention(q, k, v, causal=causal, backend="steel"),
+                              (q, k, v), dout, time_cpu)
+        ref = _time_backward(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+                             (q, k, v), dout, time_cpu)
+        rows.append(_row("bwd", dt, B, H, Hkv, N, S, D, causal, None, "steelattn", ours, fl))
+        rows.append(_row("bwd", dt, B, H, Hkv, N, S, D, causal, None, "torch-cpu", ref, fl))
+        log(f"  bwd {dt:5s} H={H:2d}/{Hkv:<2d} N={N:5d} D={D:3d} {'causal' if causal else 'full  '}  "
+            f"steelattn {ours:9.2f} ms  torch {ref:9.2f} ms  ratio {ref / ours:5.2f}x")
+    return rows
+
+
 def bench_cpu(quick=False, log=print):
     rows = []
     for dt, B, H, Hkv, N, S, D, causal in cpu_cases(quick):
@@ -187,12 +221,12 @@ def device_name(device):
 
 
 def to_markdown(result):
-    lines = [f"# steelattn forward benchmark: {result['device']}", "",
+    lines = [f"# steelattn benchmark: {result['device']}", "",
              f"torch {result['torch']}, commit {result['commit']}, {result['date']}.", ""]
     rows = result["rows"]
     keys = []
     for r in rows:
-        key = (r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"], r["window"])
+        key = (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"], r["window"])
         if key not in keys:
             keys.append(key)
     impls = []
@@ -200,12 +234,12 @@ def to_markdown(result):
         if r["impl"] not in impls:
             impls.append(r["impl"])
     anchors = [i for i in impls if i != "steelattn"]
-    hdr = "| dtype | H/Hkv | N | D | mask | " + " | ".join(f"{i} ms (TFLOP/s)" for i in impls)
+    hdr = "| op | dtype | H/Hkv | N | D | mask | " + " | ".join(f"{i} ms (TFLOP/s)" for i in impls)
     hdr += " | " + " | ".join(f"vs {a}" for a in anchors) + " |"
-    lines += [hdr, "|" + "---|" * (5 + len(impls) + len(anchors))]
+    lines += [hdr, "|" + "---|" * (6 + len(impls) + len(anchors))]
     for key in keys:
-        dt, H, Hkv, N, D, causal, window = key
-        by = {r["impl"]: r for r in rows if (r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"],
+        op, dt, H, Hkv, N, D, causal, window = key
+        by = {r["impl"]: r for r in rows if (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"],
                                               r["window"]) == key}
         mask = "causal" if causal else "full"
         if window:
@@ -213,14 +247,22 @@ def to_markdown(result):
         cells = [f"{by[i]['ms']:.3f} ({by[i]['tflops']:.3f})" if i in by else "-" for i in impls]
         ours = by.get("steelattn")
         ratios = [f"{by[a]['ms'] / ours['ms']:.2f}x" if a in by and ours else "-" for a in anchors]
-        lines.append(f"| {dt} | {H}/{Hkv} | {N} | {D} | {mask} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    lines += ["", "Ratios are anchor time / steelattn time (> 1 means steelattn is faster)."]
+        lines.append(f"| {op} | {dt} | {H}/{Hkv} | {N} | {D} | {mask} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    lines += ["", "Ratios are anchor time / steelattn time (> 1 means steelattn is faster). "
+              "TFLOP/s: 4·B·H·N·S·D (halved for causal, exact pair count for windows); backward 2.5x that."]
     return "\n".join(lines) + "\n"
 
 
-def run(device="cpu", quick=False, log=print):
+def run(device="cpu", quick=False, ops=("fwd",), log=print):
     log(f"steelattn benchmark on {device_name(device)}, torch {torch.__version__}")
-    rows = bench_cuda(quick, log) if device == "cuda" else bench_cpu(quick, log)
+    rows = []
+    if "fwd" in ops:
+        rows += bench_cuda(quick, log) if device == "cuda" else bench_cpu(quick, log)
+    if "bwd" in ops:
+        if device == "cuda":
+            log("  bwd on CUDA: no steelattn CUDA backward kernel yet; skipped")
+        else:
+            rows += bench_cpu_bwd(quick, log)
     return {"device": device_name(device), "torch": torch.__version__, "commit": _git_commit(),
             "date": datetime.date.today().isoformat(), "rows": rows}
 
@@ -230,10 +272,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="a smaller matrix (the main job uses it)")
+    ap.add_argument("--op", choices=("fwd", "bwd", "all"), default="fwd", help="forward, backward, or both")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     ap.add_argument("--md", metavar="PATH", help="write a markdown table")
     args = ap.parse_args(argv)
-    result = run(args.device, args.quick)
+    result = run(args.device, args.quick, ops=("fwd", "bwd") if args.op == "all" else (args.op,))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

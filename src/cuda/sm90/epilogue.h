@@ -1,0 +1,83 @@
+// Epilogue: normalise O by the row sum, write O [B, H, N, D] and LSE
+// [B, H, N] with plain strided stores straight from the accumulator fragment.
+//
+// Why plain stores and not smem + TMA store: the Q tile's smem is released to
+// the producer as soon as the last S = Q K^T finishes, so the next tile's Q
+// load overlaps this tile's last P V and epilogue; staging O would need either
+// that buffer (serialising the next Q load behind the store) or 16-64 KB more
+// smem (hd256 has none left). The kernel is compute-bound (at N = 1k full
+// attention the four tensors need half the GEMM floor's time; at N = 16k a
+// thirty-second) and these stores overlap the other CTAs' math.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cmath>
+
+#include "cuda/sm90/params.h"
+
+namespace steelattn::sm90 {
+
+template <class Elem>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));  // lo lands in the low half
+  return r;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  uint32_t r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+template <int D, class Elem>
+struct Epilogue {
+  Elem* out_bh;   // out[b, h, 0, 0]
+  float* lse_bh;  // lse[b, h, 0] or null
+  int64_t o_stride_n, lse_stride_n;
+  int N, row0, col_lane;
+
+  __device__ Epilogue(const FwdParams& p, int b, int h, int row0_, int lane)
+      : out_bh(static_cast<Elem*>(p.out) + b * p.o_stride_b + h * p.o_stride_h),
+        lse_bh(p.lse ? p.lse + b * p.lse_stride_b + h * p.lse_stride_h : nullptr),
+        o_stride_n(p.o_stride_n),
+        lse_stride_n(p.lse_stride_n),
+        N(p.N),
+        row0(row0_),
+        col_lane(2 * (lane % 4)) {}
+
+  // o: this thread's m64 x D fragment, o[4*jb + e] at row row0 + 8*(e>>1),
+  // column 8*jb + col_lane + (e&1).
+  __device__ __forceinline__ void store(const float (&o)[D / 2], const float (&inv)[2], const float (&lse)[2]) const {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row >= N) continue;
+      Elem* dst = out_bh + row * o_stride_n + col_lane;
+#pragma unroll
+      for (int jb = 0; jb < D / 8; ++jb) {
+        const uint32_t v = pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
+        *reinterpret_cast<uint32_t*>(dst + 8 * jb) = v;
+      }
+      if (lse_bh != nullptr && col_lane == 0) lse_bh[row * lse_stride_n] = lse[r];
+    }
+  }
+
+  // A tile where no query sees any key: O = 0, LSE = -inf.
+  __device__ void store_empty() const {
+#pragma unroll 1
+    for (int r = 0; r < 2; ++r) {
+      const int row = row0 + 8 * r;
+      if (row >= N) continue;
+      Elem* dst = out_bh + row * o_stride_n + col_lane;
+      for (int jb = 0; jb < D / 8; ++jb) *reinterpret_cast<uint32_t*>(dst + 8 * jb) = 0u;
+      if (lse_bh != nullptr && col_lane == 0) lse_bh[row * lse_stride_n] = -INFINITY;
+    }
+  }
+};
+
+}  // namespace steelattn::sm90

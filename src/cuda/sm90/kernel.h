@@ -1,0 +1,80 @@
+// Kernel shell: barrier setup, warpgroup roles, register reallocation, and
+// the host-side launch of one instantiation. Included only by the
+// instantiation files (inst_*.cu), so each compiles its own kernels.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/sm90/launch.h"
+#include "cuda/sm90/mainloop.h"
+
+// wgmma and setmaxnreg exist only in the arch-specific sm_90a target; a
+// plain sm_90 build would compile an empty kernel.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "src/cuda/sm90 must be compiled for sm_90a: -gencode=arch=compute_90a,code=sm_90a (CMake: 90a)"
+#endif
+
+namespace steelattn::sm90 {
+
+template <class Elem>
+struct ElemTag;
+template <>
+struct ElemTag<__nv_bfloat16> {
+  using type = Bf16;
+};
+template <>
+struct ElemTag<__half> {
+  using type = F16;
+};
+
+template <int D, class Elem, bool Band, bool Softcap>
+__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
+  // Other architectures (a multi-arch build) get a body that fails loudly;
+  // cuda_sm90_supports() never selects them.
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();
+#elif defined(__CUDA_ARCH__)
+  using ML = Mainloop<D, Elem, typename ElemTag<Elem>::type, Band, Softcap>;
+  extern __shared__ uint8_t smem_raw[];
+  // The swizzle needs 1024-byte aligned tiles; the launch asks for 1 KB slack.
+  auto& sm = *reinterpret_cast<typename ML::Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                       ~static_cast<uintptr_t>(1023));
+  if (threadIdx.x == 0) ML::init_barriers(sm);
+  __syncthreads();
+
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    // Producer: one thread issues every TMA load; the rest of the warpgroup
+    // only gives its registers away.
+    setmaxnreg_dec<kProducerRegs>();
+    if (threadIdx.x == 0) ML::produce(p, sm);
+  } else {
+    setmaxnreg_inc<kConsumerRegs>();
+    ML::consume(p, sm, warpgroup - 1);
+  }
+#endif
+}
+
+template <int D, class Elem, bool Band, bool Softcap>
+cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
+  auto kernel = fwd_kernel<D, Elem, Band, Softcap>;
+  constexpr int smem = static_cast<int>(sizeof(SharedStorage<D, Elem>)) + 1024;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// The two runtime switches that change the inner loop become template
+// arguments here; everything else stays a runtime field of FwdParams.
+template <int D, class Elem>
+cudaError_t launch_fwd(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
+  if (v.band) {
+    return v.softcap ? launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/true>(p, grid, stream)
+                     : launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/false>(p, grid, stream);
+  }
+  return v.softcap ? launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/true>(p, grid, stream)
+                   : launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/false>(p, grid, stream);
+}
+
+}  // namespace steelattn::sm90

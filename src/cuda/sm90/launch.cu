@@ -1,0 +1,244 @@
+// Host side of the sm90 forward kernel: what it supports, TMA descriptor
+// construction, derived counts, and the dispatch to an instantiation.
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+
+#include "core/backends.h"
+#include "cuda/sm90/launch.h"
+#include "cuda/sm90/params.h"
+
+namespace steelattn {
+namespace {
+
+using sm90::FwdParams;
+
+constexpr int64_t kMaxSeq = int64_t{1} << 28;  // keeps the int32 band arithmetic (params.h) exact
+
+// K/V bytes per causal scheduling group (scheduler.h): H100 has 50 MB of L2,
+// shared with the Q and O streams. Overridable for A/B test builds.
+#ifndef STEELATTN_SM90_L2_GROUP_MB
+#define STEELATTN_SM90_L2_GROUP_MB 32
+#endif  // keeps the int32 band arithmetic (params.h) exact
+
+// The driver's tensor-map encoder, fetched through the runtime so the library
+// needs no -lcuda.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+struct DeviceInfo {
+  int major = 0, minor = 0, sms = 0;
+};
+
+DeviceInfo device_info(int dev) {
+  static std::mutex mu;
+  static DeviceInfo cache[64];
+  static bool known[64] = {};
+  if (dev < 0 || dev >= 64) return {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (!known[dev]) {
+    DeviceInfo d;
+    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
+    cache[dev] = d;
+    known[dev] = true;
+  }
+  return cache[dev];
+}
+
+// TMA reads rows through a descriptor: base 16-byte aligned, every stride a
+// nonzero multiple of 16 bytes (a broadcast, stride-0 dim cannot be encoded).
+bool tma_compatible(const TensorRef& t, const char* name, std::string* why) {
+  const auto fail = [&](const std::string& m) {
+    if (why) *why = std::string(name) + ": " + m;
+    return false;
+  };
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return fail("data pointer not 16-byte aligned (TMA)");
+  if (t.stride[3] != 1) return fail("last dim not contiguous");
+  for (int d = 0; d < 3; ++d) {
+    if (t.shape[d] == 1) continue;  // the stride of a size-1 dim is never used
+    if (t.stride[d] <= 0) return fail("zero or negative stride in dim " + std::to_string(d) + " (TMA)");
+    if ((t.stride[d] * 2) % 16 != 0)
+      return fail("stride of dim " + std::to_string(d) + " not a multiple of 16 bytes (TMA)");
+    if (t.stride[d] * 2 >= (int64_t{1} << 40)) return fail("stride too large for TMA");
+  }
+  return true;
+}
+
+// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view.
+bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) {
+    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
+    return false;
+  }
+  const CUtensorMapDataType dt =
+      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
+                        static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
+  // Byte strides of dims 1..3 (seq, head, batch). A size-1 dim gets the
+  // packed stride, which is always encodable.
+  cuuint64_t strides[3];
+  int64_t packed = t.shape[3] * 2;
+  for (int i = 0; i < 3; ++i) {
+    const int d = 2 - i;  // seq, head, batch
+    const int64_t s = t.shape[d] == 1 ? ((packed + 15) / 16) * 16 : t.stride[d] * 2;
+    strides[i] = static_cast<cuuint64_t>(s);
+    packed = s * t.shape[d];
+  }
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};  // 64 elems = the 128 B swizzle span
+  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, dt, 4, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);  // out-of-range rows read as zeros
+  if (r != CUDA_SUCCESS) {
+    if (why) *why = "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) + ")";
+    return false;
+  }
+  return true;
+}
+
+int block_n_for(int64_t d) {
+  switch (d) {
+    case 64: return sm90::TileConfig<64>::kBlockN;
+    case 128: return sm90::TileConfig<128>::kBlockN;
+    default: return sm90::TileConfig<256>::kBlockN;
+  }
+}
+
+}  // namespace
+
+bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
+  const auto fail = [&](const std::string& m) {
+    if (why_not) *why_not = "sm90: " + m;
+    return false;
+  };
+  if (p.q.device != Device::cuda) return fail("tensors are not on a CUDA device");
+  const DeviceInfo dev = device_info(p.q.device_id);
+  if (dev.major != 9 || dev.minor != 0) return fail("needs a compute capability 9.0 device (H100/H200)");
+  if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
+  if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
+    return fail("q, k, v and out must share one dtype");
+  if (p.D != p.Dv) return fail("needs D == Dv");
+  if (p.D != 64 && p.D != 128 && p.D != 256) return fail("head dim must be 64, 128 or 256");
+  if (p.bias.present()) return fail("additive bias not supported");
+  if (p.bool_mask.present()) return fail("boolean mask not supported");
+  if (p.dropout_p > 0.f) return fail("dropout not supported");
+  if (p.attn_weights.present()) return fail("attn_weights output not supported");
+  if (p.lse.present() && p.lse.dtype != DType::f32) return fail("lse must be fp32");
+  if (p.alibi_slopes.present() && p.alibi_slopes.dtype != DType::f32) return fail("alibi slopes must be fp32");
+  if (!(p.scale > 0.f) || !std::isfinite(p.scale)) return fail("needs a finite scale > 0");
+  if (!(p.softcap >= 0.f) || !std::isfinite(p.softcap)) return fail("softcap must be finite and >= 0");
+  if (p.N < 1 || p.S < 1 || p.N >= kMaxSeq || p.S >= kMaxSeq) return fail("N and S must be in [1, 2^28)");
+  if (p.diag_offset <= -kMaxSeq || p.diag_offset >= kMaxSeq) return fail("|diag_offset| must be < 2^28");
+  if (p.H % p.Hkv != 0) return fail("H must be a multiple of Hkv");
+  const int64_t tiles = p.B * p.H * ((p.N + sm90::kBlockM - 1) / sm90::kBlockM);
+  if (tiles >= (int64_t{1} << 31) || p.B >= (1 << 16) || p.H >= (1 << 16)) return fail("too many tiles");
+  std::string why;
+  if (!tma_compatible(p.q, "q", &why) || !tma_compatible(p.k, "k", &why) || !tma_compatible(p.v, "v", &why) ||
+      !tma_compatible(p.out, "out", &why))
+    return fail(why);
+  return true;
+}
+
+Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
+  std::string why;
+  if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
+
+  FwdParams k{};
+  const int block_n = block_n_for(p.D);
+  if (!encode_map(&k.tma_q, p.q, sm90::kBlockM, &why) || !encode_map(&k.tma_k, p.k, block_n, &why) ||
+      !encode_map(&k.tma_v, p.v, block_n, &why))
+    return Status::Error("sm90: " + why);
+
+  k.out = p.out.data;
+  k.o_stride_b = p.out.stride[0];
+  k.o_stride_h = p.out.stride[1];
+  k.o_stride_n = p.out.stride[2];
+  k.lse = p.lse.present() ? static_cast<float*>(p.lse.data) : nullptr;
+  k.lse_stride_b = p.lse.stride[0];
+  k.lse_stride_h = p.lse.stride[1];
+  k.lse_stride_n = p.lse.stride[2];
+  k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
+  k.alibi_stride_b = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
+  k.alibi_stride_h = p.alibi_slopes.stride[1];
+
+  k.B = static_cast<int>(p.B);
+  k.H = static_cast<int>(p.H);
+  k.N = static_cast<int>(p.N);
+  k.S = static_cast<int>(p.S);
+  k.group = static_cast<int>(p.H / p.Hkv);
+
+  constexpr float kLog2e = 1.4426950408889634f;
+  const bool softcap = p.softcap > 0.f;
+  k.scale = p.scale;
+  k.softcap = p.softcap;
+  k.softcap_inv = softcap ? p.scale / p.softcap : 0.f;
+  // Softcap and ALiBi produce true scores; the plain path folds scale into the exponent.
+  k.log2_factor = (softcap || k.alibi) ? kLog2e : p.scale * kLog2e;
+
+  const auto clamp_window = [](int64_t w) {
+    return static_cast<int>(w < 0 ? sm90::kUnbounded : std::min<int64_t>(w, sm90::kUnbounded));
+  };
+  k.diag_offset = static_cast<int>(p.diag_offset);
+  k.window_left = clamp_window(p.window_left);
+  k.window_right = clamp_window(p.window_right);
+  const bool band = p.window_left >= 0 || p.window_right >= 0;
+  // Causal-like (right side bounded): later query blocks see more keys.
+  k.heavy_first = band && p.window_right >= 0;
+
+  // L2 grouping for the causal order. Heads of one GQA group share K/V.
+  const int64_t kv_bytes_per_head = std::max<int64_t>(1, 2 * p.S * p.D * 2 / std::max<int64_t>(1, p.H / p.Hkv));
+  k.group_heads = static_cast<int>(
+      std::clamp<int64_t>((int64_t{STEELATTN_SM90_L2_GROUP_MB} << 20) / kv_bytes_per_head, 1, p.B * p.H));
+  static std::atomic<uint32_t> launches{0};
+  k.sched_slot = static_cast<int>(launches.fetch_add(1, std::memory_order_relaxed) % sm90::kSchedSlots);
+  k.num_m_blocks = static_cast<int>((p.N + sm90::kBlockM - 1) / sm90::kBlockM);
+  k.num_tiles = static_cast<int>(p.B * p.H * k.num_m_blocks);
+  const int grid = std::min(k.num_tiles, device_info(p.q.device_id).sms);
+
+  int prev_dev = -1;
+  cudaGetDevice(&prev_dev);
+  if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
+  const sm90::LaunchVariant variant{band, softcap};
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaError_t err = cudaErrorInvalidValue;
+  const bool bf16 = p.q.dtype == DType::bf16;
+  switch (p.D) {
+    case 64:
+      err = bf16 ? sm90::launch_fwd<64, __nv_bfloat16>(k, variant, grid, s)
+                 : sm90::launch_fwd<64, __half>(k, variant, grid, s);
+      break;
+    case 128:
+      err = bf16 ? sm90::launch_fwd<128, __nv_bfloat16>(k, variant, grid, s)
+                 : sm90::launch_fwd<128, __half>(k, variant, grid, s);
+      break;
+    case 256:
+      err = bf16 ? sm90::launch_fwd<256, __nv_bfloat16>(k, variant, grid, s)
+                 : sm90::launch_fwd<256, __half>(k, variant, grid, s);
+      break;
+  }
+  if (prev_dev != p.q.device_id && prev_dev >= 0) cudaSetDevice(prev_dev);
+  if (err != cudaSuccess) return Status::Error(std::string("sm90: launch failed: ") + cudaGetErrorString(err));
+  return Status::Ok();
+}
+
+}  // namespace steelattn

@@ -1,0 +1,293 @@
+// Mainloop of the sm90 forward kernel: the producer (TMA loads of Q and the
+// K/V stage ring) and the consumer warpgroups (S = Q K^T, online softmax,
+// O += P V on wgmma), overlapped inside each warpgroup as in FA3:
+//
+//   issue S_n = Q K_n^T          (async)
+//   issue O  += P_{n+1} V_{n+1}  (async, P from the previous block)
+//   wait S_n, release K_n; softmax(S_n) runs while the tensor cores do PV
+//   wait PV,  release V_{n+1}; rescale O; P_n = bf16(S_n)
+//
+// Key blocks are visited from the last to the first, so the blocks that need
+// the element mask (the causal diagonal, the ragged end of S) come first.
+#pragma once
+
+#include "cuda/sm90/epilogue.h"
+#include "cuda/sm90/mask.h"
+#include "cuda/sm90/params.h"
+#include "cuda/sm90/ptx.h"
+#include "cuda/sm90/scheduler.h"
+#include "cuda/sm90/score_mod.h"
+#include "cuda/sm90/softmax.h"
+#include "cuda/sm90/wgmma_ops.h"
+
+namespace steelattn::sm90 {
+
+// Position in the K/V stage ring; consumers wait on full[index] with
+// `phase`, the producer on empty[index] with `phase ^ 1` (a fresh barrier
+// counts as having completed the phase before phase 0).
+template <int Stages>
+struct PipeState {
+  int index = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++index == Stages) {
+      index = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+template <int D, class Elem, class Tag, bool Band, bool Softcap>
+struct Mainloop {
+  static constexpr int kBlockN = TileConfig<D>::kBlockN;
+  static constexpr int kStages = TileConfig<D>::kStages;
+#ifdef STEELATTN_SM90_FORCE_PINGPONG  // A/B test builds only (tests/cuda/sm90_build.sh)
+  static constexpr bool kPingpong = STEELATTN_SM90_FORCE_PINGPONG != 0;
+#else
+  static constexpr bool kPingpong = TileConfig<D>::kPingpong;
+#endif
+  static constexpr int kQBytes = kBlockM * D * 2;   // Q tile [kBlockM, D]
+  static constexpr int kKVBytes = kBlockN * D * 2;  // one K or V stage [kBlockN, D]
+  static constexpr int kNS = kBlockN / 2;  // fp32 scores per thread: m64 x kBlockN fragment
+  static constexpr int kNP = kBlockN / 4;  // packed bf16x2 P registers per thread
+  static constexpr int kNO = D / 2;        // fp32 O accumulators per thread: m64 x D fragment
+  static constexpr int kConsumerWarps = 4 * kConsumerWarpgroups;  // arrivals per empty barrier
+  static_assert(D % 64 == 0, "TMA boxes and the 128B swizzle cover 64 columns");
+  static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "kBlockN is wgmma N for QK^T and K for PV");
+
+  using Storage = SharedStorage<D, Elem>;
+  using Mask = MaskPolicy<Band, kBlockM, kBlockN>;
+  using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN>;
+
+  __device__ static void init_barriers(Storage& sm) {
+    mbar_init(&sm.q_full, 1);
+    mbar_init(&sm.q_empty, kConsumerWarps);
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      mbar_init(&sm.k_full[i], 1);
+      mbar_init(&sm.k_empty[i], kConsumerWarps);
+      mbar_init(&sm.v_full[i], 1);
+      mbar_init(&sm.v_empty[i], kConsumerWarps);
+    }
+    fence_barrier_init();
+  }
+
+  // ---------------------------------------------------------------- producer
+  // Runs on one thread. Q: D/64 boxes of [kBlockM, 64]; K, V: D/64 boxes of
+  // [kBlockN, 64]; out-of-range rows arrive as zeros and count toward tx bytes.
+  __device__ static void produce(const FwdParams& p, Storage& sm) {
+    prefetch_tensor_map(&p.tma_q);
+    prefetch_tensor_map(&p.tma_k);
+    prefetch_tensor_map(&p.tma_v);
+    const DynamicPersistentScheduler sched(p);
+    const Mask mask(p);
+    PipeState<kStages> st;
+    uint32_t q_phase = 0;
+    int t = sched.first_tile();  // the grid never exceeds the tile count
+    while (true) {
+      // The Q buffer and the tile id slot are free once every consumer warp
+      // has finished this buffer's previous tile.
+      mbar_wait(&sm.q_empty, q_phase ^ 1);
+      q_phase ^= 1;
+      const bool done = t >= sched.num_tiles;
+      *reinterpret_cast<volatile int*>(&sm.tile) = done ? -1 : t;
+      if (done) {
+        mbar_arrive(&sm.q_full);  // publishes "no more work"
+        break;
+      }
+      const TileCoord tc = sched.coord(t);
+      int lo, hi;
+      mask.block_range(tc.m_block, lo, hi);
+      if (lo >= hi) {
+        mbar_arrive(&sm.q_full);  // consumers write zeros; nothing to load
+      } else {
+        mbar_arrive_expect_tx(&sm.q_full, kQBytes);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
+      }
+      // Claim the next tile now: the atomic's latency hides behind the K/V waits.
+      const int t_next = sched.next_tile();
+      const int kv_head = tc.h / p.group;
+      for (int n = hi - 1; n >= lo; --n) {
+        mbar_wait(&sm.k_empty[st.index], st.phase ^ 1);
+        mbar_arrive_expect_tx(&sm.k_full[st.index], kKVBytes);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sm.k[st.index] + c * kBlockN * 64, &p.tma_k, &sm.k_full[st.index], c * 64, n * kBlockN,
+                      kv_head, tc.b);
+        mbar_wait(&sm.v_empty[st.index], st.phase ^ 1);
+        mbar_arrive_expect_tx(&sm.v_full[st.index], kKVBytes);
+#pragma unroll
+        for (int c = 0; c < D / 64; ++c)
+          tma_load_4d(sm.v[st.index] + c * kBlockN * 64, &p.tma_v, &sm.v_full[st.index], c * 64, n * kBlockN,
+                      kv_head, tc.b);
+        st.advance();
+      }
+      t = t_next;
+    }
+    sched.finish();
+  }
+
+  // ---------------------------------------------------------------- consumer
+  // S[64, kBlockN] = Q[64, D] K[kBlockN, D]^T. Q and K are K-major, 128B
+  // swizzled, stored as D/64 column blocks of (rows x 128 B); a k16 step moves
+  // 32 B inside a row, every 4 steps jump to the next column block.
+  __device__ static void gemm_qk(float (&s)[kNS], uint32_t q_addr, uint32_t k_addr) {
+    const uint64_t qd = make_smem_desc(q_addr, 16, 1024);  // SBO: 8 rows x 128 B
+    const uint64_t kd = make_smem_desc(k_addr, 16, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t qoff = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
+      const uint32_t koff = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
+      Wgmma<kBlockN, Tag>::ss(s, qd + (qoff >> 4), kd + (koff >> 4), kk > 0);
+    }
+    wgmma_commit();
+  }
+
+  // O[64, D] += P[64, kBlockN] V[kBlockN, D]. P comes from registers; V is
+  // MN-major (D contiguous): a k16 step is 16 rows = 2 KB, LBO jumps between
+  // 64-column blocks (kBlockN x 128 B apart), SBO between 8-row groups.
+  __device__ static void gemm_pv(float (&o)[kNO], const uint32_t (&pf)[kNP], uint32_t v_addr) {
+    const uint64_t vd = make_smem_desc(v_addr, kBlockN * 128, 1024);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockN / 16; ++kk)
+      Wgmma<D, Tag>::rs(o, pf[4 * kk], pf[4 * kk + 1], pf[4 * kk + 2], pf[4 * kk + 3], vd + ((kk * 2048) >> 4), 1);
+    wgmma_commit();
+  }
+
+  // One warp's arrival on an empty barrier, after the whole warp passed the
+  // wgmma wait (count = all consumer warps, so the barrier completes only when
+  // every warp of both warpgroups is done with the buffer).
+  __device__ static void warp_release(uint64_t* bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(bar);
+  }
+
+  template <class Array>
+  __device__ static void fence_regs(Array& a) {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(a) / sizeof(a[0])); ++i) reg_fence(a[i]);
+  }
+
+  // Pingpong turn-taking around each GEMM issue: wait for this warpgroup's
+  // turn (its barrier completes when the other warpgroup has arrived on it),
+  // issue, then hand the turn over. Both warpgroups run the same tiles and
+  // blocks, so the arrive/sync counts match (see consume()).
+  __device__ static void turn_begin(int cwg) {
+    if constexpr (kPingpong) named_barrier_sync(kPingpongBarrierBase + cwg, 256);
+  }
+  __device__ static void turn_end(int cwg) {
+    if constexpr (kPingpong) named_barrier_arrive(kPingpongBarrierBase + (cwg ^ 1), 256);
+  }
+
+  __device__ static void pack_p(const float (&s)[kNS], uint32_t (&pf)[kNP]) {
+    // The m64 accumulator fragment, packed pairwise, is the wgmma A fragment:
+    // pf[4kk..4kk+3] = columns 16kk..16kk+15 of this thread's two rows.
+#pragma unroll
+    for (int i = 0; i < kNP; ++i) pf[i] = pack2<Elem>(s[2 * i], s[2 * i + 1]);
+  }
+
+  __device__ static void consume(const FwdParams& p, Storage& sm, int cwg) {
+    const int tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32;
+    const DynamicPersistentScheduler sched(p);
+    const Mask mask(p);
+    PipeState<kStages> st;
+    uint32_t q_phase = 0;
+    // This warpgroup's 64 rows of the Q tile: row offset cwg*64 in each column block.
+    const uint32_t q_addr = smem_u32(sm.q) + cwg * 64 * 128;
+    // Warpgroup 0 takes the first turn: warpgroup 1 hands it over up front,
+    // and warpgroup 0 absorbs warpgroup 1's last hand-over before exiting.
+    if (kPingpong && cwg == 1) turn_end(cwg);
+
+    while (true) {
+      mbar_wait(&sm.q_full, q_phase);
+      q_phase ^= 1;
+      const int t = *reinterpret_cast<volatile int*>(&sm.tile);
+      if (t < 0) break;
+      const TileCoord tc = sched.coord(t);
+      const int row0 = tc.m_block * kBlockM + cwg * 64 + warp * 16 + lane / 4;  // this thread's first row
+      int lo, hi;
+      mask.block_range(tc.m_block, lo, hi);
+      Epilogue<D, Elem> epi(p, tc.b, tc.h, row0, lane);
+      if (lo >= hi) {
+        warp_release(&sm.q_empty);
+        epi.store_empty();
+        continue;
+      }
+      const Mod mod(p, tc.b, tc.h);
+      OnlineSoftmax<kNS> softmax(p.log2_factor);
+      const int col_lane = 2 * (lane % 4);
+
+      float o[kNO];
+#pragma unroll
+      for (int i = 0; i < kNO; ++i) o[i] = 0.f;
+      float s[kNS];
+      uint32_t pf[kNP];
+      float corr[2];
+
+      // First (highest) key block: nothing to overlap with yet.
+      int n = hi - 1;
+      mbar_wait(&sm.k_full[st.index], st.phase);
+      turn_begin(cwg);
+      gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));
+      turn_end(cwg);
+      wgmma_wait<0>();
+      fence_regs(s);
+      warp_release(&sm.k_empty[st.index]);
+      if (n == lo) warp_release(&sm.q_empty);
+      if (mask.needs_element_mask(tc.m_block, n))
+        mod.template apply<true>(s, row0, n * kBlockN + col_lane, mask);
+      else
+        mod.template apply<false>(s, row0, n * kBlockN + col_lane, mask);
+      softmax.step(s, corr);
+      pack_p(s, pf);
+      PipeState<kStages> vst = st;  // V of the block whose P is pending
+      st.advance();
+
+      for (n = hi - 2; n >= lo; --n) {
+        mbar_wait(&sm.k_full[st.index], st.phase);
+        mbar_wait(&sm.v_full[vst.index], vst.phase);
+        turn_begin(cwg);
+        gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));
+        gemm_pv(o, pf, smem_u32(sm.v[vst.index]));
+        turn_end(cwg);
+        wgmma_wait<1>();  // S done, PV may still run
+        fence_regs(s);
+        warp_release(&sm.k_empty[st.index]);
+        if (n == lo) warp_release(&sm.q_empty);
+        if (mask.needs_element_mask(tc.m_block, n))
+          mod.template apply<true>(s, row0, n * kBlockN + col_lane, mask);
+        else
+          mod.template apply<false>(s, row0, n * kBlockN + col_lane, mask);
+        softmax.step(s, corr);
+        wgmma_wait<0>();
+        fence_regs(o);
+        warp_release(&sm.v_empty[vst.index]);
+#pragma unroll
+        for (int i = 0; i < kNO; ++i) o[i] *= corr[(i >> 1) & 1];
+        pack_p(s, pf);
+        vst = st;
+        st.advance();
+      }
+
+      mbar_wait(&sm.v_full[vst.index], vst.phase);
+      turn_begin(cwg);
+      gemm_pv(o, pf, smem_u32(sm.v[vst.index]));
+      turn_end(cwg);
+      wgmma_wait<0>();
+      fence_regs(o);
+      warp_release(&sm.v_empty[vst.index]);
+
+      float inv[2], lse[2];
+      softmax.finalize(inv, lse);
+      epi.store(o, inv, lse);
+    }
+    if (kPingpong && cwg == 0) turn_begin(cwg);
+  }
+};
+
+}  // namespace steelattn::sm90

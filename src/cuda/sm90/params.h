@@ -1,0 +1,104 @@
+// Kernel parameters (one POD passed by value, tensor maps as __grid_constant__)
+// and the per-head-dim tile configuration of the sm90 forward kernel.
+#pragma once
+
+#include <cuda.h>  // CUtensorMap
+#include <cstdint>
+
+namespace steelattn::sm90 {
+
+// Everything the device code reads. The host (launch.cu) derives every count
+// once, so the kernel only branches on per-tile facts.
+struct FwdParams {
+  // Rank-4 TMA maps over (d, seq, head, batch), 128B swizzle, box inner 64 elems.
+  CUtensorMap tma_q;  // q   [B, H,   N, D], box (64, kBlockM, 1, 1)
+  CUtensorMap tma_k;  // k   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
+  CUtensorMap tma_v;  // v   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
+
+  // O and LSE are written with plain stores (epilogue.h).
+  void* out;
+  int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
+  float* lse;                                  // [B, H, N] fp32 or null
+  int64_t lse_stride_b, lse_stride_h, lse_stride_n;
+  const float* alibi;  // [B, H] fp32 slopes or null
+  int64_t alibi_stride_b, alibi_stride_h;
+
+  int B, H, N, S;
+  int group;  // H / Hkv: query heads per KV head
+
+  float scale;         // s = scale * q.k
+  float softcap;       // > 0 only in the Softcap instantiation
+  float softcap_inv;   // scale / softcap (the argument factor of tanh)
+  float log2_factor;   // converts the softmax operand x to log2 units (see score_mod.h)
+
+  // Band mask, clamped to +/-kUnbounded so int32 arithmetic never overflows.
+  int diag_offset, window_left, window_right;
+
+  int num_m_blocks;  // ceil(N / kBlockM)
+  int num_tiles;     // B * H * num_m_blocks
+  int heavy_first;   // causal-like: schedule the longest query tiles first
+  int group_heads;   // heavy_first: (b, h) pairs per L2 group (scheduler.h)
+  int sched_slot;    // this launch's tile-counter slot (scheduler.h)
+};
+
+constexpr int kUnbounded = 1 << 30;
+constexpr int kSchedSlots = 1024;  // tile-counter slots, used round-robin by launches (scheduler.h)  // a window side of -1, as int32; N, S < 2^30 is enforced
+
+// Threads: one producer warpgroup (only one thread issues TMA; setmaxnreg
+// gives its registers to the consumers) and two consumer warpgroups of 64
+// query rows each (wgmma's M is 64 per warpgroup).
+constexpr int kConsumerWarpgroups = 2;
+constexpr int kThreads = 128 * (1 + kConsumerWarpgroups);
+constexpr int kBlockM = 64 * kConsumerWarpgroups;  // 128 query rows per CTA tile
+constexpr int kProducerRegs = 24;                  // 24*128 + 240*256 = 64,512 <= 65,536
+constexpr int kConsumerRegs = 240;
+// Named barriers 1 and 2: the pingpong turn of consumer warpgroup 0 and 1
+// (0 is __syncthreads).
+constexpr int kPingpongBarrierBase = 1;
+
+// Per head dim: kBlockN (keys per tile) and pipeline depth, chosen so that
+//   registers/thread: S (kBlockN/2) + P (kBlockN/4) + O (D/2) + ~40 <= 240
+//   smem: Q (128*D*2) + stages*(K+V)(2*kBlockN*D*2) <= 227 KB
+template <int D>
+struct TileConfig;
+
+// kPingpong: the two consumer warpgroups take turns issuing their GEMMs, so
+// one's softmax runs under the other's GEMMs (FA3 does this for D <= 128; at
+// D = 256 the GEMMs dominate and the turn-taking only adds waits).
+template <>
+struct TileConfig<64> {
+  static constexpr int kBlockN = 128;  // S 64 + P 32 + O 32 regs
+  static constexpr int kStages = 3;    // 16 KB Q + 3 * 32 KB = 112 KB
+  static constexpr bool kPingpong = true;
+};
+template <>
+struct TileConfig<128> {
+  static constexpr int kBlockN = 128;  // S 64 + P 32 + O 64 regs
+  static constexpr int kStages = 2;    // 32 KB Q + 2 * 64 KB = 160 KB
+  static constexpr bool kPingpong = true;
+};
+template <>
+struct TileConfig<256> {
+  static constexpr int kBlockN = 64;  // S 32 + P 16 + O 128 regs (PV is m64n256k16)
+  static constexpr int kStages = 2;   // 64 KB Q + 2 * 64 KB = 192 KB
+  static constexpr bool kPingpong = false;
+};
+
+// Shared memory of one CTA. Every tile is 1024-byte aligned so the 128B
+// swizzle pattern written by TMA matches the one wgmma decodes (base offset 0).
+// A tile of R rows x D columns is stored as D/64 column blocks, each R rows of
+// 128 bytes (one TMA box), so column block c starts at c * R * 128 bytes.
+template <int D, class Elem>
+struct SharedStorage {
+  static constexpr int kBlockN = TileConfig<D>::kBlockN;
+  static constexpr int kStages = TileConfig<D>::kStages;
+  alignas(1024) Elem q[kBlockM * D];          // [kBlockM, D]; reused for O in the epilogue
+  alignas(1024) Elem k[kStages][kBlockN * D];  // [stages][kBlockN, D]
+  alignas(1024) Elem v[kStages][kBlockN * D];  // [stages][kBlockN, D]
+  uint64_t q_full, q_empty;
+  int tile;  // the tile being loaded, -1 = no more work; published by q_full
+  uint64_t k_full[kStages], k_empty[kStages];
+  uint64_t v_full[kStages], v_empty[kStages];
+};
+
+}  // namespace steelattn::sm90
