@@ -99,6 +99,19 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     args = dict(scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset), window_left=int(wl),
                 window_right=int(wr), dropout_p=float(dropout_p), seed=0, offset=0,
                 num_threads=torch.get_num_threads(), stream=0)
+    if not grad and not return_weights:
+        # Inference fast path: straight into the extension, which selects the kernel
+        # and reports "no kernel" as NotImplementedError before touching any output.
+        try:
+            out, lse, path = _forward_direct(q, k, v, alibi, bias, bool_mask, args, dropout_p, generator)
+        except NotImplementedError as e:
+            if backend == "steel":
+                raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {e}") from None
+            _dispatch.record("torch", str(e))
+            return torch_fallback()
+        _dispatch.record(path)
+        return out, lse if return_lse else None, None
+
     path, why = _select(q, k, v, (B, H, N, Dv), return_lse, return_weights, bias, bool_mask, alibi, args, grad)
     if path == "none":
         if backend == "steel":
@@ -125,6 +138,31 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
         ops._ext.forward(*[describe(t) for t in (q, k, v, out, lse, weights, bias, bool_mask, alibi)], **args,
                          dry_run=False)
     return out, lse if return_lse else None, weights
+
+
+def _forward_direct(q, k, v, alibi, bias, bool_mask, args, dropout_p, generator):
+    """Runs the forward kernel without the custom-op layer (no autograd needed):
+    returns (out, lse, path)."""
+    B, H, N, _ = q.shape
+    S, Dv = k.size(2), v.size(3)
+    out = ops._alloc((B, H, N, Dv), q.dtype, q.device)
+    lse = ops._alloc((B, H, N), ops.lse_dtype(q), q.device)
+    if dropout_p > 0:
+        args["seed"], args["offset"] = _dropout_seed(generator, q.device)
+    if q.is_cuda:
+        args["stream"] = torch.cuda.current_stream(q.device).cuda_stream
+    d = describe
+    if out.numel() == 0 or S == 0:  # nothing to compute: let the core validate and select only
+        path, why = ops._ext.forward(d(q), d(k), d(v), d(out), d(lse), None, d(bias), d(bool_mask), d(alibi), **args,
+                                     dry_run=True)
+        if path == "none":
+            raise NotImplementedError(why)
+        if out.numel():
+            out.zero_(), lse.fill_(float("-inf"))
+        return out, lse, path
+    path, _ = ops._ext.forward(d(q), d(k), d(v), d(out), d(lse), None, d(bias), d(bool_mask), d(alibi), **args,
+                               dry_run=False)
+    return out, lse, path
 
 
 def _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p, generator):

@@ -156,8 +156,21 @@ def cuda_cases(quick=False):
         yield 128, N, True, 512
 
 
+_flex_compiled = None
+
+
 def _flex_fns(N, causal, window):
+    """FlexAttention, compiled (its eager path is a slow reference), with a block mask
+    for causal / sliding-window cells."""
+    global _flex_compiled
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex_compiled is None:
+        # Every cell is a new shape or mask: allow the recompiles instead of silently
+        # falling back to the eager flex path after dynamo's default 8.
+        torch._dynamo.config.cache_size_limit = 1024
+        torch._dynamo.config.accumulated_cache_size_limit = 1024
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = q_idx >= kv_idx
@@ -166,8 +179,7 @@ def _flex_fns(N, causal, window):
         return keep
 
     block_mask = create_block_mask(mask_mod, None, None, N, N, device="cuda") if (causal or window) else None
-    compiled = torch.compile(flex_attention, dynamic=False)
-    return lambda q, k, v: compiled(q, k, v, block_mask=block_mask)
+    return lambda q, k, v: _flex_compiled(q, k, v, block_mask=block_mask)
 
 
 def bench_cuda(quick=False, log=print):
