@@ -79,8 +79,8 @@ struct TileConfig<128> {
 };
 template <>
 struct TileConfig<256> {
-  static constexpr int kBlockN = 64;  // S 32 + P 16 + O 128 regs (PV is m64n256k16)
-  static constexpr int kStages = 2;   // 64 KB Q + 2 * 64 KB = 192 KB
+  static constexpr int kBlockN = 80;  // S 40 + P 20 + O 128 regs (PV is m64n256k16); FA3's 128 x 80
+  static constexpr int kStages = 2;   // 64 KB Q + 2 * 80 KB = 224 KB
   static constexpr bool kPingpong = false;
 };
 
