@@ -23,6 +23,9 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream);
 // Generic mma.sync kernel (sm_80+): true when it serves this call on this device.
 bool cuda_generic_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_forward(const AttentionParams& p, void* stream);
+// Generic backward kernel (sm_80+): dq, dk, dv (and dbias) of a validated call.
+bool cuda_generic_backward_supports(const AttentionParams& p, std::string* why_not);
+Status cuda_generic_backward(const AttentionParams& p, void* stream);
 #endif
 
 }  // namespace steelattn

@@ -39,7 +39,7 @@ struct Epilogue {
   Elem* out_bh;   // out[b, h, 0, 0]
   float* lse_bh;  // lse[b, h, 0] or null
   int64_t o_stride_n, lse_stride_n;
-  int N, row0, col_lane;
+  int N, d_store, row0, col_lane;
 
   __device__ Epilogue(const FwdParams& p, int b, int h, int row0_, int lane)
       : out_bh(static_cast<Elem*>(p.out) + b * p.o_stride_b + h * p.o_stride_h),
@@ -47,6 +47,7 @@ struct Epilogue {
         o_stride_n(p.o_stride_n),
         lse_stride_n(p.lse_stride_n),
         N(p.N),
+        d_store(p.d_store),
         row0(row0_),
         col_lane(2 * (lane % 4)) {}
 
@@ -60,6 +61,7 @@ struct Epilogue {
       Elem* dst = out_bh + row * o_stride_n + col_lane;
 #pragma unroll
       for (int jb = 0; jb < D / 8; ++jb) {
+        if (8 * jb + col_lane >= d_store) break;  // zero-padded head-dim columns (d_store is a multiple of 8)
         const uint32_t v = pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
         *reinterpret_cast<uint32_t*>(dst + 8 * jb) = v;
       }
@@ -74,7 +76,7 @@ struct Epilogue {
       const int row = row0 + 8 * r;
       if (row >= N) continue;
       Elem* dst = out_bh + row * o_stride_n + col_lane;
-      for (int jb = 0; jb < D / 8; ++jb) *reinterpret_cast<uint32_t*>(dst + 8 * jb) = 0u;
+      for (int jb = 0; jb < D / 8 && 8 * jb + col_lane < d_store; ++jb) *reinterpret_cast<uint32_t*>(dst + 8 * jb) = 0u;
       if (lse_bh != nullptr && col_lane == 0) lse_bh[row * lse_stride_n] = -INFINITY;
     }
   }

@@ -116,10 +116,16 @@ bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string*
   return true;
 }
 
-int block_n_for(int64_t d) {
-  switch (d) {
+// The compiled head dim a call runs on: the smallest of 64/128/192/256 that holds
+// D. A narrower D runs zero-padded: TMA fills the columns past D with zeros (they
+// add nothing to q.k and give zero O columns, which the epilogue does not store).
+int kernel_dim(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
+
+int block_n_for(int kd) {
+  switch (kd) {
     case 64: return sm90::TileConfig<64>::kBlockN;
     case 128: return sm90::TileConfig<128>::kBlockN;
+    case 192: return sm90::TileConfig<192>::kBlockN;
     default: return sm90::TileConfig<256>::kBlockN;
   }
 }
@@ -138,7 +144,7 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
     return fail("q, k, v and out must share one dtype");
   if (p.D != p.Dv) return fail("needs D == Dv");
-  if (p.D != 64 && p.D != 128 && p.D != 256) return fail("head dim must be 64, 128 or 256");
+  if (p.D < 64 || p.D > 256 || p.D % 8 != 0) return fail("head dim must be a multiple of 8 in [64, 256]");
   if (p.bias.present()) return fail("additive bias not supported");
   if (p.bool_mask.present()) return fail("boolean mask not supported");
   if (p.dropout_p > 0.f) return fail("dropout not supported");
@@ -164,7 +170,8 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
 
   FwdParams k{};
-  const int block_n = block_n_for(p.D);
+  const int kd = kernel_dim(p.D);
+  const int block_n = block_n_for(kd);
   if (!encode_map(&k.tma_q, p.q, sm90::kBlockM, &why) || !encode_map(&k.tma_k, p.k, block_n, &why) ||
       !encode_map(&k.tma_v, p.v, block_n, &why))
     return Status::Error("sm90: " + why);
@@ -186,6 +193,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.N = static_cast<int>(p.N);
   k.S = static_cast<int>(p.S);
   k.group = static_cast<int>(p.H / p.Hkv);
+  k.d_store = static_cast<int>(p.Dv);
 
   constexpr float kLog2e = 1.4426950408889634f;
   const bool softcap = p.softcap > 0.f;
@@ -222,7 +230,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   const bool bf16 = p.q.dtype == DType::bf16;
-  switch (p.D) {
+  switch (kd) {
     case 64:
       err = bf16 ? sm90::launch_fwd<64, __nv_bfloat16>(k, variant, grid, s)
                  : sm90::launch_fwd<64, __half>(k, variant, grid, s);
@@ -230,6 +238,10 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
     case 128:
       err = bf16 ? sm90::launch_fwd<128, __nv_bfloat16>(k, variant, grid, s)
                  : sm90::launch_fwd<128, __half>(k, variant, grid, s);
+      break;
+    case 192:
+      err = bf16 ? sm90::launch_fwd<192, __nv_bfloat16>(k, variant, grid, s)
+                 : sm90::launch_fwd<192, __half>(k, variant, grid, s);
       break;
     case 256:
       err = bf16 ? sm90::launch_fwd<256, __nv_bfloat16>(k, variant, grid, s)

@@ -24,7 +24,8 @@ struct FwdParams {
   int64_t alibi_stride_b, alibi_stride_h;
 
   int B, H, N, S;
-  int group;  // H / Hkv: query heads per KV head
+  int group;    // H / Hkv: query heads per KV head
+  int d_store;  // columns of O written: the real head dim, < D when it runs zero-padded on a wider kernel
 
   float scale;         // s = scale * q.k
   float softcap;       // > 0 only in the Softcap instantiation
@@ -76,6 +77,12 @@ struct TileConfig<128> {
   static constexpr int kBlockN = 128;  // S 64 + P 32 + O 64 regs
   static constexpr int kStages = 2;    // 32 KB Q + 2 * 64 KB = 160 KB
   static constexpr bool kPingpong = true;
+};
+template <>
+struct TileConfig<192> {
+  static constexpr int kBlockN = 112;  // S 56 + P 28 + O 96 regs; FA3's 128 x 112 for dv = 192
+  static constexpr int kStages = 2;    // 48 KB Q + 2 * 84 KB = 216 KB
+  static constexpr bool kPingpong = false;
 };
 template <>
 struct TileConfig<256> {
