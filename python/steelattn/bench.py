@@ -64,6 +64,10 @@ def time_cuda(fn):
 
 
 def _git_commit():
+    import os
+
+    if os.environ.get("STEELATTN_COMMIT"):  # set by whoever copies the tree to a machine without .git
+        return os.environ["STEELATTN_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
