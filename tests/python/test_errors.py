@@ -85,11 +85,15 @@ def test_flash_attention_errors(device, case, exc, match):
         FA(q, k, v, **kw)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_device_mismatch():
     q, k, v = qkv("cpu")
+    other = "cuda" if torch.cuda.is_available() else "meta"
     with pytest.raises(ValueError, match="k is on"):
-        FA(q, k.cuda(), v)
+        FA(q, k.to(other), v)
+    with pytest.raises(ValueError, match="attn_bias is on"):
+        FA(q, k, v, attn_bias=torch.zeros(8, 8, device=other))
+    with pytest.raises(ValueError, match="alibi_slopes is on"):
+        FA(q, k, v, alibi_slopes=torch.ones(4, device=other))
 
 
 def test_sdpa_errors(device):
