@@ -17,6 +17,8 @@ try:  # registers the torch.library ops; needs the compiled extension
     from . import ops
 except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
     ops = None
+# A module constant, so torch.compile reads it without tracing into the extension.
+_CUDA_KERNELS = bool(ops is not None and ops._ext.cuda_compiled())
 from .reference import attention_reference
 
 _BACKENDS = ("auto", "steel", "torch")
@@ -86,7 +88,7 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     elif return_weights and grad:
         reason = "return_attn_weights with gradients (the weights are a forward-only output)"
     elif torch.compiler.is_compiling():
-        if grad and q.is_cuda:  # no CUDA backward kernel yet: trace the differentiable torch path
+        if q.is_cuda and not _CUDA_KERNELS:  # trace the differentiable torch path instead
             return torch_fallback()
         return _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
                         generator) + (None,)

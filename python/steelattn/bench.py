@@ -232,6 +232,42 @@ def bench_cuda(quick=False, log=print):
     return rows
 
 
+def bench_cuda_bwd(quick=False, log=print):
+    """Backward alone (the forward's graph is kept), against SDPA's cuDNN and FA2 backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    for D in (64, 128):
+        for N in ((1024, 4096) if quick else (1024, 4096, 16384)):
+            for causal in (False, True):
+                B, H = max(1, 16384 // N), 2048 // D
+                g = torch.Generator(device="cuda").manual_seed(0)
+                q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+                           for _ in range(3))
+                dout = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+                fl = 2.5 * flops(B, H, N, N, D, causal)
+                impls = {"steelattn": lambda: steelattn.flash_attention(q, k, v, causal=causal, backend="steel")}
+                for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+                    def fwd(be=be):
+                        with sdpa_kernel(be):
+                            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                    impls[name] = fwd
+                res = {}
+                for name, fwd in impls.items():
+                    try:
+                        res[name] = _time_backward(fwd, (q, k, v), dout, time_cuda)
+                    except Exception as e:
+                        log(f"  bwd {name} failed at D={D} N={N}: {type(e).__name__}: {str(e)[:200]}")
+                        continue
+                    rows.append(_row("bwd", "bf16", B, H, H, N, N, D, causal, None, name, res[name], fl))
+                ours = res.get("steelattn")
+                parts = "  ".join(f"{n} {fl / t / 1e9:6.1f}" for n, t in res.items())
+                ratio = "  ".join(f"vs {n} {res[n] / ours:4.2f}x" for n in res if n != "steelattn" and ours)
+                log(f"  bwd D={D:3d} N={N:5d} {'causal' if causal else 'full  '}  TFLOP/s: {parts}  {ratio}")
+                del q, k, v, dout
+    return rows
+
+
 # --------------------------------------------------------------------------- output
 
 def device_name(device):
@@ -280,10 +316,7 @@ def run(device="cpu", quick=False, ops=("fwd",), log=print):
     if "fwd" in ops:
         rows += bench_cuda(quick, log) if device == "cuda" else bench_cpu(quick, log)
     if "bwd" in ops:
-        if device == "cuda":
-            log("  bwd on CUDA: no steelattn CUDA backward kernel yet; skipped")
-        else:
-            rows += bench_cpu_bwd(quick, log)
+        rows += bench_cuda_bwd(quick, log) if device == "cuda" else bench_cpu_bwd(quick, log)
     return {"device": device_name(device), "torch": torch.__version__, "commit": _git_commit(),
             "date": datetime.date.today().isoformat(), "rows": rows}
 

@@ -60,20 +60,20 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
     q = fake((B, H, N, D), dtype, device)
     if nonc:  # [B, N, H, D] storage viewed as [B, H, N, D]
         q = q[:5] + ((N * H * D, D, H * D, 1),)
-    args = [q, fake((B, Hkv, S, D), dtype, device), fake((B, Hkv, S, Dv), dtype, device),
-            fake((B, H, N, Dv), dtype, device),
-            fake((B, H, N), torch.float32, device) if lse else None,
-            fake((B, H, N, S), torch.float32, device) if weights else None,
-            fake((B, H, N, S), torch.float32, device) if bias else None,
+    k = fake((B, Hkv, S, D), dtype, device)
+    v = fake((B, Hkv, S, Dv), dtype, device)
+    out = fake((B, H, N, Dv), dtype, device)
+    lse_d = fake((B, H, N), torch.float32, device) if lse or backward else None
+    mods = (fake((B, H, N, S), torch.float32, device) if bias else None,
             fake((B, H, N, S), torch.bool, device) if bool_mask else None,
-            fake((B, H), torch.float32, device) if alibi else None]
+            fake((B, H), torch.float32, device) if alibi else None)
     kw = dict(scale=0.1, softcap=softcap, diag_offset=S - N, window_left=wl, window_right=wr, dropout_p=dropout,
               seed=0, offset=0, num_threads=1, stream=0, dry_run=True)
-    if backward:
-        lse_d = fake((B, H, N), torch.float32, device)
-        path, _ = _ext().backward(args[3], *args[:4], lse_d, args[0], args[1], args[2], None, None, *args[6:], **kw)
+    if backward:  # gradients shaped like their inputs; dout like out
+        path, _ = _ext().backward(out, q, k, v, out, lse_d, q, k, v, None, None, *mods, **kw)
     else:
-        path, _ = _ext().forward(*args, **kw)
+        w = fake((B, H, N, S), torch.float32, device) if weights else None
+        path, _ = _ext().forward(q, k, v, out, lse_d, w, *mods, **kw)
     return path
 
 

@@ -69,10 +69,8 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
 
 ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not) {
   if (p.q.device == Device::cpu) return select_forward_path(p, why_not);
-#if defined(STEELATTN_WITH_CUDA_BACKWARD)
+#if defined(STEELATTN_WITH_CUDA)
   if (cuda_generic_backward_supports(p, why_not)) return ForwardPath::cuda_generic;
-#elif defined(STEELATTN_WITH_CUDA)
-  if (why_not) *why_not = "this build has no CUDA backward kernel";
 #else
   if (why_not) *why_not = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
 #endif
@@ -90,7 +88,7 @@ Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) 
     case ForwardPath::cpu_avx512: return cpu_backward(p, CpuIsa::avx512);
     case ForwardPath::cpu_avx2: return cpu_backward(p, CpuIsa::avx2);
     case ForwardPath::cpu_scalar: return cpu_backward(p, CpuIsa::scalar);
-#if defined(STEELATTN_WITH_CUDA_BACKWARD)
+#if defined(STEELATTN_WITH_CUDA)
     case ForwardPath::cuda_generic: return cuda_generic_backward(p, stream);
 #endif
     default: (void)stream; return Status::NotImplemented("no steelattn kernel computes this backward: " + why);
