@@ -5,6 +5,7 @@
 // caller, and every entry point returns a Status instead of throwing.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -75,6 +76,12 @@ struct AttentionParams {
   TensorRef dout, dq, dk, dv, dbias;
   // Optional gradient of lse ([B, H, N], lse's dtype), for losses that use it.
   TensorRef dlse;
+  // Backward scratch on the tensors' device, at least backward_workspace_bytes(p)
+  // bytes (16-byte aligned, any contents); may be absent when that is 0.
+  TensorRef workspace;
+  // Backward: bit-identical gradients run to run (selects a kernel without
+  // order-dependent floating-point accumulation).
+  bool deterministic = false;
 
   // CPU only: worker threads (<= 0 means hardware concurrency).
   int32_t num_threads = 0;
@@ -121,6 +128,8 @@ Status attention_forward(AttentionParams& p, void* stream = nullptr, ForwardPath
 Status validate_backward(AttentionParams& p);
 // The kernel that computes the gradients of a (validated) call, or `none`.
 ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not = nullptr);
+// Bytes of `workspace` the kernel selected for this backward needs (0 for most paths).
+size_t backward_workspace_bytes(const AttentionParams& p);
 // dq, dk, dv (and dbias) from dout, recomputing P from lse.
 Status attention_backward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
 

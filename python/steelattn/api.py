@@ -47,7 +47,7 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, backward):
+def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, backward, deterministic=False):
     """Asks the C++ selector which kernel would serve this call (nothing is run):
     returns (path, why_not). With backward=True, the kernel for the gradients too."""
     from ._tensor import fake
@@ -61,14 +61,14 @@ def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, back
                                  **args, dry_run=True)
     if path != "none" and backward:
         like = lambda t: fake(tuple(t.shape), t.dtype, t.device.type, t.device.index or 0)  # noqa: E731
-        path, why = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, like(q), like(k),
-                                      like(v), None, None, describe(bias), describe(bool_mask), describe(alibi),
-                                      **args, dry_run=True)
+        path, why, _ = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, like(q),
+                                         like(k), like(v), None, None, None, describe(bias), describe(bool_mask),
+                                         describe(alibi), **args, deterministic=deterministic, dry_run=True)
     return path, why
 
 
 def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
-         dropout_p, generator, return_lse, return_weights, backend, torch_fallback):
+         dropout_p, generator, return_lse, return_weights, backend, torch_fallback, deterministic=False):
     """Shared body of every entry point: pick the path, run, count.
 
     Returns (out, lse, weights) with lse/weights None unless requested. Calls that
@@ -91,7 +91,7 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
         if q.is_cuda and not _CUDA_KERNELS:  # trace the differentiable torch path instead
             return torch_fallback()
         return _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
-                        generator) + (None,)
+                        generator, deterministic) + (None,)
     if reason is not None:
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {reason}")
@@ -114,7 +114,8 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
         _dispatch.record(path)
         return out, lse if return_lse else None, None
 
-    path, why = _select(q, k, v, (B, H, N, Dv), return_lse, return_weights, bias, bool_mask, alibi, args, grad)
+    path, why = _select(q, k, v, (B, H, N, Dv), return_lse, return_weights, bias, bool_mask, alibi, args, grad,
+                        deterministic)
     if path == "none":
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {why}")
@@ -123,7 +124,7 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     _dispatch.record(path)
     if not return_weights:
         out, lse = _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
-                            generator)
+                            generator, deterministic)
         return out, lse if return_lse else None, None
 
     # Attention weights: a forward-only call straight into the extension.
@@ -167,12 +168,13 @@ def _forward_direct(q, k, v, alibi, bias, bool_mask, args, dropout_p, generator)
     return out, lse, path
 
 
-def _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p, generator):
+def _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p, generator,
+             deterministic=False):
     rng = None
     if dropout_p > 0:
         rng = torch.tensor(_dropout_seed(generator, q.device), dtype=torch.int64)
     return ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
-                             int(wl), int(wr), float(dropout_p), rng)
+                             int(wl), int(wr), float(dropout_p), rng, bool(deterministic))
 
 
 def _pack(out, lse, weights, return_lse, return_weights):
@@ -203,7 +205,7 @@ def _reference_fallback(q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag
 
 def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.0, window_size=None,
                     alibi_slopes=None, attn_bias=None, return_lse=False, return_attn_weights=False,
-                    backend="auto", *, generator=None):
+                    backend="auto", *, generator=None, deterministic=None):
     """Exact attention softmax(scale * q k^T + modifiers) v.
 
     q [B, H, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], H % Hkv == 0 (GQA/MQA without
@@ -212,6 +214,9 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
     i + S - N - left <= j <= i + S - N + right. Score order: scale, softcap
     (cap * tanh(s / cap)), ALiBi (-slope * |i + S - N - j|), attn_bias (float, added;
     bool, True = attend), then the masks. Softmax in fp32.
+
+    `deterministic=True` (default: torch.are_deterministic_algorithms_enabled()) makes the
+    gradients bit-identical run to run (on CUDA it selects the deterministic kernel).
 
     Returns out [B, H, N, Dv]; with return_lse also lse [B, H, N] (fp32, natural log);
     with return_attn_weights also the softmax probabilities [B, H, N, S] (before
@@ -244,8 +249,10 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
     def fallback():
         return _reference_fallback(q, k, v, **common)
 
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     out, lse, weights = _run(fn, q, k, v, **common, return_lse=return_lse, return_weights=return_attn_weights,
-                             backend=backend, torch_fallback=fallback)
+                             backend=backend, torch_fallback=fallback, deterministic=bool(deterministic))
     if weights is not None:
         weights = weights.to(q.dtype)
     return _pack(out, lse, weights, return_lse, return_attn_weights)
@@ -328,7 +335,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     out, _, _ = _run(fn, q, k, v, scale=scale_v, softcap=0.0, alibi=None, bias=bias, bool_mask=bool_mask,
                      diag_offset=0, wl=-1, wr=0 if is_causal else -1, dropout_p=float(dropout_p),
                      generator=generator, return_lse=False, return_weights=False, backend=backend,
-                     torch_fallback=fallback)
+                     torch_fallback=fallback, deterministic=torch.are_deterministic_algorithms_enabled())
     if out.dim() == 4 and query.dim() != 4:
         out = out.reshape(lead + tuple(out.shape[1:]))
     return out

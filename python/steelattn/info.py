@@ -70,7 +70,8 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
     kw = dict(scale=0.1, softcap=softcap, diag_offset=S - N, window_left=wl, window_right=wr, dropout_p=dropout,
               seed=0, offset=0, num_threads=1, stream=0, dry_run=True)
     if backward:  # gradients shaped like their inputs; dout like out
-        path, _ = _ext().backward(out, q, k, v, out, lse_d, q, k, v, None, None, *mods, **kw)
+        path, _, _ = _ext().backward(out, q, k, v, out, lse_d, q, k, v, None, None, None, *mods, **kw,
+                                     deterministic=False)
     else:
         w = fake((B, H, N, S), torch.float32, device) if weights else None
         path, _ = _ext().forward(q, k, v, out, lse_d, w, *mods, **kw)

@@ -56,7 +56,9 @@ def _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, 
 @torch.library.custom_op("steelattn::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor], bias: Optional[Tensor],
                   bool_mask: Optional[Tensor], scale: float, softcap: float, diag_offset: int, window_left: int,
-                  window_right: int, dropout_p: float, rng: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+                  window_right: int, dropout_p: float, rng: Optional[Tensor],
+                  deterministic: bool = False) -> Tuple[Tensor, Tensor]:
+    """(out, lse). `deterministic` only matters to the backward (bit-identical gradients)."""
     B, H, N, _ = q.shape
     S, Dv = k.size(2), v.size(3)
     out = _alloc((B, H, N, Dv), q.dtype, q.device)
@@ -73,7 +75,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, alibi_slopes, bias, bool_mask, scale, softcap, diag_offset, window_left,
-                        window_right, dropout_p, rng):
+                        window_right, dropout_p, rng, deterministic=False):
     B, H, N, _ = q.shape
     return q.new_empty(B, H, N, v.size(3)), q.new_empty(B, H, N, dtype=lse_dtype(q))
 
@@ -82,7 +84,8 @@ def _attention_fwd_fake(q, k, v, alibi_slopes, bias, bool_mask, scale, softcap, 
 def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   alibi_slopes: Optional[Tensor], bias: Optional[Tensor], bool_mask: Optional[Tensor], scale: float,
                   softcap: float, diag_offset: int, window_left: int, window_right: int, dropout_p: float,
-                  rng: Optional[Tensor], want_dbias: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  rng: Optional[Tensor], want_dbias: bool,
+                  deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is [B, H, N, S] when want_dbias, else empty."""
     B, H, N, _ = q.shape
     S = k.size(2)
@@ -97,16 +100,21 @@ def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
              else q.new_empty((0,), dtype=lse.dtype))
     if q.numel() == 0 or S == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dbias
-    _ext.backward(describe(dout), describe(q), describe(k), describe(v), describe(out), describe(lse), describe(dq),
-                  describe(dk), describe(dv), describe(dbias) if want_dbias else None, describe(dlse),
-                  describe(bias), describe(bool_mask), describe(alibi_slopes),
-                  **_scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, q), dry_run=False)
+    tensors = [describe(t) for t in (dout, q, k, v, out, lse, dq, dk, dv)]
+    tensors += [describe(dbias) if want_dbias else None, describe(dlse)]
+    mods = [describe(t) for t in (bias, bool_mask, alibi_slopes)]
+    kw = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, q)
+    kw["deterministic"] = bool(deterministic)
+    # Some kernels (the Hopper one) need scratch: ask the selector how much, allocate it with torch.
+    _, _, nbytes = _ext.backward(*tensors, None, *mods, **kw, dry_run=True)
+    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+    _ext.backward(*tensors, describe(workspace), *mods, **kw, dry_run=False)
     return dq, dk, dv, dbias
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, alibi_slopes, bias, bool_mask, scale, softcap, diag_offset,
-                        window_left, window_right, dropout_p, rng, want_dbias):
+                        window_left, window_right, dropout_p, rng, want_dbias, deterministic=False):
     B, H, N, _ = q.shape
     dbias = q.new_empty((B, H, N, k.size(2)) if want_dbias else (0,), dtype=lse.dtype)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -116,10 +124,11 @@ _SCALAR_ARGS = ("scale", "softcap", "diag_offset", "window_left", "window_right"
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, alibi_slopes, bias, bool_mask, *scalars, rng = inputs
+    q, k, v, alibi_slopes, bias, bool_mask, *scalars, rng, deterministic = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, bias, bool_mask, rng)
     ctx.scalars = dict(zip(_SCALAR_ARGS, scalars))
+    ctx.deterministic = deterministic
 
 
 def _backward(ctx, dout, dlse):
@@ -128,8 +137,10 @@ def _backward(ctx, dout, dlse):
         dout = torch.zeros_like(out)
     want_dbias = bool(ctx.needs_input_grad[4])
     dq, dk, dv, dbias = attention_bwd(dout, dlse, q, k, v, out, lse, alibi_slopes, bias, bool_mask,
-                                      **ctx.scalars, rng=rng, want_dbias=want_dbias)
-    return dq, dk, dv, None, dbias if want_dbias else None, None, None, None, None, None, None, None, None
+                                      **ctx.scalars, rng=rng, want_dbias=want_dbias,
+                                      deterministic=ctx.deterministic)
+    return (dq, dk, dv, None, dbias if want_dbias else None, None, None, None, None, None, None, None, None,
+            None)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

@@ -23,7 +23,12 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream);
 // Generic mma.sync kernel (sm_80+): true when it serves this call on this device.
 bool cuda_generic_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_forward(const AttentionParams& p, void* stream);
-// Generic backward kernel (sm_80+): dq, dk, dv (and dbias) of a validated call.
+// Hopper backward kernel (src/cuda/sm90/bwd_*): needs a workspace; not deterministic
+// (dQ is accumulated with bulk reduce-adds in arrival order).
+bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not);
+size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p);
+Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* stream);
+// Generic backward kernel (sm_80+), deterministic: dq, dk, dv (and dbias) of a validated call.
 bool cuda_generic_backward_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_backward(const AttentionParams& p, void* stream);
 #endif

@@ -70,11 +70,24 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
 ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not) {
   if (p.q.device == Device::cpu) return select_forward_path(p, why_not);
 #if defined(STEELATTN_WITH_CUDA)
-  if (cuda_generic_backward_supports(p, why_not)) return ForwardPath::cuda_generic;
+  std::string sm90_why, generic_why;
+  if (p.deterministic) sm90_why = "deterministic=True (the Hopper backward adds dQ in arrival order)";
+  if (!p.deterministic && cuda_sm90_backward_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
+  if (cuda_generic_backward_supports(p, &generic_why)) return ForwardPath::cuda_generic;
+  if (why_not) *why_not = "sm90: " + sm90_why + "; generic: " + generic_why;
 #else
   if (why_not) *why_not = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
 #endif
   return ForwardPath::none;
+}
+
+size_t backward_workspace_bytes(const AttentionParams& p) {
+#if defined(STEELATTN_WITH_CUDA)
+  if (p.q.device == Device::cuda && select_backward_path(p) == ForwardPath::cuda_sm90)
+    return cuda_sm90_backward_workspace_bytes(p);
+#endif
+  (void)p;
+  return 0;
 }
 
 Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) {
@@ -89,6 +102,15 @@ Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) 
     case ForwardPath::cpu_avx2: return cpu_backward(p, CpuIsa::avx2);
     case ForwardPath::cpu_scalar: return cpu_backward(p, CpuIsa::scalar);
 #if defined(STEELATTN_WITH_CUDA)
+    case ForwardPath::cuda_sm90: {
+      const size_t need = cuda_sm90_backward_workspace_bytes(p);
+      const TensorRef& w = p.workspace;
+      const int64_t have = w.present() ? w.shape[0] * dtype_size(w.dtype) : 0;  // a 1-d byte buffer
+      if (need > 0 && (!w.present() || have < int64_t(need) || w.device != Device::cuda))
+        return Status::Invalid("workspace: the Hopper backward needs " + std::to_string(need) +
+                               " bytes on the tensors' device (backward_workspace_bytes)");
+      return cuda_sm90_backward(p, w.data, stream);
+    }
     case ForwardPath::cuda_generic: return cuda_generic_backward(p, stream);
 #endif
     default: (void)stream; return Status::NotImplemented("no steelattn kernel computes this backward: " + why);

@@ -118,10 +118,10 @@ NB_MODULE(_ext, m) {
   m.def(
       "backward",
       [](nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle dq,
-         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle dlse, nb::handle bias, nb::handle bool_mask,
-         nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset, int64_t window_left,
-         int64_t window_right, float dropout_p, uint64_t seed, uint64_t offset, int num_threads, uintptr_t stream,
-         bool dry_run) {
+         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle dlse, nb::handle workspace, nb::handle bias,
+         nb::handle bool_mask, nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset,
+         int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed, uint64_t offset, int num_threads,
+         uintptr_t stream, bool deterministic, bool dry_run) {
         AttentionParams p = make_params(q, k, v, out, lse, nb::none(), bias, bool_mask, alibi_slopes, scale, softcap,
                                         diag_offset, window_left, window_right, dropout_p, seed, offset, num_threads);
         p.dout = to_ref(dout, "dout");
@@ -130,12 +130,14 @@ NB_MODULE(_ext, m) {
         p.dv = to_ref(dv, "dv");
         p.dbias = to_ref(dbias, "dbias");
         p.dlse = to_ref(dlse, "dlse");
+        p.workspace = to_ref(workspace, "workspace");
+        p.deterministic = deterministic;
         if (dry_run) {
           Status st = validate_backward(p);
           if (!st.ok()) raise(st);
           std::string why;
           const ForwardPath path = select_backward_path(p, &why);
-          return nb::make_tuple(std::string(path_name(path)), why);
+          return nb::make_tuple(std::string(path_name(path)), why, backward_workspace_bytes(p));
         }
         ForwardPath taken = ForwardPath::none;
         Status st;
@@ -144,14 +146,16 @@ NB_MODULE(_ext, m) {
           st = attention_backward(p, reinterpret_cast<void*>(stream), &taken);
         }
         if (!st.ok()) raise(st);
-        return nb::make_tuple(std::string(path_name(taken)), std::string());
+        return nb::make_tuple(std::string(path_name(taken)), std::string(), size_t(0));
       },
       nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dq"),
-      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("dlse").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
-      nb::arg("alibi_slopes").none(), nb::kw_only(), nb::arg("scale"), nb::arg("softcap"), nb::arg("diag_offset"),
-      nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"),
-      nb::arg("num_threads"), nb::arg("stream"), nb::arg("dry_run"),
-      "Gradients dq, dk, dv (and dbias) of one attention call. Returns (path, why_not).");
+      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("dlse").none(), nb::arg("workspace").none(),
+      nb::arg("bias").none(), nb::arg("bool_mask").none(), nb::arg("alibi_slopes").none(), nb::kw_only(),
+      nb::arg("scale"), nb::arg("softcap"), nb::arg("diag_offset"), nb::arg("window_left"), nb::arg("window_right"),
+      nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream"),
+      nb::arg("deterministic"), nb::arg("dry_run"),
+      "Gradients dq, dk, dv (and dbias) of one attention call. Returns (path, why_not, workspace_bytes); "
+      "with dry_run=True only validates, selects and sizes the workspace.");
 
   m.def(
       "dropout_keep_mask",

@@ -241,3 +241,17 @@ def test_cuda_graph_capture():
     torch.cuda.synchronize()
     torch.testing.assert_close(captured, steelattn.flash_attention(q, k, v, causal=True), rtol=0, atol=0)
     assert not torch.equal(captured, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic_gradients_are_bit_identical(device, dtype, rng):
+    q, k, v = (randn(2, 4, 300, 64, dtype=dtype, device=device, generator=rng).requires_grad_() for _ in range(3))
+    dout = randn(2, 4, 300, 64, dtype=dtype, device=device, generator=rng)
+
+    def grads():
+        out = steelattn.flash_attention(q, k, v, causal=True, deterministic=True, backend="steel")
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    first, second = grads(), grads()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

@@ -59,11 +59,18 @@ struct Epilogue {
       const int row = row0 + 8 * r;
       if (row >= N) continue;
       Elem* dst = out_bh + row * o_stride_n + col_lane;
+      if (d_store == D) {  // the common case: every column, fully unrolled, no per-column test
 #pragma unroll
-      for (int jb = 0; jb < D / 8; ++jb) {
-        if (8 * jb + col_lane >= d_store) break;  // zero-padded head-dim columns (d_store is a multiple of 8)
-        const uint32_t v = pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
-        *reinterpret_cast<uint32_t*>(dst + 8 * jb) = v;
+        for (int jb = 0; jb < D / 8; ++jb)
+          *reinterpret_cast<uint32_t*>(dst + 8 * jb) =
+              pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
+      } else {
+#pragma unroll
+        for (int jb = 0; jb < D / 8; ++jb) {
+          if (8 * jb + col_lane >= d_store) break;  // zero-padded head-dim columns (d_store is a multiple of 8)
+          *reinterpret_cast<uint32_t*>(dst + 8 * jb) =
+              pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
+        }
       }
       if (lse_bh != nullptr && col_lane == 0) lse_bh[row * lse_stride_n] = lse[r];
     }

@@ -1,0 +1,501 @@
+// sm90 backward main kernel: one CTA per (key block of 128, batch, kv head).
+// K and V stay in smem; dK and dV accumulate in fp32 registers over every
+// query block of every query head of the GQA group (so no atomics for them);
+// Q, dO, lse2 and dsum of each query block stream in through a 2-stage TMA
+// ring. Per query block, each consumer warpgroup (64 keys) runs, with the
+// scores swapped (rows = keys) so P^T and dS^T are register A operands:
+//   S^T  = K Q^T            (SS)        P^T = exp2(S^T * c - lse2)
+//   dP^T = V dO^T           (SS)
+//   dV  += P^T dO           (RS, dO MN-major)
+//   dS^T = P^T (dP^T - dsum) [* (1 - tanh^2)]  -> smem (swizzled, double buffer)
+//   dK  += dS^T Q           (RS, Q MN-major)
+//   dQ   = dS K             (SS, both MN-major; a 64x64 quarter per warpgroup)
+//   dQ  -> red.global.add.v2.f32 into the fp32 workspace.
+// Included only by the instantiation files bwd_inst_*.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "cuda/sm90/bwd_params.h"
+#include "cuda/sm90/bwd_wgmma.h"
+#include "cuda/sm90/epilogue.h"  // pack2
+#include "cuda/sm90/ptx.h"
+#include "cuda/sm90/wgmma_ops.h"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#error "src/cuda/sm90 must be compiled for sm_90a: -gencode=arch=compute_90a,code=sm_90a (CMake: 90a)"
+#endif
+
+namespace steelattn::sm90 {
+
+template <class Elem>
+struct BwdElemTag;
+template <>
+struct BwdElemTag<__nv_bfloat16> {
+  using type = Bf16;
+};
+template <>
+struct BwdElemTag<__half> {
+  using type = F16;
+};
+
+template <int Stages>
+struct BwdPipe {
+  int index = 0;
+  uint32_t phase = 0;
+  __device__ void advance() {
+    if (++index == Stages) {
+      index = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(__cvta_generic_to_global(src))), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   reinterpret_cast<uint64_t>(__cvta_generic_to_global(dst))),
+               "r"(smem_u32(src)), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+template <int D, class Elem, bool Band, bool Softcap>
+struct BwdMainloop {
+  using Tag = typename BwdElemTag<Elem>::type;
+  using Smem = BwdSmem<D, Elem>;
+  static constexpr int BM = BwdTile<D>::kBlockM;
+  static constexpr int BN = kBwdBlockN;
+  static constexpr int kNS = BM / 2;  // S^T / dP^T fp32 per thread (m64 x BM)
+  static constexpr int kNP = BM / 4;  // packed P^T / dS^T
+  static constexpr int kNA = D / 2;   // dK / dV accumulators (m64 x D)
+  static constexpr int kConsumerWarps = 4 * kBwdConsumerWGs;
+  static constexpr bool kOverlapDv = D == 128;
+#ifndef STEELATTN_SM90_BWD_PREFETCH_SDP  // A/B test builds only (tests/cuda/sm90_bwd_run.sh)
+#define STEELATTN_SM90_BWD_PREFETCH_SDP 0  // 1 spills 250-880 B in the hot loop (see notes)
+#endif
+  // Issue the next step's S^T / dP^T before this step's dQ atomics (v2).
+  static constexpr bool kPrefetchSdp = STEELATTN_SM90_BWD_PREFETCH_SDP != 0;
+  static constexpr bool kBulkDq = kBwdBulkDq;
+  static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
+  static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
+  static_assert(D == 64 || D == 128, "first version: D in {64, 128}");
+  static_assert(BM == 64 || BM == 128, "dQ split assumes BM in {64, 128}");
+
+  // Query rows [m_lo * BM, m_hi * BM) that see any key of key block n.
+  __device__ static void m_range(const BwdParams& p, int n_block, int& m_lo, int& m_hi) {
+    const int num_m = (p.N + BM - 1) / BM;
+    const int k_first = n_block * BN;
+    const int k_last = min(k_first + BN, p.S) - 1;
+    if constexpr (!Band) {
+      m_lo = 0;
+      m_hi = num_m;
+    } else {
+      const int i_first = max(k_first - p.diag_offset - p.window_right, 0);
+      const int i_last = min(k_last - p.diag_offset + p.window_left, p.N - 1);
+      if (i_last < i_first) {
+        m_lo = m_hi = 0;
+        return;
+      }
+      m_lo = i_first / BM;
+      m_hi = i_last / BM + 1;
+    }
+  }
+
+  __device__ static bool needs_mask(const BwdParams& p, int m_block, int n_block) {
+    const int key_first = n_block * BN;
+    const int key_last = key_first + BN - 1;
+    if (key_last >= p.S) return true;
+    if constexpr (Band) {
+      const int row_first = m_block * BM;
+      const int row_last = min(row_first + BM, p.N) - 1;
+      if (key_last > row_first + p.diag_offset + p.window_right) return true;
+      if (key_first < row_last + p.diag_offset - p.window_left) return true;
+    }
+    return false;
+  }
+
+  __device__ static bool visible(const BwdParams& p, int row, int col) {
+    bool ok = col < p.S;
+    if constexpr (Band) {
+      const int d = col - row - p.diag_offset;
+      ok = ok && d <= p.window_right && d >= -p.window_left;
+    }
+    return ok;
+  }
+
+  __device__ static void init_barriers(Smem& sm) {
+    mbar_init(&sm.kv_full, 1);
+#pragma unroll
+    for (int i = 0; i < kBwdStages; ++i) {
+      mbar_init(&sm.full[i], 1);
+      mbar_init(&sm.empty[i], kConsumerWarps);
+    }
+    fence_barrier_init();
+  }
+
+  // ---------------------------------------------------------------- producer
+  __device__ static void produce(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+    int m_lo, m_hi;
+    m_range(p, n_block, m_lo, m_hi);
+    const int nm = m_hi - m_lo;
+    const int iters = p.group * nm;
+    if (iters <= 0) return;
+    prefetch_tensor_map(&p.tma_q);
+    prefetch_tensor_map(&p.tma_do);
+    prefetch_tensor_map(&p.tma_k);
+    prefetch_tensor_map(&p.tma_v);
+    mbar_arrive_expect_tx(&sm.kv_full, kKVBytes);
+#pragma unroll
+    for (int c = 0; c < D / 64; ++c) {
+      tma_load_4d(sm.k + c * BN * 64, &p.tma_k, &sm.kv_full, c * 64, n_block * BN, hkv, b);
+      tma_load_4d(sm.v + c * BN * 64, &p.tma_v, &sm.kv_full, c * 64, n_block * BN, hkv, b);
+    }
+    BwdPipe<kBwdStages> st;
+    for (int it = 0; it < iters; ++it) {
+      const int h = hkv * p.group + it / nm;
+      const int m = m_lo + it % nm;
+      mbar_wait(&sm.empty[st.index], st.phase ^ 1);
+      uint64_t* bar = &sm.full[st.index];
+      mbar_arrive_expect_tx(bar, kStepBytes);
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c) {
+        tma_load_4d(sm.q[st.index] + c * BM * 64, &p.tma_q, bar, c * 64, m * BM, h, b);
+        tma_load_4d(sm.dout[st.index] + c * BM * 64, &p.tma_do, bar, c * 64, m * BM, h, b);
+      }
+      const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + static_cast<int64_t>(m) * BM;
+      bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
+      bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
+      st.advance();
+    }
+  }
+
+  // ---------------------------------------------------------------- consumer
+  template <class Array>
+  __device__ static void fence_regs(Array& a) {
+#pragma unroll
+    for (int i = 0; i < static_cast<int>(sizeof(a) / sizeof(a[0])); ++i) reg_fence(a[i]);
+  }
+
+  __device__ static void warp_release(uint64_t* bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) mbar_arrive(bar);
+  }
+
+  // acc[64 keys, BM] = X[64 keys of this WG, D] Y[BM, D]^T, both K-major.
+  __device__ static void gemm_keys_x_rows(float (&acc)[kNS], uint32_t x_addr, uint32_t y_addr) {
+    const uint64_t xd = make_smem_desc(x_addr, 16, 1024);
+    const uint64_t yd = make_smem_desc(y_addr, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const uint32_t xoff = (kk / 4) * BN * 128 + (kk % 4) * 32;
+      const uint32_t yoff = (kk / 4) * BM * 128 + (kk % 4) * 32;
+      Wgmma<BM, Tag>::ss(acc, xd + (xoff >> 4), yd + (yoff >> 4), kk > 0);
+    }
+  }
+
+  // acc[64 keys, D] += A[64 keys, BM] (registers) Y[BM, D] (MN-major).
+  __device__ static void gemm_rs(float (&acc)[kNA], const uint32_t (&a)[kNP], uint32_t y_addr) {
+    const uint64_t yd = make_smem_desc(y_addr, BM * 128, 1024);
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; ++kk)
+      Wgmma<D, Tag>::rs(acc, a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3], yd + ((kk * 2048) >> 4), 1);
+  }
+
+  // dq[64, 64] = dS[64 queries, BN] K[BN, 64 cols]: dS from the dS^T tile and K
+  // both MN-major (keys = the K dim of the GEMM = rows of both tiles).
+  __device__ static void gemm_dq(float (&dq)[32], uint32_t ds_addr, uint32_t k_addr) {
+    const uint64_t ad = make_smem_desc(ds_addr, BN * 128, 1024);
+    const uint64_t bd = make_smem_desc(k_addr, BN * 128, 1024);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk)
+      WgmmaTT<64, Tag>::ss(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
+  }
+
+  __device__ static void consume(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv) {
+    const int tid = threadIdx.x % 128;
+    const int warp = tid / 32, lane = tid % 32;
+    int m_lo, m_hi;
+    m_range(p, n_block, m_lo, m_hi);
+    const int nm = m_hi - m_lo;
+    const int iters = p.group * nm;
+    const int key0 = n_block * BN + w * 64 + 16 * warp + lane / 4;  // key of this thread's row 0 (row 1: +8)
+    const int qlane = 2 * (lane % 4);
+
+    float dv[kNA], dk[kNA];
+#pragma unroll
+    for (int i = 0; i < kNA; ++i) dv[i] = dk[i] = 0.f;
+
+    if (iters > 0) {
+      mbar_wait(&sm.kv_full, 0);
+      const uint32_t k_addr = smem_u32(sm.k) + w * 64 * 128;
+      const uint32_t v_addr = smem_u32(sm.v) + w * 64 * 128;
+      // dQ quarter of this warpgroup: BM 128 -> rows w*64, all 64 cols; BM 64 -> all rows, cols w*64.
+      const int dq_row_off = BM == 128 ? w * 64 : 0;
+      const int dq_col_off = BM == 64 ? w * 64 : 0;
+      const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w : 0) * BN * 128;
+      constexpr float kLog2e = 1.4426950408889634f;
+      BwdPipe<kBwdStages> st;
+      float s[kNS], dp[kNS];
+      // S^T = K Q^T and dP^T = V dO^T of the step in `stage` (two commit groups).
+      auto issue_sdp = [&](const BwdPipe<kBwdStages>& stage) {
+        mbar_wait(&sm.full[stage.index], stage.phase);
+        wgmma_fence();
+        gemm_keys_x_rows(s, k_addr, smem_u32(sm.q[stage.index]));
+        wgmma_commit();
+        gemm_keys_x_rows(dp, v_addr, smem_u32(sm.dout[stage.index]));
+        wgmma_commit();
+      };
+      if constexpr (kPrefetchSdp) issue_sdp(st);
+      for (int it = 0; it < iters; ++it) {
+        const int h = hkv * p.group + it / nm;
+        const int m = m_lo + it % nm;
+        const float slope = p.alibi ? p.alibi[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
+        const bool masked = needs_mask(p, m, n_block);
+        const int q0 = m * BM + qlane;  // query of column 0 of this thread
+        const uint32_t q_addr = smem_u32(sm.q[st.index]);
+        const uint32_t do_addr = smem_u32(sm.dout[st.index]);
+        const float* lse_s = sm.lse2[st.index];
+        const float* dsum_s = sm.dsum[st.index];
+
+        if constexpr (!kPrefetchSdp) issue_sdp(st);
+        wgmma_wait<1>();
+        fence_regs(s);
+
+        // P^T (Softcap: s keeps t = tanh(.) and P is recomputed for dS).
+        // Element e: key key0 + 8*((e>>1)&1), query q0 + 8*(e>>2) + (e&1).
+        auto prob = [&](int e, float x, float l2) -> float {
+          const int key = key0 + 8 * ((e >> 1) & 1);
+          const int qry = q0 + 8 * (e >> 2) + (e & 1);
+          float y;
+          if constexpr (Softcap) {
+            y = p.softcap * x;  // x = t
+            if (p.alibi) y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), y);
+            y = ex2_approx(fmaf(y, kLog2e, -l2));
+          } else {
+            if (p.alibi) {
+              y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), x * p.scale);
+              y = ex2_approx(fmaf(y, kLog2e, -l2));
+            } else {
+              y = ex2_approx(fmaf(x, p.scale_log2, -l2));
+            }
+          }
+          if (masked && !visible(p, qry, key)) y = 0.f;
+          return y;
+        };
+        uint32_t pf[kNP], dsf[kNP];
+        if constexpr (kOverlapDv) {
+          // D128: P^T first, dV issued, dS^T computed while dV runs.
+#pragma unroll
+          for (int jb = 0; jb < BM / 8; ++jb) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              float pr[2];
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int e = 4 * jb + 2 * r + c;
+                if constexpr (Softcap) s[e] = tanh_approx(s[e] * p.cap_arg);
+                pr[c] = prob(e, s[e], c ? l2.y : l2.x);
+                if constexpr (!Softcap) s[e] = pr[c];
+              }
+              pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
+            }
+          }
+          wgmma_fence();
+          gemm_rs(dv, pf, do_addr);
+          wgmma_commit();
+          wgmma_wait<1>();  // dP^T done (dV may still run)
+          fence_regs(dp);
+#pragma unroll
+          for (int jb = 0; jb < BM / 8; ++jb) {
+            const float2 dd = *reinterpret_cast<const float2*>(dsum_s + 8 * jb + qlane);
+            float2 l2 = make_float2(0.f, 0.f);
+            if constexpr (Softcap) l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              float ds[2];
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int e = 4 * jb + 2 * r + c;
+                if constexpr (Softcap) {
+                  const float t = s[e];
+                  const float pr = prob(e, t, c ? l2.y : l2.x);
+                  ds[c] = pr * (dp[e] - (c ? dd.y : dd.x)) * fmaf(-t, t, 1.f);
+                } else {
+                  ds[c] = s[e] * (dp[e] - (c ? dd.y : dd.x));
+                }
+              }
+              dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
+            }
+          }
+        } else {
+          // D64 (BM 128): S^T and dP^T are 64 registers each; P^T and dS^T are
+          // computed in one pass so each fp32 pair dies as soon as it is packed.
+          wgmma_wait<0>();
+          fence_regs(dp);
+#pragma unroll
+          for (int jb = 0; jb < BM / 8; ++jb) {
+            const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
+            const float2 dd = *reinterpret_cast<const float2*>(dsum_s + 8 * jb + qlane);
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              float pr[2], ds[2];
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int e = 4 * jb + 2 * r + c;
+                float t = 0.f;
+                if constexpr (Softcap) t = tanh_approx(s[e] * p.cap_arg);
+                pr[c] = prob(e, Softcap ? t : s[e], c ? l2.y : l2.x);
+                ds[c] = pr[c] * (dp[e] - (c ? dd.y : dd.x));
+                if constexpr (Softcap) ds[c] *= fmaf(-t, t, 1.f);
+              }
+              pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
+              dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
+            }
+          }
+          wgmma_fence();
+          gemm_rs(dv, pf, do_addr);
+          wgmma_commit();
+        }
+        // dS^T [keys][queries] into buffer it&1: rows w*64 + 16*warp + lane/4 (+8),
+        // 2 queries per 32-bit store, 128B swizzle (16 B chunk ^= row % 8).
+        {
+          uint8_t* ds_tile = reinterpret_cast<uint8_t*>(sm.ds[it & 1]);
+#pragma unroll
+          for (int jb = 0; jb < BM / 8; ++jb) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+              const int row = w * 64 + 16 * warp + lane / 4 + 8 * r;
+              const int off = (jb / 8) * BN * 128 + row * 128 + (((jb % 8) ^ (row % 8)) << 4) + 4 * (lane % 4);
+              *reinterpret_cast<uint32_t*>(ds_tile + off) = dsf[2 * jb + r];
+            }
+          }
+        }
+        fence_proxy_async();
+        named_barrier_sync(kBwdDsBarrier, 128 * kBwdConsumerWGs);
+
+        float dq[32];
+        wgmma_fence();
+        gemm_rs(dk, dsf, q_addr);
+        gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+        fence_regs(dk);
+        fence_regs(dv);
+        warp_release(&sm.empty[st.index]);
+        if constexpr (kPrefetchSdp) {
+          // The next step's S^T / dP^T run on the tensor cores under the dQ atomics.
+          BwdPipe<kBwdStages> nx = st;
+          nx.advance();
+          if (it + 1 < iters) issue_sdp(nx);
+        }
+
+        if constexpr (kBulkDq) {
+          // dQ quarter -> smem (the workspace's tile-major 64x64 block layout), then one
+          // thread reduce-adds the 16 KB into the workspace with a bulk async copy.
+          const int64_t tile = ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2 + w;
+          if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
+          named_barrier_sync(kBwdDqBarrier + w, 128);
+          float* dq_s = sm.dq[w];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float* rowp = dq_s + (16 * warp + lane / 4 + 8 * r) * 64 + qlane;
+#pragma unroll
+            for (int jb = 0; jb < 8; ++jb)
+              *reinterpret_cast<float2*>(rowp + 8 * jb) = make_float2(dq[4 * jb + 2 * r], dq[4 * jb + 2 * r + 1]);
+          }
+          fence_proxy_async();
+          named_barrier_sync(kBwdDqBarrier + w, 128);
+          if (tid == 0) {
+            bulk_reduce_add_f32(p.dq_acc + static_cast<int64_t>(tile) * 4096, dq_s, 64 * 64 * 4);
+            tma_store_commit();
+          }
+        } else {
+          // dQ partial sum into the fp32 workspace (rows past N exist: padded).
+          float* dq_base = p.dq_acc +
+                           ((static_cast<int64_t>(b) * p.H + h) * p.n_pad + m * BM + dq_row_off) * D + dq_col_off +
+                           qlane;
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            float* rowp = dq_base + static_cast<int64_t>(16 * warp + lane / 4 + 8 * r) * D;
+#pragma unroll
+            for (int jb = 0; jb < 8; ++jb) red_add_v2(rowp + 8 * jb, dq[4 * jb + 2 * r], dq[4 * jb + 2 * r + 1]);
+          }
+        }
+        st.advance();
+      }
+      if (kBulkDq && tid == 0) tma_store_wait_all();  // smem must outlive the last reduce
+    }
+
+    // dK (times scale) and dV of this warpgroup's 64 keys.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int key = key0 + 8 * r;
+      if (key >= p.S) continue;
+      Elem* dkp = static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + static_cast<int64_t>(key) * p.dk_sn + qlane;
+      Elem* dvp = static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + static_cast<int64_t>(key) * p.dv_sn + qlane;
+#pragma unroll
+      for (int jb = 0; jb < D / 8; ++jb) {
+        *reinterpret_cast<uint32_t*>(dkp + 8 * jb) =
+            pack2<Elem>(dk[4 * jb + 2 * r] * p.scale, dk[4 * jb + 2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dvp + 8 * jb) = pack2<Elem>(dv[4 * jb + 2 * r], dv[4 * jb + 2 * r + 1]);
+      }
+    }
+  }
+};
+
+template <int D, class Elem, bool Band, bool Softcap>
+__global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
+#if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  __trap();  // other archs of a multi-arch build: never selected (cuda_sm90_backward_supports)
+#elif defined(__CUDA_ARCH__)
+  using ML = BwdMainloop<D, Elem, Band, Softcap>;
+  extern __shared__ uint8_t smem_raw[];
+  auto& sm = *reinterpret_cast<typename ML::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
+                                                    ~static_cast<uintptr_t>(1023));
+  if (threadIdx.x == 0) ML::init_barriers(sm);
+  __syncthreads();
+  const int n_block = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    setmaxnreg_dec<kBwdProducerRegs>();
+    if (threadIdx.x == 0) ML::produce(p, sm, n_block, b, hkv);
+  } else {
+    setmaxnreg_inc<kBwdConsumerRegs>();
+    ML::consume(p, sm, warpgroup - 1, n_block, b, hkv);
+  }
+#endif
+}
+
+template <int D, class Elem, bool Band, bool Softcap>
+cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
+  auto kernel = bwd_kernel<D, Elem, Band, Softcap>;
+  constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kBwdThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int D, class Elem>
+cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+  if (band)
+    return softcap ? launch_bwd_variant<D, Elem, true, true>(p, grid, stream)
+                   : launch_bwd_variant<D, Elem, true, false>(p, grid, stream);
+  return softcap ? launch_bwd_variant<D, Elem, false, true>(p, grid, stream)
+                 : launch_bwd_variant<D, Elem, false, false>(p, grid, stream);
+}
+
+}  // namespace steelattn::sm90

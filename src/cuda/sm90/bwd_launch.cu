@@ -1,0 +1,378 @@
+// Host side of the sm90 backward: what it supports, the workspace layout, the
+// preprocess kernel (lse2 = lse*log2e, dsum = rowsum(dO*O) - dlse), the main
+// kernel launch (bwd_kernel.h, instantiated in bwd_inst_*.cu) and the
+// postprocess kernel (dq = scale * dq_acc in the output dtype and strides).
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <type_traits>
+
+#include "cuda/sm90/bwd_api.h"
+#include "cuda/sm90/bwd_launch.h"
+#include "cuda/sm90/params.h"  // kUnbounded
+
+namespace steelattn {
+namespace {
+
+using sm90::BwdParams;
+
+constexpr int64_t kMaxSeq = int64_t{1} << 28;
+constexpr int64_t kRowPad = 128;  // workspace rows per (b, h) are padded to a multiple of every BM
+
+PFN_cuTensorMapEncodeTiled_v12000 bwd_tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
+            cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      ptr = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+bool bwd_is_sm90(int dev) {
+  static std::mutex mu;
+  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  if (dev < 0 || dev >= 64) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  if (cache[dev] == 0) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+    cache[dev] = (major == 9 && minor == 0) ? 1 : 2;
+  }
+  return cache[dev] == 1;
+}
+
+// Base 16-byte aligned, last dim contiguous, other strides nonzero multiples of 16 B.
+bool bwd_tma_compatible(const TensorRef& t, const char* name, std::string* why) {
+  const auto fail = [&](const std::string& m) {
+    if (why) *why = std::string(name) + ": " + m;
+    return false;
+  };
+  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return fail("data pointer not 16-byte aligned");
+  if (t.stride[3] != 1) return fail("last dim not contiguous");
+  for (int d = 0; d < 3; ++d) {
+    if (t.shape[d] == 1) continue;
+    if (t.stride[d] <= 0) return fail("zero or negative stride in dim " + std::to_string(d));
+    if ((t.stride[d] * 2) % 16 != 0) return fail("stride of dim " + std::to_string(d) + " not a multiple of 16 bytes");
+    if (t.stride[d] * 2 >= (int64_t{1} << 40)) return fail("stride too large for TMA");
+  }
+  return true;
+}
+
+bool bwd_encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
+  const auto encode = bwd_tensor_map_encoder();
+  if (!encode) {
+    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
+    return false;
+  }
+  const CUtensorMapDataType dt =
+      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
+                        static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
+  cuuint64_t strides[3];
+  int64_t packed = t.shape[3] * 2;
+  for (int i = 0; i < 3; ++i) {
+    const int d = 2 - i;
+    const int64_t s = t.shape[d] == 1 ? ((packed + 15) / 16) * 16 : t.stride[d] * 2;
+    strides[i] = static_cast<cuuint64_t>(s);
+    packed = s * t.shape[d];
+  }
+  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
+  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r = encode(map, dt, 4, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    if (why) *why = "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) + ")";
+    return false;
+  }
+  return true;
+}
+
+int64_t row_pad(int64_t n) { return (n + kRowPad - 1) / kRowPad * kRowPad; }
+
+// ---- preprocess / postprocess kernels ---------------------------------------
+struct PrePostParams {
+  const void* out;
+  int64_t o_sb, o_sh, o_sn;
+  const void* dout;
+  int64_t do_sb, do_sh, do_sn;
+  const float* lse;
+  int64_t l_sb, l_sh, l_sn;
+  const float* dlse;
+  int64_t dl_sb, dl_sh, dl_sn;
+  float* lse2;
+  float* dsum;
+  const float* dq_acc;
+  void* dq;
+  int64_t dq_sb, dq_sh, dq_sn;
+  int B, H, N, D, n_pad, BM;
+  float scale;
+};
+
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+template <class Elem>
+struct Vec2;
+template <>
+struct Vec2<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+};
+template <>
+struct Vec2<__half> {
+  using type = __half2;
+};
+
+// One warp per workspace row (b, h, i < n_pad).
+template <class Elem>
+__global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
+  using E2 = typename Vec2<Elem>::type;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t total = static_cast<int64_t>(p.B) * p.H * p.n_pad;
+  if (row >= total) return;
+  const int64_t bh = row / p.n_pad;
+  const int i = static_cast<int>(row - bh * p.n_pad);
+  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+  float l2 = INFINITY, ds = 0.f;
+  if (i < p.N) {
+    const Elem* o = static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sn;
+    const Elem* g = static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sn;
+    float acc = 0.f;
+    for (int d = 2 * lane; d < p.D; d += 64) {
+      const float2 a = to_float2(*reinterpret_cast<const E2*>(o + d));
+      const float2 c = to_float2(*reinterpret_cast<const E2*>(g + d));
+      acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+    }
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+    const float lse = p.lse[b * p.l_sb + h * p.l_sh + i * p.l_sn];
+    // A row that saw no key (lse = -inf) has P = 0: +inf makes exp2(x - lse2) = 0.
+    l2 = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+    ds = acc;
+    if (p.dlse) ds -= p.dlse[b * p.dl_sb + h * p.dl_sh + i * p.dl_sn];
+  }
+  if (lane == 0) {
+    p.lse2[row] = l2;
+    p.dsum[row] = ds;
+  }
+}
+
+// dq[b, h, i, d] = scale * dq_acc, 4 elements per thread.
+template <class Elem>
+__global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int dq4 = p.D / 4;
+  const int64_t total = static_cast<int64_t>(p.B) * p.H * p.N * dq4;
+  if (idx >= total) return;
+  const int d = static_cast<int>(idx % dq4) * 4;
+  const int64_t rowi = idx / dq4;
+  const int i = static_cast<int>(rowi % p.N);
+  const int64_t bh = rowi / p.N;
+  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+  int64_t src;
+  if (sm90::kBwdBulkDq) {  // tile-major 64x64 blocks (bwd_params.h)
+    const int mb = i / p.BM, ri = i % p.BM;
+    const int wg = p.BM == 128 ? ri / 64 : d / 64;
+    src = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096 + (ri % 64) * 64 + d % 64;
+  } else {
+    src = (bh * p.n_pad + i) * p.D + d;
+  }
+  const float4 v = *reinterpret_cast<const float4*>(p.dq_acc + src);
+  Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + i * p.dq_sn + d;
+  using E2 = typename Vec2<Elem>::type;
+  E2 lo, hi;
+  if constexpr (std::is_same_v<Elem, __half>) {
+    lo = __floats2half2_rn(v.x * p.scale, v.y * p.scale);
+    hi = __floats2half2_rn(v.z * p.scale, v.w * p.scale);
+  } else {
+    lo = __floats2bfloat162_rn(v.x * p.scale, v.y * p.scale);
+    hi = __floats2bfloat162_rn(v.z * p.scale, v.w * p.scale);
+  }
+  uint2 pk;
+  pk.x = *reinterpret_cast<uint32_t*>(&lo);
+  pk.y = *reinterpret_cast<uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(dst) = pk;
+}
+
+}  // namespace
+
+bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not) {
+  const auto fail = [&](const std::string& m) {
+    if (why_not) *why_not = "sm90 backward: " + m;
+    return false;
+  };
+  if (p.q.device != Device::cuda) return fail("tensors are not on a CUDA device");
+  if (!bwd_is_sm90(p.q.device_id)) return fail("needs a compute capability 9.0 device (H100/H200)");
+  if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
+  for (const TensorRef* t : {&p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv})
+    if (t->dtype != p.q.dtype) return fail("q, k, v, out, dout, dq, dk, dv must share one dtype");
+  if (!p.dout.present() || !p.dq.present() || !p.dk.present() || !p.dv.present())
+    return fail("needs dout, dq, dk and dv");
+  if (p.D != p.Dv) return fail("needs D == Dv");
+  if (p.D != 64 && p.D != 128) return fail("head dim must be 64 or 128 (first version)");
+  if (p.bias.present()) return fail("additive bias not supported");
+  if (p.bool_mask.present()) return fail("boolean mask not supported");
+  if (p.dropout_p > 0.f) return fail("dropout not supported");
+  if (p.dbias.present()) return fail("dbias not supported");
+  if (p.attn_weights.present()) return fail("attn_weights output not supported");
+  if (!p.lse.present() || p.lse.dtype != DType::f32) return fail("needs the forward's lse in fp32");
+  if (p.dlse.present() && p.dlse.dtype != DType::f32) return fail("dlse must be fp32");
+  if (p.alibi_slopes.present() && p.alibi_slopes.dtype != DType::f32) return fail("alibi slopes must be fp32");
+  if (!(p.scale > 0.0) || !std::isfinite(p.scale)) return fail("needs a finite scale > 0");
+  if (!(p.softcap >= 0.0) || !std::isfinite(p.softcap)) return fail("softcap must be finite and >= 0");
+  if (p.N < 1 || p.S < 1 || p.N >= kMaxSeq || p.S >= kMaxSeq) return fail("N and S must be in [1, 2^28)");
+  if (p.diag_offset <= -kMaxSeq || p.diag_offset >= kMaxSeq) return fail("|diag_offset| must be < 2^28");
+  if (p.H % p.Hkv != 0) return fail("H must be a multiple of Hkv");
+  if (p.B >= 65536 || p.Hkv >= 65536 || p.H >= 65536) return fail("B and H must be < 65536");
+  std::string why;
+  if (!bwd_tma_compatible(p.q, "q", &why) || !bwd_tma_compatible(p.k, "k", &why) ||
+      !bwd_tma_compatible(p.v, "v", &why) || !bwd_tma_compatible(p.dout, "dout", &why) ||
+      !bwd_tma_compatible(p.out, "out", &why) || !bwd_tma_compatible(p.dq, "dq", &why) ||
+      !bwd_tma_compatible(p.dk, "dk", &why) || !bwd_tma_compatible(p.dv, "dv", &why))
+    return fail(why);
+  return true;
+}
+
+size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
+  const int64_t rows = p.B * p.H * row_pad(p.N);
+  return static_cast<size_t>(rows) * static_cast<size_t>(2 + p.D) * sizeof(float);
+}
+
+Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* stream) {
+  std::string why;
+  if (!cuda_sm90_backward_supports(p, &why)) return Status::NotImplemented(why);
+  if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
+    return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
+  const int D = static_cast<int>(p.D);
+  const int BM = D == 64 ? sm90::BwdTile<64>::kBlockM : sm90::BwdTile<128>::kBlockM;
+  const int BN = sm90::kBwdBlockN;
+  const int64_t n_pad = row_pad(p.N);
+  const int64_t rows = p.B * p.H * n_pad;
+  float* lse2 = static_cast<float*>(workspace);
+  float* dsum = lse2 + rows;
+  float* dq_acc = dsum + rows;
+
+  BwdParams k{};
+  if (!bwd_encode_map(&k.tma_q, p.q, BM, &why) || !bwd_encode_map(&k.tma_do, p.dout, BM, &why) ||
+      !bwd_encode_map(&k.tma_k, p.k, BN, &why) || !bwd_encode_map(&k.tma_v, p.v, BN, &why))
+    return Status::Error("sm90 backward: " + why);
+  k.lse2 = lse2;
+  k.dsum = dsum;
+  k.dq_acc = dq_acc;
+  k.dk = p.dk.data;
+  k.dk_sb = p.dk.stride[0];
+  k.dk_sh = p.dk.stride[1];
+  k.dk_sn = p.dk.stride[2];
+  k.dv = p.dv.data;
+  k.dv_sb = p.dv.stride[0];
+  k.dv_sh = p.dv.stride[1];
+  k.dv_sn = p.dv.stride[2];
+  k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
+  k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
+  k.alibi_sh = p.alibi_slopes.stride[1];
+  k.B = static_cast<int>(p.B);
+  k.H = static_cast<int>(p.H);
+  k.Hkv = static_cast<int>(p.Hkv);
+  k.N = static_cast<int>(p.N);
+  k.S = static_cast<int>(p.S);
+  k.group = static_cast<int>(p.H / p.Hkv);
+  k.n_pad = static_cast<int>(n_pad);
+  constexpr double kLog2e = 1.4426950408889634;
+  const bool softcap = p.softcap > 0.0;
+  k.scale = static_cast<float>(p.scale);
+  k.scale_log2 = static_cast<float>(p.scale * kLog2e);
+  k.softcap = static_cast<float>(p.softcap);
+  k.cap_arg = softcap ? static_cast<float>(p.scale / p.softcap) : 0.f;
+  const auto clamp_window = [](int64_t w) {
+    return static_cast<int>(w < 0 ? sm90::kUnbounded : std::min<int64_t>(w, sm90::kUnbounded));
+  };
+  k.diag_offset = static_cast<int>(p.diag_offset);
+  k.window_left = clamp_window(p.window_left);
+  k.window_right = clamp_window(p.window_right);
+  const bool band = p.window_left >= 0 || p.window_right >= 0;
+
+  PrePostParams pp{};
+  pp.out = p.out.data;
+  pp.o_sb = p.out.stride[0];
+  pp.o_sh = p.out.stride[1];
+  pp.o_sn = p.out.stride[2];
+  pp.dout = p.dout.data;
+  pp.do_sb = p.dout.stride[0];
+  pp.do_sh = p.dout.stride[1];
+  pp.do_sn = p.dout.stride[2];
+  pp.lse = static_cast<const float*>(p.lse.data);
+  pp.l_sb = p.lse.stride[0];
+  pp.l_sh = p.lse.stride[1];
+  pp.l_sn = p.lse.stride[2];
+  pp.dlse = p.dlse.present() ? static_cast<const float*>(p.dlse.data) : nullptr;
+  pp.dl_sb = p.dlse.stride[0];
+  pp.dl_sh = p.dlse.stride[1];
+  pp.dl_sn = p.dlse.stride[2];
+  pp.lse2 = lse2;
+  pp.dsum = dsum;
+  pp.dq_acc = dq_acc;
+  pp.dq = p.dq.data;
+  pp.dq_sb = p.dq.stride[0];
+  pp.dq_sh = p.dq.stride[1];
+  pp.dq_sn = p.dq.stride[2];
+  pp.B = k.B;
+  pp.H = k.H;
+  pp.N = k.N;
+  pp.D = D;
+  pp.n_pad = k.n_pad;
+  pp.BM = BM;
+  pp.scale = k.scale;
+
+  int prev_dev = -1;
+  cudaGetDevice(&prev_dev);
+  if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
+  const auto s = static_cast<cudaStream_t>(stream);
+  const bool bf16 = p.q.dtype == DType::bf16;
+  cudaError_t err = cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(rows) * D * sizeof(float), s);
+  if (err == cudaSuccess) {
+    const unsigned pre_blocks = static_cast<unsigned>((rows + 7) / 8);
+    if (bf16)
+      bwd_pre_kernel<__nv_bfloat16><<<pre_blocks, 256, 0, s>>>(pp);
+    else
+      bwd_pre_kernel<__half><<<pre_blocks, 256, 0, s>>>(pp);
+    err = cudaGetLastError();
+  }
+  if (err == cudaSuccess) {
+    const dim3 grid(static_cast<unsigned>((p.S + BN - 1) / BN), static_cast<unsigned>(p.Hkv),
+                    static_cast<unsigned>(p.B));
+    if (D == 64)
+      err = bf16 ? sm90::launch_bwd<64, __nv_bfloat16>(k, band, softcap, grid, s)
+                 : sm90::launch_bwd<64, __half>(k, band, softcap, grid, s);
+    else
+      err = bf16 ? sm90::launch_bwd<128, __nv_bfloat16>(k, band, softcap, grid, s)
+                 : sm90::launch_bwd<128, __half>(k, band, softcap, grid, s);
+  }
+  if (err == cudaSuccess) {
+    const int64_t total = p.B * p.H * p.N * (D / 4);
+    const unsigned post_blocks = static_cast<unsigned>((total + 255) / 256);
+    if (bf16)
+      bwd_post_kernel<__nv_bfloat16><<<post_blocks, 256, 0, s>>>(pp);
+    else
+      bwd_post_kernel<__half><<<post_blocks, 256, 0, s>>>(pp);
+    err = cudaGetLastError();
+  }
+  if (prev_dev != p.q.device_id && prev_dev >= 0) cudaSetDevice(prev_dev);
+  if (err != cudaSuccess)
+    return Status::Error(std::string("sm90 backward: launch failed: ") + cudaGetErrorString(err));
+  return Status::Ok();
+}
+
+}  // namespace steelattn

@@ -1,0 +1,17 @@
+// Declarations shared by the sm90 backward host code (bwd_launch.cu) and its
+// instantiation files (bwd_inst_*.cu, one per (head dim, dtype)).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/sm90/bwd_params.h"
+
+namespace steelattn::sm90 {
+
+// Defined in bwd_kernel.h; instantiated for D in {64, 128} x {__nv_bfloat16, __half}.
+template <int D, class Elem>
+cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
+
+}  // namespace steelattn::sm90
