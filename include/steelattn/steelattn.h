@@ -11,7 +11,7 @@
 
 namespace steelattn {
 
-enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, boolean = 4, i32 = 5, i64 = 6 };
+enum class DType : int32_t { f32 = 0, f16 = 1, bf16 = 2, f64 = 3, boolean = 4, i32 = 5, i64 = 6, u8 = 7 };
 enum class Device : int32_t { cpu = 1, cuda = 2 };
 
 const char* dtype_name(DType t);

@@ -17,6 +17,7 @@ DTYPE_CODES = {
     torch.bool: 4,
     torch.int32: 5,
     torch.int64: 6,
+    torch.uint8: 7,  # workspaces
 }
 # Codes of steelattn::Device.
 DEVICE_CODES = {"cpu": 1, "cuda": 2}

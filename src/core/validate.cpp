@@ -16,6 +16,7 @@ const char* dtype_name(DType t) {
     case DType::boolean: return "bool";
     case DType::i32: return "int32";
     case DType::i64: return "int64";
+    case DType::u8: return "uint8";
   }
   return "unknown";
 }
@@ -25,7 +26,7 @@ int dtype_size(DType t) {
     case DType::f32: case DType::i32: return 4;
     case DType::f16: case DType::bf16: return 2;
     case DType::f64: case DType::i64: return 8;
-    case DType::boolean: return 1;
+    case DType::boolean: case DType::u8: return 1;
   }
   return 0;
 }
