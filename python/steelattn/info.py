@@ -10,7 +10,7 @@ import torch
 
 from ._tensor import fake
 
-# Features that are not implemented yet in any backend: reported False everywhere
+# Features no backend has so far: reported False everywhere
 # (their entry points do not exist or raise NotImplementedError).
 _NOT_YET = ("varlen", "block_sparse", "paged_kv", "split_kv_decode", "rope", "int8")
 
