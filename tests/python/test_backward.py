@@ -285,4 +285,5 @@ def test_cuda_graph_capture_forward_and_backward(deterministic):
     graph.replay()
     torch.cuda.synchronize()
     for a, b in zip(captured, step()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0 if deterministic else 2e-2)
+        tol = 0 if deterministic else 2e-2  # the Hopper kernel adds dQ in arrival order
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
