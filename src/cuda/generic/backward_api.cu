@@ -18,6 +18,7 @@
 #include <string>
 
 #include "backward_launchers.h"
+#include "host_params.h"
 #include "core/backends.h"
 #include "steelattn/detail/philox.h"
 
@@ -26,79 +27,20 @@ namespace {
 
 using cuda_generic::BwdParams;
 using cuda_generic::KernelParams;
+using cuda_generic::DeviceGuard;
+using cuda_generic::cuda_status;
+using cuda_generic::make_kernel_params;
+using cuda_generic::rows_16b_aligned;
+using cuda_generic::strides3;
+using cuda_generic::broadcast_strides;
 
 constexpr int kMaxHeadDim = 512;
 constexpr int kMmaMaxHeadDim = 256;
 
-// Same conventions as generic_api.cu (kept local: that file's helpers have internal linkage).
-// Strides of `t` as `n` logical dims, size-1 dims broadcast (stride 0), fewer dims right-aligned.
-void broadcast_strides(const TensorRef& t, int n, int64_t* out) {
-  for (int d = 0; d < n; ++d) out[d] = 0;
-  const int shift = t.ndim >= n ? 0 : n - t.ndim;
-  for (int d = shift; d < n; ++d) {
-    const int src = d - shift;
-    out[d] = t.shape[src] == 1 ? 0 : t.stride[src];
-  }
-}
-
-void strides3(const TensorRef& t, int64_t (&out)[3]) {
-  int64_t tmp[4];
-  broadcast_strides(t, 4, tmp);
-  for (int d = 0; d < 3; ++d) out[d] = tmp[d];
-}
-
-bool rows_16b_aligned(const TensorRef& t, const int64_t (&stride)[3]) {
-  const int64_t elems = t.dtype == DType::f32 ? 4 : 8;
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return false;
-  for (int d = 0; d < 3; ++d)
-    if (stride[d] % elems != 0) return false;
-  return true;
-}
-
 BwdParams make_bwd_params(const AttentionParams& p) {
   BwdParams bp{};
-  KernelParams& k = bp.f;
-  k.q = p.q.data;
-  k.k = p.k.data;
-  k.v = p.v.data;
-  strides3(p.q, k.q_stride);
-  strides3(p.k, k.k_stride);
-  strides3(p.v, k.v_stride);
-  k.out = p.out.data;
-  strides3(p.out, k.out_stride);
-  k.lse = static_cast<float*>(p.lse.data);
-  broadcast_strides(p.lse, 3, k.lse_stride);
-  k.attn = nullptr;
-
-  k.B = int32_t(p.B);
-  k.H = int32_t(p.H);
-  k.Hkv = int32_t(p.Hkv);
-  k.group = int32_t(p.H / p.Hkv);
-  k.N = int32_t(p.N);
-  k.S = int32_t(p.S);
-  k.D = int32_t(p.D);
-  k.Dv = int32_t(p.Dv);
-
-  k.scale = float(p.scale);
-  k.softcap = float(p.softcap);
-  k.alibi = static_cast<const float*>(p.alibi_slopes.data);
-  if (k.alibi) broadcast_strides(p.alibi_slopes, 2, k.alibi_stride);
-  k.bias = static_cast<const float*>(p.bias.data);
-  if (k.bias) broadcast_strides(p.bias, 4, k.bias_stride);
-  k.mask = static_cast<const uint8_t*>(p.bool_mask.data);
-  if (k.mask) broadcast_strides(p.bool_mask, 4, k.mask_stride);
-  k.diag_offset = p.diag_offset;
-  k.window_left = p.window_left;
-  k.window_right = p.window_right;
-
-  k.dropout = p.dropout_p > 0.0f;
-  k.dropout_threshold24 = detail::dropout_threshold24(p.dropout_p);
-  k.dropout_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
-  k.dropout_seed = p.dropout_seed;
-  k.dropout_offset = p.dropout_offset;
-  k.q_vec = rows_16b_aligned(p.q, k.q_stride);
-  k.k_vec = rows_16b_aligned(p.k, k.k_stride);
-  k.v_vec = rows_16b_aligned(p.v, k.v_stride);
+  bp.f = make_kernel_params(p);  // the forward's view of q, k, v, out, lse, modifiers and dropout
+  bp.f.attn = nullptr;
 
   bp.dout = p.dout.data;
   strides3(p.dout, bp.dout_stride);
@@ -122,27 +64,6 @@ BwdParams make_bwd_params(const AttentionParams& p) {
   return bp;
 }
 
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    if (prev_ != device) cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    cudaGetDevice(&cur);
-    if (cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
-
-Status cuda_status(const char* what, cudaError_t err) {
-  return Status::Error(std::string("steelattn cuda_generic backward: ") + what + ": " + cudaGetErrorString(err));
-}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
