@@ -11,7 +11,8 @@ import math
 import torch
 
 from . import _dispatch, _validate
-from ._tensor import describe
+from ._tensor import describe, fake
+from .reference import attention_reference
 
 try:  # registers the torch.library ops; needs the compiled extension
     from . import ops
@@ -19,7 +20,6 @@ except ImportError:  # pragma: no cover - broken install: everything goes to tor
     ops = None
 # A module constant, so torch.compile reads it without tracing into the extension.
 _CUDA_KERNELS = bool(ops is not None and ops._ext.cuda_compiled())
-from .reference import attention_reference
 
 _BACKENDS = ("auto", "steel", "torch")
 
@@ -50,19 +50,17 @@ def _needs_grad(*tensors):
 def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, backward, deterministic=False):
     """Asks the C++ selector which kernel would serve this call (nothing is run):
     returns (path, why_not). With backward=True, the kernel for the gradients too."""
-    from ._tensor import fake
-
     B, H, N, Dv = out_shape
-    out_d = fake((B, H, N, Dv), q.dtype, q.device.type, q.device.index or 0)
-    lse_d = fake((B, H, N), ops.lse_dtype(q), q.device.type, q.device.index or 0)
-    path, why = ops._ext.forward(describe(q), describe(k), describe(v), out_d, lse_d if lse else None,
-                                 fake((B, H, N, k.size(2)), torch.float32, q.device.type, q.device.index or 0)
-                                 if weights else None, describe(bias), describe(bool_mask), describe(alibi),
-                                 **args, dry_run=True)
+    like = lambda shape, dtype: fake(shape, dtype, q.device.type, q.device.index or 0)  # noqa: E731
+    out_d = like((B, H, N, Dv), q.dtype)
+    lse_d = like((B, H, N), ops.lse_dtype(q))
+    weights_d = like((B, H, N, k.size(2)), ops.lse_dtype(q)) if weights else None
+    path, why = ops._ext.forward(describe(q), describe(k), describe(v), out_d, lse_d if lse else None, weights_d,
+                                 describe(bias), describe(bool_mask), describe(alibi), **args, dry_run=True)
     if path != "none" and backward:
-        like = lambda t: fake(tuple(t.shape), t.dtype, t.device.type, t.device.index or 0)  # noqa: E731
-        path, why, _ = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, like(q),
-                                         like(k), like(v), None, None, None, describe(bias), describe(bool_mask),
+        grad_of = lambda t: like(tuple(t.shape), t.dtype)  # noqa: E731
+        path, why, _ = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, grad_of(q),
+                                         grad_of(k), grad_of(v), None, None, None, describe(bias), describe(bool_mask),
                                          describe(alibi), **args, deterministic=deterministic, dry_run=True)
     return path, why
 
@@ -129,11 +127,9 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
 
     # Attention weights: a forward-only call straight into the extension.
     seed, offset = _dropout_seed(generator, q.device) if dropout_p > 0 else (0, 0)
-    alloc = torch.full if _debug_poison_outputs else (lambda shape, _fill, **kw: torch.empty(shape, **kw))
-    nan = float("nan")
-    out = alloc((B, H, N, Dv), nan, dtype=q.dtype, device=q.device)
-    lse = alloc((B, H, N), nan, dtype=ops.lse_dtype(q), device=q.device)
-    weights = alloc((B, H, N, S), nan, dtype=ops.lse_dtype(q), device=q.device)
+    out = ops._alloc((B, H, N, Dv), q.dtype, q.device)
+    lse = ops._alloc((B, H, N), ops.lse_dtype(q), q.device)
+    weights = ops._alloc((B, H, N, S), ops.lse_dtype(q), q.device)
     if out.numel() and S == 0:
         out.zero_(), lse.fill_(float("-inf")), weights.zero_()
     elif out.numel():
