@@ -89,4 +89,60 @@ struct Epilogue {
   }
 };
 
+// The same for a GQA-packed tile, whose thread rows r = 0, 1 are query
+// qrow[r] of head qhead[r] (params.h): one O / LSE address per row. Built
+// before the mainloop like Epilogue, so it keeps only indices; the addresses
+// are formed in store() (holding four pointers across the mainloop spilled at
+// D >= 192 with band + softcap).
+template <int D, class Elem>
+struct EpiloguePacked {
+  const FwdParams& p;
+  int b, qhead[2], qrow[2], col_lane;
+
+  __device__ EpiloguePacked(const FwdParams& p_, int b_, const int (&qhead_)[2], const int (&qrow_)[2], int lane)
+      : p(p_), b(b_), qhead{qhead_[0], qhead_[1]}, qrow{qrow_[0], qrow_[1]}, col_lane(2 * (lane % 4)) {}
+
+  __device__ __forceinline__ Elem* out_row(int r) const {
+    return static_cast<Elem*>(p.out) + b * p.o_stride_b + qhead[r] * p.o_stride_h + qrow[r] * p.o_stride_n +
+           col_lane;
+  }
+  __device__ __forceinline__ float* lse_row(int r) const {
+    return p.lse + b * p.lse_stride_b + qhead[r] * p.lse_stride_h + qrow[r] * p.lse_stride_n;
+  }
+
+  __device__ __forceinline__ void store(const float (&o)[D / 2], const float (&inv)[2], const float (&lse)[2]) const {
+    const int d_store = p.d_store;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (qrow[r] >= p.N) continue;
+      Elem* dst = out_row(r);
+      if (d_store == D) {
+#pragma unroll
+        for (int jb = 0; jb < D / 8; ++jb)
+          *reinterpret_cast<uint32_t*>(dst + 8 * jb) =
+              pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
+      } else {
+#pragma unroll
+        for (int jb = 0; jb < D / 8; ++jb) {
+          if (8 * jb + col_lane >= d_store) break;
+          *reinterpret_cast<uint32_t*>(dst + 8 * jb) =
+              pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]);
+        }
+      }
+      if (p.lse != nullptr && col_lane == 0) *lse_row(r) = lse[r];
+    }
+  }
+
+  __device__ void store_empty() const {
+    const int d_store = p.d_store;
+#pragma unroll  // (not 1: qrow[r] with a runtime r would go to local memory)
+    for (int r = 0; r < 2; ++r) {
+      if (qrow[r] >= p.N) continue;
+      Elem* dst = out_row(r);
+      for (int jb = 0; jb < D / 8 && 8 * jb + col_lane < d_store; ++jb) *reinterpret_cast<uint32_t*>(dst + 8 * jb) = 0u;
+      if (p.lse != nullptr && col_lane == 0) *lse_row(r) = -INFINITY;
+    }
+  }
+};
+
 }  // namespace steelattn::sm90

@@ -27,14 +27,14 @@ struct ElemTag<__half> {
   using type = F16;
 };
 
-template <int D, class Elem, bool Band, bool Softcap>
+template <int D, class Elem, bool Band, bool Softcap, bool Pack>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   // Other architectures (a multi-arch build) get a body that fails loudly;
   // cuda_sm90_supports() never selects them.
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();
 #elif defined(__CUDA_ARCH__)
-  using ML = Mainloop<D, Elem, typename ElemTag<Elem>::type, Band, Softcap>;
+  using ML = Mainloop<D, Elem, typename ElemTag<Elem>::type, Band, Softcap, Pack>;
   extern __shared__ uint8_t smem_raw[];
   // The swizzle needs 1024-byte aligned tiles; the launch asks for 1 KB slack.
   auto& sm = *reinterpret_cast<typename ML::Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
@@ -55,9 +55,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap>
+template <int D, class Elem, bool Band, bool Softcap, bool Pack>
 cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Elem, Band, Softcap>;
+  auto kernel = fwd_kernel<D, Elem, Band, Softcap, Pack>;
   constexpr int smem = static_cast<int>(sizeof(SharedStorage<D, Elem>)) + 1024;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -65,16 +65,23 @@ cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The two runtime switches that change the inner loop become template
-// arguments here; everything else stays a runtime field of FwdParams.
+template <int D, class Elem, bool Pack>
+cudaError_t launch_fwd_pack(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
+  if (v.band) {
+    return v.softcap ? launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/true, Pack>(p, grid, stream)
+                     : launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/false, Pack>(p, grid, stream);
+  }
+  return v.softcap ? launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/true, Pack>(p, grid, stream)
+                   : launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/false, Pack>(p, grid, stream);
+}
+
+// The runtime switches that change the inner loop (band, softcap, GQA
+// packing) become template arguments here; everything else stays a runtime
+// field of FwdParams.
 template <int D, class Elem>
 cudaError_t launch_fwd(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
-  if (v.band) {
-    return v.softcap ? launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/true>(p, grid, stream)
-                     : launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/false>(p, grid, stream);
-  }
-  return v.softcap ? launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/true>(p, grid, stream)
-                   : launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/false>(p, grid, stream);
+  return v.pack ? launch_fwd_pack<D, Elem, /*Pack=*/true>(p, v, grid, stream)
+                : launch_fwd_pack<D, Elem, /*Pack=*/false>(p, v, grid, stream);
 }
 
 }  // namespace steelattn::sm90

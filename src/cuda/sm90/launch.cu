@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 
@@ -116,6 +117,63 @@ bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string*
   return true;
 }
 
+// GQA-packed Q map (params.h): rank 5 over (d, seq, head-in-group, kv head,
+// batch) of the same [batch, head, seq, d] view, head = kv_head * group + g,
+// box (64, rows, group, 1, 1): the box lands in smem g-major, kBlockM rows of
+// 128 B, exactly the layout of an unpacked Q tile.
+bool encode_q_packed(CUtensorMap* map, const TensorRef& t, int group, int rows, std::string* why) {
+  const auto encode = tensor_map_encoder();
+  if (!encode) {
+    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
+    return false;
+  }
+  const CUtensorMapDataType dt =
+      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  const int64_t hkv = t.shape[1] / group;
+  cuuint64_t dims[5] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
+                        static_cast<cuuint64_t>(group), static_cast<cuuint64_t>(hkv),
+                        static_cast<cuuint64_t>(t.shape[0])};
+  // A size-1 dim's stride is never used; give it an encodable one.
+  const int64_t unused = ((t.shape[3] * 2 + 15) / 16) * 16;
+  const int64_t head = t.stride[1] * 2;  // group >= 2, so H >= 2 and tma_compatible checked it
+  cuuint64_t strides[4] = {static_cast<cuuint64_t>(t.shape[2] == 1 ? unused : t.stride[2] * 2),
+                           static_cast<cuuint64_t>(head),
+                           static_cast<cuuint64_t>(hkv == 1 ? unused : head * group),
+                           static_cast<cuuint64_t>(t.shape[0] == 1 ? unused : t.stride[0] * 2)};
+  cuuint32_t box[5] = {64, static_cast<cuuint32_t>(rows), static_cast<cuuint32_t>(group), 1, 1};
+  cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult r = encode(map, dt, 5, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    if (why) *why = "cuTensorMapEncodeTiled (packed q) failed (" + std::to_string(static_cast<int>(r)) + ")";
+    return false;
+  }
+  return true;
+}
+
+// GQA packing rule. Packing puts the G query heads of one KV head into one
+// tile (kBlockM / G queries x G heads), so a K/V block is loaded once per
+// group instead of once per query head. It only changes how full the tiles
+// are: the padding efficiency (useful rows / computed rows) is
+//   unpacked N / (ceil(N / 128) * 128),  packed N / (ceil(N / (128/G)) * 128/G),
+// so it matters when N is small (decode: N = 1 fills 1 row of 128 unpacked,
+// G of 128 packed). FA3's rule (heuristics.h): pack when the unpacked
+// efficiency is below 0.9x the packed one. For prefill-sized N both are ~1 and
+// the K/V block loads per group are the same count either way; measured in
+// NOTES-sm90.md (v6: PackGQA). STEELATTN_SM90_PACK_GQA=0 never packs, =1 packs
+// whenever eligible (A/B and test runs; read per call, a getenv is ~0.1 us).
+bool pack_gqa(int64_t N, int64_t group) {
+  if (group < 2 || sm90::kBlockM % group != 0) return false;
+  const char* env = std::getenv("STEELATTN_SM90_PACK_GQA");
+  if (env != nullptr && env[0] == '0') return false;
+  if (env != nullptr && env[0] == '1') return true;
+  const int64_t m = sm90::kBlockM, rows = m / group;
+  const double eff_unpacked = static_cast<double>(N) / (((N + m - 1) / m) * m);
+  const double eff_packed = static_cast<double>(N) / (((N + rows - 1) / rows) * rows);
+  return eff_unpacked < 0.9 * eff_packed;
+}
+
 // The compiled head dim a call runs on: the smallest of 64/128/192/256 that holds
 // D. A narrower D runs zero-padded: TMA fills the columns past D with zeros (they
 // add nothing to q.k and give zero O columns, which the epilogue does not store).
@@ -172,8 +230,13 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   FwdParams k{};
   const int kd = kernel_dim(p.D);
   const int block_n = block_n_for(kd);
-  if (!encode_map(&k.tma_q, p.q, sm90::kBlockM, &why) || !encode_map(&k.tma_k, p.k, block_n, &why) ||
-      !encode_map(&k.tma_v, p.v, block_n, &why))
+  const int64_t group = p.H / p.Hkv;
+  // The packed map's kv-head stride is group x the head stride (TMA: < 2^40 B).
+  const bool pack = pack_gqa(p.N, group) && p.q.stride[1] * 2 * group < (int64_t{1} << 40);
+  const bool q_ok = pack ? encode_q_packed(&k.tma_q, p.q, static_cast<int>(group),
+                                           sm90::kBlockM / static_cast<int>(group), &why)
+                         : encode_map(&k.tma_q, p.q, sm90::kBlockM, &why);
+  if (!q_ok || !encode_map(&k.tma_k, p.k, block_n, &why) || !encode_map(&k.tma_v, p.v, block_n, &why))
     return Status::Error("sm90: " + why);
 
   k.out = p.out.data;
@@ -213,20 +276,30 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   // Causal-like (right side bounded): later query blocks see more keys.
   k.heavy_first = band && p.window_right >= 0;
 
-  // L2 grouping for the causal order. Heads of one GQA group share K/V.
-  const int64_t kv_bytes_per_head = std::max<int64_t>(1, 2 * p.S * p.D * 2 / std::max<int64_t>(1, p.H / p.Hkv));
+  // Tiles: (b, query head, 128 queries), or packed (b, kv head, 128/G queries).
+  const int64_t tile_heads = pack ? p.Hkv : p.H;
+  const int64_t tile_rows = pack ? sm90::kBlockM / group : sm90::kBlockM;
+  k.tile_heads = static_cast<int>(tile_heads);
+  k.pack_rows = pack ? static_cast<int>(tile_rows) : 0;
+  k.pack_shift = 0;
+  while (pack && (1 << k.pack_shift) < k.pack_rows) ++k.pack_shift;
+
+  // L2 grouping for the causal order. Heads of one GQA group share K/V
+  // (unpacked: K/V bytes per query head; packed: per KV head).
+  const int64_t kv_bytes_per_head =
+      std::max<int64_t>(1, 2 * p.S * p.D * 2 / (pack ? 1 : std::max<int64_t>(1, group)));
   k.group_heads = static_cast<int>(
-      std::clamp<int64_t>((int64_t{STEELATTN_SM90_L2_GROUP_MB} << 20) / kv_bytes_per_head, 1, p.B * p.H));
+      std::clamp<int64_t>((int64_t{STEELATTN_SM90_L2_GROUP_MB} << 20) / kv_bytes_per_head, 1, p.B * tile_heads));
   static std::atomic<uint32_t> launches{0};
   k.sched_slot = static_cast<int>(launches.fetch_add(1, std::memory_order_relaxed) % sm90::kSchedSlots);
-  k.num_m_blocks = static_cast<int>((p.N + sm90::kBlockM - 1) / sm90::kBlockM);
-  k.num_tiles = static_cast<int>(p.B * p.H * k.num_m_blocks);
+  k.num_m_blocks = static_cast<int>((p.N + tile_rows - 1) / tile_rows);
+  k.num_tiles = static_cast<int>(p.B * tile_heads * k.num_m_blocks);
   const int grid = std::min(k.num_tiles, device_info(p.q.device_id).sms);
 
   int prev_dev = -1;
   cudaGetDevice(&prev_dev);
   if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
-  const sm90::LaunchVariant variant{band, softcap};
+  const sm90::LaunchVariant variant{band, softcap, pack};
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   const bool bf16 = p.q.dtype == DType::bf16;

@@ -11,6 +11,8 @@
 // the element mask (the causal diagonal, the ragged end of S) come first.
 #pragma once
 
+#include <type_traits>
+
 #include "cuda/sm90/epilogue.h"
 #include "cuda/sm90/mask.h"
 #include "cuda/sm90/params.h"
@@ -37,7 +39,10 @@ struct PipeState {
   }
 };
 
-template <int D, class Elem, class Tag, bool Band, bool Softcap>
+// Pack: GQA packing (params.h): a tile's 128 rows are the `group` query heads
+// of one KV head over kBlockM / group queries, so each K/V block is loaded once
+// for the whole group. Pack = false is the plain per-query-head kernel.
+template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = false>
 struct Mainloop {
   static constexpr int kBlockN = TileConfig<D>::kBlockN;
   static constexpr int kStages = TileConfig<D>::kStages;
@@ -56,8 +61,9 @@ struct Mainloop {
   static_assert(kBlockN % 16 == 0 && kBlockN <= 256, "kBlockN is wgmma N for QK^T and K for PV");
 
   using Storage = SharedStorage<D, Elem>;
-  using Mask = MaskPolicy<Band, kBlockM, kBlockN>;
-  using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN>;
+  using Mask = MaskPolicy<Band, kBlockM, kBlockN, Pack>;
+  using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN, Pack>;
+  using Epi = std::conditional_t<Pack, EpiloguePacked<D, Elem>, Epilogue<D, Elem>>;
 
   __device__ static void init_barriers(Storage& sm) {
     mbar_init(&sm.q_full, 1);
@@ -102,13 +108,22 @@ struct Mainloop {
         mbar_arrive(&sm.q_full);  // consumers write zeros; nothing to load
       } else {
         mbar_arrive_expect_tx(&sm.q_full, kQBytes);
+        if constexpr (Pack) {
+          // One rank-5 box per column block: pack_rows queries x group heads,
+          // landing g-major (row = g * pack_rows + query offset), still kBlockM rows.
 #pragma unroll
-        for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
+          for (int c = 0; c < D / 64; ++c)
+            tma_load_5d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * p.pack_rows, 0, tc.h,
+                        tc.b);
+        } else {
+#pragma unroll
+          for (int c = 0; c < D / 64; ++c)
+            tma_load_4d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
+        }
       }
       // Claim the next tile now: the atomic's latency hides behind the K/V waits.
       const int t_next = sched.next_tile();
-      const int kv_head = tc.h / p.group;
+      const int kv_head = Pack ? tc.h : tc.h / p.group;
       for (int n = hi - 1; n >= lo; --n) {
         mbar_wait(&sm.k_empty[st.index], st.phase ^ 1);
         mbar_arrive_expect_tx(&sm.k_full[st.index], kKVBytes);
@@ -190,6 +205,25 @@ struct Mainloop {
     for (int i = 0; i < kNP; ++i) pf[i] = pack2<Elem>(s[2 * i], s[2 * i + 1]);
   }
 
+  // Score modifier + mask on one block. Unpacked: rows row0, row0 + 8 of head
+  // tc.h; packed: query qrow[r] of head qhead[r], slope slope_r[r].
+  template <bool Masked>
+  __device__ static __forceinline__ void modify(const Mod& mod, float (&s)[kNS], int row0, const int (&qrow)[2],
+                                                const float (&slope_r)[2], int col0, const Mask& mask) {
+    if constexpr (Pack)
+      mod.template apply_rows<Masked>(s, qrow, slope_r, col0, mask);
+    else
+      mod.template apply<Masked>(s, row0, col0, mask);
+  }
+
+  __device__ static __forceinline__ Epi make_epilogue(const FwdParams& p, const TileCoord& tc, int row0,
+                                                      const int (&qrow)[2], const int (&qhead)[2], int lane) {
+    if constexpr (Pack)
+      return Epi(p, tc.b, qhead, qrow, lane);
+    else
+      return Epi(p, tc.b, tc.h, row0, lane);
+  }
+
   __device__ static void consume(const FwdParams& p, Storage& sm, int cwg) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
@@ -210,15 +244,32 @@ struct Mainloop {
       if (t < 0) break;
       const TileCoord tc = sched.coord(t);
       const int row0 = tc.m_block * kBlockM + cwg * 64 + warp * 16 + lane / 4;  // this thread's first row
+      // Packed: the query index and head of this thread's rows r = 0, 1 (tile rows lr, lr + 8).
+      int qrow[2] = {0, 0}, qhead[2] = {0, 0};
+      float slope_r[2] = {0.f, 0.f};
+      if constexpr (Pack) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int lr = cwg * 64 + warp * 16 + lane / 4 + 8 * r;
+          qrow[r] = tc.m_block * p.pack_rows + (lr & (p.pack_rows - 1));
+          qhead[r] = tc.h * p.group + (lr >> p.pack_shift);
+        }
+      }
       int lo, hi;
       mask.block_range(tc.m_block, lo, hi);
-      Epilogue<D, Elem> epi(p, tc.b, tc.h, row0, lane);
+      const Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
       if (lo >= hi) {
         warp_release(&sm.q_empty);
         epi.store_empty();
         continue;
       }
-      const Mod mod(p, tc.b, tc.h);
+      const Mod mod(p, tc.b, Pack ? qhead[0] : tc.h);
+      if constexpr (Pack) {
+        if (p.alibi != nullptr) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) slope_r[r] = p.alibi[tc.b * p.alibi_stride_b + qhead[r] * p.alibi_stride_h];
+        }
+      }
       OnlineSoftmax<kNS> softmax(p.log2_factor);
       const int col_lane = 2 * (lane % 4);
 
@@ -240,9 +291,9 @@ struct Mainloop {
       warp_release(&sm.k_empty[st.index]);
       if (n == lo) warp_release(&sm.q_empty);
       if (mask.needs_element_mask(tc.m_block, n))
-        mod.template apply<true>(s, row0, n * kBlockN + col_lane, mask);
+        modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
       else
-        mod.template apply<false>(s, row0, n * kBlockN + col_lane, mask);
+        modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
       softmax.step(s, corr);
       pack_p(s, pf);
       PipeState<kStages> vst = st;  // V of the block whose P is pending
@@ -260,9 +311,9 @@ struct Mainloop {
         warp_release(&sm.k_empty[st.index]);
         if (n == lo) warp_release(&sm.q_empty);
         if (mask.needs_element_mask(tc.m_block, n))
-          mod.template apply<true>(s, row0, n * kBlockN + col_lane, mask);
+          modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
-          mod.template apply<false>(s, row0, n * kBlockN + col_lane, mask);
+          modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         softmax.step(s, corr);
         wgmma_wait<0>();
         fence_regs(o);

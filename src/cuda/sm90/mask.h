@@ -11,12 +11,23 @@
 
 namespace steelattn::sm90 {
 
-template <bool Band, int BlockM, int BlockN>
+// Pack: GQA-packed tiles (params.h) span pack_rows = BlockM / group queries,
+// not BlockM; rows below are query indices either way.
+template <bool Band, int BlockM, int BlockN, bool Pack = false>
 struct MaskPolicy {
   int N, S, off, wl, wr;
+  int pack_rows;  // read only when Pack
 
   __device__ MaskPolicy(const FwdParams& p)
-      : N(p.N), S(p.S), off(p.diag_offset), wl(p.window_left), wr(p.window_right) {}
+      : N(p.N), S(p.S), off(p.diag_offset), wl(p.window_left), wr(p.window_right), pack_rows(p.pack_rows) {}
+
+  // Queries per tile.
+  __device__ __forceinline__ int tile_rows() const {
+    if constexpr (Pack)
+      return pack_rows;
+    else
+      return BlockM;
+  }
 
   // Key blocks [lo, hi) that query block m_block touches; lo >= hi when no
   // query of the tile sees any key.
@@ -26,8 +37,8 @@ struct MaskPolicy {
       lo = 0;
       hi = n_blocks;
     } else {
-      const int row_first = m_block * BlockM;
-      const int row_last = min(row_first + BlockM, N) - 1;
+      const int row_first = m_block * tile_rows();
+      const int row_last = min(row_first + tile_rows(), N) - 1;
       const int key_first = max(row_first + off - wl, 0);          // wl clamped to 2^30
       const int key_last = min(row_last + off + wr, S - 1);        // wr clamped to 2^30
       if (key_last < key_first) {
@@ -45,8 +56,8 @@ struct MaskPolicy {
     const int key_last = key_first + BlockN - 1;
     if (key_last >= S) return true;
     if constexpr (Band) {
-      const int row_first = m_block * BlockM;
-      const int row_last = min(row_first + BlockM, N) - 1;
+      const int row_first = m_block * tile_rows();
+      const int row_last = min(row_first + tile_rows(), N) - 1;
       if (key_last > row_first + off + wr) return true;   // right edge (causal diagonal)
       if (key_first < row_last + off - wl) return true;   // left edge (sliding window)
     }

@@ -11,6 +11,8 @@ namespace steelattn::sm90 {
 // once, so the kernel only branches on per-tile facts.
 struct FwdParams {
   // Rank-4 TMA maps over (d, seq, head, batch), 128B swizzle, box inner 64 elems.
+  // GQA-packed launches (pack_rows > 0) map q with rank 5 instead, over
+  // (d, seq, head-in-group, kv head, batch), box (64, pack_rows, group, 1, 1).
   CUtensorMap tma_q;  // q   [B, H,   N, D], box (64, kBlockM, 1, 1)
   CUtensorMap tma_k;  // k   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
   CUtensorMap tma_v;  // v   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
@@ -40,6 +42,13 @@ struct FwdParams {
   int heavy_first;   // causal-like: schedule the longest query tiles first
   int group_heads;   // heavy_first: (b, h) pairs per L2 group (scheduler.h)
   int sched_slot;    // this launch's tile-counter slot (scheduler.h)
+
+  // Tiles are (b, tile_head, m_block): tile_head is the query head (H of them),
+  // or with GQA packing the KV head (H / group of them), whose `group` query
+  // heads share the tile's 128 rows: smem row r is head group*kv_head + r / pack_rows,
+  // query m_block * pack_rows + r % pack_rows (pack_rows = kBlockM / group, 2^pack_shift).
+  int tile_heads;
+  int pack_rows, pack_shift;  // 0 when not packed
 };
 
 constexpr int kUnbounded = 1 << 30;

@@ -20,7 +20,7 @@ namespace steelattn::sm90 {
 static __device__ int g_sched_counters[kSchedSlots][2];
 
 struct TileCoord {
-  int m_block, b, h;
+  int m_block, b, h;  // h: the query head, or the KV head of a GQA-packed tile
 };
 
 struct DynamicPersistentScheduler {
@@ -31,8 +31,8 @@ struct DynamicPersistentScheduler {
   __device__ explicit DynamicPersistentScheduler(const FwdParams& p)
       : num_tiles(p.num_tiles),
         num_m(p.num_m_blocks),
-        heads(p.H),
-        BH(p.B * p.H),
+        heads(p.tile_heads),
+        BH(p.B * p.tile_heads),
         group_heads(p.group_heads),
         heavy_first(p.heavy_first != 0),
         counter(g_sched_counters[p.sched_slot]) {}

@@ -18,7 +18,7 @@ namespace steelattn::sm90 {
 // Fragment layout of an m64nBN fp32 accumulator (per thread, see PTX ISA
 // "wgmma register fragments"): element s[4*jb + e] sits at
 //   row = 16*warp + lane/4 + 8*(e>>1),   col = 8*jb + 2*(lane%4) + (e&1).
-template <bool Softcap, bool Band, int BlockM, int BlockN>
+template <bool Softcap, bool Band, int BlockM, int BlockN, bool Pack = false>
 struct ScoreMod {
   float scale, cap, cap_arg;
   bool has_alibi;
@@ -35,7 +35,7 @@ struct ScoreMod {
   // column of this thread's first element (block start + 2*(lane%4)).
   template <bool Masked, int NS>
   __device__ __forceinline__ void apply(float (&s)[NS], int row0, int col0,
-                                        const MaskPolicy<Band, BlockM, BlockN>& mask) const {
+                                        const MaskPolicy<Band, BlockM, BlockN, Pack>& mask) const {
     if constexpr (Softcap) {
 #pragma unroll
       for (int e = 0; e < NS; ++e) s[e] = cap * tanh_approx(s[e] * cap_arg);
@@ -56,6 +56,33 @@ struct ScoreMod {
         const int row = row0 + 8 * ((e >> 1) & 1);
         const int col = col0 + 8 * (e >> 2) + (e & 1);
         if (!mask.visible(row, col)) s[e] = -INFINITY;
+      }
+    }
+  }
+  // GQA-packed tiles: a thread's two rows (e>>1 & 1) may be different queries
+  // of different heads, so each has its own query index and ALiBi slope.
+  template <bool Masked, int NS>
+  __device__ __forceinline__ void apply_rows(float (&s)[NS], const int (&row)[2], const float (&slope_r)[2], int col0,
+                                             const MaskPolicy<Band, BlockM, BlockN, Pack>& mask) const {
+    if constexpr (Softcap) {
+#pragma unroll
+      for (int e = 0; e < NS; ++e) s[e] = cap * tanh_approx(s[e] * cap_arg);
+    }
+    if (has_alibi) {
+#pragma unroll
+      for (int e = 0; e < NS; ++e) {
+        const int r = (e >> 1) & 1;
+        const int col = col0 + 8 * (e >> 2) + (e & 1);
+        const float dist = static_cast<float>(abs(row[r] + off - col));
+        const float x = Softcap ? s[e] : s[e] * scale;
+        s[e] = fmaf(-slope_r[r], dist, x);
+      }
+    }
+    if constexpr (Masked) {
+#pragma unroll
+      for (int e = 0; e < NS; ++e) {
+        const int col = col0 + 8 * (e >> 2) + (e & 1);
+        if (!mask.visible(row[(e >> 1) & 1], col)) s[e] = -INFINITY;
       }
     }
   }
