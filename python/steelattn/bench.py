@@ -232,6 +232,42 @@ def bench_cuda(quick=False, log=print):
     return rows
 
 
+def bench_cuda_decode(quick=False, log=print):
+    """Decode: one (or a few) new queries against a long GQA KV cache; memory bound, so
+    reported as GB/s of K and V read (B=8, H=32, Hkv=8, D=128, bf16)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    rows = []
+    B, H, Hkv, D = 8, 32, 8, 128
+    for S in ((4096,) if quick else (4096, 32768)):
+        for N in (1, 16):
+            g = torch.Generator(device="cuda").manual_seed(0)
+            q = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, generator=g)
+            k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+            kv_bytes = 2 * B * Hkv * S * D * 2
+            # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
+            # would align it top-left, a different function.
+            impls = {"steelattn": lambda: steelattn.flash_attention(q, k, v, backend="steel")}
+            for name, be in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+                def run(be=be):
+                    with sdpa_kernel(be):
+                        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                impls[name] = run
+            res = {}
+            for name, fn in impls.items():
+                try:
+                    res[name] = time_cuda(fn)
+                except Exception as e:
+                    log(f"  decode {name} failed at N={N} S={S}: {type(e).__name__}: {str(e)[:160]}")
+                    continue
+                row = _row("decode", "bf16", B, H, Hkv, N, S, D, False, None, name, res[name], None)
+                row["gbps"] = round(kv_bytes / res[name] / 1e6, 1)
+                rows.append(row)
+            parts = "  ".join(f"{n} {kv_bytes / t / 1e6:7.1f}" for n, t in res.items())
+            log(f"  decode N={N:2d} S={S:5d}  GB/s: {parts}")
+    return rows
+
+
 def bench_cuda_bwd(quick=False, log=print):
     """Backward alone (the forward's graph is kept), against SDPA's cuDNN and FA2 backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -315,6 +351,8 @@ def run(device="cpu", quick=False, ops=("fwd",), log=print):
     rows = []
     if "fwd" in ops:
         rows += bench_cuda(quick, log) if device == "cuda" else bench_cpu(quick, log)
+        if device == "cuda":
+            rows += bench_cuda_decode(quick, log)
     if "bwd" in ops:
         rows += bench_cuda_bwd(quick, log) if device == "cuda" else bench_cpu_bwd(quick, log)
     return {"device": device_name(device), "torch": torch.__version__, "commit": _git_commit(),
