@@ -337,7 +337,11 @@ def to_markdown(result):
         mask = "causal" if causal else "full"
         if window:
             mask += f" win {window}"
-        cells = [f"{by[i]['ms']:.3f} ({by[i]['tflops']:.3f})" if i in by else "-" for i in impls]
+        def cell(r):
+            rate = f"{r['tflops']:.3f}" if r["tflops"] is not None else f"{r['gbps']:.0f} GB/s"
+            return f"{r['ms']:.3f} ({rate})"
+
+        cells = [cell(by[i]) if i in by else "-" for i in impls]
         ours = by.get("steelattn")
         ratios = [f"{by[a]['ms'] / ours['ms']:.2f}x" if a in by and ours else "-" for a in anchors]
         lines.append(f"| {op} | {dt} | {H}/{Hkv} | {N} | {D} | {mask} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
