@@ -319,7 +319,7 @@ def to_markdown(result):
     rows = result["rows"]
     keys = []
     for r in rows:
-        key = (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"], r["window"])
+        key = (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"], r["window"])
         if key not in keys:
             keys.append(key)
     impls = []
@@ -327,13 +327,13 @@ def to_markdown(result):
         if r["impl"] not in impls:
             impls.append(r["impl"])
     anchors = [i for i in impls if i != "steelattn"]
-    hdr = "| op | dtype | H/Hkv | N | D | mask | " + " | ".join(f"{i} ms (TFLOP/s)" for i in impls)
+    hdr = "| op | dtype | H/Hkv | N | S | D | mask | " + " | ".join(f"{i} ms (TFLOP/s)" for i in impls)
     hdr += " | " + " | ".join(f"vs {a}" for a in anchors) + " |"
-    lines += [hdr, "|" + "---|" * (6 + len(impls) + len(anchors))]
+    lines += [hdr, "|" + "---|" * (7 + len(impls) + len(anchors))]
     for key in keys:
-        op, dt, H, Hkv, N, D, causal, window = key
-        by = {r["impl"]: r for r in rows if (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["D"], r["causal"],
-                                              r["window"]) == key}
+        op, dt, H, Hkv, N, S, D, causal, window = key
+        by = {r["impl"]: r for r in rows if (r["op"], r["dtype"], r["H"], r["Hkv"], r["N"], r["S"], r["D"],
+                                              r["causal"], r["window"]) == key}
         mask = "causal" if causal else "full"
         if window:
             mask += f" win {window}"
@@ -344,7 +344,7 @@ def to_markdown(result):
         cells = [cell(by[i]) if i in by else "-" for i in impls]
         ours = by.get("steelattn")
         ratios = [f"{by[a]['ms'] / ours['ms']:.2f}x" if a in by and ours else "-" for a in anchors]
-        lines.append(f"| {op} | {dt} | {H}/{Hkv} | {N} | {D} | {mask} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+        lines.append(f"| {op} | {dt} | {H}/{Hkv} | {N} | {S} | {D} | {mask} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     lines += ["", "Ratios are anchor time / steelattn time (> 1 means steelattn is faster). "
               "TFLOP/s: 4·B·H·N·S·D (halved for causal, exact pair count for windows); backward 2.5x that."]
     return "\n".join(lines) + "\n"
