@@ -17,6 +17,7 @@
 
 #include "cuda/sm90/bwd_api.h"
 #include "cuda/sm90/bwd_launch.h"
+#include "cuda/sm90/host_tma.h"
 #include "cuda/sm90/params.h"  // kUnbounded
 
 namespace steelattn {
@@ -27,78 +28,9 @@ using sm90::BwdParams;
 constexpr int64_t kMaxSeq = int64_t{1} << 28;
 constexpr int64_t kRowPad = 128;  // workspace rows per (b, h) are padded to a multiple of every BM
 
-PFN_cuTensorMapEncodeTiled_v12000 bwd_tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
 bool bwd_is_sm90(int dev) {
-  static std::mutex mu;
-  static int cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (dev < 0 || dev >= 64) return false;
-  std::lock_guard<std::mutex> lock(mu);
-  if (cache[dev] == 0) {
-    int major = 0, minor = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cache[dev] = (major == 9 && minor == 0) ? 1 : 2;
-  }
-  return cache[dev] == 1;
-}
-
-// Base 16-byte aligned, last dim contiguous, other strides nonzero multiples of 16 B.
-bool bwd_tma_compatible(const TensorRef& t, const char* name, std::string* why) {
-  const auto fail = [&](const std::string& m) {
-    if (why) *why = std::string(name) + ": " + m;
-    return false;
-  };
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return fail("data pointer not 16-byte aligned");
-  if (t.stride[3] != 1) return fail("last dim not contiguous");
-  for (int d = 0; d < 3; ++d) {
-    if (t.shape[d] == 1) continue;
-    if (t.stride[d] <= 0) return fail("zero or negative stride in dim " + std::to_string(d));
-    if ((t.stride[d] * 2) % 16 != 0) return fail("stride of dim " + std::to_string(d) + " not a multiple of 16 bytes");
-    if (t.stride[d] * 2 >= (int64_t{1} << 40)) return fail("stride too large for TMA");
-  }
-  return true;
-}
-
-bool bwd_encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
-  const auto encode = bwd_tensor_map_encoder();
-  if (!encode) {
-    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
-    return false;
-  }
-  const CUtensorMapDataType dt =
-      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
-                        static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
-  cuuint64_t strides[3];
-  int64_t packed = t.shape[3] * 2;
-  for (int i = 0; i < 3; ++i) {
-    const int d = 2 - i;
-    const int64_t s = t.shape[d] == 1 ? ((packed + 15) / 16) * 16 : t.stride[d] * 2;
-    strides[i] = static_cast<cuuint64_t>(s);
-    packed = s * t.shape[d];
-  }
-  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};
-  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, dt, 4, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    if (why) *why = "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) + ")";
-    return false;
-  }
-  return true;
+  const sm90::DeviceInfo d = sm90::device_info(dev);
+  return d.major == 9 && d.minor == 0;
 }
 
 int64_t row_pad(int64_t n) { return (n + kRowPad - 1) / kRowPad * kRowPad; }
@@ -238,10 +170,10 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (p.H % p.Hkv != 0) return fail("H must be a multiple of Hkv");
   if (p.B >= 65536 || p.Hkv >= 65536 || p.H >= 65536) return fail("B and H must be < 65536");
   std::string why;
-  if (!bwd_tma_compatible(p.q, "q", &why) || !bwd_tma_compatible(p.k, "k", &why) ||
-      !bwd_tma_compatible(p.v, "v", &why) || !bwd_tma_compatible(p.dout, "dout", &why) ||
-      !bwd_tma_compatible(p.out, "out", &why) || !bwd_tma_compatible(p.dq, "dq", &why) ||
-      !bwd_tma_compatible(p.dk, "dk", &why) || !bwd_tma_compatible(p.dv, "dv", &why))
+  if (!sm90::tma_compatible(p.q, "q", &why) || !sm90::tma_compatible(p.k, "k", &why) ||
+      !sm90::tma_compatible(p.v, "v", &why) || !sm90::tma_compatible(p.dout, "dout", &why) ||
+      !sm90::tma_compatible(p.out, "out", &why) || !sm90::tma_compatible(p.dq, "dq", &why) ||
+      !sm90::tma_compatible(p.dk, "dk", &why) || !sm90::tma_compatible(p.dv, "dv", &why))
     return fail(why);
   return true;
 }
@@ -266,8 +198,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   float* dq_acc = dsum + rows;
 
   BwdParams k{};
-  if (!bwd_encode_map(&k.tma_q, p.q, BM, &why) || !bwd_encode_map(&k.tma_do, p.dout, BM, &why) ||
-      !bwd_encode_map(&k.tma_k, p.k, BN, &why) || !bwd_encode_map(&k.tma_v, p.v, BN, &why))
+  if (!sm90::encode_map(&k.tma_q, p.q, BM, &why) || !sm90::encode_map(&k.tma_do, p.dout, BM, &why) ||
+      !sm90::encode_map(&k.tma_k, p.k, BN, &why) || !sm90::encode_map(&k.tma_v, p.v, BN, &why))
     return Status::Error("sm90 backward: " + why);
   k.lse2 = lse2;
   k.dsum = dsum;

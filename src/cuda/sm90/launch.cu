@@ -13,6 +13,7 @@
 #include <string>
 
 #include "core/backends.h"
+#include "cuda/sm90/host_tma.h"
 #include "cuda/sm90/launch.h"
 #include "cuda/sm90/params.h"
 
@@ -20,6 +21,11 @@ namespace steelattn {
 namespace {
 
 using sm90::FwdParams;
+using sm90::DeviceInfo;
+using sm90::device_info;
+using sm90::encode_map;
+using sm90::tensor_map_encoder;
+using sm90::tma_compatible;
 
 constexpr int64_t kMaxSeq = int64_t{1} << 28;  // keeps the int32 band arithmetic (params.h) exact
 
@@ -28,94 +34,6 @@ constexpr int64_t kMaxSeq = int64_t{1} << 28;  // keeps the int32 band arithmeti
 #ifndef STEELATTN_SM90_L2_GROUP_MB
 #define STEELATTN_SM90_L2_GROUP_MB 32
 #endif  // keeps the int32 band arithmetic (params.h) exact
-
-// The driver's tensor-map encoder, fetched through the runtime so the library
-// needs no -lcuda.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* ptr = nullptr;
-    cudaDriverEntryPointQueryResult q{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &q) !=
-            cudaSuccess ||
-        q != cudaDriverEntryPointSuccess)
-      ptr = nullptr;
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
-  }();
-  return fn;
-}
-
-struct DeviceInfo {
-  int major = 0, minor = 0, sms = 0;
-};
-
-DeviceInfo device_info(int dev) {
-  static std::mutex mu;
-  static DeviceInfo cache[64];
-  static bool known[64] = {};
-  if (dev < 0 || dev >= 64) return {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (!known[dev]) {
-    DeviceInfo d;
-    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = d;
-    known[dev] = true;
-  }
-  return cache[dev];
-}
-
-// TMA reads rows through a descriptor: base 16-byte aligned, every stride a
-// nonzero multiple of 16 bytes (a broadcast, stride-0 dim cannot be encoded).
-bool tma_compatible(const TensorRef& t, const char* name, std::string* why) {
-  const auto fail = [&](const std::string& m) {
-    if (why) *why = std::string(name) + ": " + m;
-    return false;
-  };
-  if (reinterpret_cast<uintptr_t>(t.data) % 16 != 0) return fail("data pointer not 16-byte aligned (TMA)");
-  if (t.stride[3] != 1) return fail("last dim not contiguous");
-  for (int d = 0; d < 3; ++d) {
-    if (t.shape[d] == 1) continue;  // the stride of a size-1 dim is never used
-    if (t.stride[d] <= 0) return fail("zero or negative stride in dim " + std::to_string(d) + " (TMA)");
-    if ((t.stride[d] * 2) % 16 != 0)
-      return fail("stride of dim " + std::to_string(d) + " not a multiple of 16 bytes (TMA)");
-    if (t.stride[d] * 2 >= (int64_t{1} << 40)) return fail("stride too large for TMA");
-  }
-  return true;
-}
-
-// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view.
-bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) {
-    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
-    return false;
-  }
-  const CUtensorMapDataType dt =
-      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
-                        static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
-  // Byte strides of dims 1..3 (seq, head, batch). A size-1 dim gets the
-  // packed stride, which is always encodable.
-  cuuint64_t strides[3];
-  int64_t packed = t.shape[3] * 2;
-  for (int i = 0; i < 3; ++i) {
-    const int d = 2 - i;  // seq, head, batch
-    const int64_t s = t.shape[d] == 1 ? ((packed + 15) / 16) * 16 : t.stride[d] * 2;
-    strides[i] = static_cast<cuuint64_t>(s);
-    packed = s * t.shape[d];
-  }
-  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};  // 64 elems = the 128 B swizzle span
-  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, dt, 4, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);  // out-of-range rows read as zeros
-  if (r != CUDA_SUCCESS) {
-    if (why) *why = "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) + ")";
-    return false;
-  }
-  return true;
-}
 
 // GQA-packed Q map (params.h): rank 5 over (d, seq, head-in-group, kv head,
 // batch) of the same [batch, head, seq, d] view, head = kv_head * group + g,
