@@ -27,8 +27,23 @@ CpuIsa detect_cpu_isa() {
   return isa;
 }
 
+#if defined(STEELATTN_HAVE_AVX512BF16)
+// AVX512-BF16 (vdpbf16ps) for bf16 Q.K^T: on by default where the CPU has it;
+// STEELATTN_CPU_BF16_DOT=0 turns it off (tests compare both).
+bool use_bf16_dot(const AttentionParams& p) {
+  static const bool available = [] {
+    const char* env = std::getenv("STEELATTN_CPU_BF16_DOT");
+    return !(env && env[0] == '0') && __builtin_cpu_supports("avx512bf16");
+  }();
+  return available && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
+}
+#endif
+
 Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
   if (p.q.dtype == DType::f64) return cpu::flash_forward_f64(p);
+#if defined(STEELATTN_HAVE_AVX512BF16)
+  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return cpu::flash_forward_avx512bf16(p);
+#endif
   switch (isa) {
     case CpuIsa::avx512: return cpu::flash_forward_avx512(p);
     case CpuIsa::avx2: return cpu::flash_forward_avx2(p);

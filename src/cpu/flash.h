@@ -7,6 +7,7 @@
 namespace steelattn::cpu {
 
 Status flash_forward_avx512(const AttentionParams& p);
+Status flash_forward_avx512bf16(const AttentionParams& p);  // bf16 inputs with even D only
 Status flash_forward_avx2(const AttentionParams& p);
 Status flash_forward_scalar(const AttentionParams& p);
 Status flash_forward_f64(const AttentionParams& p);

@@ -40,6 +40,7 @@ struct FwdShape {
   bool k_direct;       // K tiles read in place (fp32)
   bool v_direct;       // V tiles read in place (fp32)
   bool has_mods;       // softcap, ALiBi, bias or boolean mask present
+  bool bf16_dot;       // Q.K^T of bf16 q/k in bf16 pairs (Isa::kBf16Dot, even D)
   double q_scale;      // folded into Qt
   double cap_log2;     // softcap * log2(e), when softcap > 0
   uint32_t drop_threshold;
@@ -89,6 +90,16 @@ void pack_transposed(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t n
     } else {
       for (int64_t d = 0; d < width; ++d) dst[d * ld + r] = T(0);
     }
+  }
+}
+
+// Packs bf16 q rows in pairs along d: dst[((d / 2) * ld + r) * 2 + d % 2] = q[b, h_r, i_r, d]
+// (raw bf16 bits), zero in padding lanes; D is even.
+inline void pack_bf16_pairs(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t ld,
+                            int64_t width, uint16_t* dst) {
+  for (int64_t r = 0; r < ld; ++r) {
+    const uint16_t* row = r < nrows ? reinterpret_cast<const uint16_t*>(elem_ptr(t, b, ri.h[r], ri.i[r])) : nullptr;
+    for (int64_t d = 0; d < width; ++d) dst[((d / 2) * ld + r) * 2 + (d & 1)] = row ? row[d] : uint16_t(0);
   }
 }
 
@@ -166,7 +177,10 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   RowInfo ri;
   fill_rows(p, b, hk, s.G, r_begin, nrows, lanes, &ri);
   const int64_t i_lo = ri.i[0], i_hi = ri.i[nrows - 1];
-  pack_transposed(p.q, b, ri, nrows, ld, s.D, T(s.q_scale), qt);
+  // With bf16 pair dot products Q stays unscaled bf16, packed in pairs (in Qt's space).
+  uint16_t* qpairs = reinterpret_cast<uint16_t*>(qt);
+  if (s.bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, s.D, qpairs);
+  else pack_transposed(p.q, b, ri, nrows, ld, s.D, T(s.q_scale), qt);
   std::fill(m, m + ld, neg_inf<T>());
   std::fill(l, l + ld, T(0));
   std::fill(ot, ot + n_o, T(0));
@@ -178,9 +192,20 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
 
   // Scores of one tile in log2 units, masked and modified.
   auto scores = [&](int64_t k0, int64_t nk) {
-    int64_t ks;
-    const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
-    gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
+    if constexpr (Isa::kBf16Dot) {
+      if (s.bf16_dot) {
+        const int64_t ks = p.k.stride[2];
+        gemm_bf16<Isa>(nk, lanes, s.D, reinterpret_cast<const uint16_t*>(kbase) + k0 * ks, ks, qpairs, ld, st, ld);
+        const typename Isa::V qs = Isa::set1(T(s.q_scale));
+        for (int64_t j = 0; j < nk; ++j)
+          for (int64_t c = 0; c < lanes; c += W) Isa::store(st + j * ld + c, Isa::mul(qs, Isa::load(st + j * ld + c)));
+      }
+    }
+    if (!s.bf16_dot) {
+      int64_t ks;
+      const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
+      gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
+    }
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
     if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
     else if (s.has_mods) transform_tile<true>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
@@ -244,6 +269,7 @@ Status flash_forward_impl(const AttentionParams& p) {
   s.k_direct = p.k.dtype == kCompute;
   s.v_direct = p.v.dtype == kCompute;
   s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
+  s.bf16_dot = Isa::kBf16Dot && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;
   s.drop_threshold = detail::dropout_threshold24(p.dropout_p);

@@ -80,6 +80,7 @@ struct ScalarT {
   using T = TT;                    // element type of every buffer
   static constexpr int W = 1;      // lanes
   static constexpr int kRows = 4;  // rows of C per micro-tile (tiles.h)
+  static constexpr bool kBf16Dot = false;  // bf16 pair dot products (vdpbf16ps) available
   using V = TT;
   static V load(const T* p) { return *p; }
   static void store(T* p, V v) { *p = v; }
@@ -106,6 +107,7 @@ struct Avx2 {
   using T = float;
   static constexpr int W = 8;
   static constexpr int kRows = 6;  // 6x2 accumulators + 2 B vectors + 1 broadcast = 15 ymm
+  static constexpr bool kBf16Dot = false;
   using V = __m256;
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
@@ -154,6 +156,7 @@ struct Avx512 {
   using T = float;
   static constexpr int W = 16;
   static constexpr int kRows = 12;  // 12x2 accumulators + 2 B vectors + 1 broadcast = 27 zmm
+  static constexpr bool kBf16Dot = false;
   using V = __m512;
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
@@ -188,6 +191,13 @@ struct Avx512 {
     for (; i < n; ++i) d[i] = f16_to_float(s[i]);
   }
 };
+
+#if defined(__AVX512BF16__)
+// AVX-512 plus vdpbf16ps: Q.K^T of bf16 inputs in bf16 pairs (exact products, fp32 sums).
+struct Avx512Bf16 : Avx512 {
+  static constexpr bool kBf16Dot = true;
+};
+#endif
 #endif
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "cpu/simd.h"
 
@@ -82,6 +83,58 @@ void gemm(int64_t m, int64_t lanes, int64_t K, const typename Isa::T* a, int64_t
     gemm_tail<Isa, MR - 1, kAcc>(int(m - r), a + r * a_rs, a_rs, a_ks, b, b_ld, K, c + r * c_ld, c_ld, lanes,
                                  col_scale);
 }
+
+// bf16 pair product (defined below where the instruction set has vdpbf16ps; the
+// kernels call it only under `if constexpr (Isa::kBf16Dot)`).
+template <class Isa>
+void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
+               float* c, int64_t c_ld);
+
+#if defined(__AVX512BF16__)
+// C[m][lanes] = A[m][K] . B[K][lanes] for bf16 A and B, K even, with vdpbf16ps: A rows
+// hold bf16 pairs along K contiguously (element (r, kk) at a[r * a_rs + kk]); B is packed
+// in pairs, element (kk, lane) at b[((kk / 2) * ld + lane) * 2 + kk % 2].
+template <int MR, int NV>
+inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld, int64_t K, float* c,
+                           int64_t c_ld, int64_t col) {
+  __m512 acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K / 2; ++kp) {
+    __m512bh bv[NV];
+    for (int v = 0; v < NV; ++v)
+      bv[v] = (__m512bh)_mm512_loadu_si512(b + ((kp * ld + col + v * 16) * 2));
+    for (int r = 0; r < MR; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, a + r * a_rs + 2 * kp, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(int(pair));
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * c_ld + col + v * 16, acc[r][v]);
+}
+
+template <int MR>
+inline void gemm_bf16_rows(int m, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld, int64_t K,
+                           float* c, int64_t c_ld, int64_t lanes) {
+  if constexpr (MR > 0) {
+    if (m != MR) return gemm_bf16_rows<MR - 1>(m, a, a_rs, b, ld, K, c, c_ld, lanes);
+    int64_t col = 0;
+    for (; col + 32 <= lanes; col += 32) gemm_bf16_tile<MR, 2>(a, a_rs, b, ld, K, c, c_ld, col);
+    if (col < lanes) gemm_bf16_tile<MR, 1>(a, a_rs, b, ld, K, c, c_ld, col);
+  }
+}
+
+// C[m][lanes] = A . B as above, in groups of Avx512::kRows rows of C.
+template <class Isa>
+void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
+               float* c, int64_t c_ld) {
+  constexpr int MR = Avx512::kRows;
+  for (int64_t r = 0; r < m; r += MR)
+    gemm_bf16_rows<MR>(int(std::min<int64_t>(MR, m - r)), a + r * a_rs, a_rs, b, ld, K, c + r * c_ld, c_ld, lanes);
+}
+#endif
 
 }  // namespace
 }  // namespace steelattn::cpu

@@ -88,3 +88,25 @@ def test_cpu_isa_paths_agree(monkeypatch):
     base = outs["scalar"]
     for isa, o in outs.items():
         torch.testing.assert_close(o, base, rtol=1e-5, atol=1e-6, msg=isa)
+
+
+def test_cpu_bf16_dot_path_agrees_with_fp32_path():
+    """bf16 Q.K^T through vdpbf16ps (where the CPU has it) gives the fp32 path's numbers."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = ("import sys, torch, steelattn; g = torch.Generator().manual_seed(1); "
+            "q = torch.randn(2, 8, 77, 64, generator=g).bfloat16(); k = torch.randn(2, 2, 130, 64, generator=g).bfloat16(); "
+            "o = steelattn.flash_attention(q, k, k, causal=True, softcap=20.0, return_lse=True); "
+            "torch.save(o, sys.argv[1])")
+    outs = []
+    for flag in ("0", "1"):
+        path = os.path.join(tempfile.mkdtemp(), "o.pt")
+        env = dict(os.environ, STEELATTN_CPU_BF16_DOT=flag)
+        subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+        outs.append(torch.load(path))
+    (o0, l0), (o1, l1) = outs
+    torch.testing.assert_close(o1.float(), o0.float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
