@@ -53,6 +53,9 @@ Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
 
 Status cpu_backward(const AttentionParams& p, CpuIsa isa) {
   if (p.q.dtype == DType::f64) return cpu::flash_backward_f64(p);
+#if defined(STEELATTN_HAVE_AVX512BF16)
+  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return cpu::flash_backward_avx512bf16(p);
+#endif
   switch (isa) {
     case CpuIsa::avx512: return cpu::flash_backward_avx512(p);
     case CpuIsa::avx2: return cpu::flash_backward_avx2(p);

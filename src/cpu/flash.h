@@ -12,6 +12,7 @@ Status flash_forward_avx2(const AttentionParams& p);
 Status flash_forward_scalar(const AttentionParams& p);
 Status flash_forward_f64(const AttentionParams& p);
 Status flash_backward_avx512(const AttentionParams& p);
+Status flash_backward_avx512bf16(const AttentionParams& p);  // bf16 inputs with even D only
 Status flash_backward_avx2(const AttentionParams& p);
 Status flash_backward_scalar(const AttentionParams& p);
 Status flash_backward_f64(const AttentionParams& p);

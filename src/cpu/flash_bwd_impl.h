@@ -32,6 +32,7 @@ struct BwdCtx {
   const AttentionParams* p;
   int64_t G, rows;
   bool k_direct, v_direct;
+  bool bf16_dot;  // S = K.Q^T and dP = V.dO^T in bf16 pairs (Isa::kBf16Dot, bf16, even D and Dv)
   double q_scale, cap_log2, drop_scale;
   uint32_t drop_threshold;
   std::atomic<bool> failed{false};
@@ -107,9 +108,12 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
     int64_t lo, hi;
     band_range(p, i_lo, i_hi, p.S, &lo, &hi);
     // Rows of this block that see no key keep dQ = 0.
-    pack_transposed(p.q, b, ri, nrows, ld, D, T(ctx.q_scale), qt);
+    // With bf16 pair dot products, Q and dO stay exact bf16, packed in pairs in Qt's / dOt's space.
+    if (ctx.bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, D, reinterpret_cast<uint16_t*>(qt));
+    else pack_transposed(p.q, b, ri, nrows, ld, D, T(ctx.q_scale), qt);
     pack_rows(p.q, b, ri, nrows, lanes, D, Dp, qp);
-    pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
+    if (ctx.bf16_dot) pack_bf16_pairs(p.dout, b, ri, nrows, ld, Dv, reinterpret_cast<uint16_t*>(dot));
+    else pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
     pack_rows(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
     for (int64_t r = 0; r < lanes; ++r) {
       const T l = r < nrows ? load_elem<T>(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r])) : T(0);
@@ -130,10 +134,21 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       const int64_t nk = std::min(bk, hi - k0);
       int64_t ks, vs;
       const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
-      const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, Dv, ctx.v_direct, vb, &vs);
+      // V only feeds dP; the bf16 pair path reads it in place.
+      const T* vt = ctx.bf16_dot ? nullptr : compute_tile<Isa>(p.v, vbase, k0, nk, Dv, ctx.v_direct, vb, &vs);
 
       // P^T from the recomputed scores.
-      gemm<Isa, false>(nk, lanes, D, kt, ks, 1, qt, ld, st, ld);
+      if constexpr (Isa::kBf16Dot) {
+        if (ctx.bf16_dot) {
+          const int64_t kr = p.k.stride[2];
+          gemm_bf16<Isa>(nk, lanes, D, reinterpret_cast<const uint16_t*>(kbase) + k0 * kr, kr,
+                         reinterpret_cast<const uint16_t*>(qt), ld, st, ld);
+          const V qs = Isa::set1(T(ctx.q_scale));
+          for (int64_t j = 0; j < nk; ++j)
+            for (int64_t c = 0; c < lanes; c += W) Isa::store(st + j * ld + c, Isa::mul(qs, Isa::load(st + j * ld + c)));
+        }
+      }
+      if (!ctx.bf16_dot) gemm<Isa, false>(nk, lanes, D, kt, ks, 1, qt, ld, st, ld);
       const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
       if (!full) transform_tile<false>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
       else if (mods) transform_tile<true>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
@@ -142,7 +157,14 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
           Isa::store(st + j * ld + c, Isa::exp2(Isa::sub(Isa::load(st + j * ld + c), Isa::load(lse2 + c))));
 
       // dP^T = V . dO^T, then the dropout mask on both P (for dV) and dP.
-      gemm<Isa, false>(nk, lanes, Dv, vt, vs, 1, dot, ld, dpt, ld);
+      if constexpr (Isa::kBf16Dot) {
+        if (ctx.bf16_dot) {
+          const int64_t vr = p.v.stride[2];
+          gemm_bf16<Isa>(nk, lanes, Dv, reinterpret_cast<const uint16_t*>(vbase) + k0 * vr, vr,
+                         reinterpret_cast<const uint16_t*>(dot), ld, dpt, ld);
+        }
+      }
+      if (!ctx.bf16_dot) gemm<Isa, false>(nk, lanes, Dv, vt, vs, 1, dot, ld, dpt, ld);
       if (dropout) {
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t r = 0; r < lanes; ++r) {
@@ -207,6 +229,7 @@ Status flash_backward_impl(const AttentionParams& p) {
   constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
   ctx.k_direct = p.k.dtype == kCompute;
   ctx.v_direct = p.v.dtype == kCompute;
+  ctx.bf16_dot = Isa::kBf16Dot && p.q.dtype == DType::bf16 && p.D % 2 == 0 && p.Dv % 2 == 0;
   ctx.q_scale = p.softcap > 0.0 ? p.scale / p.softcap : p.scale * kLog2e;
   ctx.cap_log2 = p.softcap * kLog2e;
   ctx.drop_threshold = detail::dropout_threshold24(p.dropout_p);

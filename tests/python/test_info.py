@@ -91,22 +91,26 @@ def test_cpu_isa_paths_agree(monkeypatch):
 
 
 def test_cpu_bf16_dot_path_agrees_with_fp32_path():
-    """bf16 Q.K^T through vdpbf16ps (where the CPU has it) gives the fp32 path's numbers."""
+    """bf16 Q.K^T (and dO.V^T) through vdpbf16ps where the CPU has it gives the fp32 path's numbers."""
     import os
     import subprocess
     import sys
     import tempfile
 
     code = ("import sys, torch, steelattn; g = torch.Generator().manual_seed(1); "
-            "q = torch.randn(2, 8, 77, 64, generator=g).bfloat16(); k = torch.randn(2, 2, 130, 64, generator=g).bfloat16(); "
-            "o = steelattn.flash_attention(q, k, k, causal=True, softcap=20.0, return_lse=True); "
-            "torch.save(o, sys.argv[1])")
+            "q = torch.randn(2, 8, 77, 64, generator=g).bfloat16().requires_grad_(); "
+            "k = torch.randn(2, 2, 130, 64, generator=g).bfloat16().requires_grad_(); "
+            "o, l = steelattn.flash_attention(q, k, k, causal=True, softcap=20.0, return_lse=True); "
+            "dq, dk = torch.autograd.grad(o.float().square().sum(), (q, k)); "
+            "torch.save((o.detach(), l.detach(), dq, dk), sys.argv[1])")
     outs = []
     for flag in ("0", "1"):
         path = os.path.join(tempfile.mkdtemp(), "o.pt")
         env = dict(os.environ, STEELATTN_CPU_BF16_DOT=flag)
         subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
         outs.append(torch.load(path))
-    (o0, l0), (o1, l1) = outs
+    (o0, l0, dq0, dk0), (o1, l1, dq1, dk1) = outs
     torch.testing.assert_close(o1.float(), o0.float(), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for a, b in ((dq1, dq0), (dk1, dk0)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
