@@ -79,7 +79,9 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
 
 
 def _features(device):
-    ok = lambda **kw: _probe(device, **kw) != "none"  # noqa: E731
+    """Feature -> whether a steelattn kernel serves it on `device` (None: nothing runs,
+    every feature False; the keys stay the same)."""
+    ok = lambda **kw: device is not None and _probe(device, **kw) != "none"  # noqa: E731
     f = {
         "float32": ok(dtype=torch.float32),
         "float16": ok(dtype=torch.float16),
@@ -124,22 +126,12 @@ def get_supported_configs(device: str | None = None) -> dict:
         return {"available": False, "reason": "extension not built", "features": {}}
     if device == "cuda":
         if not _ext().cuda_compiled():
-            return {"available": False, "reason": "built without CUDA kernels", "features": _features_none()}
+            return {"available": False, "reason": "built without CUDA kernels", "features": _features(None)}
         if not torch.cuda.is_available():
-            return {"available": False, "reason": "no CUDA device", "features": _features_none()}
+            return {"available": False, "reason": "no CUDA device", "features": _features(None)}
     paths = {
         f"{dt}_d{d}{'_causal' if c else ''}": _probe(device, dtype=getattr(torch, dt), D=d, wr=0 if c else -1)
         for dt in ("bfloat16", "float16", "float32") for d in (64, 128, 256) for c in (False, True)
     }
     return {"available": True, "dtypes": ["float32", "float16", "bfloat16"], "head_dims": [1, 512],
             "paths": paths, "features": _features(device)}
-
-
-def _features_none():
-    return {k: False for k in _features_keys()}
-
-
-def _features_keys():
-    return ("float32", "float16", "bfloat16", "causal", "sliding_window", "gqa", "softcap", "alibi", "attn_bias",
-            "bool_mask", "dropout", "return_lse", "return_attn_weights", "dv_ne_d", "n_ne_s", "non_contiguous",
-            "head_dim_1_to_512", "float64", "backward", "torch_compile") + _NOT_YET
