@@ -15,10 +15,12 @@ for o in "$build"/bwd_inst_*.o; do
   echo "== $(basename $o)"; cuobjdump -sass "$o" | grep -oE "HGMMA\.[0-9x]+\.[A-Z0-9.]+|WARPGROUP\.[A-Z]+|LDL|STL" | sort | uniq -c
 done > "$out/sass.txt" 2>&1
 lib=$build/libsteelattn_sm90_bwd_test.so
-# Optional A/B variant: ALT="name=-DFLAG=..." builds a second library, benchmarked in its own process.
-if [ -n "${ALT:-}" ]; then
-  EXTRA_FLAGS="${ALT#*=}" bash tests/cuda/sm90_bwd_build.sh "$build-alt" 16 >> "$out/build.log" 2>&1 || exit 3
-fi
+# Optional A/B variants: ALT="name=-DFLAG=... [-DFLAG2=...];name2=..." builds one more
+# library per variant, each benchmarked in its own process.
+IFS=';' read -ra alts <<< "${ALT:-}"
+for spec in "${alts[@]}"; do
+  EXTRA_FLAGS="${spec#*=}" bash tests/cuda/sm90_bwd_build.sh "$build-${spec%%=*}" 16 >> "$out/build.log" 2>&1 || exit 3
+done
 timeout ${CHECK_TIMEOUT:-200} python3 tests/cuda/sm90_bwd_check.py --lib "$lib" --check > "$out/check.log" 2>&1
 rc=$?
 tail -30 "$out/check.log"
@@ -26,12 +28,13 @@ tail -30 "$out/check.log"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout ${BENCH_TIMEOUT:-200} python3 tests/cuda/sm90_bwd_check.py --lib "$lib" --bench --json "$out/bench.json" > "$out/bench.log" 2>&1
   tail -16 "$out/bench.log"
-  if [ -n "${ALT:-}" ]; then
-    echo "== alt ${ALT%%=*}"
-    timeout ${BENCH_TIMEOUT:-200} python3 tests/cuda/sm90_bwd_check.py --lib "$build-alt/libsteelattn_sm90_bwd_test.so" \
-      --bench --json "$out/bench-alt.json" > "$out/bench-alt.log" 2>&1
-    tail -14 "$out/bench-alt.log"
-  fi
+  for spec in "${alts[@]}"; do
+    name=${spec%%=*}
+    echo "== alt $name"
+    timeout ${BENCH_TIMEOUT:-200} python3 tests/cuda/sm90_bwd_check.py --lib "$build-$name/libsteelattn_sm90_bwd_test.so" \
+      --bench --json "$out/bench-$name.json" > "$out/bench-$name.log" 2>&1
+    tail -14 "$out/bench-$name.log"
+  done
 fi
 if [ "${SKIP_SAN:-0}" != 1 ]; then
   timeout 90 compute-sanitizer --tool memcheck python3 tests/cuda/sm90_bwd_check.py --lib "$lib" --sanitize \

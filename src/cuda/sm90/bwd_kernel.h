@@ -10,7 +10,9 @@
 //   dS^T = P^T (dP^T - dsum) [* (1 - tanh^2)]  -> smem (swizzled, double buffer)
 //   dK  += dS^T Q           (RS, Q MN-major)
 //   dQ   = dS K             (SS, both MN-major; a 64x64 quarter per warpgroup)
-//   dQ  -> red.global.add.v2.f32 into the fp32 workspace.
+//   dQ  -> smem -> bulk reduce-add (cp.reduce.async.bulk) into the fp32 workspace.
+// v3: dQ is issued before dK and staged while dK runs, so the tensor cores keep
+// busy through the dQ staging.
 // Included only by the instantiation files bwd_inst_*.cu.
 #pragma once
 
@@ -70,6 +72,20 @@ __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
+// The two 16-bit values pack2<Elem>(lo, hi) made, back in fp32 (exact).
+template <class Elem>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  __half2 h;
+  memcpy(&h, &v, 4);
+  return __half22float2(h);
+}
+
 template <int D, class Elem, bool Band, bool Softcap>
 struct BwdMainloop {
   using Tag = typename BwdElemTag<Elem>::type;
@@ -80,12 +96,16 @@ struct BwdMainloop {
   static constexpr int kNP = BM / 4;  // packed P^T / dS^T
   static constexpr int kNA = D / 2;   // dK / dV accumulators (m64 x D)
   static constexpr int kConsumerWarps = 4 * kBwdConsumerWGs;
-  static constexpr bool kOverlapDv = D == 128;
-#ifndef STEELATTN_SM90_BWD_PREFETCH_SDP  // A/B test builds only (tests/cuda/sm90_bwd_run.sh)
-#define STEELATTN_SM90_BWD_PREFETCH_SDP 0  // 1 spills 250-880 B in the hot loop (see notes)
-#endif
-  // Issue the next step's S^T / dP^T before this step's dQ atomics (v2).
-  static constexpr bool kPrefetchSdp = STEELATTN_SM90_BWD_PREFETCH_SDP != 0;
+  // D64 without softcap: dS^T = P^T (dP^T - dsum) takes P^T from its packed 16-bit
+  // copy (the one dV uses), so S^T dies before dP^T is waited for and the dS math
+  // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64).
+  static constexpr bool kPackedPForDs = D == 64 && !Softcap && kBwdD64Overlap;
+  static constexpr bool kOverlapDv = D == 128 || kPackedPForDs;
+  // v3: dQ is issued before dK and staged to smem while dK runs (the tensor cores
+  // were idle during the staging). Issuing the next step's S^T / dP^T behind dK as
+  // well spilled 256-676 B and made ptxas serialize every wgmma (C7514/C7515), and
+  // dK with dS^T from smem (SS) was 2-4% slower than RS (NOTES-sm90-bwd.md).
+  static constexpr bool kDqFirst = kBwdDqFirst;
   static constexpr bool kBulkDq = kBwdBulkDq;
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
@@ -219,7 +239,7 @@ struct BwdMainloop {
     const uint64_t bd = make_smem_desc(k_addr, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      WgmmaTT<64, Tag>::ss(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
+      WgmmaT<64, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
   }
 
   __device__ static void consume(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv) {
@@ -256,7 +276,6 @@ struct BwdMainloop {
         gemm_keys_x_rows(dp, v_addr, smem_u32(sm.dout[stage.index]));
         wgmma_commit();
       };
-      if constexpr (kPrefetchSdp) issue_sdp(st);
       for (int it = 0; it < iters; ++it) {
         const int h = hkv * p.group + it / nm;
         const int m = m_lo + it % nm;
@@ -268,7 +287,7 @@ struct BwdMainloop {
         const float* lse_s = sm.lse2[st.index];
         const float* dsum_s = sm.dsum[st.index];
 
-        if constexpr (!kPrefetchSdp) issue_sdp(st);
+        issue_sdp(st);
         wgmma_wait<1>();
         fence_regs(s);
 
@@ -295,7 +314,7 @@ struct BwdMainloop {
         };
         uint32_t pf[kNP], dsf[kNP];
         if constexpr (kOverlapDv) {
-          // D128: P^T first, dV issued, dS^T computed while dV runs.
+          // P^T first, dV issued, dS^T computed while dV runs.
 #pragma unroll
           for (int jb = 0; jb < BM / 8; ++jb) {
             const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
@@ -307,7 +326,7 @@ struct BwdMainloop {
                 const int e = 4 * jb + 2 * r + c;
                 if constexpr (Softcap) s[e] = tanh_approx(s[e] * p.cap_arg);
                 pr[c] = prob(e, s[e], c ? l2.y : l2.x);
-                if constexpr (!Softcap) s[e] = pr[c];
+                if constexpr (!Softcap && !kPackedPForDs) s[e] = pr[c];
               }
               pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
             }
@@ -325,6 +344,8 @@ struct BwdMainloop {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               float ds[2];
+              float2 pp = make_float2(0.f, 0.f);
+              if constexpr (kPackedPForDs) pp = unpack2<Elem>(pf[2 * jb + r]);
 #pragma unroll
               for (int c = 0; c < 2; ++c) {
                 const int e = 4 * jb + 2 * r + c;
@@ -332,6 +353,8 @@ struct BwdMainloop {
                   const float t = s[e];
                   const float pr = prob(e, t, c ? l2.y : l2.x);
                   ds[c] = pr * (dp[e] - (c ? dd.y : dd.x)) * fmaf(-t, t, 1.f);
+                } else if constexpr (kPackedPForDs) {
+                  ds[c] = (c ? pp.y : pp.x) * (dp[e] - (c ? dd.y : dd.x));
                 } else {
                   ds[c] = s[e] * (dp[e] - (c ? dd.y : dd.x));
                 }
@@ -340,7 +363,7 @@ struct BwdMainloop {
             }
           }
         } else {
-          // D64 (BM 128): S^T and dP^T are 64 registers each; P^T and dS^T are
+          // D64 (BM 128) softcap: S^T and dP^T are 64 registers each; P^T and dS^T are
           // computed in one pass so each fp32 pair dies as soon as it is packed.
           wgmma_wait<0>();
           fence_regs(dp);
@@ -386,40 +409,43 @@ struct BwdMainloop {
         named_barrier_sync(kBwdDsBarrier, 128 * kBwdConsumerWGs);
 
         float dq[32];
+        const uint32_t ds_addr = smem_u32(sm.ds[it & 1]);
+        auto issue_dk = [&] { gemm_rs(dk, dsf, q_addr); };
         wgmma_fence();
-        gemm_rs(dk, dsf, q_addr);
-        gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
-        fence_regs(dk);
-        fence_regs(dv);
-        warp_release(&sm.empty[st.index]);
-        if constexpr (kPrefetchSdp) {
-          // The next step's S^T / dP^T run on the tensor cores under the dQ atomics.
-          BwdPipe<kBwdStages> nx = st;
-          nx.advance();
-          if (it + 1 < iters) issue_sdp(nx);
+        if constexpr (!kDqFirst) issue_dk();
+        gemm_dq(dq, ds_addr + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
+        if constexpr (kDqFirst) {
+          // dQ first so it is staged while dK runs.
+          wgmma_commit();
+          issue_dk();
+          wgmma_commit();
+          wgmma_wait<1>();
+          fence_regs(dq);
+          fence_regs(dv);
+        } else {
+          wgmma_commit();
+          wgmma_wait<0>();
+          fence_regs(dq);
+          fence_regs(dk);
+          fence_regs(dv);
+          warp_release(&sm.empty[st.index]);
         }
 
         if constexpr (kBulkDq) {
-          // dQ quarter -> smem (the workspace's tile-major 64x64 block layout), then one
-          // thread reduce-adds the 16 KB into the workspace with a bulk async copy.
+          // dQ quarter -> smem, then one thread reduce-adds the 16 KB into the
+          // workspace's 64x64 block with a bulk async copy. The block keeps the
+          // accumulator fragment order (bwd_params.h), so the stores are conflict-free.
           const int64_t tile = ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2 + w;
           if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
-          float* dq_s = sm.dq[w];
+          float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
 #pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float* rowp = dq_s + (16 * warp + lane / 4 + 8 * r) * 64 + qlane;
-#pragma unroll
-            for (int jb = 0; jb < 8; ++jb)
-              *reinterpret_cast<float2*>(rowp + 8 * jb) = make_float2(dq[4 * jb + 2 * r], dq[4 * jb + 2 * r + 1]);
-          }
+          for (int jb = 0; jb < 8; ++jb)
+            dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
           fence_proxy_async();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            bulk_reduce_add_f32(p.dq_acc + static_cast<int64_t>(tile) * 4096, dq_s, 64 * 64 * 4);
+            bulk_reduce_add_f32(p.dq_acc + static_cast<int64_t>(tile) * 4096, sm.dq[w], 64 * 64 * 4);
             tma_store_commit();
           }
         } else {
@@ -433,6 +459,11 @@ struct BwdMainloop {
 #pragma unroll
             for (int jb = 0; jb < 8; ++jb) red_add_v2(rowp + 8 * jb, dq[4 * jb + 2 * r], dq[4 * jb + 2 * r + 1]);
           }
+        }
+        if constexpr (kDqFirst) {
+          wgmma_wait<0>();  // dK: Q of this stage is free
+          fence_regs(dk);
+          warp_release(&sm.empty[st.index]);
         }
         st.advance();
       }

@@ -114,15 +114,19 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const int i = static_cast<int>(rowi % p.N);
   const int64_t bh = rowi / p.N;
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  int64_t src;
+  float4 v;
   if (sm90::kBwdBulkDq) {  // tile-major 64x64 blocks (bwd_params.h)
     const int mb = i / p.BM, ri = i % p.BM;
     const int wg = p.BM == 128 ? ri / 64 : d / 64;
-    src = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096 + (ri % 64) * 64 + d % 64;
+    // d .. d+3: columns c, c+1 are adjacent in the block, c+2, c+3 the next thread's.
+    const int64_t base = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096;
+    const int off = sm90::bwd_dq_block_offset(ri % 64, d % 64);
+    const float2 a = *reinterpret_cast<const float2*>(p.dq_acc + base + off);
+    const float2 c = *reinterpret_cast<const float2*>(p.dq_acc + base + off + 4);
+    v = make_float4(a.x, a.y, c.x, c.y);
   } else {
-    src = (bh * p.n_pad + i) * p.D + d;
+    v = *reinterpret_cast<const float4*>(p.dq_acc + (bh * p.n_pad + i) * p.D + d);
   }
-  const float4 v = *reinterpret_cast<const float4*>(p.dq_acc + src);
   Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + i * p.dq_sn + d;
   using E2 = typename Vec2<Elem>::type;
   E2 lo, hi;
