@@ -18,6 +18,8 @@
 
 #include <cuda_runtime.h>
 
+#include <type_traits>
+
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/bwd_wgmma.h"
 #include "cuda/sm90/epilogue.h"  // pack2
@@ -70,6 +72,27 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src,
 
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
+}
+
+// Two floats from shared memory with ld.shared (a plain dereference of the smem
+// struct's float* compiled to a generic LD).
+__device__ __forceinline__ float2 ld_shared_f2(const float* p) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
+  return v;
+}
+
+// Calls f(alibi, masked) with both flags as compile-time constants, so the element
+// loops carry no per-element branches for them.
+template <class F>
+__device__ __forceinline__ void with_flags(bool alibi, bool masked, F&& f) {
+  using T = std::true_type;
+  using N = std::false_type;
+  if (alibi) {
+    if (masked) f(T{}, T{}); else f(T{}, N{});
+  } else {
+    if (masked) f(N{}, T{}); else f(N{}, N{});
+  }
 }
 
 // The two 16-bit values pack2<Elem>(lo, hi) made, back in fp32 (exact).
@@ -293,100 +316,114 @@ struct BwdMainloop {
 
         // P^T (Softcap: s keeps t = tanh(.) and P is recomputed for dS).
         // Element e: key key0 + 8*((e>>1)&1), query q0 + 8*(e>>2) + (e&1).
-        auto prob = [&](int e, float x, float l2) -> float {
+        // kAlibi / kMasked: std::true_type / false_type from with_flags().
+        auto prob = [&](auto kAlibi, auto kMasked, int e, float x, float l2) -> float {
           const int key = key0 + 8 * ((e >> 1) & 1);
           const int qry = q0 + 8 * (e >> 2) + (e & 1);
           float y;
           if constexpr (Softcap) {
             y = p.softcap * x;  // x = t
-            if (p.alibi) y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), y);
+            if constexpr (decltype(kAlibi)::value)
+              y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), y);
+            y = ex2_approx(fmaf(y, kLog2e, -l2));
+          } else if constexpr (decltype(kAlibi)::value) {
+            y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), x * p.scale);
             y = ex2_approx(fmaf(y, kLog2e, -l2));
           } else {
-            if (p.alibi) {
-              y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), x * p.scale);
-              y = ex2_approx(fmaf(y, kLog2e, -l2));
-            } else {
-              y = ex2_approx(fmaf(x, p.scale_log2, -l2));
-            }
+            y = ex2_approx(fmaf(x, p.scale_log2, -l2));
           }
-          if (masked && !visible(p, qry, key)) y = 0.f;
+          if constexpr (decltype(kMasked)::value) {
+            if (!visible(p, qry, key)) y = 0.f;
+          }
           return y;
         };
+        const bool alibi = p.alibi != nullptr;
         uint32_t pf[kNP], dsf[kNP];
         if constexpr (kOverlapDv) {
           // P^T first, dV issued, dS^T computed while dV runs.
+          with_flags(alibi, masked, [&](auto kAlibi, auto kMasked) {
 #pragma unroll
-          for (int jb = 0; jb < BM / 8; ++jb) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
+            for (int jb = 0; jb < BM / 8; ++jb) {
+              const float2 l2 = ld_shared_f2(lse_s + 8 * jb + qlane);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              float pr[2];
+              for (int r = 0; r < 2; ++r) {
+                float pr[2];
 #pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                const int e = 4 * jb + 2 * r + c;
-                if constexpr (Softcap) s[e] = tanh_approx(s[e] * p.cap_arg);
-                pr[c] = prob(e, s[e], c ? l2.y : l2.x);
-                if constexpr (!Softcap && !kPackedPForDs) s[e] = pr[c];
+                for (int c = 0; c < 2; ++c) {
+                  const int e = 4 * jb + 2 * r + c;
+                  if constexpr (Softcap) s[e] = tanh_approx(s[e] * p.cap_arg);
+                  pr[c] = prob(kAlibi, kMasked, e, s[e], c ? l2.y : l2.x);
+                  if constexpr (!Softcap && !kPackedPForDs) s[e] = pr[c];
+                }
+                pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
               }
-              pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
             }
-          }
+          });
           wgmma_fence();
           gemm_rs(dv, pf, do_addr);
           wgmma_commit();
           wgmma_wait<1>();  // dP^T done (dV may still run)
           fence_regs(dp);
+          auto ds_loop = [&](auto kAlibi, auto kMasked) {
 #pragma unroll
-          for (int jb = 0; jb < BM / 8; ++jb) {
-            const float2 dd = *reinterpret_cast<const float2*>(dsum_s + 8 * jb + qlane);
-            float2 l2 = make_float2(0.f, 0.f);
-            if constexpr (Softcap) l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
+            for (int jb = 0; jb < BM / 8; ++jb) {
+              const float2 dd = ld_shared_f2(dsum_s + 8 * jb + qlane);
+              float2 l2 = make_float2(0.f, 0.f);
+              if constexpr (Softcap) l2 = ld_shared_f2(lse_s + 8 * jb + qlane);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              float ds[2];
-              float2 pp = make_float2(0.f, 0.f);
-              if constexpr (kPackedPForDs) pp = unpack2<Elem>(pf[2 * jb + r]);
+              for (int r = 0; r < 2; ++r) {
+                float ds[2];
+                float2 pp = make_float2(0.f, 0.f);
+                if constexpr (kPackedPForDs) pp = unpack2<Elem>(pf[2 * jb + r]);
 #pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                const int e = 4 * jb + 2 * r + c;
-                if constexpr (Softcap) {
-                  const float t = s[e];
-                  const float pr = prob(e, t, c ? l2.y : l2.x);
-                  ds[c] = pr * (dp[e] - (c ? dd.y : dd.x)) * fmaf(-t, t, 1.f);
-                } else if constexpr (kPackedPForDs) {
-                  ds[c] = (c ? pp.y : pp.x) * (dp[e] - (c ? dd.y : dd.x));
-                } else {
-                  ds[c] = s[e] * (dp[e] - (c ? dd.y : dd.x));
+                for (int c = 0; c < 2; ++c) {
+                  const int e = 4 * jb + 2 * r + c;
+                  if constexpr (Softcap) {
+                    const float t = s[e];
+                    const float pr = prob(kAlibi, kMasked, e, t, c ? l2.y : l2.x);
+                    ds[c] = pr * (dp[e] - (c ? dd.y : dd.x)) * fmaf(-t, t, 1.f);
+                  } else if constexpr (kPackedPForDs) {
+                    ds[c] = (c ? pp.y : pp.x) * (dp[e] - (c ? dd.y : dd.x));
+                  } else {
+                    ds[c] = s[e] * (dp[e] - (c ? dd.y : dd.x));
+                  }
                 }
+                dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
               }
-              dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
             }
-          }
+          };
+          // Without softcap dS^T reads P^T, which already holds ALiBi and the mask.
+          if constexpr (Softcap)
+            with_flags(alibi, masked, ds_loop);
+          else
+            ds_loop(std::false_type{}, std::false_type{});
         } else {
           // D64 (BM 128) softcap: S^T and dP^T are 64 registers each; P^T and dS^T are
           // computed in one pass so each fp32 pair dies as soon as it is packed.
           wgmma_wait<0>();
           fence_regs(dp);
+          with_flags(alibi, masked, [&](auto kAlibi, auto kMasked) {
 #pragma unroll
-          for (int jb = 0; jb < BM / 8; ++jb) {
-            const float2 l2 = *reinterpret_cast<const float2*>(lse_s + 8 * jb + qlane);
-            const float2 dd = *reinterpret_cast<const float2*>(dsum_s + 8 * jb + qlane);
+            for (int jb = 0; jb < BM / 8; ++jb) {
+              const float2 l2 = ld_shared_f2(lse_s + 8 * jb + qlane);
+              const float2 dd = ld_shared_f2(dsum_s + 8 * jb + qlane);
 #pragma unroll
-            for (int r = 0; r < 2; ++r) {
-              float pr[2], ds[2];
+              for (int r = 0; r < 2; ++r) {
+                float pr[2], ds[2];
 #pragma unroll
-              for (int c = 0; c < 2; ++c) {
-                const int e = 4 * jb + 2 * r + c;
-                float t = 0.f;
-                if constexpr (Softcap) t = tanh_approx(s[e] * p.cap_arg);
-                pr[c] = prob(e, Softcap ? t : s[e], c ? l2.y : l2.x);
-                ds[c] = pr[c] * (dp[e] - (c ? dd.y : dd.x));
-                if constexpr (Softcap) ds[c] *= fmaf(-t, t, 1.f);
+                for (int c = 0; c < 2; ++c) {
+                  const int e = 4 * jb + 2 * r + c;
+                  float t = 0.f;
+                  if constexpr (Softcap) t = tanh_approx(s[e] * p.cap_arg);
+                  pr[c] = prob(kAlibi, kMasked, e, Softcap ? t : s[e], c ? l2.y : l2.x);
+                  ds[c] = pr[c] * (dp[e] - (c ? dd.y : dd.x));
+                  if constexpr (Softcap) ds[c] *= fmaf(-t, t, 1.f);
+                }
+                pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
+                dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
               }
-              pf[2 * jb + r] = pack2<Elem>(pr[0], pr[1]);
-              dsf[2 * jb + r] = pack2<Elem>(ds[0], ds[1]);
             }
-          }
+          });
           wgmma_fence();
           gemm_rs(dv, pf, do_addr);
           wgmma_commit();
