@@ -118,6 +118,15 @@ CASES = [
     ("N1 S1 d64", 2, 2, 2, 1, 1, 64, BF, 0, -1, -1, 0.0, None, "bhnd"),
     ("N17 S1 d128 causal TL", 2, 2, 2, 17, 1, 128, BF, 0, -1, 0, 0.0, None, "bhnd"),
     ("N4097 S17 d128 full", 1, 2, 2, 4097, 17, 128, BF, 0, -1, -1, 0.0, None, "bnhd"),
+    # More tiles than SMs, so each persistent CTA runs several tiles back to back
+    # (the Q double buffer, v7): causal tiles of 1..8
+    # key blocks, full tiles, and empty tiles (rows with no key) between busy ones.
+    ("multi-tile causal d64 B4 H16", 4, 16, 16, 1000, 1000, 64, BF, 0, -1, 0, 0.0, None, "bhnd"),
+    ("multi-tile full d128 fp16 B4 H16", 4, 16, 16, 1000, 1000, 128, FP, 0, -1, -1, 0.0, None, "bhnd"),
+    ("multi-tile empty tiles d64 BR N1000 S300", 4, 16, 16, 1000, 300, 64, BF, 300 - 1000, -1, 0, 0.0, None, "bhnd"),
+    ("multi-tile causal d128 alibi gqa2 bnhd", 4, 16, 8, 1000, 1000, 128, BF, 0, -1, 0, 0.0, "head", "bnhd"),
+    ("multi-tile packed gqa8 N16 S1000 causal d64 alibi", 40, 32, 4, 16, 1000, 64, BF, 1000 - 16, -1, 0, 0.0,
+     "bh", "bhnd"),
 ]
 
 
@@ -187,7 +196,7 @@ def rejects(lib):
     return out
 
 
-def bench(lib, json_path=None, alts=()):
+def bench(lib, json_path=None, alts=(), reps=1):
     import triton.testing as tt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -215,13 +224,22 @@ def bench(lib, json_path=None, alts=()):
                         with sdpa_kernel(be):
                             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
                     fns[nm] = f
-                for nm, fn in fns.items():
-                    try:
-                        ms = tt.do_bench(fn, warmup=25, rep=150, return_mode="median")
-                        res[nm] = ms
-                    except Exception as e:  # an anchor may not support a shape
-                        res[nm] = None
-                        print(f"  {nm} D{D} N{N} c{causal}: {type(e).__name__}: {str(e)[:120]}")
+                # reps > 1: the functions are timed round-robin `reps` times, the order
+                # rotated by one each time (a function timed right after another of
+                # ours measured up to 5% slower at N=16k: clocks after sustained load),
+                # and each keeps its best median.
+                order = list(fns.items())
+                for rep in range(reps):
+                    rot = rep % len(order)  # (not `k`: the closures above read q, k, v)
+                    for nm, fn in order[rot:] + order[:rot]:
+                        if nm in res and res[nm] is None:
+                            continue
+                        try:
+                            ms = tt.do_bench(fn, warmup=25, rep=150, return_mode="median")
+                            res[nm] = min(ms, res.get(nm) or ms)
+                        except Exception as e:  # an anchor may not support a shape
+                            res[nm] = None
+                            print(f"  {nm} D{D} N{N} c{causal}: {type(e).__name__}: {str(e)[:120]}")
                 tf = {nm: (flops / (ms * 1e-3) / 1e12 if ms else None) for nm, ms in res.items()}
                 rows.append(dict(D=D, N=N, causal=causal, B=B, H=H, ms=res, tflops=tf))
                 del q, k, v, out
@@ -237,7 +255,7 @@ def bench(lib, json_path=None, alts=()):
         lines.append(f"| {r['D']} | {r['N']} | {'y' if r['causal'] else 'n'} | {fmt(s)} | {fmt(c)} | {fmt(f2)} | "
                      f"{rat(s, c)} | {rat(s, f2)} | " + " | ".join(fmt(t.get(a)) for a in alt_names) + " |")
     if json_path:
-        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+        meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, reps=reps,
                     cudnn=torch.backends.cudnn.version(), date=datetime.date.today().isoformat(), rows=rows)
         with open(json_path, "w") as fh:
             json.dump(meta, fh, indent=1)
@@ -247,7 +265,7 @@ def bench(lib, json_path=None, alts=()):
 def sanitize_case(lib):
     """Small shapes for compute-sanitizer: ragged tiles, GQA, window, softcap, alibi."""
     only = {"N17 S1 d128 causal TL", "window 64/32 d64 N1000 S4097", "softcap20 causal d256 fp16 gqa2",
-            "causal d128 BR N1000 S17 (empty rows)"}
+            "causal d128 BR N1000 S17 (empty rows)", "multi-tile empty tiles d64 BR N1000 S300"}
     return run_checks(lib, only)
 
 
@@ -258,6 +276,7 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--reps", type=int, default=1, help="bench: interleaved repeats, best median kept")
     ap.add_argument("--alt", action="append", default=[], help="NAME=LIB: another build timed beside")
     a = ap.parse_args()
     lib = Sm90(a.lib)
@@ -274,7 +293,7 @@ def main():
         print(f"checks: {len(rows) - fails}/{len(rows)} passed")
     if a.bench:
         alts = [(x.split("=", 1)[0], Sm90(x.split("=", 1)[1])) for x in a.alt]
-        print("\n".join(bench(lib, a.json, alts)))
+        print("\n".join(bench(lib, a.json, alts, a.reps)))
     sys.exit(1 if fails else 0)
 
 

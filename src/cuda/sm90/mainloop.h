@@ -46,10 +46,24 @@ template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = fal
 struct Mainloop {
   static constexpr int kBlockN = TileConfig<D>::kBlockN;
   static constexpr int kStages = TileConfig<D>::kStages;
+  static constexpr int kQStages = TileConfig<D>::kQStages;
 #ifdef STEELATTN_SM90_FORCE_PINGPONG  // A/B test builds only (tests/cuda/sm90_build.sh)
   static constexpr bool kPingpong = STEELATTN_SM90_FORCE_PINGPONG != 0;
 #else
   static constexpr bool kPingpong = TileConfig<D>::kPingpong;
+#endif
+  // Half diagonal block (v7): on a causal tile's first key block, a consumer
+  // warpgroup whose 64 rows see none of the block's upper 64 keys (warpgroup 0
+  // on the diagonal) computes S = Q K^T with N = 64 and runs the softmax on
+  // those 32 scores per thread only; P's upper half is zero. The first block is
+  // the one with nothing to overlap, so this shortens the exposed chain of
+  // every causal tile. STEELATTN_SM90_HALF_DIAG=0|1 for A/B test builds.
+  // D64 only: at D128 (O 64 registers) the second S shape made ptxas
+  // serialise the wgmmas (C7511) and causal D128 lost 10-15%.
+#ifdef STEELATTN_SM90_HALF_DIAG
+  static constexpr bool kHalfDiag = STEELATTN_SM90_HALF_DIAG != 0 && Band && !Pack && kBlockN == 128 && D == 64;
+#else
+  static constexpr bool kHalfDiag = Band && !Pack && kBlockN == 128 && D == 64;
 #endif
   static constexpr int kQBytes = kBlockM * D * 2;   // Q tile [kBlockM, D]
   static constexpr int kKVBytes = kBlockN * D * 2;  // one K or V stage [kBlockN, D]
@@ -66,8 +80,11 @@ struct Mainloop {
   using Epi = std::conditional_t<Pack, EpiloguePacked<D, Elem>, Epilogue<D, Elem>>;
 
   __device__ static void init_barriers(Storage& sm) {
-    mbar_init(&sm.q_full, 1);
-    mbar_init(&sm.q_empty, kConsumerWarps);
+#pragma unroll
+    for (int i = 0; i < kQStages; ++i) {
+      mbar_init(&sm.q_full[i], 1);
+      mbar_init(&sm.q_empty[i], kConsumerWarps);
+    }
 #pragma unroll
     for (int i = 0; i < kStages; ++i) {
       mbar_init(&sm.k_full[i], 1);
@@ -88,37 +105,42 @@ struct Mainloop {
     const DynamicPersistentScheduler sched(p);
     const Mask mask(p);
     PipeState<kStages> st;
-    uint32_t q_phase = 0;
+    PipeState<kQStages> qst;
     int t = sched.first_tile();  // the grid never exceeds the tile count
     while (true) {
-      // The Q buffer and the tile id slot are free once every consumer warp
-      // has finished this buffer's previous tile.
-      mbar_wait(&sm.q_empty, q_phase ^ 1);
-      q_phase ^= 1;
+      // The Q buffer and its tile id slot are free once every consumer warp
+      // has finished this buffer's previous tile (with two Q buffers: the tile
+      // before the current one, so this wait is normally already satisfied and
+      // the next Q loads while the consumers still run the current tile).
+      const int qi = qst.index;
+      uint64_t* const q_full = &sm.q_full[qi];
+      Elem* const q_smem = sm.q[qi];
+      mbar_wait(&sm.q_empty[qi], qst.phase ^ 1);
+      qst.advance();
       const bool done = t >= sched.num_tiles;
-      *reinterpret_cast<volatile int*>(&sm.tile) = done ? -1 : t;
+      *reinterpret_cast<volatile int*>(&sm.tile[qi]) = done ? -1 : t;
       if (done) {
-        mbar_arrive(&sm.q_full);  // publishes "no more work"
+        mbar_arrive(q_full);  // publishes "no more work"
         break;
       }
       const TileCoord tc = sched.coord(t);
       int lo, hi;
       mask.block_range(tc.m_block, lo, hi);
       if (lo >= hi) {
-        mbar_arrive(&sm.q_full);  // consumers write zeros; nothing to load
+        mbar_arrive(q_full);  // consumers write zeros; nothing to load
       } else {
-        mbar_arrive_expect_tx(&sm.q_full, kQBytes);
+        mbar_arrive_expect_tx(q_full, kQBytes);
         if constexpr (Pack) {
           // One rank-5 box per column block: pack_rows queries x group heads,
           // landing g-major (row = g * pack_rows + query offset), still kBlockM rows.
 #pragma unroll
           for (int c = 0; c < D / 64; ++c)
-            tma_load_5d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * p.pack_rows, 0, tc.h,
+            tma_load_5d(q_smem + c * kBlockM * 64, &p.tma_q, q_full, c * 64, tc.m_block * p.pack_rows, 0, tc.h,
                         tc.b);
         } else {
 #pragma unroll
           for (int c = 0; c < D / 64; ++c)
-            tma_load_4d(sm.q + c * kBlockM * 64, &p.tma_q, &sm.q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
+            tma_load_4d(q_smem + c * kBlockM * 64, &p.tma_q, q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
         }
       }
       // Claim the next tile now: the atomic's latency hides behind the K/V waits.
@@ -148,7 +170,9 @@ struct Mainloop {
   // S[64, kBlockN] = Q[64, D] K[kBlockN, D]^T. Q and K are K-major, 128B
   // swizzled, stored as D/64 column blocks of (rows x 128 B); a k16 step moves
   // 32 B inside a row, every 4 steps jump to the next column block.
-  __device__ static void gemm_qk(float (&s)[kNS], uint32_t q_addr, uint32_t k_addr) {
+  // NN < kBlockN: S of the block's first NN keys only (the K tile's first NN rows).
+  template <int NN = kBlockN>
+  __device__ static void gemm_qk(float (&s)[NN / 2], uint32_t q_addr, uint32_t k_addr) {
     const uint64_t qd = make_smem_desc(q_addr, 16, 1024);  // SBO: 8 rows x 128 B
     const uint64_t kd = make_smem_desc(k_addr, 16, 1024);
     wgmma_fence();
@@ -156,7 +180,7 @@ struct Mainloop {
     for (int kk = 0; kk < D / 16; ++kk) {
       const uint32_t qoff = (kk / 4) * kBlockM * 128 + (kk % 4) * 32;
       const uint32_t koff = (kk / 4) * kBlockN * 128 + (kk % 4) * 32;
-      Wgmma<kBlockN, Tag>::ss(s, qd + (qoff >> 4), kd + (koff >> 4), kk > 0);
+      Wgmma<NN, Tag>::ss(s, qd + (qoff >> 4), kd + (koff >> 4), kk > 0);
     }
     wgmma_commit();
   }
@@ -207,8 +231,8 @@ struct Mainloop {
 
   // Score modifier + mask on one block. Unpacked: rows row0, row0 + 8 of head
   // tc.h; packed: query qrow[r] of head qhead[r], slope slope_r[r].
-  template <bool Masked>
-  __device__ static __forceinline__ void modify(const Mod& mod, float (&s)[kNS], int row0, const int (&qrow)[2],
+  template <bool Masked, int M>
+  __device__ static __forceinline__ void modify(const Mod& mod, float (&s)[M], int row0, const int (&qrow)[2],
                                                 const float (&slope_r)[2], int col0, const Mask& mask) {
     if constexpr (Pack)
       mod.template apply_rows<Masked>(s, qrow, slope_r, col0, mask);
@@ -230,18 +254,20 @@ struct Mainloop {
     const DynamicPersistentScheduler sched(p);
     const Mask mask(p);
     PipeState<kStages> st;
-    uint32_t q_phase = 0;
-    // This warpgroup's 64 rows of the Q tile: row offset cwg*64 in each column block.
-    const uint32_t q_addr = smem_u32(sm.q) + cwg * 64 * 128;
+    PipeState<kQStages> qst;
     // Warpgroup 0 takes the first turn: warpgroup 1 hands it over up front,
     // and warpgroup 0 absorbs warpgroup 1's last hand-over before exiting.
     if (kPingpong && cwg == 1) turn_end(cwg);
 
     while (true) {
-      mbar_wait(&sm.q_full, q_phase);
-      q_phase ^= 1;
-      const int t = *reinterpret_cast<volatile int*>(&sm.tile);
+      const int qi = qst.index;
+      mbar_wait(&sm.q_full[qi], qst.phase);
+      qst.advance();
+      const int t = *reinterpret_cast<volatile int*>(&sm.tile[qi]);
       if (t < 0) break;
+      uint64_t* const q_empty = &sm.q_empty[qi];
+      // This warpgroup's 64 rows of the Q tile: row offset cwg*64 in each column block.
+      const uint32_t q_addr = smem_u32(sm.q[qi]) + cwg * 64 * 128;
       const TileCoord tc = sched.coord(t);
       const int row0 = tc.m_block * kBlockM + cwg * 64 + warp * 16 + lane / 4;  // this thread's first row
       // Packed: the query index and head of this thread's rows r = 0, 1 (tile rows lr, lr + 8).
@@ -259,7 +285,7 @@ struct Mainloop {
       mask.block_range(tc.m_block, lo, hi);
       const Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
       if (lo >= hi) {
-        warp_release(&sm.q_empty);
+        warp_release(q_empty);
         epi.store_empty();
         continue;
       }
@@ -283,18 +309,37 @@ struct Mainloop {
       // First (highest) key block: nothing to overlap with yet.
       int n = hi - 1;
       mbar_wait(&sm.k_full[st.index], st.phase);
-      turn_begin(cwg);
-      gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));
-      turn_end(cwg);
-      wgmma_wait<0>();
-      fence_regs(s);
-      warp_release(&sm.k_empty[st.index]);
-      if (n == lo) warp_release(&sm.q_empty);
-      if (mask.needs_element_mask(tc.m_block, n))
-        modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
-      else
-        modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
-      softmax.step(s, corr);
+      bool half = false;  // (uniform over the warpgroup, as wgmma needs)
+      if constexpr (kHalfDiag) half = mask.upper_half_invisible(tc.m_block * kBlockM + cwg * 64, n);
+      if (half) {
+        if constexpr (kHalfDiag) {
+          float(&sh)[kNS / 2] = *reinterpret_cast<float(*)[kNS / 2]>(&s[0]);
+          turn_begin(cwg);
+          gemm_qk<kBlockN / 2>(sh, q_addr, smem_u32(sm.k[st.index]));
+          turn_end(cwg);
+          wgmma_wait<0>();
+          fence_regs(sh);
+          warp_release(&sm.k_empty[st.index]);
+          if (n == lo) warp_release(q_empty);
+          modify<true>(mod, sh, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+          softmax.step(sh, corr);
+#pragma unroll
+          for (int i = kNS / 2; i < kNS; ++i) s[i] = 0.f;
+        }
+      } else {
+        turn_begin(cwg);
+        gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));
+        turn_end(cwg);
+        wgmma_wait<0>();
+        fence_regs(s);
+        warp_release(&sm.k_empty[st.index]);
+        if (n == lo) warp_release(q_empty);
+        if (mask.needs_element_mask(tc.m_block, n))
+          modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+        else
+          modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+        softmax.step(s, corr);
+      }
       pack_p(s, pf);
       PipeState<kStages> vst = st;  // V of the block whose P is pending
       st.advance();
@@ -309,7 +354,7 @@ struct Mainloop {
         wgmma_wait<1>();  // S done, PV may still run
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
-        if (n == lo) warp_release(&sm.q_empty);
+        if (n == lo) warp_release(q_empty);
         if (mask.needs_element_mask(tc.m_block, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else

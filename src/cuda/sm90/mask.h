@@ -64,6 +64,17 @@ struct MaskPolicy {
     return false;
   }
 
+  // Unpacked band tiles: true when no query of rows [row_first, row_first + 63]
+  // (one consumer warpgroup's rows) sees any key of the upper half of block
+  // n_block (the causal diagonal block for the tile's first 64 rows).
+  __device__ bool upper_half_invisible(int row_first, int n_block) const {
+    if constexpr (!Band || Pack) {
+      return false;
+    } else {
+      return row_first + 63 + off + wr < n_block * BlockN + BlockN / 2;  // wr <= 2^30, rows < 2^28
+    }
+  }
+
   // Element test for query row `row`, key column `col` (both absolute).
   __device__ __forceinline__ bool visible(int row, int col) const {
     bool ok = col < S;

@@ -72,31 +72,51 @@ constexpr int kPingpongBarrierBase = 1;
 template <int D>
 struct TileConfig;
 
+// Q buffers (kQStages): with 2, the producer loads the next tile's Q while
+// the consumers still work on the current one (v7, NOTES-sm90.md). D128 uses
+// 2 (measured +0-4%); D64 keeps 1 (2 measured 2-5% slower in every D64 cell,
+// long tiles included, so not the Q load itself: the consumer loop's code
+// changed); D192/D256 have no room for a second Q tile.
+// STEELATTN_SM90_Q_STAGES=1|2 sets it for D64 and D128 (A/B test builds only).
+#ifdef STEELATTN_SM90_Q_STAGES
+constexpr int kQStagesD64 = STEELATTN_SM90_Q_STAGES;
+constexpr int kQStagesD128 = STEELATTN_SM90_Q_STAGES;
+#else
+constexpr int kQStagesD64 = 1;
+constexpr int kQStagesD128 = 2;
+#endif
+static_assert(kQStagesD64 >= 1 && kQStagesD64 <= 2 && kQStagesD128 >= 1 && kQStagesD128 <= 2,
+              "STEELATTN_SM90_Q_STAGES is 1 or 2");
+
 // kPingpong: the two consumer warpgroups take turns issuing their GEMMs, so
 // one's softmax runs under the other's GEMMs (FA3 does this for D <= 128; at
 // D = 256 the GEMMs dominate and the turn-taking only adds waits).
 template <>
 struct TileConfig<64> {
   static constexpr int kBlockN = 128;  // S 64 + P 32 + O 32 regs
-  static constexpr int kStages = 3;    // 16 KB Q + 3 * 32 KB = 112 KB
+  static constexpr int kStages = 3;    // 16 KB Q (x kQStages) + 3 * 32 KB = 112 KB
+  static constexpr int kQStages = kQStagesD64;
   static constexpr bool kPingpong = true;
 };
 template <>
 struct TileConfig<128> {
   static constexpr int kBlockN = 128;  // S 64 + P 32 + O 64 regs
-  static constexpr int kStages = 2;    // 32 KB Q + 2 * 64 KB = 160 KB
+  static constexpr int kStages = 2;    // 2 * 32 KB Q + 2 * 64 KB = 192 KB
+  static constexpr int kQStages = kQStagesD128;
   static constexpr bool kPingpong = true;
 };
 template <>
 struct TileConfig<192> {
   static constexpr int kBlockN = 112;  // S 56 + P 28 + O 96 regs; FA3's 128 x 112 for dv = 192
   static constexpr int kStages = 2;    // 48 KB Q + 2 * 84 KB = 216 KB
+  static constexpr int kQStages = 1;
   static constexpr bool kPingpong = false;
 };
 template <>
 struct TileConfig<256> {
   static constexpr int kBlockN = 80;  // S 40 + P 20 + O 128 regs (PV is m64n256k16); FA3's 128 x 80
   static constexpr int kStages = 2;   // 64 KB Q + 2 * 80 KB = 224 KB
+  static constexpr int kQStages = 1;
   static constexpr bool kPingpong = false;
 };
 
@@ -108,13 +128,19 @@ template <int D, class Elem>
 struct SharedStorage {
   static constexpr int kBlockN = TileConfig<D>::kBlockN;
   static constexpr int kStages = TileConfig<D>::kStages;
-  alignas(1024) Elem q[kBlockM * D];          // [kBlockM, D]; reused for O in the epilogue
-  alignas(1024) Elem k[kStages][kBlockN * D];  // [stages][kBlockN, D]
-  alignas(1024) Elem v[kStages][kBlockN * D];  // [stages][kBlockN, D]
-  uint64_t q_full, q_empty;
-  int tile;  // the tile being loaded, -1 = no more work; published by q_full
+  static constexpr int kQStages = TileConfig<D>::kQStages;
+  alignas(1024) Elem q[kQStages][kBlockM * D];  // [q stages][kBlockM, D]
+  alignas(1024) Elem k[kStages][kBlockN * D];   // [stages][kBlockN, D]
+  alignas(1024) Elem v[kStages][kBlockN * D];   // [stages][kBlockN, D]
+  uint64_t q_full[kQStages], q_empty[kQStages];
+  int tile[kQStages];  // the tile in each Q buffer, -1 = no more work; published by q_full
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
 };
+static_assert(sizeof(SharedStorage<64, uint16_t>) + 1024 <= 227 * 1024 &&
+                  sizeof(SharedStorage<128, uint16_t>) + 1024 <= 227 * 1024 &&
+                  sizeof(SharedStorage<192, uint16_t>) + 1024 <= 227 * 1024 &&
+                  sizeof(SharedStorage<256, uint16_t>) + 1024 <= 227 * 1024,
+              "shared memory per CTA is 227 KB");
 
 }  // namespace steelattn::sm90

@@ -24,10 +24,13 @@ struct OnlineSoftmax {
 
   // Turns scores into probabilities in place; returns in corr[r] the factor
   // that rescales everything accumulated so far for row r.
-  __device__ __forceinline__ void step(float (&s)[NS], float (&corr)[2]) {
+  // M = NS, or a prefix of the fragment (the first M/4 column groups of 8, as
+  // in a narrower m64nN accumulator: the layout is the same).
+  template <int M>
+  __device__ __forceinline__ void step(float (&s)[M], float (&corr)[2]) {
     float mx[2] = {row_max[0], row_max[1]};
 #pragma unroll
-    for (int e = 0; e < NS; ++e) mx[(e >> 1) & 1] = fmaxf(mx[(e >> 1) & 1], s[e]);
+    for (int e = 0; e < M; ++e) mx[(e >> 1) & 1] = fmaxf(mx[(e >> 1) & 1], s[e]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
@@ -43,7 +46,7 @@ struct OnlineSoftmax {
       row_sum[r] *= corr[r];
     }
 #pragma unroll
-    for (int e = 0; e < NS; ++e) {
+    for (int e = 0; e < M; ++e) {
       const int r = (e >> 1) & 1;
       s[e] = ex2_approx(fmaf(s[e], c, neg_max_scaled[r]));
       row_sum[r] += s[e];
