@@ -75,6 +75,18 @@ struct MaskPolicy {
     }
   }
 
+  // Keys [lo, hi] visible to query row `row` (lo > hi when none): the element test
+  // as two compares per score against per-row bounds (score_mod.h). No overflow:
+  // rows, S and |off| < 2^28, wl/wr <= 2^30.
+  __device__ __forceinline__ void row_bounds(int row, int& lo, int& hi) const {
+    hi = S - 1;
+    lo = 0;
+    if constexpr (Band) {
+      hi = min(hi, row + off + wr);
+      lo = max(lo, row + off - wl);
+    }
+  }
+
   // Element test for query row `row`, key column `col` (both absolute).
   __device__ __forceinline__ bool visible(int row, int col) const {
     bool ok = col < S;

@@ -51,11 +51,36 @@ struct ScoreMod {
       }
     }
     if constexpr (Masked) {
+      const int rows[2] = {row0, row0 + 8};
+      mask_elements(s, rows, col0, mask);
+    }
+  }
+
+  // Element mask: each row's visible key range, relative to col0, against the
+  // element's compile-time column offset: two compares and a select per score
+  // (the per-element test costs ~6 instructions). Softcap keeps the per-element
+  // test: with the range form ptxas serialised the D64 causal softcap kernel's
+  // wgmmas for lack of registers (C7511).
+  template <int NS>
+  __device__ __forceinline__ static void mask_elements(float (&s)[NS], const int (&row)[2], int col0,
+                                                       const MaskPolicy<Band, BlockM, BlockN, Pack>& mask) {
+    if constexpr (Softcap) {
+#pragma unroll
+      for (int e = 0; e < NS; ++e)
+        if (!mask.visible(row[(e >> 1) & 1], col0 + 8 * (e >> 2) + (e & 1))) s[e] = -INFINITY;
+    } else {
+      int lo[2], hi[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mask.row_bounds(row[r], lo[r], hi[r]);
+        lo[r] -= col0;
+        hi[r] -= col0;
+      }
 #pragma unroll
       for (int e = 0; e < NS; ++e) {
-        const int row = row0 + 8 * ((e >> 1) & 1);
-        const int col = col0 + 8 * (e >> 2) + (e & 1);
-        if (!mask.visible(row, col)) s[e] = -INFINITY;
+        const int r = (e >> 1) & 1;
+        const int c = 8 * (e >> 2) + (e & 1);
+        if (c < lo[r] || c > hi[r]) s[e] = -INFINITY;
       }
     }
   }
@@ -78,13 +103,7 @@ struct ScoreMod {
         s[e] = fmaf(-slope_r[r], dist, x);
       }
     }
-    if constexpr (Masked) {
-#pragma unroll
-      for (int e = 0; e < NS; ++e) {
-        const int col = col0 + 8 * (e >> 2) + (e & 1);
-        if (!mask.visible(row[(e >> 1) & 1], col)) s[e] = -INFINITY;
-      }
-    }
+    if constexpr (Masked) mask_elements(s, row, col0, mask);
   }
 };
 
