@@ -71,8 +71,8 @@ ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not)
   if (p.q.device == Device::cpu) return select_forward_path(p, why_not);
 #if defined(STEELATTN_WITH_CUDA)
   std::string sm90_why, generic_why;
-  if (p.deterministic) sm90_why = "deterministic=True (the Hopper backward adds dQ in arrival order)";
-  if (!p.deterministic && cuda_sm90_backward_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
+  // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.
+  if (cuda_sm90_backward_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
   if (cuda_generic_backward_supports(p, &generic_why)) return ForwardPath::cuda_generic;
   if (why_not) *why_not = "sm90: " + sm90_why + "; generic: " + generic_why;
 #else

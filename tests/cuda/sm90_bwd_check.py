@@ -33,9 +33,10 @@ class Sm90Bwd:
         f.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(P), ctypes.POINTER(ctypes.c_int),
                       ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64), ctypes.c_double,
                       ctypes.c_double, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, P, ctypes.c_int,
-                      ctypes.POINTER(ctypes.c_uint64), P]
+                      ctypes.POINTER(ctypes.c_uint64), P, ctypes.c_int]
         f.restype = ctypes.c_int
         self.ws = None
+        self.det = 0  # 1: deterministic dQ reduce
 
     def _call(self, t, scale, softcap, diag, wl, wr, mode):
         ptrs = (ctypes.c_void_p * 11)()
@@ -55,7 +56,7 @@ class Sm90Bwd:
         ws = ctypes.c_void_p(self.ws.data_ptr()) if (mode == 0 and self.ws is not None) else None
         rc = self.lib.sm90_bwd(DTYPE_CODE[t["q"].dtype], t["q"].device.index or 0, ptrs, nd, sh, st, scale, softcap,
                                diag, wl, wr, ws, mode, ctypes.byref(wsb),
-                               ctypes.c_void_p(torch.cuda.current_stream().cuda_stream))
+                               ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), self.det)
         if rc != 0:
             raise RuntimeError(f"sm90_bwd rc={rc}: {self.lib.sm90_bwd_last_error().decode()}")
         return wsb.value
@@ -195,9 +196,19 @@ def run_checks(lib, only=None):
         unwritten = sum(int(torch.isnan(x).sum().item()) for x in (dq, dk, dv))
         e_q, e_k, e_v = rel(dq, dq_ref), rel(dk, dk_ref), rel(dv, dv_ref)
         ok = unwritten == 0 and max(e_q, e_k, e_v) < TOL[dt]
+        same = ""
+        if lib.det:  # deterministic: three more runs must give the same bits
+            first = [x.clone() for x in (dq, dk, dv)]
+            for _ in range(3):
+                lib.prepare(t, scale, cap, diag, wl, wr, poison=True)
+                lib.backward(t, scale, cap, diag, wl, wr)
+            torch.cuda.synchronize()
+            ident = all(torch.equal(a, b) for a, b in zip(first, (dq, dk, dv)))
+            ok = ok and ident
+            same = " bit-identical x4" if ident else " NOT BIT-IDENTICAL"
         fails += 0 if ok else 1
         rows.append(f"{'ok  ' if ok else 'FAIL'} {name}: dq={e_q:.2e} dk={e_k:.2e} dv={e_v:.2e} "
-                    f"unwritten={unwritten}")
+                    f"unwritten={unwritten}{same}")
         print(rows[-1], flush=True)
         del q, k, v, dout, out, lse, dq, dk, dv, t, dq_ref, dk_ref, dv_ref, out_ref
         torch.cuda.empty_cache()
@@ -299,8 +310,10 @@ def main():
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--sanitize", action="store_true")
     ap.add_argument("--json")
+    ap.add_argument("--deterministic", action="store_true", help="dQ reduced in key-block order")
     a = ap.parse_args()
     lib = Sm90Bwd(a.lib)
+    lib.det = int(a.deterministic)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  cudnn {torch.backends.cudnn.version()}")
     fails = 0
     if a.sanitize:

@@ -22,10 +22,12 @@ const char* sm90_bwd_last_error() { return g_error.c_str(); }
 // ptrs[NT] (null = absent), ndims[NT], shapes[NT*4], strides[NT*4] (elements).
 // dtype codes follow steelattn::DType (lse, dlse, alibi are always fp32).
 // mode 0: run; 1: supports() only; 2: write the workspace size to *ws_bytes.
+// deterministic: dQ reduced in key-block order (bit-identical run to run).
 // Returns 0 ok, 1 unsupported, 2 error.
 int sm90_bwd(int dtype, int device_id, void* const* ptrs, const int* ndims, const int64_t* shapes,
              const int64_t* strides, double scale, double softcap, int64_t diag_offset, int64_t window_left,
-             int64_t window_right, void* workspace, int mode, uint64_t* ws_bytes, void* stream) {
+             int64_t window_right, void* workspace, int mode, uint64_t* ws_bytes, void* stream,
+             int deterministic) {
   AttentionParams p;
   TensorRef* refs[NT] = {&p.q, &p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv, &p.lse, &p.dlse, &p.alibi_slopes};
   for (int t = 0; t < NT; ++t) {
@@ -46,6 +48,7 @@ int sm90_bwd(int dtype, int device_id, void* const* ptrs, const int* ndims, cons
   p.diag_offset = diag_offset;
   p.window_left = window_left;
   p.window_right = window_right;
+  p.deterministic = deterministic != 0;
   p.B = p.q.shape[0];
   p.H = p.q.shape[1];
   p.N = p.q.shape[2];

@@ -70,6 +70,22 @@ __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src,
                : "memory");
 }
 
+// Orders this thread's generic-proxy accesses to global memory before its later
+// async-proxy ones (the bulk reduce after the counter's acquire).
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
 __device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
   asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
@@ -109,7 +125,10 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(h);
 }
 
-template <int D, class Elem, bool Band, bool Softcap>
+// Det: dQ reduced in key-block order (write_dq), bit-identical run to run. A
+// template argument, not a runtime flag: the flag's branches cost the default
+// kernel 8-11% at D64 (its registers and schedule changed).
+template <int D, class Elem, bool Band, bool Softcap, bool Det>
 struct BwdMainloop {
   using Tag = typename BwdElemTag<Elem>::type;
   using Smem = BwdSmem<D, Elem>;
@@ -155,6 +174,23 @@ struct BwdMainloop {
     }
   }
 
+  // The query block of step i (of this head's nm): ascending, or descending when
+  // deterministic, so that every key block of a head reaches a query block at the
+  // same step and the ordered dQ reduce (write_dq) waits only for the block before.
+  __device__ static int m_of_step(const BwdParams& p, int i, int m_lo, int m_hi) {
+    return Det ? m_hi - 1 - i : m_lo + i;
+  }
+
+  // The first key block that sees query block m (the same band as m_range, solved
+  // the other way; checked against it by brute force over random shapes).
+  __device__ static int first_key_block(const BwdParams& p, int m) {
+    if constexpr (!Band) {
+      return 0;
+    } else {
+      return max(m * BM + p.diag_offset - p.window_left, 0) / BN;
+    }
+  }
+
   __device__ static bool needs_mask(const BwdParams& p, int m_block, int n_block) {
     const int key_first = n_block * BN;
     const int key_last = key_first + BN - 1;
@@ -184,6 +220,11 @@ struct BwdMainloop {
       mbar_init(&sm.full[i], 1);
       mbar_init(&sm.empty[i], kConsumerWarps);
     }
+#pragma unroll
+    for (int w = 0; w < kBwdConsumerWGs; ++w) {
+      mbar_init(&sm.dq_full[w], 4);  // the 4 warps of consumer warpgroup w
+      mbar_init(&sm.dq_empty[w], 1);
+    }
     fence_barrier_init();
   }
 
@@ -207,7 +248,7 @@ struct BwdMainloop {
     BwdPipe<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
-      const int m = m_lo + it % nm;
+      const int m = m_of_step(p, it % nm, m_lo, m_hi);
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
       uint64_t* bar = &sm.full[st.index];
       mbar_arrive_expect_tx(bar, kStepBytes);
@@ -220,6 +261,45 @@ struct BwdMainloop {
       bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
       bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
       st.advance();
+    }
+  }
+
+  // ------------------------------------------------------ deterministic dQ writer
+  // One thread of the producer warpgroup. For each step it takes the two dQ quarters
+  // the consumers staged, waits until the key blocks before this one have added
+  // theirs (the block's counter equals this key block's rank among the blocks that
+  // see query block m), reduce-adds them, frees the staging buffers once read, and
+  // bumps the counters once the adds are complete. Key block n only waits for
+  // n - 1 of the same (b, kv head), which has a lower block index, so it was
+  // launched earlier: no deadlock.
+  __device__ static void write_dq(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+    int m_lo, m_hi;
+    m_range(p, n_block, m_lo, m_hi);
+    const int nm = m_hi - m_lo;
+    const int iters = p.group * nm;
+    uint32_t phase = 0;
+    for (int it = 0; it < iters; ++it) {
+      const int h = hkv * p.group + it / nm;
+      const int m = m_of_step(p, it % nm, m_lo, m_hi);
+      const int rank = n_block - first_key_block(p, m);
+      const int64_t tile0 = ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2;
+#pragma unroll
+      for (int w = 0; w < kBwdConsumerWGs; ++w) {
+        mbar_wait(&sm.dq_full[w], phase);
+        while (ld_acquire_gpu(p.dq_sem + tile0 + w) != rank) {
+        }
+        fence_proxy_async_global();  // the acquire before this thread's async-proxy reduce
+        bulk_reduce_add_f32(p.dq_acc + (tile0 + w) * 4096, sm.dq[w], 64 * 64 * 4);
+        tma_store_commit();
+      }
+      tma_store_wait_read();
+#pragma unroll
+      for (int w = 0; w < kBwdConsumerWGs; ++w) mbar_arrive(&sm.dq_empty[w]);
+      tma_store_wait_all();  // the adds are performed
+      __threadfence();
+#pragma unroll
+      for (int w = 0; w < kBwdConsumerWGs; ++w) red_release_gpu_add(p.dq_sem + tile0 + w, 1);
+      phase ^= 1;
     }
   }
 
@@ -289,6 +369,7 @@ struct BwdMainloop {
       const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w : 0) * BN * 128;
       constexpr float kLog2e = 1.4426950408889634f;
       BwdPipe<kBwdStages> st;
+      uint32_t dq_phase = 0;  // deterministic: parity of this warpgroup's dq_full / dq_empty
       float s[kNS], dp[kNS];
       // S^T = K Q^T and dP^T = V dO^T of the step in `stage` (two commit groups).
       auto issue_sdp = [&](const BwdPipe<kBwdStages>& stage) {
@@ -301,7 +382,7 @@ struct BwdMainloop {
       };
       for (int it = 0; it < iters; ++it) {
         const int h = hkv * p.group + it / nm;
-        const int m = m_lo + it % nm;
+        const int m = m_of_step(p, it % nm, m_lo, m_hi);
         const float slope = p.alibi ? p.alibi[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
         const bool masked = needs_mask(p, m, n_block);
         const int q0 = m * BM + qlane;  // query of column 0 of this thread
@@ -486,7 +567,18 @@ struct BwdMainloop {
           warp_release(&sm.empty[st.index]);
         }
 
-        if constexpr (kBulkDq) {
+        if constexpr (Det) {
+          // dQ quarter -> smem for the writer thread (write_dq), once it has read the
+          // previous one.
+          mbar_wait(&sm.dq_empty[w], dq_phase ^ 1);
+          float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
+#pragma unroll
+          for (int jb = 0; jb < 8; ++jb)
+            dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
+          fence_proxy_async();
+          warp_release(&sm.dq_full[w]);
+          dq_phase ^= 1;
+        } else if constexpr (kBulkDq) {
           // dQ quarter -> smem, then one thread reduce-adds the 16 KB into the
           // workspace's 64x64 block with a bulk async copy. The block keeps the
           // accumulator fragment order (bwd_params.h), so the stores are conflict-free.
@@ -542,12 +634,12 @@ struct BwdMainloop {
   }
 };
 
-template <int D, class Elem, bool Band, bool Softcap>
+template <int D, class Elem, bool Band, bool Softcap, bool Det>
 __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // other archs of a multi-arch build: never selected (cuda_sm90_backward_supports)
 #elif defined(__CUDA_ARCH__)
-  using ML = BwdMainloop<D, Elem, Band, Softcap>;
+  using ML = BwdMainloop<D, Elem, Band, Softcap, Det>;
   extern __shared__ uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<typename ML::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                     ~static_cast<uintptr_t>(1023));
@@ -558,6 +650,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
   if (warpgroup == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
     if (threadIdx.x == 0) ML::produce(p, sm, n_block, b, hkv);
+    if constexpr (Det) {
+      if (threadIdx.x == 32) ML::write_dq(p, sm, n_block, b, hkv);
+    }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();
     ML::consume(p, sm, warpgroup - 1, n_block, b, hkv);
@@ -565,9 +660,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap>
+template <int D, class Elem, bool Band, bool Softcap, bool Det>
 cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = bwd_kernel<D, Elem, Band, Softcap>;
+  auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det>;
   constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
@@ -575,13 +670,15 @@ cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t strea
   return cudaGetLastError();
 }
 
-template <int D, class Elem>
-cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+template <int D, class Elem, bool Det>
+cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+  constexpr bool T = true, F = false;
   if (band)
-    return softcap ? launch_bwd_variant<D, Elem, true, true>(p, grid, stream)
-                   : launch_bwd_variant<D, Elem, true, false>(p, grid, stream);
-  return softcap ? launch_bwd_variant<D, Elem, false, true>(p, grid, stream)
-                 : launch_bwd_variant<D, Elem, false, false>(p, grid, stream);
+    return softcap ? launch_bwd_variant<D, Elem, T, T, Det>(p, grid, stream)
+                   : launch_bwd_variant<D, Elem, T, F, Det>(p, grid, stream);
+  return softcap ? launch_bwd_variant<D, Elem, F, T, Det>(p, grid, stream)
+                 : launch_bwd_variant<D, Elem, F, F, Det>(p, grid, stream);
 }
+
 
 }  // namespace steelattn::sm90

@@ -182,9 +182,18 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   return true;
 }
 
+namespace {
+int bwd_block_m(int64_t D) { return D == 64 ? sm90::BwdTile<64>::kBlockM : sm90::BwdTile<128>::kBlockM; }
+
+// Deterministic mode's counters: one per 64x64 dQ block (2 per query block).
+int64_t dq_sem_count(const AttentionParams& p) { return p.B * p.H * (row_pad(p.N) / bwd_block_m(p.D)) * 2; }
+}  // namespace
+
+// Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * D] | dQ counters [dq_sem_count].
 size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
   const int64_t rows = p.B * p.H * row_pad(p.N);
-  return static_cast<size_t>(rows) * static_cast<size_t>(2 + p.D) * sizeof(float);
+  return static_cast<size_t>(rows) * static_cast<size_t>(2 + p.D) * sizeof(float) +
+         static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
 }
 
 Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* stream) {
@@ -193,13 +202,14 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
   const int D = static_cast<int>(p.D);
-  const int BM = D == 64 ? sm90::BwdTile<64>::kBlockM : sm90::BwdTile<128>::kBlockM;
+  const int BM = bwd_block_m(D);
   const int BN = sm90::kBwdBlockN;
   const int64_t n_pad = row_pad(p.N);
   const int64_t rows = p.B * p.H * n_pad;
   float* lse2 = static_cast<float*>(workspace);
   float* dsum = lse2 + rows;
   float* dq_acc = dsum + rows;
+  int* dq_sem = reinterpret_cast<int*>(dq_acc + rows * D);
 
   BwdParams k{};
   if (!sm90::encode_map(&k.tma_q, p.q, BM, &why) || !sm90::encode_map(&k.tma_do, p.dout, BM, &why) ||
@@ -208,6 +218,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.lse2 = lse2;
   k.dsum = dsum;
   k.dq_acc = dq_acc;
+  k.dq_sem = dq_sem;
   k.dk = p.dk.data;
   k.dk_sb = p.dk.stride[0];
   k.dk_sh = p.dk.stride[1];
@@ -277,7 +288,10 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
   const auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = p.q.dtype == DType::bf16;
-  cudaError_t err = cudaMemsetAsync(dq_acc, 0, static_cast<size_t>(rows) * D * sizeof(float), s);
+  // The dQ accumulator and (deterministic) its counters start at zero.
+  const size_t zero_bytes = static_cast<size_t>(rows) * D * sizeof(float) +
+                            (p.deterministic ? static_cast<size_t>(dq_sem_count(p)) * sizeof(int) : 0);
+  cudaError_t err = cudaMemsetAsync(dq_acc, 0, zero_bytes, s);
   if (err == cudaSuccess) {
     const unsigned pre_blocks = static_cast<unsigned>((rows + 7) / 8);
     if (bf16)
@@ -290,11 +304,11 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
     const dim3 grid(static_cast<unsigned>((p.S + BN - 1) / BN), static_cast<unsigned>(p.Hkv),
                     static_cast<unsigned>(p.B));
     if (D == 64)
-      err = bf16 ? sm90::launch_bwd<64, __nv_bfloat16>(k, band, softcap, grid, s)
-                 : sm90::launch_bwd<64, __half>(k, band, softcap, grid, s);
+      err = bf16 ? sm90::launch_bwd<64, __nv_bfloat16>(k, band, softcap, p.deterministic, grid, s)
+                 : sm90::launch_bwd<64, __half>(k, band, softcap, p.deterministic, grid, s);
     else
-      err = bf16 ? sm90::launch_bwd<128, __nv_bfloat16>(k, band, softcap, grid, s)
-                 : sm90::launch_bwd<128, __half>(k, band, softcap, grid, s);
+      err = bf16 ? sm90::launch_bwd<128, __nv_bfloat16>(k, band, softcap, p.deterministic, grid, s)
+                 : sm90::launch_bwd<128, __half>(k, band, softcap, p.deterministic, grid, s);
   }
   if (err == cudaSuccess) {
     const int64_t total = p.B * p.H * p.N * (D / 4);

@@ -10,8 +10,16 @@
 
 namespace steelattn::sm90 {
 
-// Defined in bwd_kernel.h; instantiated for D in {64, 128} x {__nv_bfloat16, __half}.
+// Defined in bwd_kernel.h; instantiated for D in {64, 128} x {__nv_bfloat16, __half} x
+// Det (bwd_inst_hdim{D}_{dtype}{,_det}.cu).
+template <int D, class Elem, bool Det>
+cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
+
 template <int D, class Elem>
-cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
+cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, bool deterministic, dim3 grid,
+                       cudaStream_t stream) {
+  return deterministic ? launch_bwd_det<D, Elem, true>(p, band, softcap, grid, stream)
+                       : launch_bwd_det<D, Elem, false>(p, band, softcap, grid, stream);
+}
 
 }  // namespace steelattn::sm90

@@ -19,6 +19,7 @@ struct BwdParams {
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
   float* dq_acc;      // [B*H, n_pad, D] fp32, zeroed by the host, summed into with red.global.add
+  int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the host
 
   void* dk;
   int64_t dk_sb, dk_sh, dk_sn;
@@ -98,6 +99,7 @@ struct BwdSmem {
   alignas(16) float dsum[kBwdStages][BM];
   uint64_t kv_full;
   uint64_t full[kBwdStages], empty[kBwdStages];
+  uint64_t dq_full[kBwdConsumerWGs], dq_empty[kBwdConsumerWGs];  // deterministic: consumers <-> dQ writer
 };
 
 }  // namespace steelattn::sm90
