@@ -1,5 +1,7 @@
 """Shared fixtures: the device parameter (CUDA cases skip cleanly without a GPU),
 per-dtype tolerances, and output poisoning."""
+import os
+
 import pytest
 import torch
 
@@ -19,6 +21,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skip
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+@pytest.fixture(autouse=True, scope="session")
+def deterministic_run():
+    """STEELATTN_TEST_DETERMINISTIC=1 runs the suite under torch.use_deterministic_algorithms,
+    so every gradient case takes the deterministic kernels (scripts/gpu-check dettest)."""
+    if os.environ.get("STEELATTN_TEST_DETERMINISTIC") == "1":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
 
 
 @pytest.fixture(autouse=True)
