@@ -70,8 +70,11 @@ inline bool tma_compatible(const TensorRef& t, const char* name, std::string* wh
   return true;
 }
 
-// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view.
-inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
+// Encodes a bf16/fp16 tensor map of `rank` dims (dims / byte strides of dims 1.. /
+// box innermost first) with the kernels' common options: 128B swizzle, L2 promotion
+// 128B, out-of-range elements read as zeros. `what` names the map in errors.
+inline bool encode_tiled(CUtensorMap* map, const TensorRef& t, int rank, const cuuint64_t* dims,
+                         const cuuint64_t* strides, const cuuint32_t* box, const char* what, std::string* why) {
   const auto encode = tensor_map_encoder();
   if (!encode) {
     if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
@@ -79,8 +82,22 @@ inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::
   }
   const CUtensorMapDataType dt =
       t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
-  cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
-                        static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
+  const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};  // rank <= 5
+  const CUresult r = encode(map, dt, rank, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    if (why)
+      *why = std::string("cuTensorMapEncodeTiled (") + what + ") failed (" + std::to_string(static_cast<int>(r)) + ")";
+    return false;
+  }
+  return true;
+}
+
+// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view.
+inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
+                              static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
   // Byte strides of dims 1..3 (seq, head, batch). A size-1 dim gets the
   // packed stride, which is always encodable.
   cuuint64_t strides[3];
@@ -91,16 +108,8 @@ inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::
     strides[i] = static_cast<cuuint64_t>(s);
     packed = s * t.shape[d];
   }
-  cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};  // 64 elems = the 128 B swizzle span
-  cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r = encode(map, dt, 4, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);  // out-of-range rows read as zeros
-  if (r != CUDA_SUCCESS) {
-    if (why) *why = "cuTensorMapEncodeTiled failed (" + std::to_string(static_cast<int>(r)) + ")";
-    return false;
-  }
-  return true;
+  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};  // 64 elems = the 128 B swizzle span
+  return encode_tiled(map, t, 4, dims, strides, box, "rank 4", why);
 }
 
 }  // namespace steelattn::sm90

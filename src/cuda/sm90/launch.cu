@@ -24,7 +24,6 @@ using sm90::FwdParams;
 using sm90::DeviceInfo;
 using sm90::device_info;
 using sm90::encode_map;
-using sm90::tensor_map_encoder;
 using sm90::tma_compatible;
 
 constexpr int64_t kMaxSeq = int64_t{1} << 28;  // keeps the int32 band arithmetic (params.h) exact
@@ -40,13 +39,6 @@ constexpr int64_t kMaxSeq = int64_t{1} << 28;  // keeps the int32 band arithmeti
 // box (64, rows, group, 1, 1): the box lands in smem g-major, kBlockM rows of
 // 128 B, exactly the layout of an unpacked Q tile.
 bool encode_q_packed(CUtensorMap* map, const TensorRef& t, int group, int rows, std::string* why) {
-  const auto encode = tensor_map_encoder();
-  if (!encode) {
-    if (why) *why = "cuTensorMapEncodeTiled unavailable (driver too old)";
-    return false;
-  }
-  const CUtensorMapDataType dt =
-      t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const int64_t hkv = t.shape[1] / group;
   cuuint64_t dims[5] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
                         static_cast<cuuint64_t>(group), static_cast<cuuint64_t>(hkv),
@@ -58,16 +50,8 @@ bool encode_q_packed(CUtensorMap* map, const TensorRef& t, int group, int rows, 
                            static_cast<cuuint64_t>(head),
                            static_cast<cuuint64_t>(hkv == 1 ? unused : head * group),
                            static_cast<cuuint64_t>(t.shape[0] == 1 ? unused : t.stride[0] * 2)};
-  cuuint32_t box[5] = {64, static_cast<cuuint32_t>(rows), static_cast<cuuint32_t>(group), 1, 1};
-  cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
-  const CUresult r = encode(map, dt, 5, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  if (r != CUDA_SUCCESS) {
-    if (why) *why = "cuTensorMapEncodeTiled (packed q) failed (" + std::to_string(static_cast<int>(r)) + ")";
-    return false;
-  }
-  return true;
+  const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(rows), static_cast<cuuint32_t>(group), 1, 1};
+  return sm90::encode_tiled(map, t, 5, dims, strides, box, "packed q", why);
 }
 
 // GQA packing rule. Packing puts the G query heads of one KV head into one
