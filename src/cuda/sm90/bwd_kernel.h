@@ -21,39 +21,12 @@
 #include <type_traits>
 
 #include "cuda/sm90/bwd_params.h"
-#include "cuda/sm90/bwd_wgmma.h"
+#include "cuda/sm90/common.h"    // sm_90a guard, ElemTag, PipeState
 #include "cuda/sm90/epilogue.h"  // pack2
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/wgmma_ops.h"
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "src/cuda/sm90 must be compiled for sm_90a: -gencode=arch=compute_90a,code=sm_90a (CMake: 90a)"
-#endif
-
 namespace steelattn::sm90 {
-
-template <class Elem>
-struct BwdElemTag;
-template <>
-struct BwdElemTag<__nv_bfloat16> {
-  using type = Bf16;
-};
-template <>
-struct BwdElemTag<__half> {
-  using type = F16;
-};
-
-template <int Stages>
-struct BwdPipe {
-  int index = 0;
-  uint32_t phase = 0;
-  __device__ void advance() {
-    if (++index == Stages) {
-      index = 0;
-      phase ^= 1;
-    }
-  }
-};
 
 __device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
   asm volatile(
@@ -84,10 +57,6 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
 
 __device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-__device__ __forceinline__ void red_add_v2(float* p, float a, float b) {
-  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(p), "f"(a), "f"(b) : "memory");
 }
 
 // Two floats from shared memory with ld.shared (a plain dereference of the smem
@@ -130,7 +99,7 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
 // kernel 8-11% at D64 (its registers and schedule changed).
 template <int D, class Elem, bool Band, bool Softcap, bool Det>
 struct BwdMainloop {
-  using Tag = typename BwdElemTag<Elem>::type;
+  using Tag = typename ElemTag<Elem>::type;
   using Smem = BwdSmem<D, Elem>;
   static constexpr int BM = BwdTile<D>::kBlockM;
   static constexpr int BN = kBwdBlockN;
@@ -141,14 +110,8 @@ struct BwdMainloop {
   // D64 without softcap: dS^T = P^T (dP^T - dsum) takes P^T from its packed 16-bit
   // copy (the one dV uses), so S^T dies before dP^T is waited for and the dS math
   // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64).
-  static constexpr bool kPackedPForDs = D == 64 && !Softcap && kBwdD64Overlap;
+  static constexpr bool kPackedPForDs = D == 64 && !Softcap;
   static constexpr bool kOverlapDv = D == 128 || kPackedPForDs;
-  // v3: dQ is issued before dK and staged to smem while dK runs (the tensor cores
-  // were idle during the staging). Issuing the next step's S^T / dP^T behind dK as
-  // well spilled 256-676 B and made ptxas serialize every wgmma (C7514/C7515), and
-  // dK with dS^T from smem (SS) was 2-4% slower than RS (NOTES-sm90-bwd.md).
-  static constexpr bool kDqFirst = kBwdDqFirst;
-  static constexpr bool kBulkDq = kBwdBulkDq;
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
   static_assert(D == 64 || D == 128, "first version: D in {64, 128}");
@@ -189,6 +152,11 @@ struct BwdMainloop {
     } else {
       return max(m * BM + p.diag_offset - p.window_left, 0) / BN;
     }
+  }
+
+  // Index of the first of query block m's two 64x64 dQ workspace blocks (and counters).
+  __device__ static int64_t dq_block(const BwdParams& p, int b, int h, int m) {
+    return ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2;
   }
 
   __device__ static bool needs_mask(const BwdParams& p, int m_block, int n_block) {
@@ -245,7 +213,7 @@ struct BwdMainloop {
       tma_load_4d(sm.k + c * BN * 64, &p.tma_k, &sm.kv_full, c * 64, n_block * BN, hkv, b);
       tma_load_4d(sm.v + c * BN * 64, &p.tma_v, &sm.kv_full, c * 64, n_block * BN, hkv, b);
     }
-    BwdPipe<kBwdStages> st;
+    PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
@@ -282,7 +250,7 @@ struct BwdMainloop {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
       const int rank = n_block - first_key_block(p, m);
-      const int64_t tile0 = ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2;
+      const int64_t tile0 = dq_block(p, b, h, m);
 #pragma unroll
       for (int w = 0; w < kBwdConsumerWGs; ++w) {
         mbar_wait(&sm.dq_full[w], phase);
@@ -342,7 +310,7 @@ struct BwdMainloop {
     const uint64_t bd = make_smem_desc(k_addr, BN * 128, 1024);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      WgmmaT<64, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
+      Wgmma<64, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
   }
 
   __device__ static void consume(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv) {
@@ -363,16 +331,15 @@ struct BwdMainloop {
       mbar_wait(&sm.kv_full, 0);
       const uint32_t k_addr = smem_u32(sm.k) + w * 64 * 128;
       const uint32_t v_addr = smem_u32(sm.v) + w * 64 * 128;
-      // dQ quarter of this warpgroup: BM 128 -> rows w*64, all 64 cols; BM 64 -> all rows, cols w*64.
-      const int dq_row_off = BM == 128 ? w * 64 : 0;
-      const int dq_col_off = BM == 64 ? w * 64 : 0;
+      // dQ quarter of this warpgroup: BM 128 -> rows w*64, all 64 cols; BM 64 -> all rows,
+      // cols w*64 (K's column block w).
       const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w : 0) * BN * 128;
       constexpr float kLog2e = 1.4426950408889634f;
-      BwdPipe<kBwdStages> st;
+      PipeState<kBwdStages> st;
       uint32_t dq_phase = 0;  // deterministic: parity of this warpgroup's dq_full / dq_empty
       float s[kNS], dp[kNS];
       // S^T = K Q^T and dP^T = V dO^T of the step in `stage` (two commit groups).
-      auto issue_sdp = [&](const BwdPipe<kBwdStages>& stage) {
+      auto issue_sdp = [&](const PipeState<kBwdStages>& stage) {
         mbar_wait(&sm.full[stage.index], stage.phase);
         wgmma_fence();
         gemm_keys_x_rows(s, k_addr, smem_u32(sm.q[stage.index]));
@@ -544,77 +511,53 @@ struct BwdMainloop {
         fence_proxy_async();
         named_barrier_sync(kBwdDsBarrier, 128 * kBwdConsumerWGs);
 
+        // dQ is issued before dK, in its own commit group, and staged to smem while dK
+        // runs (the tensor cores were idle during the staging). Issuing the next
+        // step's S^T / dP^T behind dK as well spilled 256-676 B and made ptxas
+        // serialise every wgmma (C7514/C7515); dK with dS^T from smem (SS) was 2-4%
+        // slower than RS (NOTES-sm90-bwd.md).
         float dq[32];
-        const uint32_t ds_addr = smem_u32(sm.ds[it & 1]);
-        auto issue_dk = [&] { gemm_rs(dk, dsf, q_addr); };
         wgmma_fence();
-        if constexpr (!kDqFirst) issue_dk();
-        gemm_dq(dq, ds_addr + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
-        if constexpr (kDqFirst) {
-          // dQ first so it is staged while dK runs.
-          wgmma_commit();
-          issue_dk();
-          wgmma_commit();
-          wgmma_wait<1>();
-          fence_regs(dq);
-          fence_regs(dv);
-        } else {
-          wgmma_commit();
-          wgmma_wait<0>();
-          fence_regs(dq);
-          fence_regs(dk);
-          fence_regs(dv);
-          warp_release(&sm.empty[st.index]);
-        }
+        gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
+        wgmma_commit();
+        gemm_rs(dk, dsf, q_addr);
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_regs(dq);
+        fence_regs(dv);
 
-        if constexpr (Det) {
-          // dQ quarter -> smem for the writer thread (write_dq), once it has read the
-          // previous one.
-          mbar_wait(&sm.dq_empty[w], dq_phase ^ 1);
+        // dQ quarter -> smem in the workspace block's (accumulator-order) layout.
+        auto stage_dq = [&] {
           float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
 #pragma unroll
           for (int jb = 0; jb < 8; ++jb)
             dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
           fence_proxy_async();
+        };
+        if constexpr (Det) {
+          // For the writer thread (write_dq), once it has read the previous one.
+          mbar_wait(&sm.dq_empty[w], dq_phase ^ 1);
+          stage_dq();
           warp_release(&sm.dq_full[w]);
           dq_phase ^= 1;
-        } else if constexpr (kBulkDq) {
-          // dQ quarter -> smem, then one thread reduce-adds the 16 KB into the
-          // workspace's 64x64 block with a bulk async copy. The block keeps the
-          // accumulator fragment order (bwd_params.h), so the stores are conflict-free.
-          const int64_t tile = ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2 + w;
+        } else {
+          // One thread reduce-adds the 16 KB into the workspace block (bulk async copy).
+          float* dst = p.dq_acc + (dq_block(p, b, h, m) + w) * 4096;
           if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
-          float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
-#pragma unroll
-          for (int jb = 0; jb < 8; ++jb)
-            dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
-          fence_proxy_async();
+          stage_dq();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            bulk_reduce_add_f32(p.dq_acc + static_cast<int64_t>(tile) * 4096, sm.dq[w], 64 * 64 * 4);
+            bulk_reduce_add_f32(dst, sm.dq[w], 64 * 64 * 4);
             tma_store_commit();
           }
-        } else {
-          // dQ partial sum into the fp32 workspace (rows past N exist: padded).
-          float* dq_base = p.dq_acc +
-                           ((static_cast<int64_t>(b) * p.H + h) * p.n_pad + m * BM + dq_row_off) * D + dq_col_off +
-                           qlane;
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            float* rowp = dq_base + static_cast<int64_t>(16 * warp + lane / 4 + 8 * r) * D;
-#pragma unroll
-            for (int jb = 0; jb < 8; ++jb) red_add_v2(rowp + 8 * jb, dq[4 * jb + 2 * r], dq[4 * jb + 2 * r + 1]);
-          }
         }
-        if constexpr (kDqFirst) {
-          wgmma_wait<0>();  // dK: Q of this stage is free
-          fence_regs(dk);
-          warp_release(&sm.empty[st.index]);
-        }
+        wgmma_wait<0>();  // dK: Q of this stage is free
+        fence_regs(dk);
+        warp_release(&sm.empty[st.index]);
         st.advance();
       }
-      if (kBulkDq && tid == 0) tma_store_wait_all();  // smem must outlive the last reduce
+      if (!Det && tid == 0) tma_store_wait_all();  // smem must outlive the last reduce
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.

@@ -47,8 +47,7 @@ struct PrePostParams {
   int64_t dl_sb, dl_sh, dl_sn;
   float* lse2;
   float* dsum;
-  float* dq_zero;  // the dQ accumulator, zeroed by the preprocess
-  const float* dq_acc;
+  float* dq_acc;  // zeroed by the preprocess, read by the postprocess
   void* dq;
   int64_t dq_sb, dq_sh, dq_sn;
   int B, H, N, D, n_pad, BM;
@@ -83,7 +82,7 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   const int64_t bh = row / p.n_pad;
   const int i = static_cast<int>(row - bh * p.n_pad);
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  float4* zero = reinterpret_cast<float4*>(p.dq_zero + row * D) + 2 * sub;
+  float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * D) + 2 * sub;
   zero[0] = make_float4(0.f, 0.f, 0.f, 0.f);
   zero[1] = make_float4(0.f, 0.f, 0.f, 0.f);
   float acc = 0.f;
@@ -130,19 +129,15 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const int i = static_cast<int>(rowi % p.N);
   const int64_t bh = rowi / p.N;
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  float4 v;
-  if (sm90::kBwdBulkDq) {  // tile-major 64x64 blocks (bwd_params.h)
-    const int mb = i / p.BM, ri = i % p.BM;
-    const int wg = p.BM == 128 ? ri / 64 : d / 64;
-    // d .. d+3: columns c, c+1 are adjacent in the block, c+2, c+3 the next thread's.
-    const int64_t base = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096;
-    const int off = sm90::bwd_dq_block_offset(ri % 64, d % 64);
-    const float2 a = *reinterpret_cast<const float2*>(p.dq_acc + base + off);
-    const float2 c = *reinterpret_cast<const float2*>(p.dq_acc + base + off + 4);
-    v = make_float4(a.x, a.y, c.x, c.y);
-  } else {
-    v = *reinterpret_cast<const float4*>(p.dq_acc + (bh * p.n_pad + i) * p.D + d);
-  }
+  // The tile-major 64x64 workspace blocks (bwd_params.h): columns d, d+1 are adjacent
+  // in a block, d+2, d+3 the next thread's pair.
+  const int mb = i / p.BM, ri = i % p.BM;
+  const int wg = p.BM == 128 ? ri / 64 : d / 64;
+  const int64_t base = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096;
+  const int off = sm90::bwd_dq_block_offset(ri % 64, d % 64);
+  const float2 a = *reinterpret_cast<const float2*>(p.dq_acc + base + off);
+  const float2 c = *reinterpret_cast<const float2*>(p.dq_acc + base + off + 4);
+  const float4 v = make_float4(a.x, a.y, c.x, c.y);
   Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + i * p.dq_sn + d;
   using E2 = typename Vec2<Elem>::type;
   E2 lo, hi;
@@ -287,7 +282,6 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.lse2 = lse2;
   pp.dsum = dsum;
   pp.dq_acc = dq_acc;
-  pp.dq_zero = dq_acc;
   pp.dq = p.dq.data;
   pp.dq_sb = p.dq.stride[0];
   pp.dq_sh = p.dq.stride[1];

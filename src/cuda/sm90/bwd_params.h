@@ -47,35 +47,19 @@ constexpr int kBwdConsumerRegs = 240;
 constexpr int kBwdDsBarrier = 1;  // named barrier: both WGs' dS tile written
 constexpr int kBwdDqBarrier = 2;  // + warpgroup: its dQ quarter staged in smem
 
-// dQ accumulation (v2 default): each warpgroup stages its 64x64 fp32 dQ quarter in
-// smem and one thread bulk-reduce-adds it (cp.reduce.async.bulk .add.f32) into a
-// tile-major workspace: block ((bh * n_pad/BM + m_block) * 2 + wg) of 64x64 floats,
-// quarter wg = rows wg*64.. (BM 128) or columns wg*64.. (BM 64). Inside a block the
-// floats keep the wgmma accumulator order, float4 (jb, t) = (jb * 128 + t) holding
-// thread t's dq[4jb .. 4jb+3], so each warp stores 512 contiguous bytes (no bank
-// conflicts); bwd_dq_block_offset() maps (row, col) back. 0 = v1: per-thread
-// red.global.add.v2.f32 into a row-major [bh, n_pad, D] workspace.
-#ifndef STEELATTN_SM90_BWD_BULK_DQ  // A/B test builds only
-#define STEELATTN_SM90_BWD_BULK_DQ 1
-#endif
-constexpr bool kBwdBulkDq = STEELATTN_SM90_BWD_BULK_DQ != 0;
+// dQ accumulation: each warpgroup stages its 64x64 fp32 dQ quarter in smem and one
+// thread bulk-reduce-adds it (cp.reduce.async.bulk .add.f32) into a tile-major
+// workspace: block ((bh * n_pad/BM + m_block) * 2 + wg) of 64x64 floats, quarter
+// wg = rows wg*64.. (BM 128) or columns wg*64.. (BM 64). Inside a block the floats
+// keep the wgmma accumulator order, float4 (jb, t) = (jb * 128 + t) holding thread
+// t's dq[4jb .. 4jb+3], so each warp stores 512 contiguous bytes (no bank
+// conflicts); bwd_dq_block_offset() maps (row, col) back.
 
 // Offset of (row, col) of a 64x64 dQ quarter inside its workspace block. Thread t of
 // the warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and columns 8*jb + 2*(t%4) (+1).
 __host__ __device__ constexpr int bwd_dq_block_offset(int row, int col) {
   return ((col / 8) * 128 + (row / 16) * 32 + (row % 8) * 4 + (col % 8) / 2) * 4 + ((row / 8) % 2) * 2 + col % 2;
 }
-
-// v3 (bwd_kernel.h): dQ issued first and staged under dK; the D64 dS-from-packed-P
-// overlap. Test builds set 0 to A/B them.
-#ifndef STEELATTN_SM90_BWD_DQ_FIRST
-#define STEELATTN_SM90_BWD_DQ_FIRST 1
-#endif
-#ifndef STEELATTN_SM90_BWD_D64_OVERLAP
-#define STEELATTN_SM90_BWD_D64_OVERLAP 1
-#endif
-constexpr bool kBwdDqFirst = STEELATTN_SM90_BWD_DQ_FIRST != 0;
-constexpr bool kBwdD64Overlap = STEELATTN_SM90_BWD_D64_OVERLAP != 0;
 
 // BM (query rows per step). Registers per consumer thread: S^T + dP^T (BM/2 each)
 // + dK + dV (D/2 each): D64/BM128: 64+64+32+32; D128/BM64: 32+32+64+64.

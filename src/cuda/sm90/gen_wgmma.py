@@ -9,7 +9,9 @@ shapes is data (SHAPES below); run `python3 gen_wgmma.py > wgmma_ops.h` after
 editing it.
 
 Two forms are emitted per (N, dtype):
-  ss: A and B from shared memory (descriptors), both K-major.  S = Q K^T.
+  ss: A and B from shared memory (descriptors), K-major by default; the
+      template arguments TransA / TransB (PTX immediates) make either operand
+      MN-major.                           S = Q K^T;  backward dQ = dS K (1, 1).
   rs: A from registers (the packed P fragment), B from shared memory and
       MN-major (imm-trans-b = 1).                             O += P V.
 """
@@ -29,15 +31,16 @@ def emit(n, ptx_t, tag):
     # SS form.
     out.append(f"template <> struct Wgmma<{n}, {tag}> {{")
     out.append(f"  // d[{nacc}]: the m64n{n} fp32 accumulator fragment of this thread.")
+    out.append("  template <int TransA = 0, int TransB = 0>")
     out.append(f"  __device__ __forceinline__ static void ss(float (&d)[{nacc}], uint64_t da, uint64_t db, int scale_d) {{")
     out.append("    asm volatile(")
     out.append('        "{\\n.reg .pred p;\\n"')
     out.append(f'        "setp.ne.b32 p, %{nacc + 2}, 0;\\n"')
     out.append(f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_t}.{ptx_t} "')
     out.append(f'        "{{{regs(0, nacc)}}}, "')
-    out.append(f'        "%{nacc}, %{nacc + 1}, p, 1, 1, 0, 0;\\n}}\\n"')
+    out.append(f'        "%{nacc}, %{nacc + 1}, p, 1, 1, %{nacc + 3}, %{nacc + 4};\\n}}\\n"')
     out.append(f"        : {acc_c}")
-    out.append('        : "l"(da), "l"(db), "r"(scale_d));')
+    out.append('        : "l"(da), "l"(db), "r"(scale_d), "n"(TransA), "n"(TransB));')
     out.append("  }")
     # RS form.
     out.append(f"  __device__ __forceinline__ static void rs(float (&d)[{nacc}], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint64_t db, int scale_d) {{")

@@ -5,27 +5,11 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/sm90/common.h"
 #include "cuda/sm90/launch.h"
 #include "cuda/sm90/mainloop.h"
 
-// wgmma and setmaxnreg exist only in the arch-specific sm_90a target; a
-// plain sm_90 build would compile an empty kernel.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#error "src/cuda/sm90 must be compiled for sm_90a: -gencode=arch=compute_90a,code=sm_90a (CMake: 90a)"
-#endif
-
 namespace steelattn::sm90 {
-
-template <class Elem>
-struct ElemTag;
-template <>
-struct ElemTag<__nv_bfloat16> {
-  using type = Bf16;
-};
-template <>
-struct ElemTag<__half> {
-  using type = F16;
-};
 
 template <int D, class Elem, bool Band, bool Softcap, bool Pack>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {

@@ -13,6 +13,7 @@
 
 #include <type_traits>
 
+#include "cuda/sm90/common.h"  // PipeState
 #include "cuda/sm90/epilogue.h"
 #include "cuda/sm90/mask.h"
 #include "cuda/sm90/params.h"
@@ -23,21 +24,6 @@
 #include "cuda/sm90/wgmma_ops.h"
 
 namespace steelattn::sm90 {
-
-// Position in the K/V stage ring; consumers wait on full[index] with
-// `phase`, the producer on empty[index] with `phase ^ 1` (a fresh barrier
-// counts as having completed the phase before phase 0).
-template <int Stages>
-struct PipeState {
-  int index = 0;
-  uint32_t phase = 0;
-  __device__ void advance() {
-    if (++index == Stages) {
-      index = 0;
-      phase ^= 1;
-    }
-  }
-};
 
 // Pack: GQA packing (params.h): a tile's 128 rows are the `group` query heads
 // of one KV head over kBlockM / group queries, so each K/V block is loaded once
