@@ -33,6 +33,9 @@ struct ScoreMod {
 
   // row0: absolute query row of this thread's first row; col0: absolute key
   // column of this thread's first element (block start + 2*(lane%4)).
+  // apply_rows with rows {row0, row0 + 8} and one slope computes the same, but
+  // routing this through it made ptxas serialise the D64 causal kernel's wgmmas
+  // (C7511, register pressure), so the unpacked form keeps its own loops.
   template <bool Masked, int NS>
   __device__ __forceinline__ void apply(float (&s)[NS], int row0, int col0,
                                         const MaskPolicy<Band, BlockM, BlockN, Pack>& mask) const {
