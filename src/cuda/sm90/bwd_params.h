@@ -18,7 +18,7 @@ struct BwdParams {
   // Workspace (bwd_launch.cu): [B*H, n_pad] fp32 rows, padded rows hold lse2 = +inf, dsum = 0.
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
-  float* dq_acc;      // [B*H, n_pad, D] fp32, zeroed by the host, summed into with red.global.add
+  float* dq_acc;      // [B*H, n_pad, D] fp32 in 64x64 blocks (below), zeroed by the preprocess, bulk reduce-added
   int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the host
 
   void* dk;
