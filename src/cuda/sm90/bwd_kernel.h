@@ -9,7 +9,7 @@
 //   dV  += P^T dO           (RS, dO MN-major)
 //   dS^T = P^T (dP^T - dsum) [* (1 - tanh^2)]  -> smem (swizzled, double buffer)
 //   dK  += dS^T Q           (RS, Q MN-major)
-//   dQ   = dS K             (SS, both MN-major; a 64x64 quarter per warpgroup)
+//   dQ   = dS K             (SS, both MN-major; a 64-row part per warpgroup)
 //   dQ  -> smem -> bulk reduce-add (cp.reduce.async.bulk) into the fp32 workspace.
 // v3: dQ is issued before dK and staged while dK runs, so the tensor cores keep
 // busy through the dQ staging.
@@ -20,6 +20,8 @@
 
 #include <type_traits>
 
+#include "cuda/sm90/band.h"
+#include "cuda/sm90/bwd_common.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/common.h"    // sm_90a guard, ElemTag, PipeState
 #include "cuda/sm90/epilogue.h"  // pack2
@@ -27,72 +29,6 @@
 #include "cuda/sm90/wgmma_ops.h"
 
 namespace steelattn::sm90 {
-
-__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-          smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(__cvta_generic_to_global(src))), "r"(bytes), "r"(smem_u32(bar))
-      : "memory");
-}
-
-__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
-                   reinterpret_cast<uint64_t>(__cvta_generic_to_global(dst))),
-               "r"(smem_u32(src)), "r"(bytes)
-               : "memory");
-}
-
-// Orders this thread's generic-proxy accesses to global memory before its later
-// async-proxy ones (the bulk reduce after the counter's acquire).
-__device__ __forceinline__ void fence_proxy_async_global() {
-  asm volatile("fence.proxy.async.global;" ::: "memory");
-}
-
-__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
-  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
-}
-
-// Two floats from shared memory with ld.shared (a plain dereference of the smem
-// struct's float* compiled to a generic LD).
-__device__ __forceinline__ float2 ld_shared_f2(const float* p) {
-  float2 v;
-  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
-  return v;
-}
-
-// Calls f(alibi, masked) with both flags as compile-time constants, so the element
-// loops carry no per-element branches for them.
-template <class F>
-__device__ __forceinline__ void with_flags(bool alibi, bool masked, F&& f) {
-  using T = std::true_type;
-  using N = std::false_type;
-  if (alibi) {
-    if (masked) f(T{}, T{}); else f(T{}, N{});
-  } else {
-    if (masked) f(N{}, T{}); else f(N{}, N{});
-  }
-}
-
-// The two 16-bit values pack2<Elem>(lo, hi) made, back in fp32 (exact).
-template <class Elem>
-__device__ __forceinline__ float2 unpack2(uint32_t v);
-template <>
-__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
-  return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xffff0000u));
-}
-template <>
-__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
-  __half2 h;
-  memcpy(&h, &v, 4);
-  return __half22float2(h);
-}
 
 // Det: dQ reduced in key-block order (write_dq), bit-identical run to run. A
 // template argument, not a runtime flag: the flag's branches cost the default
@@ -107,34 +43,30 @@ struct BwdMainloop {
   static constexpr int kNP = BM / 4;  // packed P^T / dS^T
   static constexpr int kNA = D / 2;   // dK / dV accumulators (m64 x D)
   static constexpr int kConsumerWarps = 4 * kBwdConsumerWGs;
+  // dQ columns per warpgroup: all D at BM 128 (rows split), D/2 at BM 64.
+  static constexpr int kDqCols = BM == 128 ? D : D / 2;
+  // Q/K/V/dO tiles: column blocks of CB elements, SW bytes per swizzled row. An
+  // MN-major wgmma operand spans whole swizzle atoms, so a warpgroup's dQ columns
+  // must start on one: 64 (128B swizzle) at D64/D128, 16 (32B) at D96 (halves of 48).
+  static constexpr int CB = kDqCols % 64 == 0 ? 64 : 16;
+  static constexpr int SW = 2 * CB;
   // D64 without softcap: dS^T = P^T (dP^T - dsum) takes P^T from its packed 16-bit
   // copy (the one dV uses), so S^T dies before dP^T is waited for and the dS math
   // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64).
   static constexpr bool kPackedPForDs = D == 64 && !Softcap;
-  static constexpr bool kOverlapDv = D == 128 || kPackedPForDs;
+  static constexpr bool kOverlapDv = D >= 96 || kPackedPForDs;
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
-  static_assert(D == 64 || D == 128, "first version: D in {64, 128}");
+  static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
   static_assert(BM == 64 || BM == 128, "dQ split assumes BM in {64, 128}");
+
+  __device__ static sm90::Band<Band> band(const BwdParams& p) {
+    return {p.N, p.S, p.diag_offset, p.window_left, p.window_right};
+  }
 
   // Query rows [m_lo * BM, m_hi * BM) that see any key of key block n.
   __device__ static void m_range(const BwdParams& p, int n_block, int& m_lo, int& m_hi) {
-    const int num_m = (p.N + BM - 1) / BM;
-    const int k_first = n_block * BN;
-    const int k_last = min(k_first + BN, p.S) - 1;
-    if constexpr (!Band) {
-      m_lo = 0;
-      m_hi = num_m;
-    } else {
-      const int i_first = max(k_first - p.diag_offset - p.window_right, 0);
-      const int i_last = min(k_last - p.diag_offset + p.window_left, p.N - 1);
-      if (i_last < i_first) {
-        m_lo = m_hi = 0;
-        return;
-      }
-      m_lo = i_first / BM;
-      m_hi = i_last / BM + 1;
-    }
+    band(p).query_blocks(n_block * BN, min(n_block * BN + BN, p.S) - 1, BM, m_lo, m_hi);
   }
 
   // The query block of step i (of this head's nm): ascending, or descending when
@@ -144,14 +76,11 @@ struct BwdMainloop {
     return Det ? m_hi - 1 - i : m_lo + i;
   }
 
-  // The first key block that sees query block m (the same band as m_range, solved
-  // the other way; checked against it by brute force over random shapes).
+  // The first key block that sees query block m (the band solved the other way).
   __device__ static int first_key_block(const BwdParams& p, int m) {
-    if constexpr (!Band) {
-      return 0;
-    } else {
-      return max(m * BM + p.diag_offset - p.window_left, 0) / BN;
-    }
+    int lo, hi;
+    band(p).key_blocks(m * BM, min(m * BM + BM, p.N) - 1, BN, lo, hi);
+    return lo;
   }
 
   // Index of the first of query block m's two 64x64 dQ workspace blocks (and counters).
@@ -160,25 +89,7 @@ struct BwdMainloop {
   }
 
   __device__ static bool needs_mask(const BwdParams& p, int m_block, int n_block) {
-    const int key_first = n_block * BN;
-    const int key_last = key_first + BN - 1;
-    if (key_last >= p.S) return true;
-    if constexpr (Band) {
-      const int row_first = m_block * BM;
-      const int row_last = min(row_first + BM, p.N) - 1;
-      if (key_last > row_first + p.diag_offset + p.window_right) return true;
-      if (key_first < row_last + p.diag_offset - p.window_left) return true;
-    }
-    return false;
-  }
-
-  __device__ static bool visible(const BwdParams& p, int row, int col) {
-    bool ok = col < p.S;
-    if constexpr (Band) {
-      const int d = col - row - p.diag_offset;
-      ok = ok && d <= p.window_right && d >= -p.window_left;
-    }
-    return ok;
+    return band(p).partial(m_block * BM, min(m_block * BM + BM, p.N) - 1, n_block * BN, n_block * BN + BN - 1);
   }
 
   __device__ static void init_barriers(Smem& sm) {
@@ -209,9 +120,9 @@ struct BwdMainloop {
     prefetch_tensor_map(&p.tma_v);
     mbar_arrive_expect_tx(&sm.kv_full, kKVBytes);
 #pragma unroll
-    for (int c = 0; c < D / 64; ++c) {
-      tma_load_4d(sm.k + c * BN * 64, &p.tma_k, &sm.kv_full, c * 64, n_block * BN, hkv, b);
-      tma_load_4d(sm.v + c * BN * 64, &p.tma_v, &sm.kv_full, c * 64, n_block * BN, hkv, b);
+    for (int c = 0; c < D / CB; ++c) {
+      tma_load_4d(sm.k + c * BN * CB, &p.tma_k, &sm.kv_full, c * CB, n_block * BN, hkv, b);
+      tma_load_4d(sm.v + c * BN * CB, &p.tma_v, &sm.kv_full, c * CB, n_block * BN, hkv, b);
     }
     PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
@@ -221,9 +132,9 @@ struct BwdMainloop {
       uint64_t* bar = &sm.full[st.index];
       mbar_arrive_expect_tx(bar, kStepBytes);
 #pragma unroll
-      for (int c = 0; c < D / 64; ++c) {
-        tma_load_4d(sm.q[st.index] + c * BM * 64, &p.tma_q, bar, c * 64, m * BM, h, b);
-        tma_load_4d(sm.dout[st.index] + c * BM * 64, &p.tma_do, bar, c * 64, m * BM, h, b);
+      for (int c = 0; c < D / CB; ++c) {
+        tma_load_4d(sm.q[st.index] + c * BM * CB, &p.tma_q, bar, c * CB, m * BM, h, b);
+        tma_load_4d(sm.dout[st.index] + c * BM * CB, &p.tma_do, bar, c * CB, m * BM, h, b);
       }
       const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + static_cast<int64_t>(m) * BM;
       bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
@@ -257,7 +168,7 @@ struct BwdMainloop {
         while (ld_acquire_gpu(p.dq_sem + tile0 + w) != rank) {
         }
         fence_proxy_async_global();  // the acquire before this thread's async-proxy reduce
-        bulk_reduce_add_f32(p.dq_acc + (tile0 + w) * 4096, sm.dq[w], 64 * 64 * 4);
+        bulk_reduce_add_f32(p.dq_acc + (tile0 + w) * (64 * kDqCols), sm.dq[w], 64 * kDqCols * 4);
         tma_store_commit();
       }
       tma_store_wait_read();
@@ -272,45 +183,37 @@ struct BwdMainloop {
   }
 
   // ---------------------------------------------------------------- consumer
-  template <class Array>
-  __device__ static void fence_regs(Array& a) {
-#pragma unroll
-    for (int i = 0; i < static_cast<int>(sizeof(a) / sizeof(a[0])); ++i) reg_fence(a[i]);
-  }
-
-  __device__ static void warp_release(uint64_t* bar) {
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) mbar_arrive(bar);
-  }
-
-  // acc[64 keys, BM] = X[64 keys of this WG, D] Y[BM, D]^T, both K-major.
+  // acc[64 keys, BM] = X[64 keys of this WG, D] Y[BM, D]^T, both K-major; a k16
+  // step is 32 B inside a swizzled row, CB/16 steps per column block.
   __device__ static void gemm_keys_x_rows(float (&acc)[kNS], uint32_t x_addr, uint32_t y_addr) {
-    const uint64_t xd = make_smem_desc(x_addr, 16, 1024);
-    const uint64_t yd = make_smem_desc(y_addr, 16, 1024);
+    const uint64_t xd = make_smem_desc<SW>(x_addr, 16, 8 * SW);
+    const uint64_t yd = make_smem_desc<SW>(y_addr, 16, 8 * SW);
+    constexpr int kSteps = CB / 16;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const uint32_t xoff = (kk / 4) * BN * 128 + (kk % 4) * 32;
-      const uint32_t yoff = (kk / 4) * BM * 128 + (kk % 4) * 32;
+      const uint32_t xoff = (kk / kSteps) * BN * SW + (kk % kSteps) * 32;
+      const uint32_t yoff = (kk / kSteps) * BM * SW + (kk % kSteps) * 32;
       Wgmma<BM, Tag>::ss(acc, xd + (xoff >> 4), yd + (yoff >> 4), kk > 0);
     }
   }
 
-  // acc[64 keys, D] += A[64 keys, BM] (registers) Y[BM, D] (MN-major).
+  // acc[64 keys, D] += A[64 keys, BM] (registers) Y[BM, D] (MN-major: LBO steps
+  // column blocks, a k16 step is 16 rows).
   __device__ static void gemm_rs(float (&acc)[kNA], const uint32_t (&a)[kNP], uint32_t y_addr) {
-    const uint64_t yd = make_smem_desc(y_addr, BM * 128, 1024);
+    const uint64_t yd = make_smem_desc<SW>(y_addr, BM * SW, 8 * SW);
 #pragma unroll
     for (int kk = 0; kk < BM / 16; ++kk)
-      Wgmma<D, Tag>::rs(acc, a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3], yd + ((kk * 2048) >> 4), 1);
+      Wgmma<D, Tag>::rs(acc, a[4 * kk], a[4 * kk + 1], a[4 * kk + 2], a[4 * kk + 3], yd + ((kk * 16 * SW) >> 4), 1);
   }
 
-  // dq[64, 64] = dS[64 queries, BN] K[BN, 64 cols]: dS from the dS^T tile and K
+  // dq[64, kDqCols] = dS[64 queries, BN] K[BN, kDqCols]: dS from the dS^T tile and K
   // both MN-major (keys = the K dim of the GEMM = rows of both tiles).
-  __device__ static void gemm_dq(float (&dq)[32], uint32_t ds_addr, uint32_t k_addr) {
+  __device__ static void gemm_dq(float (&dq)[kDqCols / 2], uint32_t ds_addr, uint32_t k_addr) {
     const uint64_t ad = make_smem_desc(ds_addr, BN * 128, 1024);
-    const uint64_t bd = make_smem_desc(k_addr, BN * 128, 1024);
+    const uint64_t bd = make_smem_desc<SW>(k_addr, BN * SW, 8 * SW);
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk)
-      Wgmma<64, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 2048) >> 4), kk > 0);
+      Wgmma<kDqCols, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 16 * SW) >> 4), kk > 0);
   }
 
   __device__ static void consume(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv) {
@@ -329,11 +232,11 @@ struct BwdMainloop {
 
     if (iters > 0) {
       mbar_wait(&sm.kv_full, 0);
-      const uint32_t k_addr = smem_u32(sm.k) + w * 64 * 128;
-      const uint32_t v_addr = smem_u32(sm.v) + w * 64 * 128;
-      // dQ quarter of this warpgroup: BM 128 -> rows w*64, all 64 cols; BM 64 -> all rows,
-      // cols w*64 (K's column block w).
-      const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w : 0) * BN * 128;
+      const uint32_t k_addr = smem_u32(sm.k) + w * 64 * SW;
+      const uint32_t v_addr = smem_u32(sm.v) + w * 64 * SW;
+      // dQ part of this warpgroup: BM 128 -> rows w*64, all D cols; BM 64 -> all rows,
+      // cols w*64.. (K's columns from there).
+      const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w * kDqCols / CB : 0) * BN * SW;
       constexpr float kLog2e = 1.4426950408889634f;
       PipeState<kBwdStages> st;
       uint32_t dq_phase = 0;  // deterministic: parity of this warpgroup's dq_full / dq_empty
@@ -373,8 +276,7 @@ struct BwdMainloop {
           for (int r = 0; r < 2; ++r) {
             const int key = key0 + 8 * r;
             if (key >= p.S) continue;  // no query sees it: empty range
-            q_lo[r] = Band ? key - p.diag_offset - p.window_right - q0 : -(1 << 30);
-            q_hi[r] = Band ? key - p.diag_offset + p.window_left - q0 : (1 << 30);
+            band(p).query_range_from(key, q0, q_lo[r], q_hi[r]);
           }
         }
         // kAlibi / kMasked: std::true_type / false_type from with_flags().
@@ -395,7 +297,7 @@ struct BwdMainloop {
           }
           if constexpr (decltype(kMasked)::value) {
             if constexpr (Softcap) {
-              if (!visible(p, qry, key)) y = 0.f;  // the range form below spilled more here
+              if (!band(p).visible(qry, key)) y = 0.f;  // the range form below spilled more here
             } else {
               const int r = (e >> 1) & 1, c = 8 * (e >> 2) + (e & 1);
               if (c < q_lo[r] || c > q_hi[r]) y = 0.f;
@@ -516,7 +418,7 @@ struct BwdMainloop {
         // step's S^T / dP^T behind dK as well spilled 256-676 B and made ptxas
         // serialise every wgmma (C7514/C7515); dK with dS^T from smem (SS) was 2-4%
         // slower than RS (NOTES-sm90-bwd.md).
-        float dq[32];
+        float dq[kDqCols / 2];
         wgmma_fence();
         gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
         wgmma_commit();
@@ -530,7 +432,7 @@ struct BwdMainloop {
         auto stage_dq = [&] {
           float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
 #pragma unroll
-          for (int jb = 0; jb < 8; ++jb)
+          for (int jb = 0; jb < kDqCols / 8; ++jb)
             dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
           fence_proxy_async();
         };
@@ -541,14 +443,15 @@ struct BwdMainloop {
           warp_release(&sm.dq_full[w]);
           dq_phase ^= 1;
         } else {
-          // One thread reduce-adds the 16 KB into the workspace block (bulk async copy).
-          float* dst = p.dq_acc + (dq_block(p, b, h, m) + w) * 4096;
+          // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
+          // async copy).
+          float* dst = p.dq_acc + (dq_block(p, b, h, m) + w) * (64 * kDqCols);
           if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
           stage_dq();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            bulk_reduce_add_f32(dst, sm.dq[w], 64 * 64 * 4);
+            bulk_reduce_add_f32(dst, sm.dq[w], 64 * kDqCols * 4);
             tma_store_commit();
           }
         }
@@ -561,19 +464,10 @@ struct BwdMainloop {
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int key = key0 + 8 * r;
-      if (key >= p.S) continue;
-      Elem* dkp = static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + static_cast<int64_t>(key) * p.dk_sn + qlane;
-      Elem* dvp = static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + static_cast<int64_t>(key) * p.dv_sn + qlane;
-#pragma unroll
-      for (int jb = 0; jb < D / 8; ++jb) {
-        *reinterpret_cast<uint32_t*>(dkp + 8 * jb) =
-            pack2<Elem>(dk[4 * jb + 2 * r] * p.scale, dk[4 * jb + 2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvp + 8 * jb) = pack2<Elem>(dv[4 * jb + 2 * r], dv[4 * jb + 2 * r + 1]);
-      }
-    }
+    store_key_rows<D>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh, p.dk_sn, key0, p.S, 0, qlane,
+                      p.d_store_k, dk, p.scale);
+    store_key_rows<D>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh, p.dv_sn, key0, p.S, 0, qlane,
+                      p.d_store_v, dv, 1.f);
   }
 };
 

@@ -1,7 +1,8 @@
-// Host side of the sm90 backward: what it supports, the workspace layout, the
-// preprocess kernel (lse2 = lse*log2e, dsum = rowsum(dO*O) - dlse), the main
-// kernel launch (bwd_kernel.h, instantiated in bwd_inst_*.cu) and the
-// postprocess kernel (dq = scale * dq_acc in the output dtype and strides).
+// Host side of the sm90 backward: what it supports, which kernel serves a head
+// dim, the workspace layout, the preprocess kernel (lse2 = lse*log2e, dsum =
+// rowsum(dO*O) - dlse), the main kernel launch (bwd_kernel.h for head dims up to
+// 128, bwd_wide_kernel.h for 192 and 256) and the postprocess kernel (dq = scale *
+// dq_acc in the output dtype and strides).
 #include <cuda.h>
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 #include <cuda_bf16.h>
@@ -50,7 +51,8 @@ struct PrePostParams {
   float* dq_acc;  // zeroed by the preprocess, read by the postprocess
   void* dq;
   int64_t dq_sb, dq_sh, dq_sn;
-  int B, H, N, D, n_pad, BM;
+  int B, H, N, D, Dv, n_pad, BM;
+  int KD;  // the kernel's head dim: columns of a dq_acc row
   float scale;
 };
 
@@ -67,42 +69,42 @@ struct Vec2<__half> {
   using type = __half2;
 };
 
-// D/8 threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) each: lse2,
-// dsum, and the row's share of the zeroed dQ accumulator (the memset this replaces was
-// a separate pass over the same bytes). One warp per row left most lanes idle: 95 us
-// (D128) and 158 us (D64) at 16k tokens, against ~1 ms for the main kernel at N = 1k.
-template <class Elem, int D>
+// T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
+// each per pass: lse2, dsum, and the row's share of the zeroed dQ accumulator (the
+// memset this replaces was a separate pass over the same bytes). One warp per row
+// left most lanes idle at D64 (158 us against ~1 ms for the main kernel at N = 1k).
+template <class Elem, int T>
 __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
-  constexpr int kThreadsPerRow = D / 8;
-  constexpr int kRowsPerBlock = 256 / kThreadsPerRow;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kThreadsPerRow;
-  const int sub = threadIdx.x % kThreadsPerRow;
+  constexpr int kRowsPerBlock = 256 / T;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / T;
+  const int sub = threadIdx.x % T;
   // The grid covers the rows exactly (n_pad is a multiple of 128, kRowsPerBlock divides
   // it), so every lane reaches the shuffles below.
   const int64_t bh = row / p.n_pad;
   const int i = static_cast<int>(row - bh * p.n_pad);
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * D) + 2 * sub;
-  zero[0] = make_float4(0.f, 0.f, 0.f, 0.f);
-  zero[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+  float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
+  for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   float acc = 0.f;
   if (i < p.N) {
     // 16-byte loads: out and dout passed the TMA stride checks (16-byte aligned rows).
-    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh +
-                                                    i * p.o_sn + 8 * sub);
-    const uint4 g = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh +
-                                                    i * p.do_sn + 8 * sub);
-    using E2 = typename Vec2<Elem>::type;
-    const E2* o2 = reinterpret_cast<const E2*>(&o);
-    const E2* g2 = reinterpret_cast<const E2*>(&g);
+    const Elem* o_row = static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sn;
+    const Elem* g_row = static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sn;
+    for (int c = 8 * sub; c < p.Dv; c += 8 * T) {  // Dv is a multiple of 8
+      const uint4 o = *reinterpret_cast<const uint4*>(o_row + c);
+      const uint4 g = *reinterpret_cast<const uint4*>(g_row + c);
+      using E2 = typename Vec2<Elem>::type;
+      const E2* o2 = reinterpret_cast<const E2*>(&o);
+      const E2* g2 = reinterpret_cast<const E2*>(&g);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 a = to_float2(o2[k]), c = to_float2(g2[k]);
-      acc = fmaf(a.x, c.x, fmaf(a.y, c.y, acc));
+      for (int k = 0; k < 4; ++k) {
+        const float2 a = to_float2(o2[k]), d = to_float2(g2[k]);
+        acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
+      }
     }
   }
 #pragma unroll
-  for (int m = kThreadsPerRow / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+  for (int m = T / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
   if (sub == 0) {
     float l2 = INFINITY, ds = 0.f;
     if (i < p.N) {
@@ -129,12 +131,14 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const int i = static_cast<int>(rowi % p.N);
   const int64_t bh = rowi / p.N;
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  // The tile-major 64x64 workspace blocks (bwd_params.h): columns d, d+1 are adjacent
-  // in a block, d+2, d+3 the next thread's pair.
+  // The tile-major workspace halves (bwd_params.h): by rows at BM 128 (each 64 x KD),
+  // else by columns (each BM x KD/2). Columns d, d+1 are adjacent in a block, d+2,
+  // d+3 the next thread's pair.
   const int mb = i / p.BM, ri = i % p.BM;
-  const int wg = p.BM == 128 ? ri / 64 : d / 64;
-  const int64_t base = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * 4096;
-  const int off = sm90::bwd_dq_block_offset(ri % 64, d % 64);
+  const int half_cols = p.BM == 128 ? p.KD : p.KD / 2;
+  const int wg = p.BM == 128 ? ri / 64 : d / half_cols;
+  const int64_t base = ((bh * (p.n_pad / p.BM) + mb) * 2 + wg) * static_cast<int64_t>(64 * half_cols);
+  const int off = sm90::bwd_dq_block_offset(ri % 64, d % half_cols);
   const float2 a = *reinterpret_cast<const float2*>(p.dq_acc + base + off);
   const float2 c = *reinterpret_cast<const float2*>(p.dq_acc + base + off + 4);
   const float4 v = make_float4(a.x, a.y, c.x, c.y);
@@ -154,6 +158,29 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   *reinterpret_cast<uint2*>(dst) = pk;
 }
 
+// The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
+// one at (192, 192), (256, 256) or (192, 128) (DeepSeek-style prefill). A head dim
+// between those runs zero-padded on the next wider one, as the forward does: TMA
+// reads zeros past the tensor's columns, which add nothing to any product, and the
+// stores stop at the real width.
+struct BwdKernelDims {
+  int kd, kdv;
+  bool wide;
+  int block_m;   // query rows per step (the dQ workspace's block rows)
+  int box_cols;  // TMA box width = the kernel's column block (64, 32 or 16: 128B, 64B, 32B swizzle)
+};
+
+BwdKernelDims bwd_kernel_dims(int64_t D, int64_t Dv) {
+  const int64_t d = std::max(D, Dv);
+  if (d <= 64) return {64, 64, false, sm90::BwdTile<64>::kBlockM, 64};
+  if (d <= 96) return {96, 96, false, sm90::BwdTile<96>::kBlockM, 16};
+  if (d <= 128) return {128, 128, false, sm90::BwdTile<128>::kBlockM, 64};
+  if (d <= 192)
+    return Dv <= 128 ? BwdKernelDims{192, 128, true, 64, sm90::BwdWideTile<192, 128>::CB}
+                     : BwdKernelDims{192, 192, true, 64, sm90::BwdWideTile<192, 192>::CB};
+  return {256, 256, true, 64, sm90::BwdWideTile<256, 256>::CB};
+}
+
 }  // namespace
 
 bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not) {
@@ -168,8 +195,8 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
     if (t->dtype != p.q.dtype) return fail("q, k, v, out, dout, dq, dk, dv must share one dtype");
   if (!p.dout.present() || !p.dq.present() || !p.dk.present() || !p.dv.present())
     return fail("needs dout, dq, dk and dv");
-  if (p.D != p.Dv) return fail("needs D == Dv");
-  if (p.D != 64 && p.D != 128) return fail("head dim must be 64 or 128 (first version)");
+  for (const int64_t d : {p.D, p.Dv})
+    if (d < 64 || d > 256 || d % 8 != 0) return fail("head dims must be multiples of 8 in [64, 256]");
   if (p.bias.present()) return fail("additive bias not supported");
   if (p.bool_mask.present()) return fail("boolean mask not supported");
   if (p.dropout_p > 0.f) return fail("dropout not supported");
@@ -194,16 +221,43 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
 }
 
 namespace {
-int bwd_block_m(int64_t D) { return D == 64 ? sm90::BwdTile<64>::kBlockM : sm90::BwdTile<128>::kBlockM; }
+// Deterministic mode's counters: one per dQ workspace half (2 per query block).
+int64_t dq_sem_count(const AttentionParams& p) {
+  return p.B * p.H * (row_pad(p.N) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
+}
 
-// Deterministic mode's counters: one per 64x64 dQ block (2 per query block).
-int64_t dq_sem_count(const AttentionParams& p) { return p.B * p.H * (row_pad(p.N) / bwd_block_m(p.D)) * 2; }
+template <class Elem>
+cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
+  // Threads per row: Dv/8 up to 16, a warp beyond (a power of two for the shuffles).
+  const int t = pp.Dv <= 64 ? 8 : pp.Dv <= 128 ? 16 : 32;
+  const unsigned blocks = static_cast<unsigned>(rows / (256 / t));  // rows: a multiple of 128
+  if (t == 8)
+    bwd_pre_kernel<Elem, 8><<<blocks, 256, 0, s>>>(pp);
+  else if (t == 16)
+    bwd_pre_kernel<Elem, 16><<<blocks, 256, 0, s>>>(pp);
+  else
+    bwd_pre_kernel<Elem, 32><<<blocks, 256, 0, s>>>(pp);
+  return cudaGetLastError();
+}
+
+template <class Elem>
+cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det,
+                        int64_t S, int64_t Hkv, int64_t B, cudaStream_t s) {
+  const int bn = kd.wide ? 64 : sm90::kBwdBlockN;
+  const dim3 grid(static_cast<unsigned>((S + bn - 1) / bn), static_cast<unsigned>(Hkv), static_cast<unsigned>(B));
+  if (kd.kd == 64) return sm90::launch_bwd<64, Elem>(k, band, softcap, det, grid, s);
+  if (kd.kd == 96) return sm90::launch_bwd<96, Elem>(k, band, softcap, det, grid, s);
+  if (kd.kd == 128) return sm90::launch_bwd<128, Elem>(k, band, softcap, det, grid, s);
+  if (kd.kd == 256) return sm90::launch_bwd_wide<256, 256, Elem>(k, grid, s);
+  if (kd.kdv == 128) return sm90::launch_bwd_wide<192, 128, Elem>(k, grid, s);
+  return sm90::launch_bwd_wide<192, 192, Elem>(k, grid, s);
+}
 }  // namespace
 
-// Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * D] | dQ counters [dq_sem_count].
+// Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count].
 size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
   const int64_t rows = p.B * p.H * row_pad(p.N);
-  return static_cast<size_t>(rows) * static_cast<size_t>(2 + p.D) * sizeof(float) +
+  return static_cast<size_t>(rows) * static_cast<size_t>(2 + bwd_kernel_dims(p.D, p.Dv).kd) * sizeof(float) +
          static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
 }
 
@@ -212,19 +266,20 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (!cuda_sm90_backward_supports(p, &why)) return Status::NotImplemented(why);
   if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
-  const int D = static_cast<int>(p.D);
-  const int BM = bwd_block_m(D);
-  const int BN = sm90::kBwdBlockN;
+  const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
+  const int BM = kd.block_m;
+  const int BN = kd.wide ? 64 : sm90::kBwdBlockN;
+  const int box_cols = kd.box_cols;
   const int64_t n_pad = row_pad(p.N);
   const int64_t rows = p.B * p.H * n_pad;
   float* lse2 = static_cast<float*>(workspace);
   float* dsum = lse2 + rows;
   float* dq_acc = dsum + rows;
-  int* dq_sem = reinterpret_cast<int*>(dq_acc + rows * D);
+  int* dq_sem = reinterpret_cast<int*>(dq_acc + rows * kd.kd);
 
   BwdParams k{};
-  if (!sm90::encode_map(&k.tma_q, p.q, BM, &why) || !sm90::encode_map(&k.tma_do, p.dout, BM, &why) ||
-      !sm90::encode_map(&k.tma_k, p.k, BN, &why) || !sm90::encode_map(&k.tma_v, p.v, BN, &why))
+  if (!sm90::encode_map(&k.tma_q, p.q, BM, &why, box_cols) || !sm90::encode_map(&k.tma_do, p.dout, BM, &why, box_cols) ||
+      !sm90::encode_map(&k.tma_k, p.k, BN, &why, box_cols) || !sm90::encode_map(&k.tma_v, p.v, BN, &why, box_cols))
     return Status::Error("sm90 backward: " + why);
   k.lse2 = lse2;
   k.dsum = dsum;
@@ -248,8 +303,12 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.S = static_cast<int>(p.S);
   k.group = static_cast<int>(p.H / p.Hkv);
   k.n_pad = static_cast<int>(n_pad);
+  k.d_store_k = static_cast<int>(p.D);
+  k.d_store_v = static_cast<int>(p.Dv);
+  k.deterministic = p.deterministic;
   constexpr double kLog2e = 1.4426950408889634;
   const bool softcap = p.softcap > 0.0;
+  k.softcap_on = softcap;
   k.scale = static_cast<float>(p.scale);
   k.scale_log2 = static_cast<float>(p.scale * kLog2e);
   k.softcap = static_cast<float>(p.softcap);
@@ -289,9 +348,11 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.B = k.B;
   pp.H = k.H;
   pp.N = k.N;
-  pp.D = D;
+  pp.D = static_cast<int>(p.D);
+  pp.Dv = static_cast<int>(p.Dv);
   pp.n_pad = k.n_pad;
   pp.BM = BM;
+  pp.KD = kd.kd;
   pp.scale = k.scale;
 
   int prev_dev = -1;
@@ -303,28 +364,12 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   // the deterministic kernels' counters.
   cudaError_t err = cudaSuccess;
   if (p.deterministic) err = cudaMemsetAsync(dq_sem, 0, static_cast<size_t>(dq_sem_count(p)) * sizeof(int), s);
+  if (err == cudaSuccess) err = bf16 ? launch_pre<__nv_bfloat16>(pp, rows, s) : launch_pre<__half>(pp, rows, s);
+  if (err == cudaSuccess)
+    err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, p.S, p.Hkv, p.B, s)
+               : launch_main<__half>(k, kd, band, softcap, p.deterministic, p.S, p.Hkv, p.B, s);
   if (err == cudaSuccess) {
-    const unsigned pre_blocks = static_cast<unsigned>(rows / (256 / (D / 8)));  // rows: a multiple of 128
-    if (D == 64)
-      bf16 ? bwd_pre_kernel<__nv_bfloat16, 64><<<pre_blocks, 256, 0, s>>>(pp)
-           : bwd_pre_kernel<__half, 64><<<pre_blocks, 256, 0, s>>>(pp);
-    else
-      bf16 ? bwd_pre_kernel<__nv_bfloat16, 128><<<pre_blocks, 256, 0, s>>>(pp)
-           : bwd_pre_kernel<__half, 128><<<pre_blocks, 256, 0, s>>>(pp);
-    err = cudaGetLastError();
-  }
-  if (err == cudaSuccess) {
-    const dim3 grid(static_cast<unsigned>((p.S + BN - 1) / BN), static_cast<unsigned>(p.Hkv),
-                    static_cast<unsigned>(p.B));
-    if (D == 64)
-      err = bf16 ? sm90::launch_bwd<64, __nv_bfloat16>(k, band, softcap, p.deterministic, grid, s)
-                 : sm90::launch_bwd<64, __half>(k, band, softcap, p.deterministic, grid, s);
-    else
-      err = bf16 ? sm90::launch_bwd<128, __nv_bfloat16>(k, band, softcap, p.deterministic, grid, s)
-                 : sm90::launch_bwd<128, __half>(k, band, softcap, p.deterministic, grid, s);
-  }
-  if (err == cudaSuccess) {
-    const int64_t total = p.B * p.H * p.N * (D / 4);
+    const int64_t total = p.B * p.H * p.N * (p.D / 4);
     const unsigned post_blocks = static_cast<unsigned>((total + 255) / 256);
     if (bf16)
       bwd_post_kernel<__nv_bfloat16><<<post_blocks, 256, 0, s>>>(pp);

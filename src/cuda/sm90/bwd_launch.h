@@ -10,10 +10,15 @@
 
 namespace steelattn::sm90 {
 
-// Defined in bwd_kernel.h; instantiated for D in {64, 128} x {__nv_bfloat16, __half} x
+// Defined in bwd_kernel.h; instantiated for D in {64, 96, 128} x {__nv_bfloat16, __half} x
 // Det (bwd_inst_hdim{D}_{dtype}{,_det}.cu).
 template <int D, class Elem, bool Det>
 cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
+
+// Defined in bwd_wide_kernel.h; instantiated for (KD, KDv) in {(192, 192), (256, 256),
+// (192, 128)} x {__nv_bfloat16, __half} (bwd_wide_inst_*.cu).
+template <int KD, int KDv, class Elem>
+cudaError_t launch_bwd_wide(const BwdParams& p, dim3 grid, cudaStream_t stream);
 
 template <int D, class Elem>
 cudaError_t launch_bwd(const BwdParams& p, bool band, bool softcap, bool deterministic, dim3 grid,

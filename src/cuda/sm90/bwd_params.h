@@ -1,6 +1,7 @@
-// Parameters, tile configuration and shared-memory layout of the sm90 backward
-// kernel (FA3's design, HOPPER_ATTENTION.md section 4). See
-// docs/benchmarks/NOTES-sm90-bwd.md.
+// Parameters, tile configurations and shared-memory layouts of the sm90 backward
+// kernels (FA3's design, HOPPER_ATTENTION.md section 4): bwd_kernel.h for head
+// dims <= 128 (keys split across the consumer warpgroups), bwd_wide_kernel.h for
+// 192 and 256 (head dim split across them). See docs/benchmarks/NOTES-sm90-bwd.md.
 #pragma once
 
 #include <cuda.h>  // CUtensorMap
@@ -9,7 +10,8 @@
 namespace steelattn::sm90 {
 
 struct BwdParams {
-  // Rank-4 TMA maps over (d, seq, head, batch), 128B swizzle, box inner 64 elems.
+  // Rank-4 TMA maps over (d, seq, head, batch), box (column block, rows): 64
+  // elements with 128B swizzle, or 32 with 64B (the wide kernel's BwdWideTile).
   CUtensorMap tma_q;   // q    [B, H,   N, D], box (64, BM)
   CUtensorMap tma_do;  // dout [B, H,   N, D], box (64, BM)
   CUtensorMap tma_k;   // k    [B, Hkv, S, D], box (64, BN)
@@ -18,7 +20,7 @@ struct BwdParams {
   // Workspace (bwd_launch.cu): [B*H, n_pad] fp32 rows, padded rows hold lse2 = +inf, dsum = 0.
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
-  float* dq_acc;      // [B*H, n_pad, D] fp32 in 64x64 blocks (below), zeroed by the preprocess, bulk reduce-added
+  float* dq_acc;      // [B*H, n_pad, KD] fp32 in blocks (below), zeroed by the preprocess, reduce-added
   int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the host
 
   void* dk;
@@ -29,6 +31,9 @@ struct BwdParams {
   int64_t alibi_sb, alibi_sh;
 
   int B, H, Hkv, N, S, group, n_pad;
+  int d_store_k, d_store_v;  // real head dims of q/k and v (< the kernel's when zero-padded)
+  bool deterministic;        // wide kernel only (the narrow one takes it as a template argument)
+  bool softcap_on;           // wide kernel only
   float scale;        // s = scale * q.k
   float scale_log2;   // scale * log2(e)
   float softcap;      // > 0 only in the Softcap instantiation
@@ -47,22 +52,27 @@ constexpr int kBwdConsumerRegs = 240;
 constexpr int kBwdDsBarrier = 1;  // named barrier: both WGs' dS tile written
 constexpr int kBwdDqBarrier = 2;  // + warpgroup: its dQ quarter staged in smem
 
-// dQ accumulation: each warpgroup stages its 64x64 fp32 dQ quarter in smem and one
-// thread bulk-reduce-adds it (cp.reduce.async.bulk .add.f32) into a tile-major
-// workspace: block ((bh * n_pad/BM + m_block) * 2 + wg) of 64x64 floats, quarter
-// wg = rows wg*64.. (BM 128) or columns wg*64.. (BM 64). Inside a block the floats
-// keep the wgmma accumulator order, float4 (jb, t) = (jb * 128 + t) holding thread
-// t's dq[4jb .. 4jb+3], so each warp stores 512 contiguous bytes (no bank
-// conflicts); bwd_dq_block_offset() maps (row, col) back.
+// dQ accumulation: each consumer warpgroup owns one half of a query block's dQ,
+// [64 rows x KD cols] (narrow D64, BM 128: rows wg*64..) or [BM rows x KD/2 cols]
+// (narrow D128 and the wide kernel, BM 64: columns wg*KD/2..), and adds it into a
+// tile-major workspace: block ((bh * n_pad/BM + m_block) * 2 + wg) of BM*KD/2
+// floats. The narrow kernel stages the half in smem and one thread bulk-reduce-adds
+// it (cp.reduce.async.bulk .add.f32); the wide kernel has no smem left for that and
+// adds from registers (red.global.add.v4.f32). Inside a block the floats keep the
+// wgmma accumulator order, float4 (jb, t) = (jb * 128 + t) holding thread t's
+// dq[4jb .. 4jb+3], so each warp writes 512 contiguous bytes (no bank conflicts);
+// bwd_dq_block_offset() maps (row, col) back.
 
-// Offset of (row, col) of a 64x64 dQ quarter inside its workspace block. Thread t of
-// the warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and columns 8*jb + 2*(t%4) (+1).
+// Offset of (row, col) of a 64-row dQ half inside its workspace block (any number of
+// columns). Thread t of the warpgroup holds rows 16*(t/32) + (t%32)/4 (+8) and
+// columns 8*jb + 2*(t%4) (+1).
 __host__ __device__ constexpr int bwd_dq_block_offset(int row, int col) {
   return ((col / 8) * 128 + (row / 16) * 32 + (row % 8) * 4 + (col % 8) / 2) * 4 + ((row / 8) % 2) * 2 + col % 2;
 }
 
 // BM (query rows per step). Registers per consumer thread: S^T + dP^T (BM/2 each)
-// + dK + dV (D/2 each): D64/BM128: 64+64+32+32; D128/BM64: 32+32+64+64.
+// + dK + dV (D/2 each): D64/BM128: 64+64+32+32; D96/BM64: 32+32+48+48;
+// D128/BM64: 32+32+64+64.
 template <int D>
 struct BwdTile {
   static constexpr int kBlockM = D == 64 ? 128 : 64;
@@ -72,7 +82,8 @@ template <int D, class Elem>
 struct BwdSmem {
   static constexpr int BM = BwdTile<D>::kBlockM;
   static constexpr int BN = kBwdBlockN;
-  // Every tile: D/64 (or BM/64) column blocks of (rows x 128 B), 128B swizzled.
+  // Q/K/V/dO: D/CB column blocks of (rows x 2*CB bytes), swizzled (CB: bwd_kernel.h);
+  // dS^T: BM/64 column blocks of (rows x 128 B).
   alignas(1024) Elem k[BN * D];
   alignas(1024) Elem v[BN * D];
   alignas(1024) Elem q[kBwdStages][BM * D];
@@ -85,5 +96,41 @@ struct BwdSmem {
   uint64_t full[kBwdStages], empty[kBwdStages];
   uint64_t dq_full[kBwdConsumerWGs], dq_empty[kBwdConsumerWGs];  // deterministic: consumers <-> dQ writer
 };
+
+// The wide kernel (bwd_wide_kernel.h), head dims KD (q, k) and KDv (v) > 128:
+// dK / dV of 128 keys would not fit in registers, so a CTA owns BN = 64 keys and
+// the two consumer warpgroups split the head dim instead (FA3's 64 x 80 at hd256).
+// Per step of BM = 64 queries each warpgroup computes S^T and dP^T for 32 of the
+// queries (m64n32), writes its half of P^T and dS^T to smem, and after a barrier
+// runs dV, dK, dQ on its half of the columns with both operands from smem.
+// Registers per consumer thread: S^T + dP^T 16 + 16, dK KD/4, dV KDv/4, dQ KD/4.
+template <int KD, int KDv>
+struct BwdWideTile {
+  static constexpr int BM = 64, BN = 64;
+  static constexpr int NK = KD / 2, NV = KDv / 2;  // dK / dQ and dV columns per warpgroup
+  // Column block of the Q/K/V/dO tiles: a warpgroup's columns must start on one, so
+  // 64 elements (128B swizzle) when the halves are multiples of 64, else 32 (64B).
+  static constexpr int CB = (NK % 64 == 0 && NV % 64 == 0) ? 64 : 32;
+  static constexpr int SW = CB * 2;  // bytes per swizzled row of a column block
+  static_assert(NK % CB == 0 && NV % CB == 0, "warpgroup halves start on a column block");
+};
+
+template <int KD, int KDv, class Elem>
+struct BwdWideSmem {
+  using T = BwdWideTile<KD, KDv>;
+  // Q/K/V/dO: KD/CB (or KDv/CB) column blocks of (rows x SW bytes), swizzled.
+  alignas(1024) Elem k[T::BN * KD];
+  alignas(1024) Elem v[T::BN * KDv];
+  alignas(1024) Elem q[kBwdStages][T::BM * KD];
+  alignas(1024) Elem dout[kBwdStages][T::BM * KDv];
+  // P^T and dS^T [keys][queries], 128B swizzled (64 queries = 128 B), double buffered.
+  alignas(1024) Elem pt[2][T::BN * T::BM];
+  alignas(1024) Elem dst[2][T::BN * T::BM];
+  alignas(16) float lse2[kBwdStages][T::BM];
+  alignas(16) float dsum[kBwdStages][T::BM];
+  uint64_t kv_full;
+  uint64_t full[kBwdStages], empty[kBwdStages];
+};
+static_assert(sizeof(BwdWideSmem<256, 256, uint16_t>) + 1024 <= 227 * 1024, "shared memory per CTA is 227 KB");
 
 }  // namespace steelattn::sm90

@@ -16,7 +16,7 @@ Two forms are emitted per (N, dtype):
       MN-major (imm-trans-b = 1).                             O += P V.
 """
 
-SHAPES = [64, 80, 96, 112, 128, 192, 256]  # N of the instruction: BN for QK^T, D for PV
+SHAPES = [32, 48, 64, 80, 96, 112, 128, 192, 256]  # N: BN for QK^T, D for PV; 32 and 48: backward S^T / dQ
 DTYPES = [("bf16", "Bf16"), ("f16", "F16")]
 
 

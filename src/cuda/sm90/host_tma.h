@@ -71,8 +71,9 @@ inline bool tma_compatible(const TensorRef& t, const char* name, std::string* wh
 }
 
 // Encodes a bf16/fp16 tensor map of `rank` dims (dims / byte strides of dims 1.. /
-// box innermost first) with the kernels' common options: 128B swizzle, L2 promotion
-// 128B, out-of-range elements read as zeros. `what` names the map in errors.
+// box innermost first) with the kernels' common options: L2 promotion 128B,
+// out-of-range elements read as zeros, and a swizzle as wide as the box's inner
+// extent (128 B = 64 elements, 64 B = 32, 32 B = 16). `what` names the map in errors.
 inline bool encode_tiled(CUtensorMap* map, const TensorRef& t, int rank, const cuuint64_t* dims,
                          const cuuint64_t* strides, const cuuint32_t* box, const char* what, std::string* why) {
   const auto encode = tensor_map_encoder();
@@ -83,8 +84,11 @@ inline bool encode_tiled(CUtensorMap* map, const TensorRef& t, int rank, const c
   const CUtensorMapDataType dt =
       t.dtype == DType::bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   const cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};  // rank <= 5
+  const CUtensorMapSwizzle swizzle = box[0] == 64   ? CU_TENSOR_MAP_SWIZZLE_128B
+                                     : box[0] == 32 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                    : CU_TENSOR_MAP_SWIZZLE_32B;
   const CUresult r = encode(map, dt, rank, t.data, dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     if (why)
@@ -94,8 +98,11 @@ inline bool encode_tiled(CUtensorMap* map, const TensorRef& t, int rank, const c
   return true;
 }
 
-// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view.
-inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why) {
+// Rank-4 map over (d, seq, head, batch) of a [batch, head, seq, d] view, box
+// (box_cols, box_rows): box_cols 64, 32 or 16 (128B, 64B or 32B swizzle). Columns
+// past the tensor's d read as zeros: that is how a narrower head dim runs on a
+// wider kernel.
+inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::string* why, int box_cols = 64) {
   const cuuint64_t dims[4] = {static_cast<cuuint64_t>(t.shape[3]), static_cast<cuuint64_t>(t.shape[2]),
                               static_cast<cuuint64_t>(t.shape[1]), static_cast<cuuint64_t>(t.shape[0])};
   // Byte strides of dims 1..3 (seq, head, batch). A size-1 dim gets the
@@ -108,7 +115,7 @@ inline bool encode_map(CUtensorMap* map, const TensorRef& t, int box_rows, std::
     strides[i] = static_cast<cuuint64_t>(s);
     packed = s * t.shape[d];
   }
-  const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(box_rows), 1, 1};  // 64 elems = the 128 B swizzle span
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows), 1, 1};
   return encode_tiled(map, t, 4, dims, strides, box, "rank 4", why);
 }
 

@@ -77,9 +77,13 @@ bool pack_gqa(int64_t N, int64_t group) {
 }
 
 // The compiled head dim a call runs on: the smallest of 64/128/192/256 that holds
-// D. A narrower D runs zero-padded: TMA fills the columns past D with zeros (they
-// add nothing to q.k and give zero O columns, which the epilogue does not store).
-int kernel_dim(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : d <= 192 ? 192 : 256; }
+// both D and Dv. A narrower one runs zero-padded: TMA fills the columns past it
+// with zeros (they add nothing to q.k and give zero O columns, which the epilogue
+// does not store). Dv != D (e.g. 192/128, DeepSeek-style prefill) pads V this way.
+int kernel_dim(int64_t d, int64_t dv) {
+  const int64_t m = std::max(d, dv);
+  return m <= 64 ? 64 : m <= 128 ? 128 : m <= 192 ? 192 : 256;
+}
 
 int block_n_for(int kd) {
   switch (kd) {
@@ -103,8 +107,8 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
     return fail("q, k, v and out must share one dtype");
-  if (p.D != p.Dv) return fail("needs D == Dv");
-  if (p.D < 64 || p.D > 256 || p.D % 8 != 0) return fail("head dim must be a multiple of 8 in [64, 256]");
+  for (const int64_t d : {p.D, p.Dv})
+    if (d < 64 || d > 256 || d % 8 != 0) return fail("head dims must be multiples of 8 in [64, 256]");
   if (p.bias.present()) return fail("additive bias not supported");
   if (p.bool_mask.present()) return fail("boolean mask not supported");
   if (p.dropout_p > 0.f) return fail("dropout not supported");
@@ -130,7 +134,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
 
   FwdParams k{};
-  const int kd = kernel_dim(p.D);
+  const int kd = kernel_dim(p.D, p.Dv);
   const int block_n = block_n_for(kd);
   const int64_t group = p.H / p.Hkv;
   // The packed map's kv-head stride is group x the head stride (TMA: < 2^40 B).

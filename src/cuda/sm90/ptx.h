@@ -128,20 +128,72 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void reg_fence(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void reg_fence(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// Shared-memory matrix descriptor for a 128B-swizzled operand (PTX ISA,
-// "Matrix Descriptor Format"): start address, leading- and stride-dimension
-// byte offsets (all >> 4), swizzle mode 1 = 128B in bits 62-63. Base offset
-// stays 0 because every tile starts 1024-byte aligned. Advancing the start
-// address inside the swizzle atom (the k16 steps) is done by adding
-// (bytes >> 4) to the descriptor: smem addresses < 2^18 never carry out of
-// the 14-bit field.
+// Shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start
+// address, leading- and stride-dimension byte offsets (all >> 4), layout type in
+// bits 62-63 (1 = 128B swizzle, 2 = 64B, 3 = 32B). Base offset stays 0 because
+// every tile starts 1024-byte aligned. Advancing the start address inside the
+// swizzle atom (the k16 steps) is done by adding (bytes >> 4) to the descriptor:
+// smem addresses < 2^18 never carry out of the 14-bit field.
+// K-major operands: SBO = 8 rows x row bytes, LBO unused. MN-major: LBO = the
+// stride between swizzle-width column blocks, SBO = 8 rows x row bytes.
+template <int SwizzleBytes = 128>
 __device__ __forceinline__ uint64_t make_smem_desc(uint32_t smem_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+  static_assert(SwizzleBytes == 128 || SwizzleBytes == 64 || SwizzleBytes == 32, "128B, 64B or 32B swizzle");
+  constexpr uint64_t kLayout = SwizzleBytes == 128 ? 1 : SwizzleBytes == 64 ? 2 : 3;
   uint64_t desc = 0;
   desc |= static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4);
   desc |= static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16;
   desc |= static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32;
-  desc |= static_cast<uint64_t>(1) << 62;
+  desc |= kLayout << 62;
   return desc;
+}
+
+// ---- bulk copies, reductions and cross-CTA ordering (the backward's dQ) -----
+// 1-D bulk copy global -> smem, completing `bytes` on `bar`.
+__device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+          smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(__cvta_generic_to_global(src))), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// dst[i] += src[i] over `bytes` of fp32, smem -> global, asynchronous (bulk group).
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
+                   reinterpret_cast<uint64_t>(__cvta_generic_to_global(dst))),
+               "r"(smem_u32(src)), "r"(bytes)
+               : "memory");
+}
+
+// dst[0..3] += v, one 16-byte vector reduction (sm_90), relaxed, fire and forget.
+__device__ __forceinline__ void red_add_v4(float* dst, float4 v) {
+  asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(dst), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w)
+               : "memory");
+}
+
+// Orders this thread's generic-proxy accesses to global memory before its later
+// async-proxy ones (a bulk reduce after a counter's acquire).
+__device__ __forceinline__ void fence_proxy_async_global() {
+  asm volatile("fence.proxy.async.global;" ::: "memory");
+}
+
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+// Two floats from shared memory with ld.shared (a plain dereference of a smem
+// struct's float* can compile to a generic LD).
+__device__ __forceinline__ float2 ld_shared_f2(const float* p) {
+  float2 v;
+  asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
+  return v;
 }
 
 // ---- math -------------------------------------------------------------------

@@ -1,0 +1,8 @@
+// One instantiation of the sm90 wide-head-dim backward kernel (KD = 256, KDv = 256, bf16).
+// One per file so they compile in parallel.
+#include "cuda/sm90/bwd_launch.h"
+#include "cuda/sm90/bwd_wide_kernel.h"
+
+namespace steelattn::sm90 {
+template cudaError_t launch_bwd_wide<256, 256, __nv_bfloat16>(const BwdParams&, dim3, cudaStream_t);
+}  // namespace steelattn::sm90
