@@ -124,12 +124,29 @@ ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not =
 // Validates, selects and runs. `stream` is a cudaStream_t for CUDA tensors.
 Status attention_forward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
 
+// A selection with the reasons behind it, for callers that report what ran and why.
+struct PathChoice {
+  ForwardPath path = ForwardPath::none;
+  std::string why_not;  // path == none: why no kernel serves the call
+  // A preferred kernel refused the call and a slower one took it: "cuda_sm90 -> cuda_generic: <why>".
+  std::string demoted;
+};
+// The forward / backward path of a validated call (select_*_path, with the demotion reason).
+PathChoice choose_forward_path(const AttentionParams& p);
+PathChoice choose_backward_path(const AttentionParams& p);
+// Run a validated call on the path choose_*_path returned for these params (no second
+// selection). run_backward needs `workspace` as backward_workspace_bytes(p, path) says.
+Status run_forward(const AttentionParams& p, ForwardPath path, void* stream = nullptr);
+Status run_backward(const AttentionParams& p, ForwardPath path, void* stream = nullptr);
+
 // Backward: checks the gradient tensors on top of validate_forward.
 Status validate_backward(AttentionParams& p);
 // The kernel that computes the gradients of a (validated) call, or `none`.
 ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not = nullptr);
 // Bytes of `workspace` the kernel selected for this backward needs (0 for most paths).
 size_t backward_workspace_bytes(const AttentionParams& p);
+// The same for a path already chosen (choose_backward_path).
+size_t backward_workspace_bytes(const AttentionParams& p, ForwardPath path);
 // dq, dk, dv (and dbias) from dout, recomputing P from lse.
 Status attention_backward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
 

@@ -1,5 +1,5 @@
-// The one place that decides which kernel serves a forward call. The Python
-// dispatcher, get_supported_configs() and the dispatch counters all ask here.
+// The one place that decides which kernel serves a forward or backward call. The
+// Python dispatcher, get_supported_configs() and the dispatch counters all ask here.
 #include <cstring>
 
 #include "core/backends.h"
@@ -27,32 +27,80 @@ bool cuda_compiled() {
 #endif
 }
 
-ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not) {
+namespace {
+
+ForwardPath cpu_path(const AttentionParams& p) {
+  if (p.q.dtype == DType::f64) return ForwardPath::cpu_scalar;  // float64 runs the portable kernel
+  switch (detect_cpu_isa()) {
+    case CpuIsa::avx512: return ForwardPath::cpu_avx512;
+    case CpuIsa::avx2: return ForwardPath::cpu_avx2;
+    default: return ForwardPath::cpu_scalar;
+  }
+}
+
+#if !defined(STEELATTN_WITH_CUDA)
+const char* kNoCuda = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
+#endif
+
+}  // namespace
+
+// Hopper first; the generic kernel takes what it refuses, and the refusal is kept
+// (`demoted`) so that the caller can report it instead of losing it.
+PathChoice choose_forward_path(const AttentionParams& p) {
+  PathChoice c;
   if (p.q.device == Device::cpu) {
-    if (p.q.dtype == DType::f64) return ForwardPath::cpu_scalar;  // float64 runs the portable kernel
-    switch (detect_cpu_isa()) {
-      case CpuIsa::avx512: return ForwardPath::cpu_avx512;
-      case CpuIsa::avx2: return ForwardPath::cpu_avx2;
-      default: return ForwardPath::cpu_scalar;
-    }
+    c.path = cpu_path(p);
+    return c;
   }
 #if defined(STEELATTN_WITH_CUDA)
   std::string sm90_why, generic_why;
-  if (cuda_sm90_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
-  if (cuda_generic_supports(p, &generic_why)) return ForwardPath::cuda_generic;
-  if (why_not) *why_not = "sm90: " + sm90_why + "; generic: " + generic_why;
+  if (cuda_sm90_supports(p, &sm90_why)) {
+    c.path = ForwardPath::cuda_sm90;
+  } else if (cuda_generic_supports(p, &generic_why)) {
+    c.path = ForwardPath::cuda_generic;
+    c.demoted = std::string("cuda_sm90 -> cuda_generic: ") + sm90_why;
+  } else {
+    c.why_not = sm90_why + "; " + generic_why;
+  }
 #else
-  if (why_not) *why_not = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
+  c.why_not = kNoCuda;
 #endif
-  return ForwardPath::none;
+  return c;
 }
 
-Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
-  Status st = validate_forward(p);
-  if (!st.ok()) return st;
-  std::string why;
-  const ForwardPath path = select_forward_path(p, &why);
-  if (taken) *taken = path;
+PathChoice choose_backward_path(const AttentionParams& p) {
+  if (p.q.device == Device::cpu) return choose_forward_path(p);
+  PathChoice c;
+#if defined(STEELATTN_WITH_CUDA)
+  std::string sm90_why, generic_why;
+  // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.
+  if (cuda_sm90_backward_supports(p, &sm90_why)) {
+    c.path = ForwardPath::cuda_sm90;
+  } else if (cuda_generic_backward_supports(p, &generic_why)) {
+    c.path = ForwardPath::cuda_generic;
+    c.demoted = std::string("cuda_sm90 -> cuda_generic: ") + sm90_why;
+  } else {
+    c.why_not = sm90_why + "; " + generic_why;
+  }
+#else
+  c.why_not = kNoCuda;
+#endif
+  return c;
+}
+
+ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not) {
+  PathChoice c = choose_forward_path(p);
+  if (why_not) *why_not = std::move(c.why_not);
+  return c.path;
+}
+
+ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not) {
+  PathChoice c = choose_backward_path(p);
+  if (why_not) *why_not = std::move(c.why_not);
+  return c.path;
+}
+
+Status run_forward(const AttentionParams& p, ForwardPath path, void* stream) {
   // Empty problems have nothing to compute; outputs of size zero need no write.
   if (p.B == 0 || p.H == 0 || p.N == 0) return Status::Ok();
   switch (path) {
@@ -63,39 +111,32 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
     case ForwardPath::cuda_sm90: return cuda_sm90_forward(p, stream);
     case ForwardPath::cuda_generic: return cuda_generic_forward(p, stream);
 #endif
-    default: (void)stream; return Status::NotImplemented("no steelattn kernel serves this call: " + why);
+    default: (void)stream; return Status::NotImplemented("no steelattn kernel serves this call");
   }
 }
 
-ForwardPath select_backward_path(const AttentionParams& p, std::string* why_not) {
-  if (p.q.device == Device::cpu) return select_forward_path(p, why_not);
-#if defined(STEELATTN_WITH_CUDA)
-  std::string sm90_why, generic_why;
-  // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.
-  if (cuda_sm90_backward_supports(p, &sm90_why)) return ForwardPath::cuda_sm90;
-  if (cuda_generic_backward_supports(p, &generic_why)) return ForwardPath::cuda_generic;
-  if (why_not) *why_not = "sm90: " + sm90_why + "; generic: " + generic_why;
-#else
-  if (why_not) *why_not = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
-#endif
-  return ForwardPath::none;
+Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
+  Status st = validate_forward(p);
+  if (!st.ok()) return st;
+  const PathChoice c = choose_forward_path(p);
+  if (taken) *taken = c.path;
+  if (c.path == ForwardPath::none) return Status::NotImplemented("no steelattn kernel serves this call: " + c.why_not);
+  return run_forward(p, c.path, stream);
 }
 
-size_t backward_workspace_bytes(const AttentionParams& p) {
+size_t backward_workspace_bytes(const AttentionParams& p, ForwardPath path) {
 #if defined(STEELATTN_WITH_CUDA)
-  if (p.q.device == Device::cuda && select_backward_path(p) == ForwardPath::cuda_sm90)
-    return cuda_sm90_backward_workspace_bytes(p);
+  if (path == ForwardPath::cuda_sm90) return cuda_sm90_backward_workspace_bytes(p);
 #endif
-  (void)p;
+  (void)p, (void)path;
   return 0;
 }
 
-Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) {
-  Status st = validate_backward(p);
-  if (!st.ok()) return st;
-  std::string why;
-  const ForwardPath path = select_backward_path(p, &why);
-  if (taken) *taken = path;
+size_t backward_workspace_bytes(const AttentionParams& p) {
+  return backward_workspace_bytes(p, select_backward_path(p));
+}
+
+Status run_backward(const AttentionParams& p, ForwardPath path, void* stream) {
   if (p.B == 0 || p.H == 0 || p.N == 0 || p.S == 0) return Status::Ok();  // the caller zero-fills
   switch (path) {
     case ForwardPath::cpu_avx512: return cpu_backward(p, CpuIsa::avx512);
@@ -113,8 +154,18 @@ Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) 
     }
     case ForwardPath::cuda_generic: return cuda_generic_backward(p, stream);
 #endif
-    default: (void)stream; return Status::NotImplemented("no steelattn kernel computes this backward: " + why);
+    default: (void)stream; return Status::NotImplemented("no steelattn kernel computes this backward");
   }
+}
+
+Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) {
+  Status st = validate_backward(p);
+  if (!st.ok()) return st;
+  const PathChoice c = choose_backward_path(p);
+  if (taken) *taken = c.path;
+  if (c.path == ForwardPath::none)
+    return Status::NotImplemented("no steelattn kernel computes this backward: " + c.why_not);
+  return run_backward(p, c.path, stream);
 }
 
 Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p, uint64_t seed,

@@ -118,3 +118,34 @@ TEST(CpuBackward, RejectsMissingLse) {
   EXPECT_EQ(st.code, StatusCode::invalid_argument);
   EXPECT_NE(st.message.find("lse"), std::string::npos);
 }
+
+// choose_backward_path + run_backward give attention_backward's gradients (bit for bit);
+// the CPU backward needs no workspace.
+TEST(CpuBackward, ChooseThenRunMatchesAttentionBackward) {
+  Problem pr;
+  std::vector<double> out, lse;
+  pr.loss(&out, &lse);
+  std::vector<double> g1(pr.q.size() + pr.k.size() + pr.v.size(), -1.0), g2 = g1;
+  auto params = [&](std::vector<double>& g) {
+    AttentionParams p = pr.base;
+    p.q = ref(pr.q.data(), 4, {pr.B, pr.H, pr.N, pr.D});
+    p.k = ref(pr.k.data(), 4, {pr.B, pr.Hkv, pr.S, pr.D});
+    p.v = ref(pr.v.data(), 4, {pr.B, pr.Hkv, pr.S, pr.Dv});
+    p.out = ref(out.data(), 4, {pr.B, pr.H, pr.N, pr.Dv});
+    p.lse = ref(lse.data(), 3, {pr.B, pr.H, pr.N});
+    p.dout = ref(pr.dout.data(), 4, {pr.B, pr.H, pr.N, pr.Dv});
+    p.dq = ref(g.data(), 4, {pr.B, pr.H, pr.N, pr.D});
+    p.dk = ref(g.data() + pr.q.size(), 4, {pr.B, pr.Hkv, pr.S, pr.D});
+    p.dv = ref(g.data() + pr.q.size() + pr.k.size(), 4, {pr.B, pr.Hkv, pr.S, pr.Dv});
+    return p;
+  };
+  AttentionParams a = params(g1), b = params(g2);
+  ASSERT_TRUE(attention_backward(a).ok());
+  ASSERT_TRUE(validate_backward(b).ok());
+  const PathChoice c = choose_backward_path(b);
+  EXPECT_EQ(c.path, ForwardPath::cpu_scalar);
+  EXPECT_TRUE(c.demoted.empty());
+  EXPECT_EQ(backward_workspace_bytes(b, c.path), 0u);
+  ASSERT_TRUE(run_backward(b, c.path).ok());
+  for (size_t e = 0; e < g1.size(); ++e) ASSERT_EQ(g1[e], g2[e]) << "element " << e;
+}

@@ -78,3 +78,46 @@ TEST(Dropout, KeepMaskIsDeterministicAndHasTheRightRate) {
   for (auto x : a) kept += x;
   EXPECT_NEAR(kept / double(a.size()), 0.7, 0.02);
 }
+
+// choose_forward_path + run_forward (select once, run) give attention_forward's path and result.
+TEST(CpuForward, ChooseThenRunMatchesAttentionForward) {
+  const int64_t B = 1, H = 4, Hkv = 2, N = 33, S = 45, D = 24;
+  auto q = random_vec(size_t(B * H * N * D), 7), k = random_vec(size_t(B * Hkv * S * D), 8),
+       v = random_vec(size_t(B * Hkv * S * D), 9);
+  std::vector<float> a(size_t(B * H * N * D), std::numeric_limits<float>::quiet_NaN()), b = a;
+  AttentionParams p;
+  p.q = ref4(q.data(), B, H, N, D);
+  p.k = ref4(k.data(), B, Hkv, S, D);
+  p.v = ref4(v.data(), B, Hkv, S, D);
+  p.out = ref4(a.data(), B, H, N, D);
+  p.scale = 0.2;
+  p.window_right = 0;
+  ForwardPath taken;
+  ASSERT_TRUE(attention_forward(p, nullptr, &taken).ok());
+
+  AttentionParams p2 = p;
+  p2.out = ref4(b.data(), B, H, N, D);
+  ASSERT_TRUE(validate_forward(p2).ok());
+  const PathChoice c = choose_forward_path(p2);
+  EXPECT_EQ(c.path, taken);
+  EXPECT_EQ(c.path, select_forward_path(p2));
+  EXPECT_TRUE(c.why_not.empty());
+  EXPECT_TRUE(c.demoted.empty());  // the CPU kernel is the only CPU path: nothing demoted
+  ASSERT_TRUE(run_forward(p2, c.path).ok());
+  for (size_t e = 0; e < a.size(); ++e) ASSERT_EQ(a[e], b[e]) << "element " << e;
+}
+
+// A CUDA call on a build or machine without CUDA kernels gets `none` and the reason.
+TEST(Dispatch, NoKernelSaysWhy) {
+  std::vector<float> x(16);
+  AttentionParams p;
+  p.q = p.k = p.v = p.out = ref4(x.data(), 1, 1, 4, 4);
+  for (TensorRef* t : {&p.q, &p.k, &p.v, &p.out}) t->device = Device::cuda;
+  ASSERT_TRUE(validate_forward(p).ok());
+  if (cuda_compiled()) GTEST_SKIP() << "the CUDA kernels' own checks decide here";
+  const PathChoice c = choose_forward_path(p);
+  EXPECT_EQ(c.path, ForwardPath::none);
+  EXPECT_NE(c.why_not.find("no CUDA kernels"), std::string::npos) << c.why_not;
+  EXPECT_EQ(choose_backward_path(p).path, ForwardPath::none);
+  EXPECT_EQ(attention_forward(p).code, StatusCode::not_implemented);
+}
