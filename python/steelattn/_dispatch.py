@@ -1,7 +1,8 @@
-"""Kernel selection bookkeeping: which path served each call, and why a call fell back.
+"""Dispatch bookkeeping: which path ran each forward and each backward, and every demotion.
 
-The decision itself is made in C++ (steelattn::select_forward_path); this module only
-asks it, counts the answers, and keeps the reasons for anything routed to torch.
+The decisions are made in C++ (steelattn::choose_forward_path / choose_backward_path);
+the extension returns the path it ran and, when a faster kernel refused the call, that
+kernel's reason. This module only counts what it is told.
 """
 from __future__ import annotations
 
@@ -9,27 +10,53 @@ import threading
 from collections import Counter
 
 _lock = threading.Lock()
-_paths: Counter = Counter()
-_fallback_reasons: Counter = Counter()
+_forward: Counter = Counter()
+_backward: Counter = Counter()
+_demotions: Counter = Counter()
 
 
-def record(path: str, reason: str | None = None) -> None:
+def record_forward(path: str, demoted: str = "") -> None:
     with _lock:
-        _paths[path] += 1
+        _forward[path] += 1
+        if demoted:
+            _demotions["forward " + demoted] += 1
+
+
+def record_backward(path: str, demoted: str = "") -> None:
+    with _lock:
+        _backward[path] += 1
+        if demoted:
+            _demotions["backward " + demoted] += 1
+
+
+def record_torch(reason: str | None, grad: bool) -> None:
+    """A call served by torch: its forward, and its backward when it needs gradients.
+    `reason` is None when the caller asked for torch (backend='torch'): not a demotion."""
+    with _lock:
+        _forward["torch"] += 1
+        if grad:
+            _backward["torch"] += 1
         if reason:
-            _fallback_reasons[reason] += 1
+            _demotions["steelattn -> torch: " + reason] += 1
 
 
 def get_dispatch_stats() -> dict:
-    """Calls per kernel path since the last reset, e.g. {"cpu_avx512": 3, "torch": 1},
-    plus "fallback_reasons": {reason: count} for calls that went to torch."""
+    """Counts since the last reset:
+
+    {"forward": {path: calls}, "backward": {path: calls},
+     "demotions": {"forward cuda_sm90 -> cuda_generic: <why>": n,
+                   "backward cuda_sm90 -> cuda_generic: <why>": n,
+                   "steelattn -> torch: <why>": n}}
+
+    Paths are cpu_avx512, cpu_avx2, cpu_scalar, cuda_sm90, cuda_generic and torch.
+    A steelattn backward is counted when it runs; a call that goes to torch counts a
+    torch forward, and a torch backward when it needs gradients."""
     with _lock:
-        stats = dict(_paths)
-        stats["fallback_reasons"] = dict(_fallback_reasons)
-        return stats
+        return {"forward": dict(_forward), "backward": dict(_backward), "demotions": dict(_demotions)}
 
 
 def reset_dispatch_stats() -> None:
     with _lock:
-        _paths.clear()
-        _fallback_reasons.clear()
+        _forward.clear()
+        _backward.clear()
+        _demotions.clear()

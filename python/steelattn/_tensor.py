@@ -1,14 +1,15 @@
-"""Describe torch tensors to the C++ core as (ptr, dtype, device, index, shape, strides).
+"""The codes the C++ core uses for dtypes and devices, and descriptions of tensors that
+do not exist.
 
-The extension takes plain tuples instead of DLPack capsules (see src/python/ext.cpp):
-torch refuses to export tensors that require grad, and the caller keeps every tensor
-alive for the duration of the call anyway.
+The extension reads torch tensors itself (src/python/ext.cpp); it also accepts a
+(ptr, dtype, device, index, shape, strides) tuple, which get_supported_configs() uses
+to ask which kernel a call *would* take without allocating anything.
 """
 from __future__ import annotations
 
 import torch
 
-# Codes of steelattn::DType (include/steelattn/steelattn.h).
+# Codes of steelattn::DType (include/steelattn/steelattn.h), in code order.
 DTYPE_CODES = {
     torch.float32: 0,
     torch.float16: 1,
@@ -23,28 +24,12 @@ DTYPE_CODES = {
 DEVICE_CODES = {"cpu": 1, "cuda": 2}
 
 
-def describe(t: torch.Tensor | None):
-    if t is None:
-        return None
-    if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"unsupported dtype {t.dtype}")
-    dev = t.device
-    if dev.type not in DEVICE_CODES:
-        raise ValueError(f"unsupported device {dev}")
-    return (
-        t.data_ptr(),
-        DTYPE_CODES[t.dtype],
-        DEVICE_CODES[dev.type],
-        dev.index or 0,
-        tuple(t.shape),
-        tuple(t.stride()),
-    )
-
-
-def fake(shape, dtype=torch.bfloat16, device="cuda", index=0):
-    """A description with a dummy pointer, for asking the core which kernel *would* run."""
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return (64, DTYPE_CODES[dtype], DEVICE_CODES[device], index, tuple(shape), tuple(reversed(strides)))
+def fake(shape, dtype=torch.bfloat16, device="cuda", index=0, strides=None):
+    """A contiguous (or `strides`) description with a dummy, 16-byte aligned pointer."""
+    if strides is None:
+        acc, rev = 1, []
+        for s in reversed(shape):
+            rev.append(acc)
+            acc *= s
+        strides = tuple(reversed(rev))
+    return (64, DTYPE_CODES[dtype], DEVICE_CODES[device], index, tuple(shape), tuple(strides))

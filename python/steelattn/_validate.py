@@ -14,6 +14,26 @@ def side_dtype(q):
 
 
 def check_qkv(fn: str, names, q, k, v):
+    """Returns (B, H, N, D, S) of a valid call; otherwise raises, naming the argument."""
+    # Fast path: one read of each attribute, the per-argument messages only on failure.
+    T = torch.Tensor
+    if isinstance(q, T) and isinstance(k, T) and isinstance(v, T):
+        qs, ks, vs = q.shape, k.shape, v.shape
+        if len(qs) == len(ks) == len(vs) == 4:
+            B, H, N, D = qs
+            Hkv, S, Dv = ks[1], ks[2], vs[3]
+            dt = q.dtype
+            if (dt in ATTENTION_DTYPES and k.dtype is dt and v.dtype is dt and ks[0] == B and vs[0] == B
+                    and ks[3] == D and vs[1] == Hkv and vs[2] == S and Hkv and H % Hkv == 0
+                    and 1 <= D <= MAX_HEAD_DIM and 1 <= Dv <= MAX_HEAD_DIM
+                    and (D == 1 or q.stride()[3] == 1) and (D == 1 or k.stride()[3] == 1)
+                    and (Dv == 1 or v.stride()[3] == 1) and q.device == k.device == v.device):
+                return B, H, N, D, S
+    _check_qkv_slow(fn, names, q, k, v)
+    raise AssertionError(f"{fn}: check_qkv fast and slow paths disagree")  # pragma: no cover
+
+
+def _check_qkv_slow(fn, names, q, k, v):
     qn, kn, vn = names
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):

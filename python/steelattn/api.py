@@ -1,8 +1,11 @@
 """The user API: flash_attention, flash_attention_alibi, scaled_dot_product_attention.
 
 Layout is [B, H, N, D] for queries, [B, Hkv, S, D] for keys and [B, Hkv, S, Dv] for
-values. Outputs are allocated here with torch (caching allocator, streams and
-autograd bookkeeping stay torch's); the C++ core only fills them.
+values. Outputs are allocated with torch (caching allocator, streams and autograd
+bookkeeping stay torch's); the C++ core only fills them. Three ways in, one extension
+call each (_kernel.py): inference calls go straight to it, calls that need gradients
+through the eager autograd.Function (_autograd.py), calls under torch.compile through
+the registered custom ops (ops.py).
 """
 from __future__ import annotations
 
@@ -11,166 +14,95 @@ import math
 import torch
 
 from . import _dispatch, _validate
-from ._tensor import describe, fake
+
+try:  # the compiled extension (and, with it, the registered torch.library ops)
+    from . import _autograd, _kernel, ops
+except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
+    _autograd = _kernel = ops = None
 from .reference import attention_reference
 
-try:  # registers the torch.library ops; needs the compiled extension
-    from . import ops
-except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
-    ops = None
 # A module constant, so torch.compile reads it without tracing into the extension.
-_CUDA_KERNELS = bool(ops is not None and ops._ext.cuda_compiled())
+_CUDA_KERNELS = bool(_kernel is not None and _kernel._ext.cuda_compiled())
 
 _BACKENDS = ("auto", "steel", "torch")
-
-# Tests set this to fill outputs with NaN before the kernel runs, so an element the
-# kernel forgot to write cannot pass for a correct one.
-_debug_poison_outputs = False
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+_QKV = ("q", "k", "v")
 
 
-def _dropout_seed(generator, device):
+def _dropout_seed(generator):
     """Seed and offset for the kernels' Philox stream, drawn from torch's RNG so that
     torch.manual_seed / a generator makes dropout reproducible."""
-    draws = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64)
-    return int(draws[0]), int(draws[1])
+    draws = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64).tolist()
+    return draws[0], draws[1]
 
 
 def dropout_keep_mask(B, H, N, S, p, seed, offset):
     """The bool [B, H, N, S] keep-mask the kernels apply for (p, seed, offset)."""
-    out = torch.empty(B, H, N, S, dtype=torch.uint8)
-    if out.numel():
-        ops._ext.dropout_keep_mask(out.data_ptr(), B, H, N, S, float(p), seed, offset)
-    return out.bool()
-
-
-def _needs_grad(*tensors):
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
-def _select(q, k, v, out_shape, lse, weights, bias, bool_mask, alibi, args, backward, deterministic=False):
-    """Asks the C++ selector which kernel would serve this call (nothing is run):
-    returns (path, why_not). With backward=True, the kernel for the gradients too."""
-    B, H, N, Dv = out_shape
-    like = lambda shape, dtype: fake(shape, dtype, q.device.type, q.device.index or 0)  # noqa: E731
-    out_d = like((B, H, N, Dv), q.dtype)
-    lse_d = like((B, H, N), ops.lse_dtype(q))
-    weights_d = like((B, H, N, k.size(2)), ops.lse_dtype(q)) if weights else None
-    path, why = ops._ext.forward(describe(q), describe(k), describe(v), out_d, lse_d if lse else None, weights_d,
-                                 describe(bias), describe(bool_mask), describe(alibi), **args, dry_run=True)
-    if path != "none" and backward:
-        grad_of = lambda t: like(tuple(t.shape), t.dtype)  # noqa: E731
-        path, why, _ = ops._ext.backward(out_d, describe(q), describe(k), describe(v), out_d, lse_d, grad_of(q),
-                                         grad_of(k), grad_of(v), None, None, None, describe(bias), describe(bool_mask),
-                                         describe(alibi), **args, deterministic=deterministic, dry_run=True)
-    return path, why
+    return _kernel.dropout_keep_mask(B, H, N, S, p, seed, offset)
 
 
 def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
          dropout_p, generator, return_lse, return_weights, backend, torch_fallback, deterministic=False):
-    """Shared body of every entry point: pick the path, run, count.
+    """Shared body of every entry point: one extension call, or torch, counted.
 
-    Returns (out, lse, weights) with lse/weights None unless requested. Calls that
-    need gradients go through the custom op (autograd registered); under
-    torch.compile the op is called directly (no selection, no counting)."""
+    Returns (out, lse, weights) with lse/weights None unless requested. `torch_fallback`
+    takes the dropout (seed, offset) already drawn, or None."""
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
-    B, H, N, _ = q.shape
-    S, Dv = k.size(2), v.size(3)
-    grad = _needs_grad(q, k, v, bias, alibi)
-
-    reason = None
+    if torch.compiler.is_compiling():
+        return _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr, dropout_p,
+                           generator, return_lse, return_weights, backend, torch_fallback, deterministic)
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
+        bias is not None and bias.requires_grad) or (alibi is not None and alibi.requires_grad))
     if backend == "torch":
-        reason = "backend='torch' requested"
-    elif ops is None:  # pragma: no cover - broken install
+        _dispatch.record_torch(None, grad)
+        return torch_fallback(None)
+    reason = None
+    if _kernel is None:  # pragma: no cover - broken install
         reason = "extension not built"
     elif return_weights and grad:
         reason = "return_attn_weights with gradients (the weights are a forward-only output)"
-    elif torch.compiler.is_compiling():
-        if q.is_cuda and not _CUDA_KERNELS:  # trace the differentiable torch path instead
-            return torch_fallback()
-        return _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
-                        generator, deterministic) + (None,)
+    elif _transforms_active():
+        reason = "torch.func transforms (the kernels read plain tensors)"
     if reason is not None:
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {reason}")
-        _dispatch.record("torch", reason)
-        return torch_fallback()
+        _dispatch.record_torch(reason, grad)
+        return torch_fallback(None)
 
-    args = dict(scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset), window_left=int(wl),
-                window_right=int(wr), dropout_p=float(dropout_p), seed=0, offset=0,
-                num_threads=torch.get_num_threads(), stream=0)
-    if not grad and not return_weights:
-        # Inference fast path: straight into the extension, which selects the kernel
-        # and reports "no kernel" as NotImplementedError before touching any output.
-        try:
-            out, lse, path = _forward_direct(q, k, v, alibi, bias, bool_mask, args, dropout_p, generator)
-        except NotImplementedError as e:
-            if backend == "steel":
-                raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {e}") from None
-            _dispatch.record("torch", str(e))
-            return torch_fallback()
-        _dispatch.record(path)
-        return out, lse if return_lse else None, None
-
-    path, why = _select(q, k, v, (B, H, N, Dv), return_lse, return_weights, bias, bool_mask, alibi, args, grad,
-                        deterministic)
-    if path == "none":
+    rng = _dropout_seed(generator) if dropout_p > 0 else (0, 0)
+    sc = (scale, softcap, diag_offset, wl, wr, dropout_p, rng[0], rng[1], deterministic)  # _kernel.scalars order
+    try:
+        if grad:
+            out, lse = _autograd.apply(q, k, v, alibi, bias, bool_mask, sc)
+            weights = None
+        else:  # inference: straight to the kernel, lse only when asked for
+            out, lse, weights = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.RUN,
+                                                    return_lse, return_weights)
+    except NotImplementedError as e:  # no kernel serves the call; nothing was written
         if backend == "steel":
-            raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {why}")
-        _dispatch.record("torch", why)
-        return torch_fallback()
-    _dispatch.record(path)
-    if not return_weights:
-        out, lse = _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p,
-                            generator, deterministic)
-        return out, lse if return_lse else None, None
-
-    # Attention weights: a forward-only call straight into the extension.
-    seed, offset = _dropout_seed(generator, q.device) if dropout_p > 0 else (0, 0)
-    out = ops._alloc((B, H, N, Dv), q.dtype, q.device)
-    lse = ops._alloc((B, H, N), ops.lse_dtype(q), q.device)
-    weights = ops._alloc((B, H, N, S), ops.lse_dtype(q), q.device)
-    if out.numel() and S == 0:
-        out.zero_(), lse.fill_(float("-inf")), weights.zero_()
-    elif out.numel():
-        args.update(seed=seed, offset=offset, stream=ops._stream(q))
-        ops._ext.forward(*[describe(t) for t in (q, k, v, out, lse, weights, bias, bool_mask, alibi)], **args,
-                         dry_run=False)
+            raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {e}") from None
+        _dispatch.record_torch(str(e), grad)
+        return torch_fallback(rng if dropout_p > 0 else None)
     return out, lse if return_lse else None, weights
 
 
-def _forward_direct(q, k, v, alibi, bias, bool_mask, args, dropout_p, generator):
-    """Runs the forward kernel without the custom-op layer (no autograd needed):
-    returns (out, lse, path)."""
-    B, H, N, _ = q.shape
-    S, Dv = k.size(2), v.size(3)
-    out = ops._alloc((B, H, N, Dv), q.dtype, q.device)
-    lse = ops._alloc((B, H, N), ops.lse_dtype(q), q.device)
-    if dropout_p > 0:
-        args["seed"], args["offset"] = _dropout_seed(generator, q.device)
-    if q.is_cuda:
-        args["stream"] = torch.cuda.current_stream(q.device).cuda_stream
-    d = describe
-    if out.numel() == 0 or S == 0:  # nothing to compute: let the core validate and select only
-        path, why = ops._ext.forward(d(q), d(k), d(v), d(out), d(lse), None, d(bias), d(bool_mask), d(alibi), **args,
-                                     dry_run=True)
-        if path == "none":
-            raise NotImplementedError(why)
-        if out.numel():
-            out.zero_(), lse.fill_(float("-inf"))
-        return out, lse, path
-    path, _ = ops._ext.forward(d(q), d(k), d(v), d(out), d(lse), None, d(bias), d(bool_mask), d(alibi), **args,
-                               dry_run=False)
-    return out, lse, path
-
-
-def _call_op(q, k, v, alibi, bias, bool_mask, scale, softcap, diag_offset, wl, wr, dropout_p, generator,
-             deterministic=False):
-    rng = None
-    if dropout_p > 0:
-        rng = torch.tensor(_dropout_seed(generator, q.device), dtype=torch.int64)
-    return ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
-                             int(wl), int(wr), float(dropout_p), rng, bool(deterministic))
+def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr, dropout_p, generator,
+            return_lse, return_weights, backend, torch_fallback, deterministic):
+    """Under torch.compile: the registered op (counted by its implementation when the
+    compiled graph runs), or the differentiable torch path where no kernel can serve."""
+    reason = ("extension not built" if _kernel is None else
+              "return_attn_weights is not traced as an op" if return_weights else
+              "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else None)
+    if backend == "torch" or reason:
+        if backend == "steel":
+            raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {reason}")
+        return torch_fallback(None)
+    # The seed pair stays a tensor: no graph break, and a new seed does not recompile.
+    rng = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64) if dropout_p > 0 else None
+    out, lse = ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
+                                 int(wl), int(wr), float(dropout_p), rng, bool(deterministic))
+    return out, lse if return_lse else None, None
 
 
 def _pack(out, lse, weights, return_lse, return_weights):
@@ -182,15 +114,16 @@ def _pack(out, lse, weights, return_lse, return_weights):
     return res[0] if len(res) == 1 else res
 
 
-def _reference_fallback(q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
+def _reference_fallback(q, k, v, rng, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
                         dropout_p, generator):
     """backend='torch' for flash_attention: the definition evaluated with torch ops in
-    float32 (float64 for float64 inputs; differentiable; materialises [B, H, N, S])."""
+    float32 (float64 for float64 inputs; differentiable; materialises [B, H, N, S]).
+    Dropout uses the kernels' mask, from `rng` when the call already drew it."""
     B, H, N, _ = q.shape
     S = k.size(2)
     keep = None
     if dropout_p > 0:
-        seed, offset = _dropout_seed(generator, q.device)
+        seed, offset = rng or _dropout_seed(generator)
         keep = dropout_keep_mask(B, H, N, S, dropout_p, seed, offset).to(q.device)
     out, lse, probs = attention_reference(
         q, k, v, scale=scale, softcap=softcap, alibi_slopes=alibi, bias=bias, bool_mask=bool_mask,
@@ -219,15 +152,13 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
     dropout, in q's dtype). A row with no visible key gives zeros and lse = -inf.
     """
     fn = "flash_attention"
-    _validate.check_qkv(fn, ("q", "k", "v"), q, k, v)
+    B, H, N, D, S = _validate.check_qkv(fn, _QKV, q, k, v)
     _validate.check_scale(fn, scale)
     _validate.check_dropout(fn, dropout_p)
     softcap = _validate.check_softcap(fn, softcap)
     wl, wr = _validate.check_window(fn, window_size)
     if causal:
         wr = 0
-    B, H, N, D = q.shape
-    S = k.size(2)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     alibi = _validate.check_alibi(fn, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     bias = bool_mask = None
@@ -239,16 +170,19 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
             bias = attn_bias.to(_validate.side_dtype(q)).expand(B, H, N, S)
         else:
             raise TypeError(f"{fn}: attn_bias must be a float or bool tensor, got {attn_bias.dtype}")
-    common = dict(scale=scale, softcap=softcap, alibi=alibi, bias=bias, bool_mask=bool_mask,
-                  diag_offset=S - N, wl=wl, wr=wr, dropout_p=float(dropout_p), generator=generator)
+    dropout_p = float(dropout_p)
 
-    def fallback():
-        return _reference_fallback(q, k, v, **common)
+    def fallback(rng):
+        return _reference_fallback(q, k, v, rng, scale=scale, softcap=softcap, alibi=alibi, bias=bias,
+                                   bool_mask=bool_mask, diag_offset=S - N, wl=wl, wr=wr, dropout_p=dropout_p,
+                                   generator=generator)
 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    out, lse, weights = _run(fn, q, k, v, **common, return_lse=return_lse, return_weights=return_attn_weights,
-                             backend=backend, torch_fallback=fallback, deterministic=bool(deterministic))
+    out, lse, weights = _run(fn, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=bias, bool_mask=bool_mask,
+                             diag_offset=S - N, wl=wl, wr=wr, dropout_p=dropout_p, generator=generator,
+                             return_lse=return_lse, return_weights=return_attn_weights, backend=backend,
+                             torch_fallback=fallback, deterministic=bool(deterministic))
     if weights is not None:
         weights = weights.to(q.dtype)
     return _pack(out, lse, weights, return_lse, return_attn_weights)
@@ -301,13 +235,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         return t.reshape((-1,) + tuple(t.shape[-3:])) if t.dim() > 4 else t.unsqueeze(0)
 
     q, k, v = as4(query), as4(key), as4(value)
-    _validate.check_qkv(fn, ("query", "key", "value"), q, k, v)
-    if q.size(1) != k.size(1) and not enable_gqa:
-        raise ValueError(f"{fn}: query has {q.size(1)} heads and key {k.size(1)}; pass enable_gqa=True for GQA")
+    B, H, N, D, S = _validate.check_qkv(fn, ("query", "key", "value"), q, k, v)
+    if H != k.size(1) and not enable_gqa:
+        raise ValueError(f"{fn}: query has {H} heads and key {k.size(1)}; pass enable_gqa=True for GQA")
     _validate.check_scale(fn, scale)
     _validate.check_dropout(fn, dropout_p)
-    B, H, N, D = q.shape
-    S = k.size(2)
     bias = bool_mask = None
     if attn_mask is not None:
         m = attn_mask
@@ -322,7 +254,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             raise TypeError(f"{fn}: attn_mask must be bool or float, got {m.dtype}")
     scale_v = 1.0 / math.sqrt(D) if scale is None else float(scale)
 
-    def fallback():
+    def fallback(rng):
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa)

@@ -1,6 +1,7 @@
 """What this build and this machine can run: get_device_info, get_supported_configs,
-is_available. Feature flags are read from the kernel selector itself (a dry run of
-representative calls), so the report cannot disagree with what dispatch does."""
+is_available. Paths and feature flags come from the kernel selector itself (probes of
+representative calls that are selected, never run), so the report cannot disagree with
+dispatch; tests/python/test_info.py runs every feature and checks the path it took."""
 from __future__ import annotations
 
 import os
@@ -9,10 +10,6 @@ import platform
 import torch
 
 from ._tensor import fake
-
-# Features no backend has so far: reported False everywhere
-# (their entry points do not exist or raise NotImplementedError).
-_NOT_YET = ("varlen", "block_sparse", "paged_kv", "split_kv_decode", "rope", "int8")
 
 
 def _ext():
@@ -51,41 +48,38 @@ def get_device_info() -> dict:
 
 
 def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=256, wl=-1, wr=-1,
-           softcap=0.0, alibi=False, bias=False, bool_mask=False, dropout=0.0, lse=False, weights=False,
-           nonc=False, backward=False):
-    """The path a call of this shape would take on `device` (no memory touched);
-    with backward=True, the path of its gradients."""
+           softcap=0.0, alibi=False, bias=False, bool_mask=False, dropout=0.0, weights=False, nonc=False):
+    """(forward path, backward path) a call of this shape would take on `device`; nothing
+    is allocated or run. The backward path is the one a call needing gradients gets."""
+    from . import _kernel
+
     Dv = D if Dv is None else Dv
     B = 2
-    q = fake((B, H, N, D), dtype, device)
-    if nonc:  # [B, N, H, D] storage viewed as [B, H, N, D]
-        q = q[:5] + ((N * H * D, D, H * D, 1),)
+    side = torch.float64 if dtype == torch.float64 else torch.float32
+    # [B, N, H, D] storage viewed as [B, H, N, D] when nonc
+    q = fake((B, H, N, D), dtype, device, strides=(N * H * D, D, H * D, 1) if nonc else None)
     k = fake((B, Hkv, S, D), dtype, device)
     v = fake((B, Hkv, S, Dv), dtype, device)
     out = fake((B, H, N, Dv), dtype, device)
-    lse_d = fake((B, H, N), torch.float32, device) if lse or backward else None
-    mods = (fake((B, H, N, S), torch.float32, device) if bias else None,
+    mods = (fake((B, H, N, S), side, device) if bias else None,
             fake((B, H, N, S), torch.bool, device) if bool_mask else None,
-            fake((B, H), torch.float32, device) if alibi else None)
-    kw = dict(scale=0.1, softcap=softcap, diag_offset=S - N, window_left=wl, window_right=wr, dropout_p=dropout,
-              seed=0, offset=0, num_threads=1, stream=0, dry_run=True)
-    if backward:  # gradients shaped like their inputs; dout like out
-        path, _, _ = _ext().backward(out, q, k, v, out, lse_d, q, k, v, None, None, None, *mods, **kw,
-                                     deterministic=False)
-    else:
-        w = fake((B, H, N, S), torch.float32, device) if weights else None
-        path, _ = _ext().forward(q, k, v, out, lse_d, w, *mods, **kw)
-    return path
+            fake((B, H), side, device) if alibi else None)
+    w = fake((B, H, N, S), side, device) if weights else None
+    sc = _kernel.scalars(0.1, softcap, S - N, wl, wr, dropout, 0, 0, False)
+    path, _, bpath, _ = _ext().forward(q, k, v, out, fake((B, H, N), side, device), w, *mods, sc, 1, 0,
+                                       _kernel.SELECT)
+    return path, bpath
 
 
 def _features(device):
     """Feature -> whether a steelattn kernel serves it on `device` (None: nothing runs,
     every feature False; the keys stay the same)."""
-    ok = lambda **kw: device is not None and _probe(device, **kw) != "none"  # noqa: E731
-    f = {
+    ok = lambda **kw: device is not None and _probe(device, **kw)[0] != "none"  # noqa: E731
+    return {
         "float32": ok(dtype=torch.float32),
         "float16": ok(dtype=torch.float16),
         "bfloat16": ok(dtype=torch.bfloat16),
+        "float64": ok(dtype=torch.float64),
         "causal": ok(wr=0),
         "sliding_window": ok(wl=128, wr=0),
         "gqa": ok(H=8, Hkv=2),
@@ -94,24 +88,19 @@ def _features(device):
         "attn_bias": ok(bias=True),
         "bool_mask": ok(bool_mask=True),
         "dropout": ok(dropout=0.1),
-        "return_lse": ok(lse=True),
+        "return_lse": ok(),  # every probe passes lse
         "return_attn_weights": ok(weights=True),
         "dv_ne_d": ok(D=128, Dv=64),
         "n_ne_s": ok(N=100, S=300),
         "non_contiguous": ok(nonc=True),
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
-        "float64": ok(dtype=torch.float64),
-        "backward": ok(backward=True),
-        # custom ops with fake implementations and registered autograd (python/steelattn/ops.py)
-        "torch_compile": ok(),
+        "backward": device is not None and _probe(device)[1] != "none",
     }
-    f.update({k: False for k in _NOT_YET})
-    return f
 
 
 def get_supported_configs(device: str | None = None) -> dict:
-    """Per device: whether it runs here, the kernel path each common configuration takes,
-    and a `features` dict of booleans for what really runs on steelattn kernels (calls
+    """Per device: whether it runs here, the forward and backward kernel paths each common
+    configuration takes (`paths`, `backward_paths`), and a `features` dict of booleans for what really runs on steelattn kernels (calls
     outside it still work through the counted torch fallback). Without `device`, the
     report of every device plus top-level `features` of the best available device."""
     if device is None:
@@ -129,9 +118,10 @@ def get_supported_configs(device: str | None = None) -> dict:
             return {"available": False, "reason": "built without CUDA kernels", "features": _features(None)}
         if not torch.cuda.is_available():
             return {"available": False, "reason": "no CUDA device", "features": _features(None)}
-    paths = {
+    probes = {
         f"{dt}_d{d}{'_causal' if c else ''}": _probe(device, dtype=getattr(torch, dt), D=d, wr=0 if c else -1)
         for dt in ("bfloat16", "float16", "float32") for d in (64, 128, 256) for c in (False, True)
     }
     return {"available": True, "dtypes": ["float32", "float16", "bfloat16"], "head_dims": [1, 512],
-            "paths": paths, "features": _features(device)}
+            "paths": {name: fwd for name, (fwd, _) in probes.items()},
+            "backward_paths": {name: bwd for name, (_, bwd) in probes.items()}, "features": _features(device)}

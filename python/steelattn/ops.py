@@ -1,9 +1,11 @@
-"""torch.library custom ops: the forward and backward kernels as native PyTorch ops.
+"""torch.library custom ops: the forward and backward kernels as native PyTorch ops, for
+torch.compile.
 
-`steelattn::attention_fwd` returns (out, lse); its autograd formula calls
+`steelattn::attention_fwd` returns (out, lse); its registered autograd calls
 `steelattn::attention_bwd`. Both have fake (meta) implementations, so
 torch.compile(fullgraph=True) traces through them without graph breaks, and both
-allocate with torch on the caller's stream, so CUDA graphs can capture them.
+allocate with torch on the caller's stream, so CUDA graphs can capture them. Eager calls
+skip this layer (_autograd.py); both end in the same extension calls (_kernel.py).
 
 Dropout's (seed, offset) travel as a 2-element int64 CPU tensor rather than two
 ints: a new seed each step then does not make torch.compile recompile.
@@ -15,42 +17,14 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import _ext
-from ._tensor import describe
+from . import _kernel
+from ._validate import side_dtype
 
 
-def _poison():
-    from . import api
-
-    return api._debug_poison_outputs
-
-
-def _alloc(shape, dtype, device):
-    if _poison():
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _stream(q: Tensor) -> int:
-    return torch.cuda.current_stream(q.device).cuda_stream if q.is_cuda else 0
-
-
-def _rng(rng: Optional[Tensor]):
-    if rng is None:
-        return 0, 0
-    seed, offset = rng.tolist()
-    return int(seed), int(offset)
-
-
-def _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, q):
-    seed, offset = _rng(rng)
-    return dict(scale=float(scale), softcap=float(softcap), diag_offset=int(diag_offset),
-                window_left=int(window_left), window_right=int(window_right), dropout_p=float(dropout_p), seed=seed,
-                offset=offset, num_threads=torch.get_num_threads(), stream=_stream(q))
+def _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, deterministic):
+    seed, offset = rng.tolist() if rng is not None else (0, 0)
+    return _kernel.scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, seed, offset,
+                           deterministic)
 
 
 @torch.library.custom_op("steelattn::attention_fwd", mutates_args=())
@@ -59,17 +33,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
                   window_right: int, dropout_p: float, rng: Optional[Tensor],
                   deterministic: bool = False) -> Tuple[Tensor, Tensor]:
     """(out, lse). `deterministic` only matters to the backward (bit-identical gradients)."""
-    B, H, N, _ = q.shape
-    S, Dv = k.size(2), v.size(3)
-    out = _alloc((B, H, N, Dv), q.dtype, q.device)
-    lse = _alloc((B, H, N), lse_dtype(q), q.device)
-    if out.numel() == 0:
-        return out, lse
-    if S == 0:  # nothing to attend to: zeros and lse = -inf, without a kernel launch
-        return out.zero_(), lse.fill_(float("-inf"))
-    _ext.forward(describe(q), describe(k), describe(v), describe(out), describe(lse), None, describe(bias),
-                 describe(bool_mask), describe(alibi_slopes),
-                 **_scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, q), dry_run=False)
+    sc = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, deterministic)
+    out, lse, _ = _kernel.run_forward(q, k, v, alibi_slopes, bias, bool_mask, sc, _kernel.RUN)
     return out, lse
 
 
@@ -77,7 +42,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
 def _attention_fwd_fake(q, k, v, alibi_slopes, bias, bool_mask, scale, softcap, diag_offset, window_left,
                         window_right, dropout_p, rng, deterministic=False):
     B, H, N, _ = q.shape
-    return q.new_empty(B, H, N, v.size(3)), q.new_empty(B, H, N, dtype=lse_dtype(q))
+    return q.new_empty(B, H, N, v.size(3)), q.new_empty(B, H, N, dtype=side_dtype(q))
 
 
 @torch.library.custom_op("steelattn::attention_bwd", mutates_args=())
@@ -87,29 +52,10 @@ def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                   rng: Optional[Tensor], want_dbias: bool,
                   deterministic: bool = False) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is [B, H, N, S] when want_dbias, else empty."""
-    B, H, N, _ = q.shape
-    S = k.size(2)
-    if dout.size(-1) > 1 and dout.stride(-1) != 1:
-        dout = dout.contiguous()  # e.g. the expanded ones of out.sum().backward()
-    # Gradients take their inputs' layouts (empty_like), as the fake implementation says.
-    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
-    if _poison():
-        for t in (dq, dk, dv):
-            t.fill_(float("nan"))
-    dbias = (torch.zeros((B, H, N, S), dtype=lse.dtype, device=q.device) if want_dbias
-             else q.new_empty((0,), dtype=lse.dtype))
-    if q.numel() == 0 or S == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), dbias
-    tensors = [describe(t) for t in (dout, q, k, v, out, lse, dq, dk, dv)]
-    tensors += [describe(dbias) if want_dbias else None, describe(dlse)]
-    mods = [describe(t) for t in (bias, bool_mask, alibi_slopes)]
-    kw = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, q)
-    kw["deterministic"] = bool(deterministic)
-    # Some kernels (the Hopper one) need scratch: ask the selector how much, allocate it with torch.
-    _, _, nbytes = _ext.backward(*tensors, None, *mods, **kw, dry_run=True)
-    workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
-    _ext.backward(*tensors, describe(workspace), *mods, **kw, dry_run=False)
-    return dq, dk, dv, dbias
+    sc = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, deterministic)
+    dq, dk, dv, dbias = _kernel.run_backward(dout, dlse, q, k, v, out, lse, alibi_slopes, bias, bool_mask, sc,
+                                             want_dbias)
+    return dq, dk, dv, dbias if want_dbias else q.new_empty((0,), dtype=lse.dtype)
 
 
 @attention_bwd.register_fake
@@ -144,3 +90,4 @@ def _backward(ctx, dout, dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+

@@ -1,10 +1,13 @@
 // nanobind module steelattn._ext: the thin bridge between Python and the core.
 //
-// Tensors cross as (data_ptr, dtype, device, device_index, shape, strides)
-// tuples built by python/steelattn/_tensor.py rather than DLPack capsules:
-// torch refuses to export tensors that require grad, and a DLPack export of a
-// CUDA tensor may synchronise streams. The Python caller keeps the tensors
-// alive for the duration of the call; the extension links no torch.
+// Tensors arrive as torch tensors, read through the Python C API (data_ptr(),
+// shape, stride(), dtype, device), so the extension links no libtorch and one
+// build serves every torch version; DLPack is not used because torch refuses to
+// export tensors that require grad and a CUDA export may synchronise streams.
+// A (data_ptr, dtype, device, device_index, shape, strides) tuple is accepted too:
+// get_supported_configs() describes calls that are selected but never run.
+// The Python caller (python/steelattn/_kernel.py, the only one) keeps every
+// tensor alive for the duration of the call.
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/tuple.h>
@@ -19,22 +22,92 @@ using namespace steelattn;
 
 namespace {
 
-TensorRef to_ref(const nb::handle& obj, const char* name) {
+constexpr int kNumDTypes = 8;
+PyObject* g_dtypes[kNumDTypes] = {};  // torch dtype objects by steelattn::DType code (register_dtypes)
+
+struct Names {  // interned attribute names, looked up once
+  PyObject* data_ptr = PyUnicode_InternFromString("data_ptr");
+  PyObject* shape = PyUnicode_InternFromString("shape");
+  PyObject* stride = PyUnicode_InternFromString("stride");
+  PyObject* dtype = PyUnicode_InternFromString("dtype");
+  PyObject* is_cuda = PyUnicode_InternFromString("is_cuda");
+  PyObject* is_cpu = PyUnicode_InternFromString("is_cpu");
+  PyObject* get_device = PyUnicode_InternFromString("get_device");
+};
+const Names& names() {
+  static const Names n;
+  return n;
+}
+
+[[noreturn]] void bad(const char* name, const std::string& what, bool type_error = true) {
+  PyErr_Clear();
+  const std::string m = std::string(name) + ": " + what;
+  if (type_error) throw nb::type_error(m.c_str());
+  throw nb::value_error(m.c_str());
+}
+
+nb::object get(PyObject* o, PyObject* attr, const char* name) {
+  PyObject* r = PyObject_GetAttr(o, attr);
+  if (!r) bad(name, "expected a torch.Tensor");
+  return nb::steal(r);
+}
+
+nb::object call(PyObject* o, PyObject* method, const char* name) {
+  PyObject* r = PyObject_CallMethodNoArgs(o, method);
+  if (!r) bad(name, "expected a torch.Tensor");
+  return nb::steal(r);
+}
+
+void set_dims(TensorRef& t, PyObject* shape, PyObject* stride, const char* name) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(shape);
+  if (n > 4 || PyTuple_GET_SIZE(stride) != n) bad(name, "at most 4 dims are supported", false);
+  t.ndim = int32_t(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    t.shape[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape, i));
+    t.stride[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(stride, i));
+  }
+  if (PyErr_Occurred()) bad(name, "malformed shape or strides", false);
+}
+
+TensorRef from_tuple(nb::handle obj, const char* name) {
+  nb::tuple tup = nb::borrow<nb::tuple>(obj);
+  if (tup.size() != 6) bad(name, "malformed tensor description", false);
   TensorRef t;
-  if (obj.is_none()) return t;
-  nb::tuple tup = nb::cast<nb::tuple>(obj);
-  if (tup.size() != 6) throw nb::value_error((std::string(name) + ": malformed tensor description").c_str());
   t.data = reinterpret_cast<void*>(nb::cast<uintptr_t>(tup[0]));
   t.dtype = static_cast<DType>(nb::cast<int>(tup[1]));
   t.device = static_cast<Device>(nb::cast<int>(tup[2]));
   t.device_id = nb::cast<int>(tup[3]);
-  nb::tuple shape = nb::cast<nb::tuple>(tup[4]), stride = nb::cast<nb::tuple>(tup[5]);
-  if (shape.size() > 4 || stride.size() != shape.size())
-    throw nb::value_error((std::string(name) + ": at most 4 dims are supported").c_str());
-  t.ndim = int32_t(shape.size());
-  for (size_t i = 0; i < shape.size(); ++i) {
-    t.shape[i] = nb::cast<int64_t>(shape[i]);
-    t.stride[i] = nb::cast<int64_t>(stride[i]);
+  if (!PyTuple_Check(tup[4].ptr()) || !PyTuple_Check(tup[5].ptr())) bad(name, "malformed tensor description", false);
+  set_dims(t, tup[4].ptr(), tup[5].ptr(), name);
+  return t;
+}
+
+TensorRef to_ref(nb::handle obj, const char* name) {
+  TensorRef t;
+  if (obj.is_none()) return t;
+  if (PyTuple_Check(obj.ptr())) {
+    t = from_tuple(obj, name);
+  } else {
+    PyObject* o = obj.ptr();
+    const Names& s = names();
+    nb::object dt = get(o, s.dtype, name);
+    int code = -1;
+    for (int i = 0; i < kNumDTypes; ++i)
+      if (dt.ptr() == g_dtypes[i]) code = i;
+    if (code < 0) bad(name, "unsupported dtype " + nb::cast<std::string>(nb::str(dt)));
+    t.dtype = static_cast<DType>(code);
+    if (get(o, s.is_cuda, name).ptr() == Py_True) {
+      t.device = Device::cuda;
+      t.device_id = int32_t(PyLong_AsLong(call(o, s.get_device, name).ptr()));
+    } else if (get(o, s.is_cpu, name).ptr() == Py_True) {
+      t.device = Device::cpu;
+    } else {
+      bad(name, "unsupported device (steelattn runs on CPU and CUDA tensors)", false);
+    }
+    t.data = PyLong_AsVoidPtr(call(o, s.data_ptr, name).ptr());
+    nb::object shape = get(o, s.shape, name), stride = call(o, s.stride, name);
+    if (!PyTuple_Check(shape.ptr()) || !PyTuple_Check(stride.ptr())) bad(name, "expected a torch.Tensor");
+    set_dims(t, shape.ptr(), stride.ptr(), name);
   }
   // Size-0 tensors may carry a null pointer; keep "present" meaning "given".
   if (!t.data) t.data = reinterpret_cast<void*>(uintptr_t(64));
@@ -51,111 +124,137 @@ TensorRef to_ref(const nb::handle& obj, const char* name) {
   }
 }
 
+// `scalars` is (scale, softcap, diag_offset, window_left, window_right, dropout_p, seed,
+// offset, deterministic), built once per call by _kernel.Call and reused by the backward.
 AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
-                            nb::handle attn_weights, nb::handle bias, nb::handle bool_mask,
-                            nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset,
-                            int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed,
-                            uint64_t offset, int num_threads) {
+                            nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars,
+                            int num_threads) {
+  if (scalars.size() != 9) throw nb::value_error("scalars: expected 9 values");
   AttentionParams p;
   p.q = to_ref(q, "q");
   p.k = to_ref(k, "k");
   p.v = to_ref(v, "v");
   p.out = to_ref(out, "out");
   p.lse = to_ref(lse, "lse");
-  p.attn_weights = to_ref(attn_weights, "attn_weights");
   p.bias = to_ref(bias, "bias");
   p.bool_mask = to_ref(bool_mask, "bool_mask");
   p.alibi_slopes = to_ref(alibi_slopes, "alibi_slopes");
-  p.scale = scale;
-  p.softcap = softcap;
-  p.diag_offset = diag_offset;
-  p.window_left = window_left;
-  p.window_right = window_right;
-  p.dropout_p = dropout_p;
-  p.dropout_seed = seed;
-  p.dropout_offset = offset;
+  p.scale = nb::cast<double>(scalars[0]);
+  p.softcap = nb::cast<double>(scalars[1]);
+  p.diag_offset = nb::cast<int64_t>(scalars[2]);
+  p.window_left = nb::cast<int64_t>(scalars[3]);
+  p.window_right = nb::cast<int64_t>(scalars[4]);
+  p.dropout_p = nb::cast<float>(scalars[5]);
+  p.dropout_seed = nb::cast<uint64_t>(scalars[6]);
+  p.dropout_offset = nb::cast<uint64_t>(scalars[7]);
+  p.deterministic = nb::cast<bool>(scalars[8]);
   p.num_threads = num_threads;
   return p;
 }
 
+// What a caller reports: the path, and why none was found or why a faster one refused.
+const std::string& note(const PathChoice& c) { return c.path == ForwardPath::none ? c.why_not : c.demoted; }
+
+// The backward's selection predicted at forward time: out, q, k, v stand in for dout,
+// dq, dk, dv (the gradients are allocated like them).
+PathChoice predict_backward(const AttentionParams& p) {
+  AttentionParams b = p;
+  b.attn_weights = TensorRef{};
+  b.dout = p.out;
+  b.dq = p.q;
+  b.dk = p.k;
+  b.dv = p.v;
+  return choose_backward_path(b);
+}
+
+enum Mode { kRun = 0, kTrain = 1, kSelect = 2 };
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
-  m.doc() = "steelattn core bindings (tensors as pointer/shape/stride tuples)";
+  m.doc() = "steelattn core bindings (torch tensors read through the Python C API; no libtorch)";
+
+  m.def(
+      "register_dtypes",
+      [](nb::tuple dtypes) {
+        if (dtypes.size() != kNumDTypes) throw nb::value_error("register_dtypes: expected 8 dtypes");
+        for (int i = 0; i < kNumDTypes; ++i) {
+          Py_XDECREF(g_dtypes[i]);
+          g_dtypes[i] = dtypes[i].inc_ref().ptr();
+        }
+      },
+      "The torch dtype objects in steelattn::DType code order (float32, float16, bfloat16, float64, bool, "
+      "int32, int64, uint8).");
 
   m.def(
       "forward",
       [](nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle attn_weights,
-         nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, double scale, double softcap,
-         int64_t diag_offset, int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed,
-         uint64_t offset, int num_threads, uintptr_t stream, bool dry_run) {
-        AttentionParams p = make_params(q, k, v, out, lse, attn_weights, bias, bool_mask, alibi_slopes, scale,
-                                        softcap, diag_offset, window_left, window_right, dropout_p, seed,
-                                        offset, num_threads);
-        if (dry_run) {
-          Status st = validate_forward(p);
-          if (!st.ok()) raise(st);
-          std::string why;
-          const ForwardPath path = select_forward_path(p, &why);
-          return nb::make_tuple(std::string(path_name(path)), why);
-        }
-        ForwardPath taken = ForwardPath::none;
-        Status st;
-        {
+         nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads,
+         uintptr_t stream, int mode) {
+        AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads);
+        p.attn_weights = to_ref(attn_weights, "attn_weights");
+        Status st = validate_forward(p);
+        if (!st.ok()) raise(st);
+        const PathChoice fwd = choose_forward_path(p);
+        PathChoice bwd;
+        if (mode != kRun) bwd = predict_backward(p);
+        if (mode != kSelect) {
+          if (fwd.path == ForwardPath::none)
+            raise(Status::NotImplemented("no steelattn kernel serves this call: " + fwd.why_not));
+          if (mode == kTrain && bwd.path == ForwardPath::none)
+            raise(Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not));
           nb::gil_scoped_release release;
-          st = attention_forward(p, reinterpret_cast<void*>(stream), &taken);
+          st = run_forward(p, fwd.path, reinterpret_cast<void*>(stream));
         }
         if (!st.ok()) raise(st);
-        return nb::make_tuple(std::string(path_name(taken)), std::string());
+        return nb::make_tuple(path_name(fwd.path), note(fwd), mode == kRun ? "" : path_name(bwd.path), note(bwd));
       },
       nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse").none(),
       nb::arg("attn_weights").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
-      nb::arg("alibi_slopes").none(), nb::kw_only(), nb::arg("scale"), nb::arg("softcap"),
-      nb::arg("diag_offset"), nb::arg("window_left"), nb::arg("window_right"), nb::arg("dropout_p"),
-      nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream"), nb::arg("dry_run"),
-      "Run (or with dry_run=True only validate and select) one attention forward. Returns (path, why_not).");
+      nb::arg("alibi_slopes").none(), nb::arg("scalars"), nb::arg("num_threads"), nb::arg("stream"),
+      nb::arg("mode"),
+      "One attention forward: validate, select, run. mode 0 runs; 1 runs for training (selects the backward too "
+      "and refuses, writing nothing, when no kernel computes it); 2 only selects. Returns (path, note, "
+      "backward_path, backward_note): a note is why no kernel serves the call (path 'none') or why a faster "
+      "kernel refused it. A call no kernel serves raises NotImplementedError before anything is written.");
 
   m.def(
       "backward",
-      [](nb::handle dout, nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle dq,
-         nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle dlse, nb::handle workspace, nb::handle bias,
-         nb::handle bool_mask, nb::handle alibi_slopes, double scale, double softcap, int64_t diag_offset,
-         int64_t window_left, int64_t window_right, float dropout_p, uint64_t seed, uint64_t offset, int num_threads,
-         uintptr_t stream, bool deterministic, bool dry_run) {
-        AttentionParams p = make_params(q, k, v, out, lse, nb::none(), bias, bool_mask, alibi_slopes, scale, softcap,
-                                        diag_offset, window_left, window_right, dropout_p, seed, offset, num_threads);
+      [](nb::handle dout, nb::handle dlse, nb::handle q, nb::handle k, nb::handle v, nb::handle out,
+         nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle bias,
+         nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads, uintptr_t stream,
+         nb::handle alloc_workspace) {
+        AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads);
         p.dout = to_ref(dout, "dout");
+        p.dlse = to_ref(dlse, "dlse");
         p.dq = to_ref(dq, "dq");
         p.dk = to_ref(dk, "dk");
         p.dv = to_ref(dv, "dv");
         p.dbias = to_ref(dbias, "dbias");
-        p.dlse = to_ref(dlse, "dlse");
-        p.workspace = to_ref(workspace, "workspace");
-        p.deterministic = deterministic;
-        if (dry_run) {
-          Status st = validate_backward(p);
-          if (!st.ok()) raise(st);
-          std::string why;
-          const ForwardPath path = select_backward_path(p, &why);
-          return nb::make_tuple(std::string(path_name(path)), why, backward_workspace_bytes(p));
+        Status st = validate_backward(p);
+        if (!st.ok()) raise(st);
+        const PathChoice c = choose_backward_path(p);
+        if (c.path == ForwardPath::none)
+          raise(Status::NotImplemented("no steelattn kernel computes this backward: " + c.why_not));
+        // The kernel's scratch comes from the caller's allocator (torch's, so CUDA graphs capture it).
+        nb::object workspace;
+        if (const size_t need = backward_workspace_bytes(p, c.path)) {
+          workspace = nb::borrow(alloc_workspace)(need);
+          p.workspace = to_ref(workspace, "workspace");
         }
-        ForwardPath taken = ForwardPath::none;
-        Status st;
         {
           nb::gil_scoped_release release;
-          st = attention_backward(p, reinterpret_cast<void*>(stream), &taken);
+          st = run_backward(p, c.path, reinterpret_cast<void*>(stream));
         }
         if (!st.ok()) raise(st);
-        return nb::make_tuple(std::string(path_name(taken)), std::string(), size_t(0));
+        return nb::make_tuple(path_name(c.path), c.demoted);
       },
-      nb::arg("dout"), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse"), nb::arg("dq"),
-      nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("dlse").none(), nb::arg("workspace").none(),
-      nb::arg("bias").none(), nb::arg("bool_mask").none(), nb::arg("alibi_slopes").none(), nb::kw_only(),
-      nb::arg("scale"), nb::arg("softcap"), nb::arg("diag_offset"), nb::arg("window_left"), nb::arg("window_right"),
-      nb::arg("dropout_p"), nb::arg("seed"), nb::arg("offset"), nb::arg("num_threads"), nb::arg("stream"),
-      nb::arg("deterministic"), nb::arg("dry_run"),
-      "Gradients dq, dk, dv (and dbias) of one attention call. Returns (path, why_not, workspace_bytes); "
-      "with dry_run=True only validates, selects and sizes the workspace.");
+      nb::arg("dout"), nb::arg("dlse").none(), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
+      nb::arg("lse"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("bias").none(),
+      nb::arg("bool_mask").none(), nb::arg("alibi_slopes").none(), nb::arg("scalars"), nb::arg("num_threads"),
+      nb::arg("stream"), nb::arg("alloc_workspace"),
+      "Gradients dq, dk, dv (and dbias) of one attention call: validate, select, run. A kernel that needs "
+      "scratch gets it from alloc_workspace(nbytes) (a 1-d uint8 tensor). Returns (path, demoted).");
 
   m.def(
       "dropout_keep_mask",

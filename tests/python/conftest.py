@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import steelattn
-import steelattn.api
+import steelattn._kernel
 
 # Norm-relative error bounds ||out - ref|| / ||ref|| against the float64 reference.
 # fp32 accumulates in fp32 (errors ~1e-7 measured); fp16/bf16 are bounded by the
@@ -34,7 +34,7 @@ def deterministic_run():
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
-    monkeypatch.setattr(steelattn.api, "_debug_poison_outputs", True)
+    monkeypatch.setattr(steelattn._kernel, "debug_poison", True)
     steelattn.reset_dispatch_stats()
     yield
 

@@ -177,7 +177,8 @@ def test_gradcheck_float64(causal, softcap, window):
                                          alibi_slopes=slopes, return_lse=True, backend="steel")
 
     assert torch.autograd.gradcheck(f, (q, k, v, bias))
-    assert steelattn.get_dispatch_stats().get("torch", 0) == 0
+    stats = steelattn.get_dispatch_stats()
+    assert set(stats["forward"]) == set(stats["backward"]) == {"cpu_scalar"}, stats  # float64: the portable kernel
 
 
 def test_opcheck():
@@ -277,7 +278,8 @@ def test_deterministic_hopper_backward(causal):
 
     steelattn.reset_dispatch_stats()
     runs = [grads(True) for _ in range(3)]
-    assert steelattn.get_dispatch_stats().get("cuda_sm90", 0) == 3, steelattn.get_dispatch_stats()  # the backward's path
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == stats["backward"] == {"cuda_sm90": 3}, stats
     for later in runs[1:]:
         for a, b in zip(runs[0], later):
             assert torch.equal(a, b)
@@ -315,3 +317,27 @@ def test_cuda_graph_capture_forward_and_backward(deterministic):
     for a, b in zip(captured, step()):
         tol = 0 if deterministic else 2e-2  # the Hopper kernel adds dQ in arrival order
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_double_backward_raises():
+    """The backward is not differentiable: asking for a second derivative raises instead of
+    silently returning a wrong one."""
+    q = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out = steelattn.flash_attention(q, q.detach(), q.detach(), causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
+
+
+def test_torch_func_grad_runs_on_torch_counted():
+    """torch.func transforms get the differentiable torch path (the kernels read plain
+    tensors), counted as a demotion, with the same gradients as the kernels give."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 9, 16, dtype=torch.float64, generator=g) for _ in range(3))
+    ours = torch.func.grad(lambda q: steelattn.flash_attention(q, k, v, causal=True).square().sum())(q)
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"torch": 1} and list(stats["demotions"]) == [
+        "steelattn -> torch: torch.func transforms (the kernels read plain tensors)"], stats
+    qq = q.clone().requires_grad_()
+    steelattn.flash_attention(qq, k, v, causal=True).square().sum().backward()
+    torch.testing.assert_close(ours, qq.grad, rtol=1e-10, atol=1e-12)

@@ -59,3 +59,30 @@ def test_sdpa_dropout_uses_same_mask(device, rng):
     keep = steelattn.dropout_keep_mask(1, 2, 30, 30, 0.2, seed, offset)
     ref, _, _ = attention_reference(q.cpu(), q.cpu(), q.cpu(), dropout_keep=keep, dropout_p=0.2)
     assert_close(out, ref, torch.float32)
+
+
+def test_compiled_dropout_draws_a_new_seed_without_recompiling(rng):
+    """Under torch.compile(fullgraph=True) the seed pair is a tensor drawn inside the graph:
+    each call draws from torch's RNG like the eager call does (same results for the same
+    seed, different for another) and a new seed does not compile a new graph."""
+    q, k, v = (randn(1, 2, 40, 32, dtype=torch.float32, device="cpu", generator=rng) for _ in range(3))
+    compiled_graphs = []
+
+    def counting_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    def f(q, k, v):
+        return steelattn.flash_attention(q, k, v, causal=True, dropout_p=0.3)
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend=counting_backend)
+    outs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        eager = f(q, k, v)
+        torch.manual_seed(seed)
+        outs.append(cf(q, k, v))
+        torch.testing.assert_close(outs[-1], eager, rtol=0, atol=0)
+    assert not torch.equal(outs[0], outs[1])
+    assert len(compiled_graphs) == 1

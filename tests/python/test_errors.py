@@ -110,33 +110,32 @@ def test_sdpa_errors(device):
         SDPA(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.int64, device=device))
 
 
+def _core_forward(q, out, lse=None, bias=None):
+    from steelattn import _kernel
+
+    sc = _kernel.scalars(1.0, 0.0, 0, -1, -1, 0.0, 0, 0, False)
+    return _kernel.forward(q, q, q, out, lse, None, bias, None, None, sc, _kernel.RUN)
+
+
 def test_core_rejects_bad_params_directly():
     """The C++ core validates too (the safety net under the Python checks)."""
-    from steelattn import _ext
-    from steelattn._tensor import describe
-
     q = torch.randn(1, 2, 4, 8)
-    out = torch.randn(1, 2, 4, 8)
-    bad_out = torch.randn(1, 2, 4, 9)
-    args = dict(scale=1.0, softcap=0.0, diag_offset=0, window_left=-1, window_right=-1, dropout_p=0.0, seed=0,
-                offset=0, num_threads=1, stream=0, dry_run=False)
     with pytest.raises(ValueError, match="out: shape"):
-        _ext.forward(describe(q), describe(q), describe(q), describe(bad_out), None, None, None, None, None, **args)
+        _core_forward(q, torch.randn(1, 2, 4, 9))
     with pytest.raises(ValueError, match="lse: must be float32"):
-        _ext.forward(describe(q), describe(q), describe(q), describe(out), describe(torch.empty(1, 2, 5)), None,
-                     None, None, None, **args)
+        _core_forward(q, torch.randn(1, 2, 4, 8), lse=torch.empty(1, 2, 5))
+    with pytest.raises(TypeError, match="bias: expected a torch.Tensor"):
+        _core_forward(q, torch.randn(1, 2, 4, 8), bias=[1.0])
+    with pytest.raises(TypeError, match="lse: unsupported dtype torch.complex64"):
+        _core_forward(q, torch.randn(1, 2, 4, 8), lse=torch.empty(1, 2, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="q: unsupported device"):
+        _core_forward(q.to("meta"), torch.randn(1, 2, 4, 8))
 
 
 def test_outputs_untouched_on_error():
     """A failed core call writes nothing: a pre-filled output keeps its values."""
-    from steelattn import _ext
-    from steelattn._tensor import describe
-
     q = torch.randn(1, 2, 4, 8)
     out = torch.full((1, 2, 4, 8), 7.0)
     with pytest.raises(ValueError):
-        _ext.forward(describe(q), describe(q), describe(q), describe(out), None, None,
-                     describe(torch.randn(1, 2, 4, 3)), None, None, scale=1.0, softcap=0.0, diag_offset=0,
-                     window_left=-1, window_right=-1, dropout_p=0.0, seed=0, offset=0, num_threads=1, stream=0,
-                     dry_run=False)
+        _core_forward(q, out, bias=torch.randn(1, 2, 4, 3))
     assert (out == 7.0).all()

@@ -1,7 +1,18 @@
-"""Introspection: device info, supported configs and dispatch counters tell the truth."""
+"""Introspection tells the truth: every feature get_supported_configs() reports is run and
+its dispatch path checked; dispatch stats count forward and backward paths and demotions."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
 import torch
+from conftest import TOL, assert_close, randn
 
 import steelattn
+from steelattn.reference import attention_reference
+
+STEEL_PATHS = {"cpu_avx512", "cpu_avx2", "cpu_scalar", "cuda_sm90", "cuda_generic"}
 
 
 def test_is_available_and_device_info():
@@ -11,17 +22,121 @@ def test_is_available_and_device_info():
     assert info["extension"] is True
 
 
-def test_supported_configs_cpu_features_are_real():
+def _seed_draw(seed):
+    d = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(seed), dtype=torch.int64)
+    return int(d[0]), int(d[1])
+
+
+# feature -> call description: dtype, shape (B, H, Hkv, N, S, D, Dv) and flash_attention keywords.
+# "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D].
+_BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False)
+FEATURE_CALLS = {
+    "float32": {},
+    "float16": dict(dtype=torch.float16),
+    "bfloat16": dict(dtype=torch.bfloat16),
+    "float64": dict(dtype=torch.float64),
+    "causal": dict(kw=dict(causal=True)),
+    "sliding_window": dict(kw=dict(window_size=(8, 0))),
+    "gqa": dict(shape=(2, 8, 2, 40, 40, 64, 64)),
+    "softcap": dict(kw=dict(softcap=5.0)),
+    "alibi": dict(kw=dict(alibi_slopes="alibi")),
+    "attn_bias": dict(kw=dict(attn_bias="float")),
+    "bool_mask": dict(kw=dict(attn_bias="bool")),
+    "dropout": dict(kw=dict(dropout_p=0.2)),
+    "return_lse": dict(kw=dict(return_lse=True)),
+    "return_attn_weights": dict(kw=dict(return_attn_weights=True)),
+    "dv_ne_d": dict(shape=(2, 4, 4, 40, 40, 128, 64)),
+    "n_ne_s": dict(shape=(2, 4, 4, 30, 90, 64, 64), kw=dict(causal=True)),
+    "non_contiguous": dict(nonc=True),
+    "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
+    "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
+}
+
+
+def _run_feature_call(device, call, rng):
+    """Runs one call on `device` with backend='auto' and checks it against the float64
+    reference; returns the dispatch stats of the call."""
+    c = {**_BASE, **call}
+    dtype, (B, H, Hkv, N, S, D, Dv), kw = c["dtype"], c["shape"], dict(c["kw"])
+    if c["nonc"]:
+        q = randn(B, N, H, D, dtype=dtype, device=device, generator=rng).transpose(1, 2)
+        assert not q.is_contiguous()
+    else:
+        q = randn(B, H, N, D, dtype=dtype, device=device, generator=rng)
+    k = randn(B, Hkv, S, D, dtype=dtype, device=device, generator=rng)
+    v = randn(B, Hkv, S, Dv, dtype=dtype, device=device, generator=rng)
+    ref_kw = dict(diag_offset=S - N, window_left=-1, window_right=0 if kw.get("causal") else -1)
+    if "window_size" in kw:
+        ref_kw["window_left"], ref_kw["window_right"] = kw["window_size"]
+    ref_kw["softcap"] = kw.get("softcap", 0.0)
+    if kw.get("alibi_slopes") == "alibi":
+        kw["alibi_slopes"] = ref_kw["alibi_slopes"] = steelattn.alibi_slopes(H).to(device)
+    if kw.get("attn_bias") == "float":
+        kw["attn_bias"] = randn(N, S, dtype=torch.float32, device=device, generator=rng)
+        ref_kw["bias"] = kw["attn_bias"]
+    elif kw.get("attn_bias") == "bool":
+        kw["attn_bias"] = (torch.rand(N, S, generator=rng) > 0.3).to(device)
+        ref_kw["bool_mask"] = kw["attn_bias"]
+    if kw.get("dropout_p"):
+        kw["generator"] = torch.Generator().manual_seed(5)
+        ref_kw["dropout_keep"] = steelattn.dropout_keep_mask(B, H, N, S, kw["dropout_p"], *_seed_draw(5))
+        ref_kw["dropout_p"] = kw["dropout_p"]
+    ref_kw = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in ref_kw.items()}
+    tol = TOL.get(dtype, 1e-10)
+
+    steelattn.reset_dispatch_stats()
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)] if c["grad"] else [q, k, v]
+    res = steelattn.flash_attention(*inputs, **kw)
+    out = res[0] if isinstance(res, tuple) else res
+    r = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse, ref_p = attention_reference(*r, **ref_kw)
+    assert_close(out.detach(), ref_out.detach(), dtype, tol=tol)
+    if kw.get("return_lse"):
+        assert_close(res[1], ref_lse.detach(), dtype, what="lse", tol=tol)
+    if kw.get("return_attn_weights"):
+        assert_close(res[1], ref_p.detach(), dtype, what="weights", tol=tol)
+    if c["grad"]:
+        dout = randn(*out.shape, dtype=dtype, device=device, generator=rng)
+        grads = torch.autograd.grad(out, inputs, dout)
+        ref_grads = torch.autograd.grad(ref_out, r, dout.cpu().double())
+        for name, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+            assert_close(a, b, dtype, what=name, tol=tol)
+    return steelattn.get_dispatch_stats()
+
+
+def test_every_feature_reported_is_exercised():
+    """The feature table and the exercising calls cover the same keys: a new feature
+    needs a call here before get_supported_configs() may report it."""
+    assert set(steelattn.get_supported_configs("cpu")["features"]) == set(FEATURE_CALLS)
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURE_CALLS))
+def test_feature_report_matches_what_runs(device, feature, rng):
+    """A feature reported True runs on a steelattn kernel (forward, and for `backward` the
+    gradients) and matches the float64 reference; one reported False goes to torch,
+    counted with its reason."""
+    cfg = steelattn.get_supported_configs(device)
+    if not cfg["available"]:
+        pytest.skip(cfg["reason"])
+    claimed = cfg["features"][feature]
+    calls = FEATURE_CALLS[feature]
+    for call in calls if isinstance(calls, list) else [calls]:
+        stats = _run_feature_call(device, call, rng)
+        if claimed:
+            assert set(stats["forward"]) <= STEEL_PATHS and sum(stats["forward"].values()) == 1, stats
+            if feature == "backward":
+                assert set(stats["backward"]) <= STEEL_PATHS and sum(stats["backward"].values()) == 1, stats
+        else:
+            assert stats["forward"] == {"torch": 1}, stats
+            assert any(r.startswith("steelattn -> torch: ") for r in stats["demotions"]), stats
+
+
+def test_supported_configs_cpu_paths():
     cfg = steelattn.get_supported_configs("cpu")
-    f = cfg["features"]
-    for key in ("float32", "float16", "bfloat16", "causal", "sliding_window", "gqa", "softcap", "alibi",
-                "attn_bias", "bool_mask", "dropout", "return_lse", "return_attn_weights", "dv_ne_d", "n_ne_s",
-                "non_contiguous", "head_dim_1_to_512"):
-        assert f[key] is True, key
-    assert f["backward"] is True
-    for key in ("varlen", "paged_kv", "block_sparse"):
-        assert f[key] is False, key
-    assert all(p.startswith("cpu_") for p in cfg["paths"].values())
+    isa = steelattn.get_device_info()["cpu"]["isa"]
+    assert set(cfg["paths"].values()) == {f"cpu_{isa}"}
+    assert set(cfg["backward_paths"].values()) == {f"cpu_{isa}"}
+    assert all(cfg["features"].values()), cfg["features"]
 
 
 def test_supported_configs_all_devices():
@@ -31,26 +146,46 @@ def test_supported_configs_all_devices():
         assert cfg["cuda"]["available"] is False and cfg["best_device"] == "cpu"
 
 
-def test_dispatch_stats_count_paths_and_fallbacks():
-    steelattn.reset_dispatch_stats()
+def test_dispatch_stats_count_forward_backward_and_demotions():
+    isa = "cpu_" + steelattn.get_device_info()["cpu"]["isa"]
     q = torch.randn(1, 2, 16, 32)
-    steelattn.flash_attention(q, q, q)
-    steelattn.flash_attention(q, q, q, backend="torch")
     qg = q.clone().requires_grad_()
-    steelattn.flash_attention(qg, q, q, return_attn_weights=True)  # weights are forward-only: torch, counted
-    steelattn.flash_attention(qg, q, q)  # gradients: our kernels (custom op with autograd)
-    stats = steelattn.get_dispatch_stats()
-    isa = steelattn.get_device_info()["cpu"]["isa"]
-    assert stats[f"cpu_{isa}"] == 2
-    assert stats["torch"] == 2
-    assert sum(stats["fallback_reasons"].values()) == 2
     steelattn.reset_dispatch_stats()
-    assert steelattn.get_dispatch_stats() == {"fallback_reasons": {}}
+    steelattn.flash_attention(q, q, q)  # inference
+    steelattn.flash_attention(q, q, q, backend="torch")  # asked for: not a demotion
+    steelattn.flash_attention(qg, q, q, return_attn_weights=True)  # weights are forward-only: torch, demoted
+    out = steelattn.flash_attention(qg, q, q)  # training: forward now, backward when it runs
+    assert steelattn.get_dispatch_stats() == {
+        "forward": {isa: 2, "torch": 2},
+        "backward": {"torch": 1},
+        "demotions": {"steelattn -> torch: return_attn_weights with gradients (the weights are a forward-only "
+                      "output)": 1}}
+    out.sum().backward()
+    assert steelattn.get_dispatch_stats()["backward"] == {"torch": 1, isa: 1}
+    steelattn.reset_dispatch_stats()
+    assert steelattn.get_dispatch_stats() == {"forward": {}, "backward": {}, "demotions": {}}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hopper_demotion_is_counted_with_its_reason():
+    """A call the Hopper kernel refuses (a float bias) runs on the generic kernel, and the
+    stats say so for the forward and the backward, with the Hopper kernel's reason."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need compute capability 9.0")
+    q, k, v = (torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    bias = torch.randn(128, 128, device="cuda")
+    steelattn.flash_attention(q, k, v, attn_bias=bias).sum().backward()
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_generic": 1} and stats["backward"] == {"cuda_generic": 1}, stats
+    demoted = sorted(stats["demotions"])
+    assert len(demoted) == 2, stats
+    assert demoted[0].startswith("backward cuda_sm90 -> cuda_generic: ") and "bias" in demoted[0], stats
+    assert demoted[1].startswith("forward cuda_sm90 -> cuda_generic: ") and "bias" in demoted[1], stats
 
 
 def test_steel_backend_refuses_what_it_cannot_do():
-    import pytest
-
     q = torch.randn(1, 2, 16, 32, requires_grad=True)
     with pytest.raises(NotImplementedError, match="forward-only"):
         steelattn.flash_attention(q, q, q, return_attn_weights=True, backend="steel")
@@ -58,7 +193,7 @@ def test_steel_backend_refuses_what_it_cannot_do():
 
 def test_torch_fallback_is_differentiable_and_correct():
     q = torch.randn(1, 2, 16, 32, requires_grad=True)
-    out = steelattn.flash_attention(q, q, q, causal=True, softcap=5.0)
+    out = steelattn.flash_attention(q, q, q, causal=True, softcap=5.0, backend="torch")
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
     with torch.no_grad():
@@ -66,18 +201,13 @@ def test_torch_fallback_is_differentiable_and_correct():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_cpu_isa_paths_agree(monkeypatch):
+def test_cpu_isa_paths_agree():
     """Each compiled instruction-set path gives the same answer (run in a subprocess each)."""
-    import subprocess
-    import sys
-
     code = ("import torch, steelattn; g = torch.Generator().manual_seed(0); "
             "q = torch.randn(2, 4, 77, 40, generator=g); k = torch.randn(2, 2, 99, 40, generator=g); "
             "o = steelattn.flash_attention(q, k, k, causal=True, softcap=3.0); "
             "print(steelattn.get_device_info()['cpu']['isa']); torch.save(o, sys.argv[1])")
     outs = {}
-    import os
-    import tempfile
     for isa in ("scalar", "avx2", "avx512"):
         path = os.path.join(tempfile.mkdtemp(), "o.pt")
         env = dict(os.environ, STEELATTN_CPU_ISA=isa)
@@ -92,11 +222,6 @@ def test_cpu_isa_paths_agree(monkeypatch):
 
 def test_cpu_bf16_dot_path_agrees_with_fp32_path():
     """bf16 Q.K^T (and dO.V^T) through vdpbf16ps where the CPU has it gives the fp32 path's numbers."""
-    import os
-    import subprocess
-    import sys
-    import tempfile
-
     code = ("import sys, torch, steelattn; g = torch.Generator().manual_seed(1); "
             "q = torch.randn(2, 8, 77, 64, generator=g).bfloat16().requires_grad_(); "
             "k = torch.randn(2, 2, 130, 64, generator=g).bfloat16().requires_grad_(); "

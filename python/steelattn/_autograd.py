@@ -1,0 +1,49 @@
+"""Eager autograd: a torch.autograd.Function with one extension call each way.
+
+Calls that need gradients outside torch.compile come here instead of going through the
+registered custom op (ops.py): the custom-op layer (schema checks, dispatcher, Python
+autograd wrapper) cost ~150 µs of host time per forward + backward, more than the
+kernels of a small call. The forward's single call validates, selects the forward and
+the backward kernel (refusing before writing anything when either is missing, so the
+caller can still fall back to torch) and runs; the backward's single call selects,
+sizes its workspace and runs. docs/DECISIONS.md has the numbers.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _kernel
+
+
+class Attention(torch.autograd.Function):
+    """(q, k, v, alibi, bias, bool_mask, scalars) -> (out, lse); gradients for q, k, v and bias."""
+
+    @staticmethod
+    def forward(q, k, v, alibi, bias, bool_mask, sc):
+        out, lse, _ = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.TRAIN)
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, alibi, bias, bool_mask, sc = inputs
+        ctx.save_for_backward(q, k, v, *output, alibi, bias, bool_mask)
+        ctx.sc = sc
+        ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor
+
+    @staticmethod
+    @once_differentiable  # a double backward raises instead of silently giving wrong gradients
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, alibi, bias, bool_mask = ctx.saved_tensors
+        if dout is None:  # only lse was used
+            dout = torch.zeros_like(out)
+        want_dbias = ctx.needs_input_grad[4]
+        dq, dk, dv, dbias = _kernel.run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, ctx.sc,
+                                                 want_dbias)
+        return dq, dk, dv, None, dbias, None, None
+
+
+# Function.apply's Python wrapper costs ~8 µs per call (default-argument binding through
+# inspect.signature, a pytree pass that unwraps dead functorch wrappers); the C++ apply it
+# ends in is called directly. torch.func transforms never get here (api.py sends them to torch).
+apply = super(torch.autograd.Function, Attention).apply if hasattr(torch._C, "_FunctionBase") else Attention.apply
