@@ -193,7 +193,7 @@ def _stats_read():
 def _path_names(p, prefix=""):
     out = []
     for k, v in (p or {}).items():
-        if k == "fallback_reasons":
+        if k == "demotions":
             continue
         if isinstance(v, dict):
             out += _path_names(v, f"{prefix}{k}.")
@@ -206,8 +206,8 @@ def _fmt_path(p):
     if not p:
         return "-"
     s = " ".join(_path_names(p))
-    if p.get("fallback_reasons"):
-        s += " (fallback)"
+    if p.get("demotions"):
+        s += " (demoted: " + "; ".join(p["demotions"]) + ")"
     return s
 
 

@@ -1,7 +1,7 @@
 """The common bf16/fp16 training shapes reach the Hopper kernels, forward and backward,
 according to the dispatch stats (and their results match the float64 reference).
 
-Extend HOPPER_HEAD_DIMS as the Hopper backward takes more head dims (96, 192, 256, Dv != D).
+The native head dims of both Hopper kernels, and Dqk != Dv as DeepSeek-style prefill uses it.
 """
 import pytest
 import torch
@@ -11,7 +11,7 @@ import steelattn
 from steelattn.reference import attention_reference
 
 # (D, Dv): head dims both Hopper kernels serve.
-HOPPER_HEAD_DIMS = [(64, 64), (128, 128)]
+HOPPER_HEAD_DIMS = [(64, 64), (96, 96), (128, 128), (192, 192), (256, 256), (192, 128)]
 
 pytestmark = [
     pytest.mark.cuda,
