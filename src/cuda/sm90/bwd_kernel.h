@@ -24,6 +24,7 @@
 #include "cuda/sm90/bwd_common.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/common.h"    // sm_90a guard, ElemTag, PipeState
+#include "cuda/sm90/smem_attr.h"
 #include "cuda/sm90/epilogue.h"  // pack2
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/wgmma_ops.h"
@@ -499,9 +500,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
 
 template <int D, class Elem, bool Band, bool Softcap, bool Det>
 cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det>;
+  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det>;
   constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kBwdThreads, smem, stream>>>(p);
   return cudaGetLastError();

@@ -25,6 +25,7 @@
 #include "cuda/sm90/bwd_common.h"
 #include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/common.h"  // sm_90a guard, ElemTag, PipeState
+#include "cuda/sm90/smem_attr.h"
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/wgmma_ops.h"
 
@@ -380,9 +381,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_wide_kernel(const __grid_c
 
 template <int KD, int KDv, class Elem>
 cudaError_t launch_bwd_wide(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = bwd_wide_kernel<KD, KDv, Elem>;
+  constexpr auto kernel = bwd_wide_kernel<KD, KDv, Elem>;
   constexpr int smem = static_cast<int>(sizeof(BwdWideSmem<KD, KDv, Elem>)) + 1024;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kBwdThreads, smem, stream>>>(p);
   return cudaGetLastError();

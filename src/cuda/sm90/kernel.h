@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/sm90/common.h"
+#include "cuda/sm90/smem_attr.h"
 #include "cuda/sm90/launch.h"
 #include "cuda/sm90/mainloop.h"
 
@@ -41,9 +42,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 
 template <int D, class Elem, bool Band, bool Softcap, bool Pack>
 cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
-  auto kernel = fwd_kernel<D, Elem, Band, Softcap, Pack>;
+  constexpr auto kernel = fwd_kernel<D, Elem, Band, Softcap, Pack>;
   constexpr int smem = static_cast<int>(sizeof(SharedStorage<D, Elem>)) + 1024;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kThreads, smem, stream>>>(p);
   return cudaGetLastError();
