@@ -110,17 +110,17 @@ for name, fn in rows:
 if "--no-profile" not in sys.argv:
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
-    for name, fn, c in (("steelattn fwd+bwd", step(ours), None), ("cudnn fwd+bwd", step(cudnn), ctx)):
-        for _ in range(50):
-            (c.__enter__() if c else None, fn(), c.__exit__(None, None, None) if c else None)
-        sync()
-        with profile(activities=acts) as prof:
-            if c:
-                c.__enter__()
-            for _ in range(100):
+    import contextlib
+    cudnn_ctx = lambda: sdpa_kernel(SDPBackend.CUDNN_ATTENTION if dev == "cuda" else SDPBackend.MATH)
+    for name, fn, c in (("steelattn fwd+bwd", step(ours), contextlib.nullcontext), ("cudnn fwd+bwd", step(cudnn),
+                                                                                     cudnn_ctx)):
+        with c():
+            for _ in range(50):
                 fn()
             sync()
-            if c:
-                c.__exit__(None, None, None)
+            with profile(activities=acts) as prof:
+                for _ in range(100):
+                    fn()
+                sync()
         print(f"\n=== {name}: 100 steps")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=60))

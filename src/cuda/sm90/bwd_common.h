@@ -11,6 +11,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "cuda/sm90/bwd_params.h"
 #include "cuda/sm90/epilogue.h"  // pack2
 #include "cuda/sm90/ptx.h"
 
@@ -76,6 +77,23 @@ __device__ __forceinline__ void store_key_rows(Elem* base, int64_t row_stride, i
         *reinterpret_cast<uint32_t*>(dst + 8 * jb) = pack2<Elem>(acc[4 * jb + 2 * r] * scale,
                                                                  acc[4 * jb + 2 * r + 1] * scale);
   }
+}
+
+// The CTA's (key block, KV head, batch). Heads go in groups of p.bh_group; inside a
+// group the key blocks go in order, each for all the group's heads, so a causal key
+// block 0 (the one with the most query blocks) starts before any key block 1 of the
+// group: the grid ends on short CTAs (longest first) while a group's Q/dO stays in L2
+// across its key blocks. bh_group = 1 is plain key-block-fastest order. A head's key
+// blocks still start in increasing order, which the deterministic dQ chain relies on.
+__device__ __forceinline__ void bwd_tile(const BwdParams& p, int& n_block, int& hkv, int& b) {
+  const int lin = static_cast<int>(blockIdx.x);
+  const int per_group = p.bh_group * p.n_blocks;
+  const int g = lin / per_group, r = lin - g * per_group;
+  const int gsize = min(p.bh_group, p.Hkv * p.B - g * p.bh_group);
+  n_block = r / gsize;
+  const int bh = g * p.bh_group + (r - n_block * gsize);
+  b = bh / p.Hkv;
+  hkv = bh - b * p.Hkv;
 }
 
 }  // namespace steelattn::sm90

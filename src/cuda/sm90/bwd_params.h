@@ -31,6 +31,8 @@ struct BwdParams {
   int64_t alibi_sb, alibi_sh;
 
   int B, H, Hkv, N, S, group, n_pad;
+  int n_blocks;  // key blocks per head (the grid is n_blocks * Hkv * B CTAs, see bwd_tile)
+  int bh_group;  // (batch, KV head) pairs per launch-order group (bwd_tile)
   int d_store_k, d_store_v;  // real head dims of q/k and v (< the kernel's when zero-padded)
   bool deterministic;        // wide kernel only (the narrow one takes it as a template argument)
   bool softcap_on;           // wide kernel only

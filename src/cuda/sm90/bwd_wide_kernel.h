@@ -367,7 +367,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_wide_kernel(const __grid_c
                                                     ~static_cast<uintptr_t>(1023));
   if (threadIdx.x == 0) ML::init_barriers(sm);
   __syncthreads();
-  const int n_block = blockIdx.x, hkv = blockIdx.y, b = blockIdx.z;
+  int n_block, hkv, b;
+  bwd_tile(p, n_block, hkv, b);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
