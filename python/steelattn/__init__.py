@@ -8,6 +8,11 @@ from ._dispatch import get_dispatch_stats, reset_dispatch_stats
 from .api import (alibi_slopes, dropout_keep_mask, flash_attention, flash_attention_alibi,
                   scaled_dot_product_attention)
 from .info import get_device_info, get_supported_configs, is_available
+from .masks import (make_adaptive_window_mask, make_axial_spatial_mask, make_axial_temporal_mask,
+                    make_causal_block_mask, make_causal_segment_mask, make_cross_stream_mask,
+                    make_dilated_temporal_mask, make_lcsa_mask, make_reference_frame_mask, make_segment_mask,
+                    make_sink_window_mask, make_sliding_window_mask, make_spatial_2d_mask, make_spatial_3d_mask,
+                    make_topk_spatial_mask)
 
 __version__ = "0.1.0"
 
@@ -15,4 +20,10 @@ __all__ = [
     "alibi_slopes", "dropout_keep_mask", "flash_attention", "flash_attention_alibi", "get_device_info",
     "get_dispatch_stats", "get_supported_configs", "is_available", "reset_dispatch_stats",
     "scaled_dot_product_attention",
+]
+__all__ += [  # mask builders (masks.py)
+    "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",
+    "make_causal_segment_mask", "make_cross_stream_mask", "make_dilated_temporal_mask", "make_lcsa_mask",
+    "make_reference_frame_mask", "make_segment_mask", "make_sink_window_mask", "make_sliding_window_mask",
+    "make_spatial_2d_mask", "make_spatial_3d_mask", "make_topk_spatial_mask",
 ]
