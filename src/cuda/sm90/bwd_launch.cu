@@ -257,21 +257,20 @@ cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, 
 }
 }  // namespace
 
-// (batch, KV head) pairs per launch-order group (sm90::bwd_tile). Causal and band calls:
-// about two waves of CTAs per group, so each group ends on its short key blocks and
-// the grid on the last group's; unmasked calls: 4 (their CTAs are equal; 4 measured
-// within noise of the plain order or better). Measured on the H200, NOTES-sm90-bwd.md
-// session 4: 3-15% on causal cells against the plain order. STEELATTN_BWD_GROUP
-// overrides it (for measurements).
-static int bwd_bh_group(const AttentionParams& p, int n_blocks, bool band) {
+// (batch, KV head) pairs per launch-order group (sm90::bwd_tile): about one wave of CTAs
+// per group. Causal calls then end each group, and the grid, on short key blocks; a
+// long sequence (as many key blocks as SMs) keeps one head per group, whose Q/dO and dQ
+// accumulator stay in L2 while all its key blocks run (groups of 4 heads lost 8% at
+// D128 N16k full). Measured on the H200, NOTES-sm90-bwd.md session 4.
+// STEELATTN_BWD_GROUP overrides it (for measurements).
+static int bwd_bh_group(const AttentionParams& p, int n_blocks) {
   const int64_t bh = p.Hkv * p.B;
   if (const char* e = std::getenv("STEELATTN_BWD_GROUP")) {
     const int64_t g = std::atoll(e);
     if (g > 0) return static_cast<int>(std::min(g, bh));
   }
   const int64_t sms = std::max(1, sm90::device_info(p.q.device_id).sms);
-  const int64_t g = band ? (2 * sms + n_blocks / 2) / n_blocks : 4;
-  return static_cast<int>(std::clamp<int64_t>(g, 1, bh));
+  return static_cast<int>(std::clamp<int64_t>(sms / std::max(1, n_blocks), 1, bh));
 }
 
 // Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count].
@@ -327,6 +326,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.d_store_v = static_cast<int>(p.Dv);
   k.deterministic = p.deterministic;
   k.n_blocks = static_cast<int>((p.S + BN - 1) / BN);
+  k.bh_group = bwd_bh_group(p, k.n_blocks);
   constexpr double kLog2e = 1.4426950408889634;
   const bool softcap = p.softcap > 0.0;
   k.softcap_on = softcap;
@@ -341,7 +341,6 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.window_left = clamp_window(p.window_left);
   k.window_right = clamp_window(p.window_right);
   const bool band = p.window_left >= 0 || p.window_right >= 0;
-  k.bh_group = bwd_bh_group(p, k.n_blocks, band);
 
   PrePostParams pp{};
   pp.out = p.out.data;
