@@ -86,8 +86,21 @@ struct AttentionParams {
   // CPU only: worker threads (<= 0 means hardware concurrency).
   int32_t num_threads = 0;
 
-  // Dimensions, derived by validate_forward() from the tensors.
+  // Variable-length batch. When cu_seqlens_q is given (with cu_seqlens_k), q, out and
+  // dq are packed views [1, H, total_q, D], k, v, dk, dv [1, Hkv, total_k, D], lse and
+  // dlse [1, H, total_q]; sequence b owns query rows cu_seqlens_q[b] ..
+  // cu_seqlens_q[b + 1] - 1 and keys cu_seqlens_k[b] .. cu_seqlens_k[b + 1] - 1
+  // (int32 [num_seqs + 1], non-decreasing from 0, on the tensors' device). Every
+  // position (band, ALiBi distance) is relative to the sequence, and diag_offset is
+  // added to the sequence's own bottom-right alignment S_b - N_b. alibi_slopes is
+  // [num_seqs, H]. Not combined with bias, bool_mask, attn_weights or dropout.
+  TensorRef cu_seqlens_q, cu_seqlens_k;
+
+  // Dimensions, derived by validate_forward() from the tensors (varlen: B = 1, N and S
+  // the totals, num_seqs the number of sequences; dense: num_seqs = 0).
   int64_t B = 0, H = 0, Hkv = 0, N = 0, S = 0, D = 0, Dv = 0;
+  int64_t num_seqs = 0;
+  bool varlen() const { return cu_seqlens_q.present(); }
 };
 
 enum class StatusCode : int32_t { ok = 0, invalid_argument = 1, not_implemented = 2, runtime_error = 3 };

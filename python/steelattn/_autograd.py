@@ -17,18 +17,20 @@ from . import _kernel
 
 
 class Attention(torch.autograd.Function):
-    """(q, k, v, alibi, bias, bool_mask, scalars) -> (out, lse); gradients for q, k, v and bias."""
+    """(q, k, v, alibi, bias, bool_mask, scalars, cu) -> (out, lse); gradients for q, k, v and
+    bias. `cu` is None, or a varlen call's (cu_seqlens_q, cu_seqlens_k)."""
 
     @staticmethod
-    def forward(q, k, v, alibi, bias, bool_mask, sc):
-        out, lse, _ = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.TRAIN)
+    def forward(q, k, v, alibi, bias, bool_mask, sc, cu):
+        out, lse, _ = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.TRAIN, cu=cu)
         return out, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, alibi, bias, bool_mask, sc = inputs
+        q, k, v, alibi, bias, bool_mask, sc, cu = inputs
         ctx.save_for_backward(q, k, v, *output, alibi, bias, bool_mask)
         ctx.sc = sc
+        ctx.cu = cu
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor
 
     @staticmethod
@@ -39,8 +41,8 @@ class Attention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         want_dbias = ctx.needs_input_grad[4]
         dq, dk, dv, dbias = _kernel.run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, ctx.sc,
-                                                 want_dbias)
-        return dq, dk, dv, None, dbias, None, None
+                                                 want_dbias, ctx.cu)
+        return dq, dk, dv, None, dbias, None, None, None
 
 
 # Function.apply's Python wrapper costs ~8 µs per call (default-argument binding through

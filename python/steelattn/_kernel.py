@@ -52,24 +52,31 @@ def _stream(q) -> int:
     return torch.cuda.current_stream(q.device).cuda_stream
 
 
-def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode):
+def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, cu=None):
     """(path, note, backward_path, backward_note); raises NotImplementedError, writing
-    nothing, when no kernel serves the call (mode TRAIN: or its gradients)."""
+    nothing, when no kernel serves the call (mode TRAIN: or its gradients). `cu` is a
+    varlen call's (cu_seqlens_q, cu_seqlens_k), q/k/v/out then packed [1, H, total, D] views."""
+    cu_q, cu_k = cu or (None, None)
     return _ext.forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, torch.get_num_threads(), _stream(q),
-                        mode)
+                        mode, cu_q, cu_k)
 
 
-def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_weights=False):
-    """Allocates and fills (out, lse, weights) (lse/weights None unless wanted); counts the path."""
+def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_weights=False, cu=None):
+    """Allocates and fills (out, lse, weights) (lse/weights None unless wanted); counts the path.
+    Varlen (`cu` given): out is allocated token-major ([total, H, Dv], viewed as [1, H, total, Dv])
+    when q is a token-major view, so that the caller's layout comes back contiguous."""
     B, H, N, _ = q.shape
     S, Dv = k.shape[2], v.shape[3]
-    out = alloc(q, (B, H, N, Dv), q.dtype)
+    if cu is not None and B == 1 and H > 1 and q.stride(1) < q.stride(2):  # token-major packed q
+        out = alloc(q, (N, H, Dv), q.dtype).permute(1, 0, 2).unsqueeze(0)
+    else:
+        out = alloc(q, (B, H, N, Dv), q.dtype)
     lse = alloc(q, (B, H, N), side_dtype(q)) if want_lse else None
     weights = alloc(q, (B, H, N, S), side_dtype(q)) if want_weights else None
     if S and out.numel():
-        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode)
+        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, cu)
     else:  # nothing to compute: the core validates and selects, the result is known
-        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, SELECT)
+        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, SELECT, cu)
         if path == "none" or (mode == TRAIN and bpath == "none"):
             raise NotImplementedError(note if path == "none" else bnote)
         out.zero_()
@@ -86,7 +93,7 @@ def _workspace_allocator(device):
     return functools.partial(torch.empty, dtype=torch.uint8, device=device)
 
 
-def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias):
+def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias, cu=None):
     """(dq, dk, dv, dbias) in one extension call (dbias None unless wanted); counts the path.
     Gradients take their inputs' layouts (empty_like), as the registered op's fake says."""
     if dout.size(-1) > 1 and dout.stride(-1) != 1:
@@ -99,7 +106,8 @@ def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want
     S = k.shape[2]
     dbias = torch.zeros((B, H, N, S), dtype=lse.dtype, device=q.device) if want_dbias else None
     path, demoted = _ext.backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, dbias, bias, bool_mask, alibi, sc,
-                                  torch.get_num_threads(), _stream(q), _workspace_allocator(q.device))
+                                  torch.get_num_threads(), _stream(q), _workspace_allocator(q.device),
+                                  *(cu or (None, None)))
     if not (q.numel() and S):  # no kernel ran: the gradients of an empty problem are zeros
         dq.zero_(), dk.zero_(), dv.zero_()
     _dispatch.record_backward(path, demoted)

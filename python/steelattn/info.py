@@ -95,7 +95,22 @@ def _features(device):
         "non_contiguous": ok(nonc=True),
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
         "backward": device is not None and _probe(device)[1] != "none",
+        "varlen": device is not None and _probe_varlen(device) != "none",
     }
+
+
+def _probe_varlen(device):
+    """The forward path of a two-sequence varlen call (flash_attention_varlen) on `device`."""
+    from . import _kernel
+
+    H, D, total = 4, 64, 96
+    q = fake((1, H, total, D), torch.float32, device)
+    out = fake((1, H, total, D), torch.float32, device)
+    cu = torch.tensor([0, 40, total], dtype=torch.int32, device=device)  # read by the CPU validation
+    sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
+    path, _, _, _ = _ext().forward(q, q, q, out, fake((1, H, total), torch.float32, device), None, None, None, None,
+                                   sc, 1, 0, _kernel.SELECT, cu, cu)
+    return path
 
 
 def get_supported_configs(device: str | None = None) -> dict:

@@ -38,6 +38,8 @@ ForwardPath cpu_path(const AttentionParams& p) {
   }
 }
 
+const char* kVarlenCuda = "varlen on CUDA: the one-launch kernels over device-side lengths are not built yet";
+
 #if !defined(STEELATTN_WITH_CUDA)
 const char* kNoCuda = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
 #endif
@@ -50,6 +52,10 @@ PathChoice choose_forward_path(const AttentionParams& p) {
   PathChoice c;
   if (p.q.device == Device::cpu) {
     c.path = cpu_path(p);
+    return c;
+  }
+  if (p.varlen()) {
+    c.why_not = kVarlenCuda;
     return c;
   }
 #if defined(STEELATTN_WITH_CUDA)
@@ -71,6 +77,10 @@ PathChoice choose_forward_path(const AttentionParams& p) {
 PathChoice choose_backward_path(const AttentionParams& p) {
   if (p.q.device == Device::cpu) return choose_forward_path(p);
   PathChoice c;
+  if (p.varlen()) {
+    c.why_not = kVarlenCuda;
+    return c;
+  }
 #if defined(STEELATTN_WITH_CUDA)
   std::string sm90_why, generic_why;
   // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.

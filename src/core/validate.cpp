@@ -64,6 +64,44 @@ Status check_broadcast4(const TensorRef& t, const char* name, const int64_t want
   return Status::Ok();
 }
 
+// cu_seqlens_q / cu_seqlens_k of a varlen call (steelattn.h). Host-side tensors are read
+// (starts at 0, non-decreasing, ends at the total); device ones are not, which would
+// need a synchronisation: the kernels clamp what they read instead.
+Status check_cu_seqlens(const TensorRef& cu, const char* name, const TensorRef& q, int64_t total) {
+  if (!cu.present()) return Status::Invalid(std::string(name) + ": missing (varlen needs both cu_seqlens_q and cu_seqlens_k)");
+  if (cu.dtype != DType::i32) return Status::Invalid(std::string(name) + ": must be int32, got " + dtype_name(cu.dtype));
+  if (cu.ndim != 1 || cu.shape[0] < 1)
+    return Status::Invalid(std::string(name) + ": must be 1-d [num_seqs + 1], got " + shape_str(cu));
+  Status st = check_same_device(cu, q, name);
+  if (!st.ok()) return st;
+  if (cu.device == Device::cpu) {
+    const int32_t* c = static_cast<const int32_t*>(cu.data);
+    if (c[0] != 0) return Status::Invalid(std::string(name) + ": must start at 0");
+    for (int64_t i = 1; i < cu.shape[0]; ++i)
+      if (c[i * cu.stride[0]] < c[(i - 1) * cu.stride[0]])
+        return Status::Invalid(std::string(name) + ": must be non-decreasing (entry " + std::to_string(i) + ")");
+    if (c[(cu.shape[0] - 1) * cu.stride[0]] != total)
+      return Status::Invalid(std::string(name) + ": last entry must equal the total number of tokens (" +
+                             std::to_string(total) + ")");
+  }
+  return Status::Ok();
+}
+
+Status validate_varlen(AttentionParams& p) {
+  if (p.B != 1) return Status::Invalid("q: a varlen call takes packed [1, H, total, D] views");
+  Status st = check_cu_seqlens(p.cu_seqlens_q, "cu_seqlens_q", p.q, p.N);
+  if (st.ok()) st = check_cu_seqlens(p.cu_seqlens_k, "cu_seqlens_k", p.q, p.S);
+  if (!st.ok()) return st;
+  if (p.cu_seqlens_k.shape[0] != p.cu_seqlens_q.shape[0])
+    return Status::Invalid("cu_seqlens_k: must have as many entries as cu_seqlens_q (" +
+                           std::to_string(p.cu_seqlens_q.shape[0]) + ")");
+  p.num_seqs = p.cu_seqlens_q.shape[0] - 1;
+  if (p.bias.present() || p.bool_mask.present() || p.attn_weights.present())
+    return Status::Invalid("cu_seqlens_q: varlen calls take no bias, bool_mask or attn_weights");
+  if (p.dropout_p > 0.0f) return Status::NotImplemented("dropout with varlen is not implemented yet");
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status validate_forward(AttentionParams& p) {
@@ -91,6 +129,7 @@ Status validate_forward(AttentionParams& p) {
   p.Hkv = p.k.shape[1];
   p.S = p.k.shape[2];
   p.Dv = p.v.shape[3];
+  p.num_seqs = 0;
   if (p.k.shape[0] != p.B || p.v.shape[0] != p.B)
     return Status::Invalid("k, v: batch size must equal q's (" + std::to_string(p.B) + ")");
   if (p.k.shape[3] != p.D)
@@ -137,10 +176,16 @@ Status validate_forward(AttentionParams& p) {
     if (st.ok()) st = check_same_device(p.bool_mask, p.q, "bool_mask");
     if (!st.ok()) return st;
   }
+  if (p.cu_seqlens_q.present() || p.cu_seqlens_k.present()) {
+    Status st = validate_varlen(p);
+    if (!st.ok()) return st;
+  }
   if (p.alibi_slopes.present()) {
     const TensorRef& a = p.alibi_slopes;
-    if (!is_side_float(a.dtype, p.q.dtype) || a.ndim != 2 || a.shape[0] != p.B || a.shape[1] != p.H)
-      return Status::Invalid("alibi_slopes: must be float32 [H] or [B, H]");
+    const int64_t batch = p.varlen() ? p.num_seqs : p.B;
+    if (!is_side_float(a.dtype, p.q.dtype) || a.ndim != 2 || a.shape[0] != batch || a.shape[1] != p.H)
+      return Status::Invalid(p.varlen() ? "alibi_slopes: must be float32 [H] or [num_seqs, H]"
+                                        : "alibi_slopes: must be float32 [H] or [B, H]");
     Status st = check_same_device(a, p.q, "alibi_slopes");
     if (!st.ok()) return st;
   }

@@ -39,29 +39,46 @@ bool use_bf16_dot(const AttentionParams& p) {
 }
 #endif
 
-Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
-  if (p.q.dtype == DType::f64) return cpu::flash_forward_f64(p);
+namespace {
+
+using Entry = Status (*)(const AttentionParams*, int64_t);
+
+// One entry call: the dense problem, or a varlen call's sequences (split_sequences).
+Status run_cpu(const AttentionParams& p, Entry entry) {
+  if (!p.varlen()) return entry(&p, 1);
+  const std::vector<AttentionParams> seqs = cpu::split_sequences(p);
+  return entry(seqs.data(), int64_t(seqs.size()));
+}
+
+Entry forward_entry(const AttentionParams& p, CpuIsa isa) {
+  if (p.q.dtype == DType::f64) return &cpu::flash_forward_f64;
 #if defined(STEELATTN_HAVE_AVX512BF16)
-  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return cpu::flash_forward_avx512bf16(p);
+  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return &cpu::flash_forward_avx512bf16;
 #endif
   switch (isa) {
-    case CpuIsa::avx512: return cpu::flash_forward_avx512(p);
-    case CpuIsa::avx2: return cpu::flash_forward_avx2(p);
-    default: return cpu::flash_forward_scalar(p);
+    case CpuIsa::avx512: return &cpu::flash_forward_avx512;
+    case CpuIsa::avx2: return &cpu::flash_forward_avx2;
+    default: return &cpu::flash_forward_scalar;
   }
 }
 
-Status cpu_backward(const AttentionParams& p, CpuIsa isa) {
-  if (p.q.dtype == DType::f64) return cpu::flash_backward_f64(p);
+Entry backward_entry(const AttentionParams& p, CpuIsa isa) {
+  if (p.q.dtype == DType::f64) return &cpu::flash_backward_f64;
 #if defined(STEELATTN_HAVE_AVX512BF16)
-  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return cpu::flash_backward_avx512bf16(p);
+  if (isa == CpuIsa::avx512 && use_bf16_dot(p)) return &cpu::flash_backward_avx512bf16;
 #endif
   switch (isa) {
-    case CpuIsa::avx512: return cpu::flash_backward_avx512(p);
-    case CpuIsa::avx2: return cpu::flash_backward_avx2(p);
-    default: return cpu::flash_backward_scalar(p);
+    case CpuIsa::avx512: return &cpu::flash_backward_avx512;
+    case CpuIsa::avx2: return &cpu::flash_backward_avx2;
+    default: return &cpu::flash_backward_scalar;
   }
 }
+
+}  // namespace
+
+Status cpu_forward(const AttentionParams& p, CpuIsa isa) { return run_cpu(p, forward_entry(p, isa)); }
+
+Status cpu_backward(const AttentionParams& p, CpuIsa isa) { return run_cpu(p, backward_entry(p, isa)); }
 
 const char* cpu_isa() {
   switch (detect_cpu_isa()) {

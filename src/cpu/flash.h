@@ -1,20 +1,30 @@
 // Entry points of the CPU flash kernels, one pair per instruction set, plus the
-// float64 pair (portable code; used for float64 inputs on any CPU).
+// float64 pair (portable code; used for float64 inputs on any CPU). Each runs a list
+// of validated problems (a dense call is one; a varlen call one per sequence,
+// split_sequences) as one pool of tasks.
 #pragma once
+
+#include <cstdint>
+#include <vector>
 
 #include "steelattn/steelattn.h"
 
 namespace steelattn::cpu {
 
-Status flash_forward_avx512(const AttentionParams& p);
-Status flash_forward_avx512bf16(const AttentionParams& p);  // bf16 inputs with even D only
-Status flash_forward_avx2(const AttentionParams& p);
-Status flash_forward_scalar(const AttentionParams& p);
-Status flash_forward_f64(const AttentionParams& p);
-Status flash_backward_avx512(const AttentionParams& p);
-Status flash_backward_avx512bf16(const AttentionParams& p);  // bf16 inputs with even D only
-Status flash_backward_avx2(const AttentionParams& p);
-Status flash_backward_scalar(const AttentionParams& p);
-Status flash_backward_f64(const AttentionParams& p);
+Status flash_forward_avx512(const AttentionParams* problems, int64_t count);
+Status flash_forward_avx512bf16(const AttentionParams* problems, int64_t count);  // bf16 inputs with even D only
+Status flash_forward_avx2(const AttentionParams* problems, int64_t count);
+Status flash_forward_scalar(const AttentionParams* problems, int64_t count);
+Status flash_forward_f64(const AttentionParams* problems, int64_t count);
+Status flash_backward_avx512(const AttentionParams* problems, int64_t count);
+Status flash_backward_avx512bf16(const AttentionParams* problems, int64_t count);  // bf16 inputs with even D only
+Status flash_backward_avx2(const AttentionParams* problems, int64_t count);
+Status flash_backward_scalar(const AttentionParams* problems, int64_t count);
+Status flash_backward_f64(const AttentionParams* problems, int64_t count);
+
+// A varlen call as one dense problem per sequence: views of the packed tensors at the
+// sequence's offsets, B = 1, N and S its lengths, diag_offset its bottom-right
+// alignment plus the call's, ALiBi slopes of its row (steelattn.h, cu_seqlens_q).
+std::vector<AttentionParams> split_sequences(const AttentionParams& p);
 
 }  // namespace steelattn::cpu

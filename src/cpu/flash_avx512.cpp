@@ -6,13 +6,13 @@
 namespace steelattn::cpu {
 
 #if defined(__AVX512F__)
-Status flash_forward_avx512(const AttentionParams& p) { return flash_forward_impl<Avx512>(p); }
-Status flash_backward_avx512(const AttentionParams& p) { return flash_backward_impl<Avx512>(p); }
+Status flash_forward_avx512(const AttentionParams* ps, int64_t n) { return flash_forward_impl<Avx512>(ps, n); }
+Status flash_backward_avx512(const AttentionParams* ps, int64_t n) { return flash_backward_impl<Avx512>(ps, n); }
 #else
-Status flash_forward_avx512(const AttentionParams&) {
+Status flash_forward_avx512(const AttentionParams*, int64_t) {
   return Status::NotImplemented("cpu forward: this build has no avx512 kernel");
 }
-Status flash_backward_avx512(const AttentionParams&) {
+Status flash_backward_avx512(const AttentionParams*, int64_t) {
   return Status::NotImplemented("cpu backward: this build has no avx512 kernel");
 }
 #endif

@@ -8,13 +8,13 @@
 namespace steelattn::cpu {
 
 #if defined(__AVX512BF16__)
-Status flash_forward_avx512bf16(const AttentionParams& p) { return flash_forward_impl<Avx512Bf16>(p); }
-Status flash_backward_avx512bf16(const AttentionParams& p) { return flash_backward_impl<Avx512Bf16>(p); }
+Status flash_forward_avx512bf16(const AttentionParams* ps, int64_t n) { return flash_forward_impl<Avx512Bf16>(ps, n); }
+Status flash_backward_avx512bf16(const AttentionParams* ps, int64_t n) { return flash_backward_impl<Avx512Bf16>(ps, n); }
 #else
-Status flash_forward_avx512bf16(const AttentionParams&) {
+Status flash_forward_avx512bf16(const AttentionParams*, int64_t) {
   return Status::NotImplemented("cpu forward: this build has no AVX512-BF16 kernel");
 }
-Status flash_backward_avx512bf16(const AttentionParams&) {
+Status flash_backward_avx512bf16(const AttentionParams*, int64_t) {
   return Status::NotImplemented("cpu backward: this build has no AVX512-BF16 kernel");
 }
 #endif

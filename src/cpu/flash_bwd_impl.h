@@ -216,27 +216,38 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
 }
 
 template <class Isa>
-void bwd_task_entry(void* ctx, int64_t task, int thread) {
-  bwd_task<Isa>(*static_cast<BwdCtx*>(ctx), task, thread);
+void bwd_task_entry(void* pool, int64_t task, int thread) {
+  const auto [ctx, local] = static_cast<TaskPool<BwdCtx>*>(pool)->find(task);
+  bwd_task<Isa>(*ctx, local, thread);
 }
 
 template <class Isa>
-Status flash_backward_impl(const AttentionParams& p) {
-  BwdCtx ctx;
-  ctx.p = &p;
-  ctx.G = p.H / p.Hkv;
-  ctx.rows = p.N * ctx.G;
+Status flash_backward_impl(const AttentionParams* problems, int64_t count) {
+  if (count == 0) return Status::Ok();
   constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
-  ctx.k_direct = p.k.dtype == kCompute;
-  ctx.v_direct = p.v.dtype == kCompute;
-  ctx.bf16_dot = Isa::kBf16Dot && p.q.dtype == DType::bf16 && p.D % 2 == 0 && p.Dv % 2 == 0;
-  ctx.q_scale = p.softcap > 0.0 ? p.scale / p.softcap : p.scale * kLog2e;
-  ctx.cap_log2 = p.softcap * kLog2e;
-  ctx.drop_threshold = detail::dropout_threshold24(p.dropout_p);
-  ctx.drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
-  const int threads = p.num_threads > 0 ? p.num_threads : default_threads();
-  parallel_for(p.B * p.Hkv, threads, &bwd_task_entry<Isa>, &ctx);
-  if (ctx.failed) return Status::Error("cpu backward: could not allocate per-thread scratch");
+  TaskPool<BwdCtx> pool;
+  int64_t tasks = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const AttentionParams& p = problems[i];
+    auto ctx = std::make_unique<BwdCtx>();
+    ctx->p = &p;
+    ctx->G = p.H / p.Hkv;
+    ctx->rows = p.N * ctx->G;
+    ctx->k_direct = p.k.dtype == kCompute;
+    ctx->v_direct = p.v.dtype == kCompute;
+    ctx->bf16_dot = Isa::kBf16Dot && p.q.dtype == DType::bf16 && p.D % 2 == 0 && p.Dv % 2 == 0;
+    ctx->q_scale = p.softcap > 0.0 ? p.scale / p.softcap : p.scale * kLog2e;
+    ctx->cap_log2 = p.softcap * kLog2e;
+    ctx->drop_threshold = detail::dropout_threshold24(p.dropout_p);
+    ctx->drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
+    pool.first.push_back(tasks);
+    tasks += p.B * p.Hkv;  // every task writes its dK/dV (zeros for keys no query sees) and its rows' dQ
+    pool.ctx.push_back(std::move(ctx));
+  }
+  pool.first.push_back(tasks);
+  const int threads = problems[0].num_threads > 0 ? problems[0].num_threads : default_threads();
+  if (tasks > 0) parallel_for(tasks, threads, &bwd_task_entry<Isa>, &pool);
+  if (pool.failed()) return Status::Error("cpu backward: could not allocate per-thread scratch");
   return Status::Ok();
 }
 

@@ -24,6 +24,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
 
 #include "cpu/score_tile.h"
 #include "cpu/thread_pool.h"
@@ -251,34 +254,65 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   }
 }
 
-template <class Isa>
-void fwd_task_entry(void* ctx, int64_t task, int thread) {
-  fwd_task<Isa>(*static_cast<FwdCtx*>(ctx), task, thread);
-}
-
-template <class Isa>
-Status flash_forward_impl(const AttentionParams& p) {
-  FwdCtx ctx;
-  ctx.p = &p;
-  FwdShape& s = ctx.s;
+FwdShape fwd_shape_of(const AttentionParams& p, bool bf16_capable) {
+  FwdShape s;
   s.B = p.B; s.H = p.H; s.Hkv = p.Hkv; s.N = p.N; s.S = p.S; s.D = p.D; s.Dv = p.Dv;
   s.G = p.H / p.Hkv;
   s.rows = s.N * s.G;
   s.row_blocks = (s.rows + kBlockRows - 1) / kBlockRows;
-  constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
-  s.k_direct = p.k.dtype == kCompute;
-  s.v_direct = p.v.dtype == kCompute;
   s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
-  s.bf16_dot = Isa::kBf16Dot && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
+  s.bf16_dot = bf16_capable && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;
   s.drop_threshold = detail::dropout_threshold24(p.dropout_p);
   s.drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
+  return s;
+}
 
-  const int64_t tasks = s.B * s.Hkv * s.row_blocks;
-  const int threads = p.num_threads > 0 ? p.num_threads : default_threads();
-  parallel_for(tasks, threads, &fwd_task_entry<Isa>, &ctx);
-  if (ctx.failed) return Status::Error("cpu forward: could not allocate per-thread scratch");
+// A list of problems (one per varlen sequence, or the one dense call) as one pool of
+// tasks: task t belongs to the problem whose first task is the last one <= t.
+template <class Ctx>
+struct TaskPool {
+  std::vector<std::unique_ptr<Ctx>> ctx;
+  std::vector<int64_t> first;  // first task of each problem, then the total
+  std::pair<Ctx*, int64_t> find(int64_t task) const {
+    const size_t i = size_t(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
+    return {ctx[i].get(), task - first[i]};
+  }
+  bool failed() const {
+    for (const auto& c : ctx)
+      if (c->failed) return true;
+    return false;
+  }
+};
+
+template <class Isa>
+void fwd_task_entry(void* pool, int64_t task, int thread) {
+  const auto [ctx, local] = static_cast<TaskPool<FwdCtx>*>(pool)->find(task);
+  fwd_task<Isa>(*ctx, local, thread);
+}
+
+template <class Isa>
+Status flash_forward_impl(const AttentionParams* problems, int64_t count) {
+  if (count == 0) return Status::Ok();
+  constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
+  TaskPool<FwdCtx> pool;
+  int64_t tasks = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const AttentionParams& p = problems[i];
+    auto ctx = std::make_unique<FwdCtx>();
+    ctx->p = &p;
+    ctx->s = fwd_shape_of(p, Isa::kBf16Dot);
+    ctx->s.k_direct = p.k.dtype == kCompute;
+    ctx->s.v_direct = p.v.dtype == kCompute;
+    pool.first.push_back(tasks);
+    tasks += p.N == 0 ? 0 : ctx->s.B * ctx->s.Hkv * ctx->s.row_blocks;
+    pool.ctx.push_back(std::move(ctx));
+  }
+  pool.first.push_back(tasks);
+  const int threads = problems[0].num_threads > 0 ? problems[0].num_threads : default_threads();
+  if (tasks > 0) parallel_for(tasks, threads, &fwd_task_entry<Isa>, &pool);
+  if (pool.failed()) return Status::Error("cpu forward: could not allocate per-thread scratch");
   return Status::Ok();
 }
 

@@ -5,9 +5,9 @@
 
 namespace steelattn::cpu {
 
-Status flash_forward_scalar(const AttentionParams& p) { return flash_forward_impl<Scalar>(p); }
-Status flash_backward_scalar(const AttentionParams& p) { return flash_backward_impl<Scalar>(p); }
-Status flash_forward_f64(const AttentionParams& p) { return flash_forward_impl<Scalar64>(p); }
-Status flash_backward_f64(const AttentionParams& p) { return flash_backward_impl<Scalar64>(p); }
+Status flash_forward_scalar(const AttentionParams* ps, int64_t n) { return flash_forward_impl<Scalar>(ps, n); }
+Status flash_backward_scalar(const AttentionParams* ps, int64_t n) { return flash_backward_impl<Scalar>(ps, n); }
+Status flash_forward_f64(const AttentionParams* ps, int64_t n) { return flash_forward_impl<Scalar64>(ps, n); }
+Status flash_backward_f64(const AttentionParams* ps, int64_t n) { return flash_backward_impl<Scalar64>(ps, n); }
 
 }  // namespace steelattn::cpu

@@ -28,8 +28,9 @@ def _seed_draw(seed):
 
 
 # feature -> call description: dtype, shape (B, H, Hkv, N, S, D, Dv) and flash_attention keywords.
-# "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D].
-_BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False)
+# "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
+# packs the B sequences token-major and calls flash_attention_varlen.
+_BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -50,6 +51,7 @@ FEATURE_CALLS = {
     "non_contiguous": dict(nonc=True),
     "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
+    "varlen": dict(shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True, varlen=True),
 }
 
 
@@ -86,7 +88,13 @@ def _run_feature_call(device, call, rng):
 
     steelattn.reset_dispatch_stats()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)] if c["grad"] else [q, k, v]
-    res = steelattn.flash_attention(*inputs, **kw)
+    if c["varlen"]:  # the B sequences packed token-major: [B*N, H, D]
+        pack = lambda t: t.permute(0, 2, 1, 3).reshape(-1, t.size(1), t.size(3))  # noqa: E731
+        cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
+        res = steelattn.flash_attention_varlen(*(pack(t) for t in inputs), cu(N), cu(S), **kw)
+        res = res.reshape(B, N, H, Dv).transpose(1, 2)
+    else:
+        res = steelattn.flash_attention(*inputs, **kw)
     out = res[0] if isinstance(res, tuple) else res
     r = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse, ref_p = attention_reference(*r, **ref_kw)

@@ -1,0 +1,136 @@
+"""flash_attention_varlen against the float64 reference, computed sequence by sequence
+from the dense definition (each sequence its own bottom-right causal diagonal, window
+and ALiBi distances): random lengths including 0 and 1, N_b != S_b, GQA, both layouts,
+forward, lse and gradients; bad input. CUDA: the one-launch kernels are not built yet,
+so the call takes the torch path and says so in the dispatch stats."""
+import itertools
+
+import pytest
+import torch
+from conftest import TOL, assert_close, assert_lse_close, randn
+
+import steelattn
+from steelattn.reference import attention_reference
+
+
+def cu_of(lengths, device):
+    return torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=device)
+
+
+def reference(q, k, v, lq, lk, **kw):
+    """float64 out [total_q, H, Dv] and lse [H, total_q], one dense call per sequence."""
+    outs, lses = [], []
+    q0 = k0 = 0
+    for n, s in zip(lq, lk):
+        qs = q[q0:q0 + n].permute(1, 0, 2).unsqueeze(0).double()
+        ks = k[k0:k0 + s].permute(1, 0, 2).unsqueeze(0).double()
+        vs = v[k0:k0 + s].permute(1, 0, 2).unsqueeze(0).double()
+        alibi = kw.get("alibi")
+        o, lse, _ = attention_reference(qs, ks, vs, scale=kw.get("scale"), softcap=kw.get("softcap", 0.0),
+                                        alibi_slopes=None if alibi is None else alibi.double(),
+                                        diag_offset=s - n, window_left=kw.get("wl", -1),
+                                        window_right=kw.get("wr", -1))
+        outs.append(o[0].permute(1, 0, 2))
+        lses.append(lse[0])
+        q0, k0 = q0 + n, k0 + s
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def random_lengths(g, num, lo=0, hi=70):
+    return torch.randint(lo, hi, (num,), generator=g).tolist()
+
+
+CASES = [  # (name, H, Hkv, D, Dv, kwargs for flash_attention_varlen)
+    ("full", 4, 4, 64, 64, {}),
+    ("causal gqa", 8, 2, 64, 48, {"causal": True}),
+    ("window", 4, 1, 32, 32, {"window_size": (9, 3)}),
+    ("causal window softcap", 6, 3, 40, 40, {"causal": True, "window_size": (17, 0), "softcap": 20.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,H,Hkv,D,Dv,kw", CASES, ids=[c[0] for c in CASES])
+def test_varlen_matches_per_sequence_reference(device, rng, dtype, name, H, Hkv, D, Dv, kw):
+    lq = random_lengths(rng, 6) + [0, 1, 1]  # empty and one-token sequences
+    lk = random_lengths(rng, 6) + [3, 0, 1]  # a query with no key: zeros, lse = -inf
+    q = randn(sum(lq), H, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    k = randn(sum(lk), Hkv, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    v = randn(sum(lk), Hkv, Dv, dtype=dtype, device=device, generator=rng).requires_grad_()
+    cq, ck = cu_of(lq, device), cu_of(lk, device)
+    out, lse = steelattn.flash_attention_varlen(q, k, v, cq, ck, max_seqlen_q=max(lq), return_lse=True, **kw)
+    assert out.shape == (sum(lq), H, Dv) and lse.shape == (H, sum(lq))
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference(rq, rk, rv, lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr)
+    assert_close(out.detach(), ref.detach(), dtype)
+    assert_lse_close(lse.detach(), ref_lse.detach(), dtype)
+    dout = randn(*out.shape, dtype=dtype, device=device, generator=rng)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, dtype, what=what, tol=3 * TOL[dtype])
+    stats = steelattn.get_dispatch_stats()
+    if device == "cpu":
+        assert "torch" not in stats["forward"] and not stats["demotions"], stats
+    else:
+        assert stats["forward"] == {"torch": 1}, stats
+        assert any("varlen on CUDA" in r for r in stats["demotions"]), stats
+
+
+def test_varlen_alibi_and_seed_layout(device, rng):
+    H, Hkv, D = 4, 2, 32
+    lq, lk = [5, 33, 0, 12], [5, 20, 7, 40]
+    q = randn(1, H, sum(lq), D, dtype=torch.float32, device=device, generator=rng)
+    k = randn(1, Hkv, sum(lk), D, dtype=torch.float32, device=device, generator=rng)
+    v = randn(1, Hkv, sum(lk), D, dtype=torch.float32, device=device, generator=rng)
+    slopes = torch.rand(len(lq), H, generator=rng).to(device)
+    out = steelattn.flash_attention_varlen(q, k, v, cu_of(lq, device), cu_of(lk, device), causal=True,
+                                           alibi_slopes=slopes)
+    assert out.shape == (1, H, sum(lq), D)
+    tok = [t[0].permute(1, 0, 2).cpu() for t in (q, k, v)]
+    # Per-sequence slopes: the reference takes them one sequence at a time.
+    outs, q0, k0 = [], 0, 0
+    for b, (n, s) in enumerate(zip(lq, lk)):
+        o, _ = reference(tok[0][q0:q0 + n], tok[1][k0:k0 + s], tok[2][k0:k0 + s], [n], [s],
+                         alibi=slopes[b:b + 1].cpu(), wr=0)
+        outs.append(o)
+        q0, k0 = q0 + n, k0 + s
+    assert_close(out[0].permute(1, 0, 2), torch.cat(outs), torch.float32)
+
+
+def test_varlen_equals_dense_for_equal_lengths(rng):
+    """Equal lengths: varlen is the dense call on [B, H, N, D] (same kernels, same numbers)."""
+    B, H, N, D = 3, 4, 37, 64
+    q, k, v = (randn(B, H, N, D, dtype=torch.float32, device="cpu", generator=rng) for _ in range(3))
+    dense = steelattn.flash_attention(q, k, v, causal=True)
+    pack = lambda t: t.permute(0, 2, 1, 3).reshape(B * N, H, D)
+    cu = cu_of([N] * B, "cpu")
+    out = steelattn.flash_attention_varlen(pack(q), pack(k), pack(v), cu, cu, causal=True)
+    torch.testing.assert_close(out, pack(dense), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda cq, ck: (cq.long(), ck), "cu_seqlens_q must be int32"),
+    (lambda cq, ck: (cq, ck[:-1]), "cu_seqlens_k"),
+    (lambda cq, ck: (torch.tensor([0, 5, 3, 9], dtype=torch.int32), ck), "cu_seqlens_q must be non-decreasing"),
+    (lambda cq, ck: (torch.tensor([1, 3, 5, 9], dtype=torch.int32), ck), "cu_seqlens_q must start at 0"),
+    (lambda cq, ck: (cq, torch.tensor([0, 2, 4, 7], dtype=torch.int32)), r"cu_seqlens_k\[-1\] must equal"),
+    (lambda cq, ck: (cq.reshape(2, 2), ck), "cu_seqlens_q must be 1-d"),
+])
+def test_varlen_bad_input_names_the_argument(bad, match):
+    q, k, v = torch.randn(9, 2, 16), torch.randn(8, 2, 16), torch.randn(8, 2, 16)
+    cq, ck = torch.tensor([0, 3, 5, 9], dtype=torch.int32), torch.tensor([0, 2, 4, 8], dtype=torch.int32)
+    with pytest.raises((TypeError, ValueError), match=match):
+        steelattn.flash_attention_varlen(q, k, v, *bad(cq, ck))
+
+
+def test_varlen_bad_layout_and_dropout():
+    cq = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must be"):
+        steelattn.flash_attention_varlen(torch.randn(2, 2, 2, 4, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
+                                         cq, cq)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        steelattn.flash_attention_varlen(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), cq, cq,
+                                         dropout_p=0.1)
