@@ -8,6 +8,8 @@ from ._dispatch import get_dispatch_stats, reset_dispatch_stats
 from .api import (alibi_slopes, dropout_keep_mask, flash_attention, flash_attention_alibi,
                   scaled_dot_product_attention)
 from .info import get_device_info, get_supported_configs, is_available
+from .packed import (flash_attention_kv_packed, flash_attention_qkv_packed, flash_attention_varlen_kv_packed,
+                     flash_attention_varlen_qkv_packed)
 from .varlen import flash_attention_varlen
 from .masks import (make_adaptive_window_mask, make_axial_spatial_mask, make_axial_temporal_mask,
                     make_causal_block_mask, make_causal_segment_mask, make_cross_stream_mask,
@@ -20,7 +22,8 @@ __version__ = "0.1.0"
 __all__ = [
     "alibi_slopes", "dropout_keep_mask", "flash_attention", "flash_attention_alibi", "get_device_info",
     "get_dispatch_stats", "get_supported_configs", "is_available", "reset_dispatch_stats",
-    "scaled_dot_product_attention", "flash_attention_varlen",
+    "scaled_dot_product_attention", "flash_attention_varlen", "flash_attention_qkv_packed",
+    "flash_attention_kv_packed", "flash_attention_varlen_qkv_packed", "flash_attention_varlen_kv_packed",
 ]
 __all__ += [  # mask builders (masks.py)
     "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",
