@@ -5,8 +5,10 @@ and serving use), or the seed's [1, H, total, D]; sequence b owns rows
 cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k/v.
 The packed tensors reach the kernels as [1, H, total, D] views (no copy) with the
 cu_seqlens arrays, and the core runs every sequence in one call (steelattn.h,
-AttentionParams::cu_seqlens_q). CPU: the CPU kernels. CUDA: the one-launch kernels are
-not built yet (issue 9); calls take the torch path, counted, one sequence at a time.
+AttentionParams::cu_seqlens_q). CPU: the CPU kernels, all sequences in one task pool.
+CUDA: the generic kernels, one launch over an upper bound of the tiles with the lengths
+read on the device (no host sync; CUDA graphs replay with new lengths); the Hopper
+kernels do not take varlen yet (counted as a demotion).
 """
 from __future__ import annotations
 

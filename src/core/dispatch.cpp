@@ -38,8 +38,6 @@ ForwardPath cpu_path(const AttentionParams& p) {
   }
 }
 
-const char* kVarlenCuda = "varlen on CUDA: the one-launch kernels over device-side lengths are not built yet";
-
 #if !defined(STEELATTN_WITH_CUDA)
 const char* kNoCuda = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
 #endif
@@ -52,10 +50,6 @@ PathChoice choose_forward_path(const AttentionParams& p) {
   PathChoice c;
   if (p.q.device == Device::cpu) {
     c.path = cpu_path(p);
-    return c;
-  }
-  if (p.varlen()) {
-    c.why_not = kVarlenCuda;
     return c;
   }
 #if defined(STEELATTN_WITH_CUDA)
@@ -77,10 +71,6 @@ PathChoice choose_forward_path(const AttentionParams& p) {
 PathChoice choose_backward_path(const AttentionParams& p) {
   if (p.q.device == Device::cpu) return choose_forward_path(p);
   PathChoice c;
-  if (p.varlen()) {
-    c.why_not = kVarlenCuda;
-    return c;
-  }
 #if defined(STEELATTN_WITH_CUDA)
   std::string sm90_why, generic_why;
   // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.

@@ -57,8 +57,8 @@ BwdParams make_bwd_params(const AttentionParams& p) {
   if (bp.dlse) broadcast_strides(p.dlse, 3, bp.dlse_stride);
 
   const int64_t blk = cuda_generic::kBwdBlock;
-  bp.num_k_tiles = int32_t((p.S + blk - 1) / blk);
-  bp.num_q_tiles = int32_t((p.N + blk - 1) / blk);
+  bp.num_k_tiles = int32_t(cuda_generic::tile_count(p, p.S, blk));
+  bp.num_q_tiles = int32_t(cuda_generic::tile_count(p, p.N, blk));
   // 16-bit dq rows of one element cannot hold the fp32 stash: kernel A computes D_i itself.
   bp.delta_inline = p.q.dtype != DType::f32 && p.D < 2;
   return bp;

@@ -1,5 +1,5 @@
 // Instantiations and launcher of the tensor-core backward kernels:
-// {fp16, bf16} x {kernel A, kernel B} x column chunk {64, 128} = 8 kernels.
+// {fp16, bf16} x {kernel A, kernel B} x column chunk {64, 128} x {dense, varlen} = 16 kernels.
 // D and Dv are runtime values (tiles are sized from them).
 #include "backward_launchers.h"
 #include "backward_mma.cuh"
@@ -19,16 +19,22 @@ static cudaError_t launch_one(K kernel, const BwdParams& p, size_t smem, int64_t
   return cudaGetLastError();
 }
 
-template <typename T>
+template <typename T, bool kVarlen>
 static cudaError_t launch_dtype(const BwdParams& p, int kc_a, int kc_b, cudaStream_t stream) {
   const size_t smem = bwd_mma_smem_bytes(p.f.D, p.f.Dv, p.two_stage ? 2 : 1);
   const int64_t ctas_a = int64_t(p.num_k_tiles) * p.chunks_a * p.f.Hkv * p.f.B;
   const int64_t ctas_b = int64_t(p.num_q_tiles) * p.chunks_b * p.f.H * p.f.B;
-  cudaError_t err = kc_a == 64 ? launch_one(bwd_dkdv_mma_kernel<T, 64>, p, smem, ctas_a, stream)
-                               : launch_one(bwd_dkdv_mma_kernel<T, 128>, p, smem, ctas_a, stream);
+  cudaError_t err = kc_a == 64 ? launch_one(bwd_dkdv_mma_kernel<T, 64, kVarlen>, p, smem, ctas_a, stream)
+                               : launch_one(bwd_dkdv_mma_kernel<T, 128, kVarlen>, p, smem, ctas_a, stream);
   if (err != cudaSuccess) return err;
-  return kc_b == 64 ? launch_one(bwd_dq_mma_kernel<T, 64>, p, smem, ctas_b, stream)
-                    : launch_one(bwd_dq_mma_kernel<T, 128>, p, smem, ctas_b, stream);
+  return kc_b == 64 ? launch_one(bwd_dq_mma_kernel<T, 64, kVarlen>, p, smem, ctas_b, stream)
+                    : launch_one(bwd_dq_mma_kernel<T, 128, kVarlen>, p, smem, ctas_b, stream);
+}
+
+template <typename T>
+static cudaError_t launch_dtype(const BwdParams& p, int kc_a, int kc_b, cudaStream_t stream) {
+  return p.f.cu_q != nullptr ? launch_dtype<T, true>(p, kc_a, kc_b, stream)
+                             : launch_dtype<T, false>(p, kc_a, kc_b, stream);
 }
 
 cudaError_t launch_backward_mma(const BwdParams& p, DType dtype, int kc_a, int kc_b, cudaStream_t stream) {

@@ -39,6 +39,7 @@
 #include "backward_common.cuh"
 #include "forward_mma.cuh"  // warp_qk: S = A . B^T of one warp over 64 B rows
 #include "tile_io.cuh"
+#include "varlen.cuh"
 
 namespace steelattn::cuda_generic {
 
@@ -113,23 +114,31 @@ __device__ __forceinline__ void store_acc(const float (&acc)[kNtC][4], T* g, int
 
 // ---------------------------------------------------------------------------
 // Kernel A: dK, dV.
-template <typename T, int kC>
+template <typename T, int kC, bool kVarlen>
 __global__ void __launch_bounds__(bwd_mma_cfg::kThreads, 1)
-    bwd_dkdv_mma_kernel(const BwdParams bp) {
+    bwd_dkdv_mma_kernel(const BwdParams bp_arg) {
   using namespace bwd_mma_cfg;
   constexpr int kNtC = kC / 8;
+  // kVarlen: a copy narrowed to the CTA's sequence (varlen.cuh). A separate instantiation,
+  // because the copy costs the dense kernel registers and spills.
+  BwdParams seq;
+  const BwdParams& bp = kVarlen ? seq : bp_arg;
   const KernelParams& p = bp.f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
   // blockIdx.x -> (key tile, chunk, kv head, b); low key tiles first (the
   // heaviest under a causal band).
   int64_t bid = blockIdx.x;
-  const int kt = int(bid % bp.num_k_tiles);
-  bid /= bp.num_k_tiles;
-  const int chunk = int(bid % bp.chunks_a);
-  bid /= bp.chunks_a;
-  const int hk = int(bid % p.Hkv);
-  const int b = int(bid / p.Hkv);
+  int kt = int(bid % bp_arg.num_k_tiles);
+  bid /= bp_arg.num_k_tiles;
+  const int chunk = int(bid % bp_arg.chunks_a);
+  bid /= bp_arg.chunks_a;
+  const int hk = int(bid % bp_arg.f.Hkv);
+  const int b = int(bid / bp_arg.f.Hkv);
+  if constexpr (kVarlen) {
+    seq = bp_arg;
+    if (!enter_sequence<T>(seq, kBlockN, /*by_keys=*/true, kt)) return;
+  }
   const int64_t n0 = int64_t(kt) * kBlockN;
   const int64_t n_last = (n0 + kBlockN < p.S ? n0 + kBlockN : p.S) - 1;
   const int c0 = chunk * kC;
@@ -254,21 +263,27 @@ __global__ void __launch_bounds__(bwd_mma_cfg::kThreads, 1)
 
 // ---------------------------------------------------------------------------
 // Kernel B: dQ (and dbias).
-template <typename T, int kC>
+template <typename T, int kC, bool kVarlen>
 __global__ void __launch_bounds__(bwd_mma_cfg::kThreads, 1)
-    bwd_dq_mma_kernel(const BwdParams bp) {
+    bwd_dq_mma_kernel(const BwdParams bp_arg) {
   using namespace bwd_mma_cfg;
   constexpr int kNtC = kC / 8;
+  BwdParams seq;  // kVarlen: narrowed to the CTA's sequence (as in kernel A)
+  const BwdParams& bp = kVarlen ? seq : bp_arg;
   const KernelParams& p = bp.f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
   int64_t bid = blockIdx.x;
-  const int qt = bp.num_q_tiles - 1 - int(bid % bp.num_q_tiles);  // longest (causal) first
-  bid /= bp.num_q_tiles;
-  const int chunk = int(bid % bp.chunks_b);
-  bid /= bp.chunks_b;
-  const int h = int(bid % p.H);
-  const int b = int(bid / p.H);
+  int qt = bp_arg.num_q_tiles - 1 - int(bid % bp_arg.num_q_tiles);  // longest (causal) first
+  bid /= bp_arg.num_q_tiles;
+  const int chunk = int(bid % bp_arg.chunks_b);
+  bid /= bp_arg.chunks_b;
+  const int h = int(bid % bp_arg.f.H);
+  const int b = int(bid / bp_arg.f.H);
+  if constexpr (kVarlen) {
+    seq = bp_arg;
+    if (!enter_sequence<T>(seq, kBlockM, /*by_keys=*/false, qt)) return;
+  }
   const int hk = h / p.group;
   const int64_t m0 = int64_t(qt) * kBlockM;
   const int64_t m_last = (m0 + kBlockM < p.N ? m0 + kBlockM : p.N) - 1;

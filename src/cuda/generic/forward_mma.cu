@@ -1,5 +1,5 @@
 // Instantiations and launcher of the tensor-core kernel: {fp16, bf16} x
-// Dv tile {64, 128, 256} = 6 kernels. The head dim D is a runtime value (Q and K
+// Dv tile {64, 128, 256} x {dense, varlen} = 12 kernels. The head dim D is a runtime value (Q and K
 // tiles are sized from it), so it costs no instantiations.
 #include "forward_mma.cuh"
 #include "launchers.h"
@@ -13,7 +13,7 @@ size_t mma_smem_bytes_for(int D, int dv_tile) { return mma_smem_bytes(D, dv_tile
 template <typename T, int kDvTile>
 static cudaError_t launch(const KernelParams& p, cudaStream_t stream) {
   const size_t smem = mma_smem_bytes(p.D, kDvTile);
-  auto kernel = forward_mma_kernel<T, kDvTile>;
+  auto kernel = p.cu_q != nullptr ? forward_mma_kernel<T, kDvTile, true> : forward_mma_kernel<T, kDvTile, false>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;

@@ -19,6 +19,7 @@
 #include "mma_sm80.cuh"
 #include "score_mod.cuh"
 #include "tile_io.cuh"
+#include "varlen.cuh"
 
 namespace steelattn::cuda_generic {
 
@@ -100,9 +101,9 @@ __device__ __forceinline__ void apply_dropout(float (&s)[mma_cfg::kBlockN / 8][4
   }
 }
 
-template <typename T, int kDvTile>
+template <typename T, int kDvTile, bool kVarlen>
 __global__ void __launch_bounds__(mma_cfg::kThreads, 1)
-    forward_mma_kernel(const KernelParams p) {
+    forward_mma_kernel(const KernelParams p_arg) {
   using namespace mma_cfg;
   constexpr int kNtS = kBlockN / 8;   // S accumulator n-tiles per warp
   constexpr int kNtO = kDvTile / 8;   // O accumulator n-tiles per warp
@@ -111,13 +112,21 @@ __global__ void __launch_bounds__(mma_cfg::kThreads, 1)
 
   // blockIdx.x -> (q tile, Dv chunk, h, b); the last q tiles (longest under a
   // causal band) are issued first so they do not trail at the end of the grid.
+  // kVarlen: a copy narrowed to the CTA's sequence (varlen.cuh); a separate instantiation
+  // keeps the dense kernel reading its parameters in place.
+  KernelParams seq;
+  const KernelParams& p = kVarlen ? seq : p_arg;
   int64_t bid = blockIdx.x;
-  const int qt = p.num_q_tiles - 1 - int(bid % p.num_q_tiles);
-  bid /= p.num_q_tiles;
-  const int dv_chunk = int(bid % p.num_dv_chunks);
-  bid /= p.num_dv_chunks;
-  const int h = int(bid % p.H);
-  const int b = int(bid / p.H);
+  int qt = p_arg.num_q_tiles - 1 - int(bid % p_arg.num_q_tiles);
+  bid /= p_arg.num_q_tiles;
+  const int dv_chunk = int(bid % p_arg.num_dv_chunks);
+  bid /= p_arg.num_dv_chunks;
+  const int h = int(bid % p_arg.H);
+  const int b = int(bid / p_arg.H);
+  if constexpr (kVarlen) {
+    seq = p_arg;
+    if (!enter_sequence<T>(seq, kBlockM, /*by_keys=*/false, qt)) return;
+  }
   const int hk = h / p.group;
   const int64_t m0 = int64_t(qt) * kBlockM;
   const int64_t m_last = (m0 + kBlockM < p.N ? m0 + kBlockM : p.N) - 1;

@@ -45,6 +45,8 @@ bool cuda_generic_supports(const AttentionParams& p, std::string* why_not) {
               std::to_string(p.Dv) + " (at most 512)");
   if (p.N > INT32_MAX || p.S > INT32_MAX || p.B > INT32_MAX || p.H > INT32_MAX)
     return no("cuda_generic: B, H, N and S must each fit in int32");
+  if (p.varlen() && (p.dropout_p > 0.0f || p.attn_weights.present()))
+    return no("cuda_generic: varlen calls take no dropout or attention weights");
   int major = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id);
@@ -65,7 +67,7 @@ Status cuda_generic_forward(const AttentionParams& p, void* stream) {
   const auto cu_stream = static_cast<cudaStream_t>(stream);
 
   KernelParams k = make_kernel_params(p);
-  k.num_q_tiles = int32_t((p.N + cuda_generic::kBlockM - 1) / cuda_generic::kBlockM);
+  k.num_q_tiles = int32_t(cuda_generic::tile_count(p, p.N, cuda_generic::kBlockM));
   k.num_dv_chunks = 1;
   int smem_optin = 0;
   cudaError_t err = cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,

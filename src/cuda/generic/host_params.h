@@ -44,6 +44,12 @@ inline bool rows_16b_aligned(const TensorRef& t, const int64_t (&stride)[3]) {
   return true;
 }
 
+// Tiles of `block` rows over `len` rows: for a varlen call a bound over all sequences
+// (each adds at most one partial tile), so the grid needs no lengths from the device.
+inline int64_t tile_count(const AttentionParams& p, int64_t len, int64_t block) {
+  return (len + block - 1) / block + (p.varlen() ? p.num_seqs : 0);
+}
+
 // Tile counts (num_q_tiles, num_dv_chunks) are the launcher's to set.
 inline KernelParams make_kernel_params(const AttentionParams& p) {
   KernelParams k{};
@@ -91,6 +97,10 @@ inline KernelParams make_kernel_params(const AttentionParams& p) {
   k.dropout_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
   k.dropout_seed = p.dropout_seed;
   k.dropout_offset = p.dropout_offset;
+
+  k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
+  k.cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);
+  k.num_seqs = int32_t(p.num_seqs);
 
   k.q_vec = rows_16b_aligned(p.q, k.q_stride);
   k.k_vec = rows_16b_aligned(p.k, k.k_stride);

@@ -56,6 +56,12 @@ struct KernelParams {
   int32_t num_q_tiles;
   int32_t num_dv_chunks;
 
+  // Varlen (varlen.cuh): int32 [num_seqs + 1] running lengths on the device, or null.
+  // The tile counts above are then bounds over all sequences and B = 1.
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int32_t num_seqs;
+
   // True when q/k/v rows start 16-byte aligned, so tiles may load with cp.async.
   bool q_vec, k_vec, v_vec;
 };
