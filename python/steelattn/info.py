@@ -100,12 +100,12 @@ def _features(device):
 
 
 def _probe_varlen(device):
-    """The forward path of a two-sequence varlen call (flash_attention_varlen) on `device`."""
+    """The forward path of a two-sequence bf16 varlen call (flash_attention_varlen) on `device`."""
     from . import _kernel
 
     H, D, total = 4, 64, 96
-    q = fake((1, H, total, D), torch.float32, device)
-    out = fake((1, H, total, D), torch.float32, device)
+    q = fake((1, H, total, D), torch.bfloat16, device)
+    out = fake((1, H, total, D), torch.bfloat16, device)
     cu = torch.tensor([0, 40, total], dtype=torch.int32, device=device)  # read by the CPU validation
     sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
     path, _, _, _ = _ext().forward(q, q, q, out, fake((1, H, total), torch.float32, device), None, None, None, None,

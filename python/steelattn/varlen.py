@@ -6,9 +6,10 @@ cu_seqlens_q[b]:cu_seqlens_q[b+1] of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of 
 The packed tensors reach the kernels as [1, H, total, D] views (no copy) with the
 cu_seqlens arrays, and the core runs every sequence in one call (steelattn.h,
 AttentionParams::cu_seqlens_q). CPU: the CPU kernels, all sequences in one task pool.
-CUDA: the generic kernels, one launch over an upper bound of the tiles with the lengths
-read on the device (no host sync; CUDA graphs replay with new lengths); the Hopper
-kernels do not take varlen yet (counted as a demotion).
+CUDA: the generic tensor-core kernels (fp16/bf16, head dims <= 256), one launch over an
+upper bound of the tiles with the lengths read on the device (no host sync; CUDA graphs
+replay with new lengths); the Hopper kernels do not take varlen yet (counted as a
+demotion), and fp32 varlen on CUDA takes the torch path (counted).
 """
 from __future__ import annotations
 

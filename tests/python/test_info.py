@@ -51,7 +51,8 @@ FEATURE_CALLS = {
     "non_contiguous": dict(nonc=True),
     "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
-    "varlen": dict(shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True, varlen=True),
+    "varlen": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True,
+                   varlen=True),
 }
 
 

@@ -83,6 +83,8 @@ bool cuda_generic_backward_supports(const AttentionParams& p, std::string* why_n
               " (at most 512)");
   if (p.N > INT32_MAX || p.S > INT32_MAX || p.B > INT32_MAX || p.H > INT32_MAX)
     return no("cuda_generic backward: B, H, N and S must each fit in int32");
+  if (p.varlen() && (p.q.dtype == DType::f32 || p.D > kMmaMaxHeadDim || p.Dv > kMmaMaxHeadDim))
+    return no("cuda_generic backward: varlen runs on the tensor-core kernels only (fp16/bf16, head dims <= 256)");
   if ((p.lse.present() && p.lse.dtype != DType::f32) || (p.dlse.present() && p.dlse.dtype != DType::f32) ||
       (p.dbias.present() && p.dbias.dtype != DType::f32) || (p.bias.present() && p.bias.dtype != DType::f32) ||
       (p.alibi_slopes.present() && p.alibi_slopes.dtype != DType::f32))
@@ -115,6 +117,8 @@ Status cuda_generic_backward(const AttentionParams& p, void* stream) {
   const int D = int(p.D), Dv = int(p.Dv), Dmax = D > Dv ? D : Dv;
   bool mma = p.q.dtype != DType::f32 && !force_simt && Dmax <= kMmaMaxHeadDim &&
              cuda_generic::bwd_mma_smem_bytes_for(D, Dv, 1) <= size_t(smem_optin);
+  if (p.varlen() && !mma)  // forced SIMT or too little shared memory: the SIMT kernels take no varlen
+    return Status::NotImplemented("steelattn cuda_generic backward: varlen needs the tensor-core kernels");
   int kc_a = 0, kc_b = 0;
   if (mma) {
     bp.two_stage = cuda_generic::bwd_mma_smem_bytes_for(D, Dv, 2) <= size_t(smem_optin);

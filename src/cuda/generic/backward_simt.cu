@@ -18,19 +18,14 @@ static cudaError_t launch_one(K kernel, const BwdParams& p, size_t smem, int64_t
   return cudaGetLastError();
 }
 
-template <typename T, bool kVarlen>
-static cudaError_t launch_kernels(const BwdParams& p, cudaStream_t stream) {
+template <typename T>
+static cudaError_t launch_dtype(const BwdParams& p, cudaStream_t stream) {
   const size_t smem = bwd_simt_smem_bytes();
   const int64_t ctas_a = int64_t(p.num_k_tiles) * p.chunks_a * p.f.Hkv * p.f.B;
   const int64_t ctas_b = int64_t(p.num_q_tiles) * p.chunks_b * p.f.H * p.f.B;
-  cudaError_t err = launch_one(bwd_dkdv_simt_kernel<T, kVarlen>, p, smem, ctas_a, stream);
+  cudaError_t err = launch_one(bwd_dkdv_simt_kernel<T>, p, smem, ctas_a, stream);
   if (err != cudaSuccess) return err;
-  return launch_one(bwd_dq_simt_kernel<T, kVarlen>, p, smem, ctas_b, stream);
-}
-
-template <typename T>
-static cudaError_t launch_dtype(const BwdParams& p, cudaStream_t stream) {
-  return p.f.cu_q != nullptr ? launch_kernels<T, true>(p, stream) : launch_kernels<T, false>(p, stream);
+  return launch_one(bwd_dq_simt_kernel<T>, p, smem, ctas_b, stream);
 }
 
 cudaError_t launch_backward_simt(const BwdParams& p, DType dtype, cudaStream_t stream) {

@@ -17,7 +17,6 @@
 #include <cstdint>
 
 #include "backward_common.cuh"
-#include "varlen.cuh"
 
 namespace steelattn::cuda_generic {
 
@@ -117,11 +116,9 @@ __device__ __forceinline__ void simt_store(const float (&acc)[4][4], T* g, int64
 }
 
 // Kernel A: dK, dV of one (b, kv head, 64-key tile, 64-column chunk).
-template <typename T, bool kVarlen>
-__global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dkdv_simt_kernel(const BwdParams bp_arg) {
+template <typename T>
+__global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dkdv_simt_kernel(const BwdParams bp) {
   using namespace bwd_simt_cfg;
-  BwdParams seq;  // kVarlen: narrowed to the CTA's sequence (varlen.cuh; see backward_mma.cuh)
-  const BwdParams& bp = kVarlen ? seq : bp_arg;
   const KernelParams& p = bp.f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sA = reinterpret_cast<float*>(smem_raw);
@@ -134,16 +131,12 @@ __global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dkdv_simt_kernel(c
   float* sDelta = sLse2 + kTile;
 
   int64_t bid = blockIdx.x;
-  int kt = int(bid % bp_arg.num_k_tiles);
-  bid /= bp_arg.num_k_tiles;
-  const int chunk = int(bid % bp_arg.chunks_a);
-  bid /= bp_arg.chunks_a;
-  const int hk = int(bid % bp_arg.f.Hkv);
-  const int b = int(bid / bp_arg.f.Hkv);
-  if constexpr (kVarlen) {
-    seq = bp_arg;
-    if (!enter_sequence<T>(seq, kTile, /*by_keys=*/true, kt)) return;
-  }
+  const int kt = int(bid % bp.num_k_tiles);
+  bid /= bp.num_k_tiles;
+  const int chunk = int(bid % bp.chunks_a);
+  bid /= bp.chunks_a;
+  const int hk = int(bid % p.Hkv);
+  const int b = int(bid / p.Hkv);
   const int64_t n0 = int64_t(kt) * kTile;
   const int64_t n_last = (n0 + kTile < p.S ? n0 + kTile : p.S) - 1;
   const int c0 = chunk * kChunk;
@@ -209,11 +202,9 @@ __global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dkdv_simt_kernel(c
 }
 
 // Kernel B: dQ (and dbias) of one (b, h, 64-row query tile, 64-column chunk).
-template <typename T, bool kVarlen>
-__global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dq_simt_kernel(const BwdParams bp_arg) {
+template <typename T>
+__global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dq_simt_kernel(const BwdParams bp) {
   using namespace bwd_simt_cfg;
-  BwdParams seq;  // kVarlen: narrowed to the CTA's sequence
-  const BwdParams& bp = kVarlen ? seq : bp_arg;
   const KernelParams& p = bp.f;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sA = reinterpret_cast<float*>(smem_raw);
@@ -224,16 +215,12 @@ __global__ void __launch_bounds__(bwd_simt_cfg::kThreads) bwd_dq_simt_kernel(con
   float* sDelta = sLse2 + kTile;
 
   int64_t bid = blockIdx.x;
-  int qt = bp_arg.num_q_tiles - 1 - int(bid % bp_arg.num_q_tiles);
-  bid /= bp_arg.num_q_tiles;
-  const int chunk = int(bid % bp_arg.chunks_b);
-  bid /= bp_arg.chunks_b;
-  const int h = int(bid % bp_arg.f.H);
-  const int b = int(bid / bp_arg.f.H);
-  if constexpr (kVarlen) {
-    seq = bp_arg;
-    if (!enter_sequence<T>(seq, kTile, /*by_keys=*/false, qt)) return;
-  }
+  const int qt = bp.num_q_tiles - 1 - int(bid % bp.num_q_tiles);
+  bid /= bp.num_q_tiles;
+  const int chunk = int(bid % bp.chunks_b);
+  bid /= bp.chunks_b;
+  const int h = int(bid % p.H);
+  const int b = int(bid / p.H);
   const int hk = h / p.group;
   const int64_t m0 = int64_t(qt) * kTile;
   const int64_t m_last = (m0 + kTile < p.N ? m0 + kTile : p.N) - 1;

@@ -1,4 +1,4 @@
-// Instantiations and launcher of the SIMT kernel: {fp32, fp16, bf16} x {dense, varlen} = 6 kernels.
+// Instantiations and launcher of the SIMT kernel: fp32, fp16, bf16 = 3 kernels.
 #include "forward_simt.cuh"
 #include "launchers.h"
 
@@ -12,7 +12,7 @@ size_t simt_smem_bytes_for() { return simt_smem_bytes(); }
 template <typename T>
 static cudaError_t launch(const KernelParams& p, cudaStream_t stream) {
   const size_t smem = simt_smem_bytes();
-  auto kernel = p.cu_q != nullptr ? forward_simt_kernel<T, true> : forward_simt_kernel<T, false>;
+  auto kernel = forward_simt_kernel<T>;
   cudaError_t err =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (err != cudaSuccess) return err;

@@ -18,7 +18,6 @@
 #include "mask_policy.cuh"
 #include "mma_sm80.cuh"
 #include "score_mod.cuh"
-#include "varlen.cuh"
 
 namespace steelattn::cuda_generic {
 
@@ -93,8 +92,8 @@ __device__ __forceinline__ float row_sum16(float x) {
   return x;
 }
 
-template <typename T, bool kVarlen>
-__global__ void __launch_bounds__(simt_cfg::kThreads) forward_simt_kernel(const KernelParams p_arg) {
+template <typename T>
+__global__ void __launch_bounds__(simt_cfg::kThreads) forward_simt_kernel(const KernelParams p) {
   using namespace simt_cfg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   float* sQ = reinterpret_cast<float*>(smem_raw);  // [kBlockM][kSliceD + 1]
@@ -103,21 +102,13 @@ __global__ void __launch_bounds__(simt_cfg::kThreads) forward_simt_kernel(const 
   float* sP = sV + kBlockN * kDvTile;              // [kBlockM][kBlockN + 1]
   constexpr int kLdp = kBlockN + 1;
 
-  // kVarlen: a copy narrowed to the CTA's sequence (varlen.cuh); a separate instantiation
-  // keeps the dense kernel reading its parameters in place.
-  KernelParams seq;
-  const KernelParams& p = kVarlen ? seq : p_arg;
   int64_t bid = blockIdx.x;
-  int qt = p_arg.num_q_tiles - 1 - int(bid % p_arg.num_q_tiles);  // longest tiles first
-  bid /= p_arg.num_q_tiles;
-  const int dv_chunk = int(bid % p_arg.num_dv_chunks);
-  bid /= p_arg.num_dv_chunks;
-  const int h = int(bid % p_arg.H);
-  const int b = int(bid / p_arg.H);
-  if constexpr (kVarlen) {
-    seq = p_arg;
-    if (!enter_sequence<T>(seq, kBlockM, /*by_keys=*/false, qt)) return;
-  }
+  const int qt = p.num_q_tiles - 1 - int(bid % p.num_q_tiles);  // longest tiles first
+  bid /= p.num_q_tiles;
+  const int dv_chunk = int(bid % p.num_dv_chunks);
+  bid /= p.num_dv_chunks;
+  const int h = int(bid % p.H);
+  const int b = int(bid / p.H);
   const int hk = h / p.group;
   const int64_t m0 = int64_t(qt) * kBlockM;
   const int64_t m_last = (m0 + kBlockM < p.N ? m0 + kBlockM : p.N) - 1;

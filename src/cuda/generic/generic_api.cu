@@ -47,6 +47,8 @@ bool cuda_generic_supports(const AttentionParams& p, std::string* why_not) {
     return no("cuda_generic: B, H, N and S must each fit in int32");
   if (p.varlen() && (p.dropout_p > 0.0f || p.attn_weights.present()))
     return no("cuda_generic: varlen calls take no dropout or attention weights");
+  if (p.varlen() && (p.q.dtype == DType::f32 || p.D > 256 || p.Dv > 256))
+    return no("cuda_generic: varlen runs on the tensor-core kernels only (fp16/bf16, head dims <= 256)");
   int major = 0;
   const cudaError_t err =
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id);
@@ -91,6 +93,8 @@ Status cuda_generic_forward(const AttentionParams& p, void* stream) {
       }
     }
   }
+  if (p.varlen() && dv_tile == 0)  // a device whose shared memory takes no tensor-core tile
+    return Status::NotImplemented("steelattn cuda_generic: varlen needs the tensor-core kernel's shared memory");
   const int chunk = dv_tile > 0 ? dv_tile : cuda_generic::kSimtDvTile;
   if (dv_tile == 0 && cuda_generic::simt_smem_bytes_for() > size_t(smem_optin))
     return Status::Error("steelattn cuda_generic: device shared memory too small");
