@@ -96,6 +96,14 @@ struct AttentionParams {
   // [num_seqs, H]. Not combined with bias, bool_mask, attn_weights or dropout.
   TensorRef cu_seqlens_q, cu_seqlens_k;
 
+  // Block-sparse mask: bool [B, H, NQ, NK] (broadcast through zero strides), NQ =
+  // ceil(N / block_q), NK = ceil(S / block_k). Key j is hidden from query i when block
+  // (i / block_q, j / block_k) is inactive; the band, causal and every other rule still
+  // apply inside active blocks. Kernels skip tiles whose blocks are all inactive. Block
+  // sizes are positive multiples of 16. Not combined with varlen or attn_weights.
+  TensorRef block_mask;
+  int64_t block_q = 0, block_k = 0;
+
   // Dimensions, derived by validate_forward() from the tensors (varlen: B = 1, N and S
   // the totals, num_seqs the number of sequences; dense: num_seqs = 0).
   int64_t B = 0, H = 0, Hkv = 0, N = 0, S = 0, D = 0, Dv = 0;

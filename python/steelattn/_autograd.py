@@ -17,20 +17,20 @@ from . import _kernel
 
 
 class Attention(torch.autograd.Function):
-    """(q, k, v, alibi, bias, bool_mask, scalars, cu) -> (out, lse); gradients for q, k, v and
-    bias. `cu` is None, or a varlen call's (cu_seqlens_q, cu_seqlens_k)."""
+    """(q, k, v, alibi, bias, bool_mask, scalars, extra) -> (out, lse); gradients for q, k, v
+    and bias. `extra` is None or a _kernel.Extra (varlen lengths, block mask)."""
 
     @staticmethod
-    def forward(q, k, v, alibi, bias, bool_mask, sc, cu):
-        out, lse, _ = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.TRAIN, cu=cu)
+    def forward(q, k, v, alibi, bias, bool_mask, sc, extra):
+        out, lse, _ = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.TRAIN, extra=extra)
         return out, lse
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        q, k, v, alibi, bias, bool_mask, sc, cu = inputs
+        q, k, v, alibi, bias, bool_mask, sc, extra = inputs
         ctx.save_for_backward(q, k, v, *output, alibi, bias, bool_mask)
         ctx.sc = sc
-        ctx.cu = cu
+        ctx.extra = extra
         ctx.set_materialize_grads(False)  # an unused lse gets None, not a zero tensor
 
     @staticmethod
@@ -41,7 +41,7 @@ class Attention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         want_dbias = ctx.needs_input_grad[4]
         dq, dk, dv, dbias = _kernel.run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, ctx.sc,
-                                                 want_dbias, ctx.cu)
+                                                 want_dbias, ctx.extra)
         return dq, dk, dv, None, dbias, None, None, None
 
 

@@ -7,6 +7,7 @@ torch.compile traces) and info.py (selection probes) all come through here.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -23,6 +24,18 @@ RUN, TRAIN, SELECT = 0, 1, 2
 # Tests set this to fill outputs with NaN before the kernel runs, so an element the
 # kernel forgot to write cannot pass for a correct one.
 debug_poison = False
+
+class Extra(NamedTuple):
+    """What a call carries beyond the dense [B, H, N, D] one: a varlen call's cu_seqlens
+    (q/k/v/out then packed [1, H, total, D] views) or a block mask with its block sizes."""
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    block_mask: Optional[torch.Tensor] = None
+    block_q: int = 0
+    block_k: int = 0
+
+
+_DENSE = Extra()
 
 _NAN = float("nan")
 _NEG_INF = float("-inf")
@@ -52,31 +65,30 @@ def _stream(q) -> int:
     return torch.cuda.current_stream(q.device).cuda_stream
 
 
-def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, cu=None):
+def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, extra=None):
     """(path, note, backward_path, backward_note); raises NotImplementedError, writing
-    nothing, when no kernel serves the call (mode TRAIN: or its gradients). `cu` is a
-    varlen call's (cu_seqlens_q, cu_seqlens_k), q/k/v/out then packed [1, H, total, D] views."""
-    cu_q, cu_k = cu or (None, None)
+    nothing, when no kernel serves the call (mode TRAIN: or its gradients)."""
     return _ext.forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, torch.get_num_threads(), _stream(q),
-                        mode, cu_q, cu_k)
+                        mode, *(extra or _DENSE))
 
 
-def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_weights=False, cu=None):
+def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_weights=False, extra=None):
     """Allocates and fills (out, lse, weights) (lse/weights None unless wanted); counts the path.
-    Varlen (`cu` given): out is allocated token-major ([total, H, Dv], viewed as [1, H, total, Dv])
-    when q is a token-major view, so that the caller's layout comes back contiguous."""
+    Varlen: out is allocated token-major ([total, H, Dv], viewed as [1, H, total, Dv]) when q
+    is a token-major view, so that the caller's layout comes back contiguous."""
     B, H, N, _ = q.shape
     S, Dv = k.shape[2], v.shape[3]
-    if cu is not None and B == 1 and H > 1 and q.stride(1) < q.stride(2):  # token-major packed q
+    varlen = extra is not None and extra.cu_seqlens_q is not None
+    if varlen and B == 1 and H > 1 and q.stride(1) < q.stride(2):  # token-major packed q
         out = alloc(q, (N, H, Dv), q.dtype).permute(1, 0, 2).unsqueeze(0)
     else:
         out = alloc(q, (B, H, N, Dv), q.dtype)
     lse = alloc(q, (B, H, N), side_dtype(q)) if want_lse else None
     weights = alloc(q, (B, H, N, S), side_dtype(q)) if want_weights else None
     if S and out.numel():
-        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, cu)
+        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, extra)
     else:  # nothing to compute: the core validates and selects, the result is known
-        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, SELECT, cu)
+        path, note, bpath, bnote = forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, SELECT, extra)
         if path == "none" or (mode == TRAIN and bpath == "none"):
             raise NotImplementedError(note if path == "none" else bnote)
         out.zero_()
@@ -93,7 +105,7 @@ def _workspace_allocator(device):
     return functools.partial(torch.empty, dtype=torch.uint8, device=device)
 
 
-def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias, cu=None):
+def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias, extra=None):
     """(dq, dk, dv, dbias) in one extension call (dbias None unless wanted); counts the path.
     Gradients take their inputs' layouts (empty_like), as the registered op's fake says."""
     if dout.size(-1) > 1 and dout.stride(-1) != 1:
@@ -107,7 +119,7 @@ def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want
     dbias = torch.zeros((B, H, N, S), dtype=lse.dtype, device=q.device) if want_dbias else None
     path, demoted = _ext.backward(dout, dlse, q, k, v, out, lse, dq, dk, dv, dbias, bias, bool_mask, alibi, sc,
                                   torch.get_num_threads(), _stream(q), _workspace_allocator(q.device),
-                                  *(cu or (None, None)))
+                                  *(extra or _DENSE))
     if not (q.numel() and S):  # no kernel ran: the gradients of an empty problem are zeros
         dq.zero_(), dk.zero_(), dv.zero_()
     _dispatch.record_backward(path, demoted)

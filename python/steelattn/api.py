@@ -42,12 +42,12 @@ def dropout_keep_mask(B, H, N, S, p, seed, offset):
 
 
 def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
-         dropout_p, generator, return_lse, return_weights, backend, torch_fallback, deterministic=False, cu=None):
+         dropout_p, generator, return_lse, return_weights, backend, torch_fallback, deterministic=False, extra=None):
     """Shared body of every entry point: one extension call, or torch, counted.
 
     Returns (out, lse, weights) with lse/weights None unless requested. `torch_fallback`
-    takes the dropout (seed, offset) already drawn, or None. `cu`: a varlen call's
-    (cu_seqlens_q, cu_seqlens_k) (varlen.py; never under torch.compile)."""
+    takes the dropout (seed, offset) already drawn, or None. `extra`: a _kernel.Extra
+    (varlen.py, sparse.py; never under torch.compile)."""
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
     if torch.compiler.is_compiling():
@@ -75,11 +75,11 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     sc = (scale, softcap, diag_offset, wl, wr, dropout_p, rng[0], rng[1], deterministic)  # _kernel.scalars order
     try:
         if grad:
-            out, lse = _autograd.apply(q, k, v, alibi, bias, bool_mask, sc, cu)
+            out, lse = _autograd.apply(q, k, v, alibi, bias, bool_mask, sc, extra)
             weights = None
         else:  # inference: straight to the kernel, lse only when asked for
             out, lse, weights = _kernel.run_forward(q, k, v, alibi, bias, bool_mask, sc, _kernel.RUN,
-                                                    return_lse, return_weights, cu=cu)
+                                                    return_lse, return_weights, extra=extra)
     except NotImplementedError as e:  # no kernel serves the call; nothing was written
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {e}") from None

@@ -48,7 +48,8 @@ def get_device_info() -> dict:
 
 
 def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=256, wl=-1, wr=-1,
-           softcap=0.0, alibi=False, bias=False, bool_mask=False, dropout=0.0, weights=False, nonc=False):
+           softcap=0.0, alibi=False, bias=False, bool_mask=False, dropout=0.0, weights=False, nonc=False,
+           block=False):
     """(forward path, backward path) a call of this shape would take on `device`; nothing
     is allocated or run. The backward path is the one a call needing gradients gets."""
     from . import _kernel
@@ -66,8 +67,9 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
             fake((B, H), side, device) if alibi else None)
     w = fake((B, H, N, S), side, device) if weights else None
     sc = _kernel.scalars(0.1, softcap, S - N, wl, wr, dropout, 0, 0, False)
+    blocks = (fake((B, H, (N + 63) // 64, (S + 63) // 64), torch.bool, device), 64, 64) if block else (None, 0, 0)
     path, _, bpath, _ = _ext().forward(q, k, v, out, fake((B, H, N), side, device), w, *mods, sc, 1, 0,
-                                       _kernel.SELECT)
+                                       _kernel.SELECT, None, None, *blocks)
     return path, bpath
 
 
@@ -96,6 +98,7 @@ def _features(device):
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
         "backward": device is not None and _probe(device)[1] != "none",
         "varlen": device is not None and _probe_varlen(device) != "none",
+        "block_sparse": ok(block=True),
     }
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from . import _dispatch, _validate
+from . import _kernel, _validate
 from .api import _run
 from .reference import attention_reference
 
@@ -104,12 +104,13 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     cu = (cu_seqlens_q, cu_seqlens_k)
+    extra = _kernel.Extra(cu_seqlens_q, cu_seqlens_k)
 
     def fallback(rng):  # torch, one sequence at a time (reads the lengths: a host sync on CUDA)
         return _varlen_reference(q4, k4, v4, cu, scale=scale, softcap=softcap, alibi=alibi, wl=wl, wr=wr,
                                  token_major=token_major)
 
-    out, lse, _ = _run_varlen(q4, k4, v4, cu, scale, softcap, alibi, wl, wr, return_lse, backend, fallback,
+    out, lse, _ = _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse, backend, fallback,
                               bool(deterministic))
     if out.dim() == 4 and token_major:
         out = out[0].permute(1, 0, 2)  # [total_q, H, Dv]: contiguous when the kernel allocated it token-major
@@ -119,10 +120,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
 
 
 @torch.compiler.disable  # no registered op for varlen yet: a graph break, not a trace into the extension
-def _run_varlen(q4, k4, v4, cu, scale, softcap, alibi, wl, wr, return_lse, backend, fallback, deterministic):
+def _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse, backend, fallback, deterministic):
     return _run(_FN, q4, k4, v4, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=None, diag_offset=0,
                 wl=wl, wr=wr, dropout_p=0.0, generator=None, return_lse=return_lse, return_weights=False,
-                backend=backend, torch_fallback=fallback, deterministic=deterministic, cu=cu)
+                backend=backend, torch_fallback=fallback, deterministic=deterministic, extra=extra)
 
 
 def _varlen_reference(q4, k4, v4, cu, *, scale, softcap, alibi, wl, wr, token_major, compute_dtype=None):

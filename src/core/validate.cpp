@@ -176,6 +176,22 @@ Status validate_forward(AttentionParams& p) {
     if (st.ok()) st = check_same_device(p.bool_mask, p.q, "bool_mask");
     if (!st.ok()) return st;
   }
+  if (p.block_mask.present()) {
+    const TensorRef& m = p.block_mask;
+    if (m.dtype != DType::boolean) return Status::Invalid("block_mask: must be bool");
+    if (p.block_q < 16 || p.block_q % 16 != 0 || p.block_k < 16 || p.block_k % 16 != 0)
+      return Status::Invalid("block_size: both sides must be positive multiples of 16, got (" +
+                             std::to_string(p.block_q) + ", " + std::to_string(p.block_k) + ")");
+    const int64_t want[4] = {p.B, p.H, (p.N + p.block_q - 1) / p.block_q, (p.S + p.block_k - 1) / p.block_k};
+    if (m.ndim != 4) return Status::Invalid("block_mask: expected 4 dims [B, H, NQ, NK], got " + shape_str(m));
+    for (int i = 0; i < 4; ++i)
+      if (m.shape[i] != want[i])
+        return Status::Invalid("block_mask: shape " + shape_str(m) + " must be [B, H, ceil(N / block_q), ceil(S / block_k)]");
+    Status st = check_same_device(m, p.q, "block_mask");
+    if (!st.ok()) return st;
+    if (p.cu_seqlens_q.present() || p.attn_weights.present())
+      return Status::Invalid("block_mask: not combined with varlen or attn_weights");
+  }
   if (p.cu_seqlens_q.present() || p.cu_seqlens_k.present()) {
     Status st = validate_varlen(p);
     if (!st.ok()) return st;

@@ -67,7 +67,9 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   const int64_t Sp = round_up(p.S, bk);
   const bool cap = p.softcap > 0.0;
   const bool dropout = p.dropout_p > 0.0f;
-  const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
+  const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present() ||
+                    p.block_mask.present();
+  const bool sparse = p.block_mask.present();
 
   // Scratch: dK [Sp][Dp] | dV [Sp][Dvp] | dQt [D][ld] | Qt [D][ld] | Qp [ld][Dp] | dOt [Dv][ld] |
   //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles.
@@ -132,6 +134,7 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
 
     for (int64_t k0 = lo; k0 < hi; k0 += bk) {
       const int64_t nk = std::min(bk, hi - k0);
+      if (sparse && !block_tile_active(p, b, ri, nrows, k0, k0 + nk)) continue;  // P = 0 on the whole tile
       int64_t ks, vs;
       const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
       // V only feeds dP; the bf16 pair path reads it in place.

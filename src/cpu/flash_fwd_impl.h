@@ -214,8 +214,10 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
     else if (s.has_mods) transform_tile<true>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
   };
 
+  const bool sparse = p.block_mask.present();
   for (int64_t k0 = lo; k0 < hi; k0 += kBlockKeys) {
     const int64_t nk = std::min(kBlockKeys, hi - k0);
+    if (sparse && !block_tile_active(p, b, ri, nrows, k0, k0 + nk)) continue;
     scores(k0, nk);
     online_softmax<Isa>(st, ld, nk, lanes, m, l, alpha);
     if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, T(s.drop_scale));
@@ -260,7 +262,8 @@ FwdShape fwd_shape_of(const AttentionParams& p, bool bf16_capable) {
   s.G = p.H / p.Hkv;
   s.rows = s.N * s.G;
   s.row_blocks = (s.rows + kBlockRows - 1) / kBlockRows;
-  s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
+  s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present() ||
+               p.block_mask.present();
   s.bf16_dot = bf16_capable && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;

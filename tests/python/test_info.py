@@ -30,7 +30,8 @@ def _seed_draw(seed):
 # feature -> call description: dtype, shape (B, H, Hkv, N, S, D, Dv) and flash_attention keywords.
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
-_BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False)
+_BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
+             sparse=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -51,6 +52,7 @@ FEATURE_CALLS = {
     "non_contiguous": dict(nonc=True),
     "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
+    "block_sparse": dict(kw=dict(causal=True), grad=True, sparse=True),
     "varlen": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True,
                    varlen=True),
 }
@@ -94,6 +96,9 @@ def _run_feature_call(device, call, rng):
         cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
         res = steelattn.flash_attention_varlen(*(pack(t) for t in inputs), cu(N), cu(S), **kw)
         res = res.reshape(B, N, H, Dv).transpose(1, 2)
+    elif c["sparse"]:  # every block active (blocks of 16): the dense answer
+        blocks = torch.ones(-(-N // 16), -(-S // 16), dtype=torch.bool, device=device)
+        res = steelattn.flash_attention_sparse(*inputs, blocks, block_size=16, **kw)
     else:
         res = steelattn.flash_attention(*inputs, **kw)
     out = res[0] if isinstance(res, tuple) else res

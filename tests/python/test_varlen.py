@@ -165,3 +165,21 @@ def test_varlen_bad_layout_and_dropout():
     with pytest.raises(NotImplementedError, match="dropout"):
         steelattn.flash_attention_varlen(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), cq, cq,
                                          dropout_p=0.1)
+
+
+def test_varlen_torch_path_matches(rng):
+    """backend='torch' (one sequence at a time, the path fp32 CUDA calls take) gives what
+    the kernels give, gradients included."""
+    lq, lk = [4, 0, 33, 1], [9, 2, 20, 0]
+    q = randn(sum(lq), 4, 32, dtype=torch.float32, device="cpu", generator=rng).requires_grad_()
+    k = randn(sum(lk), 2, 32, dtype=torch.float32, device="cpu", generator=rng).requires_grad_()
+    v = randn(sum(lk), 2, 32, dtype=torch.float32, device="cpu", generator=rng).requires_grad_()
+    cq, ck = cu_of(lq, "cpu"), cu_of(lk, "cpu")
+    outs = [steelattn.flash_attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True, backend=b)
+            for b in ("auto", "torch")]
+    assert_close(outs[1][0], outs[0][0].detach().double(), torch.float32)
+    assert_lse_close(outs[1][1].detach(), outs[0][1].detach().double(), torch.float32)
+    ga = torch.autograd.grad(outs[0][0].sum(), (q, k, v))
+    gb = torch.autograd.grad(outs[1][0].sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        assert_close(b, a.double(), torch.float32, what="grad", tol=3e-5)

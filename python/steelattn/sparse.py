@@ -1,0 +1,125 @@
+"""Block-sparse attention: flash_attention with a boolean block mask.
+
+Query block qb = i // block_size[0] sees key block kb = j // block_size[1] only where
+block_mask[..., qb, kb] is True; causal, windows and the other modifiers still apply token
+by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
+(never loaded, forward and backward). CPU: the CPU kernels. CUDA: not on the CUDA
+kernels yet; calls take the torch path (counted), which materialises the token mask.
+A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _kernel, _validate
+from .api import _reference_fallback, _run
+
+_FN = "flash_attention_sparse"
+
+
+def _block_size(block_size):
+    bs = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    if len(bs) != 2 or not all(isinstance(x, int) and x > 0 and x % 16 == 0 for x in bs):
+        raise ValueError(f"{_FN}: block_size must be a positive multiple of 16 or a pair of them, got {block_size!r}")
+    return bs
+
+
+def _from_flex(bm, B, H, N, S, device):
+    """(block mask [B', H', NQ, NK] bool, (bq, bk), token mask or None) of a FlexAttention
+    BlockMask. Partial blocks are where its mask_mod decides token by token: the mask_mod
+    is evaluated into a token mask for them (full blocks need none)."""
+    bq, bk = (bm.BLOCK_SIZE, bm.BLOCK_SIZE) if isinstance(bm.BLOCK_SIZE, int) else tuple(bm.BLOCK_SIZE)
+    _block_size((bq, bk))
+    nq, nk = math.ceil(N / bq), math.ceil(S / bk)
+    dense = bm.to_dense().to(device=device, dtype=torch.bool)[:, :, :nq, :nk]
+    if dense.shape[-2:] != (nq, nk):
+        raise ValueError(f"{_FN}: block_mask (a BlockMask) covers {tuple(dense.shape[-2:])} blocks, the call needs "
+                         f"({nq}, {nk}) at block size ({bq}, {bk})")
+    partial = bm.full_kv_num_blocks is None or bool(bm.kv_num_blocks.sum() > 0)
+    token = None
+    if partial:
+        from torch.nn.attention.flex_attention import create_mask
+        token = create_mask(bm.mask_mod, dense.size(0), dense.size(1), N, S, device=device).to(torch.bool)
+    return dense, (bq, bk), token
+
+
+def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=None, causal=False,
+                           window_size=None, softcap=0.0, alibi_slopes=None, dropout_p=0.0, return_lse=False,
+                           deterministic=None, backend="auto", generator=None):
+    """flash_attention restricted to the active blocks of `block_mask`.
+
+    q [B, H, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv] as in flash_attention (causal is
+    bottom-right). block_mask: bool [NQ, NK], [H, NQ, NK] or [B, H, NQ, NK] with
+    NQ = ceil(N / block_size[0]), NK = ceil(S / block_size[1]), on q's device; block sizes
+    are multiples of 16 and need not match the kernels' tiles. A torch FlexAttention
+    BlockMask works too (its BLOCK_SIZE is used and its mask_mod decides inside partial
+    blocks). A query whose visible keys are all in inactive blocks gives zeros and
+    lse = -inf. Differentiable in q, k, v.
+
+    >>> q = k = v = torch.randn(1, 2, 300, 64)
+    >>> mask = steelattn.make_sliding_window_mask(300, window_size=64, block_size=64)
+    >>> flash_attention_sparse(q, k, v, mask, block_size=64).shape
+    torch.Size([1, 2, 300, 64])
+    """
+    B, H, N, D, S = _validate.check_qkv(_FN, ("q", "k", "v"), q, k, v)
+    token = None
+    if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "to_dense"):
+        block_mask, (bq, bk), token = _from_flex(block_mask, B, H, N, S, q.device)
+    else:
+        bq, bk = _block_size(block_size)
+        if not isinstance(block_mask, torch.Tensor):
+            raise TypeError(f"{_FN}: block_mask must be a bool tensor or a FlexAttention BlockMask, "
+                            f"got {type(block_mask).__name__}")
+        if block_mask.dtype != torch.bool:
+            raise TypeError(f"{_FN}: block_mask must be bool, got {block_mask.dtype}")
+    nq, nk = math.ceil(N / bq), math.ceil(S / bk)
+    if block_mask.dim() not in (2, 3, 4) or tuple(block_mask.shape[-2:]) != (nq, nk):
+        raise ValueError(f"{_FN}: block_mask must be [NQ, NK], [H, NQ, NK] or [B, H, NQ, NK] with (NQ, NK) = "
+                         f"({nq}, {nk}) for N={N}, S={S}, block_size=({bq}, {bk}); got {tuple(block_mask.shape)}")
+    lead = tuple(block_mask.shape[:-2])
+    if lead not in ((), (H,), (1,), (B, H), (1, H), (B, 1), (1, 1)):
+        raise ValueError(f"{_FN}: block_mask's leading dims {lead} must be (), (H,) or (B, H) with B={B}, H={H}")
+    if block_mask.device != q.device:
+        raise ValueError(f"{_FN}: block_mask is on {block_mask.device} but q is on {q.device}")
+    bm = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape)).expand(B, H, nq, nk)
+    if token is not None:
+        token = token.expand(B, H, N, S)
+
+    _validate.check_scale(_FN, scale)
+    _validate.check_dropout(_FN, dropout_p)
+    softcap = _validate.check_softcap(_FN, softcap)
+    wl, wr = _validate.check_window(_FN, window_size)
+    if causal:
+        wr = 0
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    extra = _kernel.Extra(block_mask=bm, block_q=bq, block_k=bk)
+
+    def fallback(rng):  # torch: the block mask (and a BlockMask's token rule) as a token mask
+        keep = token_mask(bm, bq, bk, N, S)
+        if token is not None:
+            keep = keep & token
+        return _reference_fallback(q, k, v, rng, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=keep,
+                                   diag_offset=S - N, wl=wl, wr=wr, dropout_p=float(dropout_p), generator=generator)
+
+    out, lse, _ = _run_sparse(q, k, v, extra, token, scale, softcap, alibi, S - N, wl, wr, float(dropout_p),
+                              generator, return_lse, backend, fallback, bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+@torch.compiler.disable  # no registered op for block masks yet: a graph break, not a trace into the extension
+def _run_sparse(q, k, v, extra, token, scale, softcap, alibi, diag, wl, wr, dropout_p, generator, return_lse,
+                backend, fallback, deterministic):
+    return _run(_FN, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=token,
+                diag_offset=diag, wl=wl, wr=wr, dropout_p=dropout_p, generator=generator, return_lse=return_lse,
+                return_weights=False, backend=backend, torch_fallback=fallback, deterministic=deterministic,
+                extra=extra)
+
+
+def token_mask(block_mask, bq, bk, N, S):
+    """The token-level bool mask [..., N, S] of a block mask [..., NQ, NK]."""
+    return block_mask.repeat_interleave(bq, dim=-2)[..., :N, :].repeat_interleave(bk, dim=-1)[..., :S]

@@ -1,0 +1,136 @@
+"""flash_attention_sparse against the float64 reference with the block mask expanded to a
+token mask: block sizes that do not match the kernels' tiles, per-head and per-batch
+masks, causal / window / softcap / GQA inside active blocks, rows with no active block,
+forward, lse and gradients; inactive key blocks are never read (NaN there changes
+nothing); FlexAttention BlockMask input; the mask builders' output; bad input."""
+import math
+
+import pytest
+import torch
+from conftest import TOL, assert_close, assert_lse_close, randn
+
+import steelattn
+from steelattn.reference import attention_reference
+from steelattn.sparse import token_mask
+
+
+def reference(q, k, v, keep, **kw):
+    r = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = attention_reference(*r, bool_mask=keep.cpu(), **kw)
+    return r, out, lse
+
+
+CASES = [  # (name, B, H, Hkv, N, S, D, block_size, mask dims, kwargs)
+    ("2d 16x16", 2, 4, 4, 77, 77, 64, (16, 16), 2, {}),
+    ("per-head 32x48 causal gqa", 2, 6, 2, 150, 170, 32, (32, 48), 3, {"causal": True}),
+    ("per-batch 128 window softcap", 2, 4, 1, 300, 260, 64, (128, 128), 4, {"window_size": (90, 20), "softcap": 15.0}),
+    ("64x16 causal", 1, 2, 2, 200, 200, 80, (64, 16), 4, {"causal": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,B,H,Hkv,N,S,D,bs,dims,kw", CASES, ids=[c[0] for c in CASES])
+def test_sparse_matches_token_mask_reference(device, rng, dtype, name, B, H, Hkv, N, S, D, bs, dims, kw):
+    nq, nk = math.ceil(N / bs[0]), math.ceil(S / bs[1])
+    shape = {2: (nq, nk), 3: (H, nq, nk), 4: (B, H, nq, nk)}[dims]
+    blocks = torch.rand(shape, generator=rng) < 0.45
+    blocks.view(-1, nq, nk)[:, 1, :] = False  # query block 1 sees nothing: zeros, lse = -inf
+    blocks = blocks.to(device)
+    q = randn(B, H, N, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    k = randn(B, Hkv, S, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    v = randn(B, Hkv, S, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    out, lse = steelattn.flash_attention_sparse(q, k, v, blocks, block_size=bs, return_lse=True, **kw)
+
+    keep = token_mask(blocks.reshape((1,) * (4 - dims) + shape), bs[0], bs[1], N, S).expand(B, H, N, S)
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    r, ref, ref_lse = reference(q, k, v, keep, diag_offset=S - N, window_left=wl, window_right=wr,
+                                softcap=kw.get("softcap", 0.0))
+    assert_close(out.detach(), ref.detach(), dtype)
+    assert_lse_close(lse, ref_lse.detach(), dtype)
+    assert torch.all(out[:, :, bs[0]:2 * bs[0]].detach() == 0) and torch.all(lse[:, :, bs[0]:2 * bs[0]] == -math.inf)
+    dout = randn(*out.shape, dtype=dtype, device=device, generator=rng)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, r, dout.cpu().double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, dtype, what=what, tol=3 * TOL[dtype])
+    stats = steelattn.get_dispatch_stats()
+    if device == "cpu":
+        assert "torch" not in stats["forward"] and not stats["demotions"], stats
+    else:  # not on the CUDA kernels yet: the torch path, counted
+        assert stats["forward"] == {"torch": 1}, stats
+        assert any("block_mask" in r for r in stats["demotions"]), stats
+
+
+def test_inactive_blocks_are_never_read(rng):
+    """NaN in K/V rows whose key blocks are inactive for every query block does not reach
+    the output or the gradients: those tiles are skipped, not masked after loading."""
+    B, H, N, S, D = 1, 2, 256, 512, 64
+    blocks = torch.ones(2, 4, dtype=torch.bool)
+    blocks[:, 2] = False  # keys 256..383
+    q = randn(B, H, N, D, dtype=torch.float32, device="cpu", generator=rng).requires_grad_()
+    k = randn(B, H, S, D, dtype=torch.float32, device="cpu", generator=rng)
+    v = randn(B, H, S, D, dtype=torch.float32, device="cpu", generator=rng)
+    k[:, :, 256:384] = float("nan")
+    v[:, :, 256:384] = float("nan")
+    k.requires_grad_(), v.requires_grad_()
+    out = steelattn.flash_attention_sparse(q, k, v, blocks, block_size=128)
+    assert torch.isfinite(out).all()
+    keep = token_mask(blocks, 128, 128, N, S)
+    kk, vv = (torch.where(keep.any(0)[None, None, :, None], t.detach(), torch.zeros(())) for t in (k, v))
+    ref = attention_reference(q.detach().double(), kk.double(), vv.double(), bool_mask=keep, diag_offset=S - N)[0]
+    assert_close(out.detach(), ref, torch.float32)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert torch.isfinite(dq).all()
+    assert torch.all(dk[:, :, 256:384] == 0) and torch.all(dv[:, :, 256:384] == 0)
+
+
+def test_mask_builder_output(device, rng):
+    N, D, bs = 333, 64, 64
+    q, k, v = (randn(1, 2, N, D, dtype=torch.float32, device=device, generator=rng) for _ in range(3))
+    blocks = steelattn.make_sliding_window_mask(N, window_size=100, block_size=bs, causal=True, device=device)
+    out = steelattn.flash_attention_sparse(q, k, v, blocks, block_size=bs, causal=True, window_size=(100, 0))
+    ref = steelattn.flash_attention(q.double(), k.double(), v.double(), causal=True, window_size=(100, 0))
+    assert_close(out, ref, torch.float32)  # the blocks cover the window: the dense answer
+
+
+def test_flex_block_mask(rng):
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    N, D = 300, 64
+    q, k, v = (randn(2, 2, N, D, dtype=torch.float32, device="cpu", generator=rng) for _ in range(3))
+    doc = torch.arange(N) // 70  # documents of 70 tokens: partial blocks where documents change
+
+    def mask_mod(b, h, qi, ki):
+        return (qi >= ki) & (doc[qi] == doc[ki])
+    bm = fa.create_block_mask(mask_mod, None, None, N, N, device="cpu", BLOCK_SIZE=128)
+    out = steelattn.flash_attention_sparse(q, k, v, bm)
+    keep = (torch.arange(N)[:, None] >= torch.arange(N)[None]) & (doc[:, None] == doc[None])
+    ref = attention_reference(q.double(), k.double(), v.double(), bool_mask=keep)[0]
+    assert_close(out, ref, torch.float32)
+
+
+def test_sparse_bad_input():
+    q = k = v = torch.randn(1, 2, 100, 32)
+    with pytest.raises(ValueError, match="block_size"):
+        steelattn.flash_attention_sparse(q, k, v, torch.ones(5, 5, dtype=torch.bool), block_size=24)
+    with pytest.raises(ValueError, match=r"block_mask must be \[NQ, NK\]"):
+        steelattn.flash_attention_sparse(q, k, v, torch.ones(3, 3, dtype=torch.bool), block_size=16)
+    with pytest.raises(TypeError, match="block_mask must be bool"):
+        steelattn.flash_attention_sparse(q, k, v, torch.ones(7, 7), block_size=16)
+    with pytest.raises(ValueError, match="leading dims"):
+        steelattn.flash_attention_sparse(q, k, v, torch.ones(3, 7, 7, dtype=torch.bool), block_size=16)
+
+
+def test_torch_path_matches(rng):
+    """backend='torch' (the path CUDA calls take until the CUDA kernels take block masks)
+    gives what the kernels give, gradients included."""
+    q, k, v = (randn(2, 4, 90, 32, dtype=torch.float32, device="cpu", generator=rng).requires_grad_() for _ in range(3))
+    blocks = torch.rand(4, 6, 6, generator=rng) < 0.6
+    outs = [steelattn.flash_attention_sparse(q, k, v, blocks, block_size=16, causal=True, backend=b)
+            for b in ("auto", "torch")]
+    assert_close(outs[1], outs[0].detach().double(), torch.float32)
+    ga = torch.autograd.grad(outs[0].sum(), (q, k, v))
+    gb = torch.autograd.grad(outs[1].sum(), (q, k, v))
+    for a, b in zip(ga, gb):
+        assert_close(b, a.double(), torch.float32, what="grad", tol=3e-5)
