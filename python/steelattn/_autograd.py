@@ -18,7 +18,7 @@ from . import _kernel
 
 class Attention(torch.autograd.Function):
     """(q, k, v, alibi, bias, bool_mask, scalars, extra) -> (out, lse); gradients for q, k, v
-    and bias. `extra` is None or a _kernel.Extra (varlen lengths, block mask)."""
+    and bias. `extra` is None or an _extra.Extra (varlen lengths, block mask)."""
 
     @staticmethod
     def forward(q, k, v, alibi, bias, bool_mask, sc, extra):

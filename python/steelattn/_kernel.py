@@ -7,11 +7,11 @@ torch.compile traces) and info.py (selection probes) all come through here.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
 
 import torch
 
 from . import _dispatch, _ext
+from ._extra import Extra
 from ._tensor import DTYPE_CODES
 from ._validate import side_dtype
 
@@ -24,16 +24,6 @@ RUN, TRAIN, SELECT = 0, 1, 2
 # Tests set this to fill outputs with NaN before the kernel runs, so an element the
 # kernel forgot to write cannot pass for a correct one.
 debug_poison = False
-
-class Extra(NamedTuple):
-    """What a call carries beyond the dense [B, H, N, D] one: a varlen call's cu_seqlens
-    (q/k/v/out then packed [1, H, total, D] views) or a block mask with its block sizes."""
-    cu_seqlens_q: Optional[torch.Tensor] = None
-    cu_seqlens_k: Optional[torch.Tensor] = None
-    block_mask: Optional[torch.Tensor] = None
-    block_q: int = 0
-    block_k: int = 0
-
 
 _DENSE = Extra()
 

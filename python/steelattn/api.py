@@ -46,7 +46,7 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     """Shared body of every entry point: one extension call, or torch, counted.
 
     Returns (out, lse, weights) with lse/weights None unless requested. `torch_fallback`
-    takes the dropout (seed, offset) already drawn, or None. `extra`: a _kernel.Extra
+    takes the dropout (seed, offset) already drawn, or None. `extra`: an _extra.Extra
     (varlen.py, sparse.py; never under torch.compile)."""
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")

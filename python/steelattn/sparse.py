@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from . import _kernel, _validate
+from . import _validate
+from ._extra import Extra
 from .api import _reference_fallback, _run
 
 _FN = "flash_attention_sparse"
@@ -97,7 +98,7 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    extra = _kernel.Extra(block_mask=bm, block_q=bq, block_k=bk)
+    extra = Extra(block_mask=bm, block_q=bq, block_k=bk)
 
     def fallback(rng):  # torch: the block mask (and a BlockMask's token rule) as a token mask
         keep = token_mask(bm, bq, bk, N, S)

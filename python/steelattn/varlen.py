@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from . import _kernel, _validate
+from . import _validate
+from ._extra import Extra
 from .api import _run
 from .reference import attention_reference
 
@@ -104,7 +105,7 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     cu = (cu_seqlens_q, cu_seqlens_k)
-    extra = _kernel.Extra(cu_seqlens_q, cu_seqlens_k)
+    extra = Extra(cu_seqlens_q, cu_seqlens_k)
 
     def fallback(rng):  # torch, one sequence at a time (reads the lengths: a host sync on CUDA)
         return _varlen_reference(q4, k4, v4, cu, scale=scale, softcap=softcap, alibi=alibi, wl=wl, wr=wr,

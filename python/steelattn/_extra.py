@@ -1,0 +1,17 @@
+"""What a call carries beyond the dense [B, H, N, D] one (kept apart from _kernel.py so
+that the API modules import without the compiled extension)."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class Extra(NamedTuple):
+    """A varlen call's cu_seqlens (q/k/v/out then packed [1, H, total, D] views), or a
+    block mask with its block sizes; passed to the extension after the dense arguments."""
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    cu_seqlens_k: Optional[torch.Tensor] = None
+    block_mask: Optional[torch.Tensor] = None
+    block_q: int = 0
+    block_k: int = 0
