@@ -1,6 +1,6 @@
 """Benchmark CLI: steelattn against its peers, timed in the same process.
 
-    python -m steelattn.bench [--device cpu|cuda] [--op fwd|bwd|host|decode|all ...] [--quick]
+    python -m steelattn.bench [--device cpu|cuda] [--op fwd|bwd|host|decode|varlen|sparse|all ...] [--quick]
                               [--budget SECONDS] [--json PATH] [--md PATH]
 
 Peers. CPU: torch's CPU SDPA ("torch-cpu"). CUDA: torch SDPA with the cuDNN ("cudnn") and
@@ -22,7 +22,11 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
           (out.backward(dout) with a preallocated dout, grads reset to None each step as
           zero_grad(set_to_none=True) does). Rows {"op": "host", "case", "impl", "us"}.
   decode  (CUDA) 1 and 16 queries against a GQA 32/8 KV cache, GB/s of K and V read.
-  all     host, fwd, bwd, decode, in that order.
+  varlen  64 random-length sequences (bench_features.py), forward and training step,
+          against torch's varlen_attn and FA4's varlen when they import.
+  sparse  a video locality block mask and a causal window of 1024 (bench_features.py),
+          against FlexAttention and our own dense call.
+  all     host, fwd, bwd, decode, varlen, sparse, in that order.
 
 CUDA matrix (bf16, 16k tokens per batch, hidden 2048: B = 16384 // N, H = 2048 // D): D 64/128/256
 x N 1k/4k/16k x causal/full, plus D 96 and 192 at N 4k (the cells issue 8's bar is judged on),
@@ -66,7 +70,7 @@ WINDOW_N, WINDOW_N_QUICK = (4096, 8192, 16384), (16384,)
 MORE_D = (80, 160)  # full run only, at N 4k: head dims models also use
 HOST_SHAPE = dict(B=1, H=8, N=128, D=64)
 HOST_CASES = ("fwd", "fwd_grad", "fwd_bwd")
-OPS = ("host", "fwd", "bwd", "decode")
+OPS = ("host", "fwd", "bwd", "decode", "varlen", "sparse")
 
 
 def visible_pairs(N, S, causal, window):
@@ -818,6 +822,8 @@ def run(device="cpu", quick=False, ops=None, log=print, json_path=None, md_path=
         "fwd": lambda: (bench_cuda if device == "cuda" else bench_cpu)(quick, log, state),
         "bwd": lambda: (bench_cuda_bwd if device == "cuda" else bench_cpu_bwd)(quick, log, state),
         "decode": lambda: bench_cuda_decode(quick, log, state) if device == "cuda" else log("  decode: CUDA only"),
+        "varlen": lambda: _features().bench_varlen(device, quick, log, state),
+        "sparse": lambda: _features().bench_sparse(device, quick, log, state),
     }
     for op in OPS:
         if op not in ops:
@@ -831,6 +837,11 @@ def run(device="cpu", quick=False, ops=None, log=print, json_path=None, md_path=
     if state.skipped:
         log(f"  {state.skipped} cells skipped: the --budget of {budget} s was spent")
     return state.result()
+
+
+def _features():
+    from . import bench_features  # imports this module: loaded on first use
+    return bench_features
 
 
 def main(argv=None):

@@ -67,9 +67,7 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   const int64_t Sp = round_up(p.S, bk);
   const bool cap = p.softcap > 0.0;
   const bool dropout = p.dropout_p > 0.0f;
-  const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present() ||
-                    p.block_mask.present();
-  const bool sparse = p.block_mask.present();
+  const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
 
   // Scratch: dK [Sp][Dp] | dV [Sp][Dvp] | dQt [D][ld] | Qt [D][ld] | Qp [ld][Dp] | dOt [Dv][ld] |
   //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles.
@@ -134,7 +132,9 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
 
     for (int64_t k0 = lo; k0 < hi; k0 += bk) {
       const int64_t nk = std::min(bk, hi - k0);
-      if (sparse && !block_tile_active(p, b, ri, nrows, k0, k0 + nk)) continue;  // P = 0 on the whole tile
+      const BlockActivity act = block_tile_activity(p, b, ri, nrows, k0, k0 + nk);
+      if (act == BlockActivity::none) continue;  // P = 0 on the whole tile
+      const bool block_test = act == BlockActivity::mixed;
       int64_t ks, vs;
       const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
       // V only feeds dP; the bf16 pair path reads it in place.
@@ -153,8 +153,10 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       }
       if (!ctx.bf16_dot) gemm<Isa, false>(nk, lanes, D, kt, ks, 1, qt, ld, st, ld);
       const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
-      if (!full) transform_tile<false>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
-      else if (mods) transform_tile<true>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr);
+      if (!full)
+        transform_tile<false>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr, block_test);
+      else if (mods || block_test)
+        transform_tile<true>(p, T(ctx.cap_log2), ri, b, k0, nk, lanes, st, ld, cap ? dcap : nullptr, block_test);
       for (int64_t j = 0; j < nk; ++j)
         for (int64_t c = 0; c < lanes; c += W)
           Isa::store(st + j * ld + c, Isa::exp2(Isa::sub(Isa::load(st + j * ld + c), Isa::load(lse2 + c))));

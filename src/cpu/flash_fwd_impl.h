@@ -194,7 +194,7 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   const char* vbase = elem_ptr(p.v, b, hk, 0);
 
   // Scores of one tile in log2 units, masked and modified.
-  auto scores = [&](int64_t k0, int64_t nk) {
+  auto scores = [&](int64_t k0, int64_t nk, bool block_test = false) {
     if constexpr (Isa::kBf16Dot) {
       if (s.bf16_dot) {
         const int64_t ks = p.k.stride[2];
@@ -210,15 +210,16 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
       gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
     }
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
-    if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
-    else if (s.has_mods) transform_tile<true>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld);
+    if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld, static_cast<T*>(nullptr), block_test);
+    else if (s.has_mods || block_test)
+      transform_tile<true>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld, static_cast<T*>(nullptr), block_test);
   };
 
-  const bool sparse = p.block_mask.present();
   for (int64_t k0 = lo; k0 < hi; k0 += kBlockKeys) {
     const int64_t nk = std::min(kBlockKeys, hi - k0);
-    if (sparse && !block_tile_active(p, b, ri, nrows, k0, k0 + nk)) continue;
-    scores(k0, nk);
+    const BlockActivity act = block_tile_activity(p, b, ri, nrows, k0, k0 + nk);
+    if (act == BlockActivity::none) continue;
+    scores(k0, nk, act == BlockActivity::mixed);
     online_softmax<Isa>(st, ld, nk, lanes, m, l, alpha);
     if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, T(s.drop_scale));
     int64_t vs;
@@ -262,8 +263,7 @@ FwdShape fwd_shape_of(const AttentionParams& p, bool bf16_capable) {
   s.G = p.H / p.Hkv;
   s.rows = s.N * s.G;
   s.row_blocks = (s.rows + kBlockRows - 1) / kBlockRows;
-  s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present() ||
-               p.block_mask.present();
+  s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
   s.bf16_dot = bf16_capable && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;

@@ -91,32 +91,39 @@ inline void fill_rows(const AttentionParams& p, int64_t b, int64_t hk, int64_t G
   }
 }
 
-// Whether some row of the block sees some key of [k0, k1) through p.block_mask (tiles
-// where none does are skipped: never loaded, never multiplied).
-inline bool block_tile_active(const AttentionParams& p, int64_t b, const RowInfo& ri, int64_t nrows, int64_t k0,
-                              int64_t k1) {
+// What p.block_mask says about the rows of the block against keys [k0, k1): no pair
+// active (the tile is skipped: never loaded, never multiplied), all active (no element
+// test needed), or mixed (each score tested). No block mask: all active.
+enum class BlockActivity { none, mixed, all };
+inline BlockActivity block_tile_activity(const AttentionParams& p, int64_t b, const RowInfo& ri, int64_t nrows,
+                                         int64_t k0, int64_t k1) {
+  if (!p.block_mask.present()) return BlockActivity::all;
   const TensorRef& t = p.block_mask;
   const uint8_t* m = static_cast<const uint8_t*>(t.data);
   const int64_t kb0 = k0 / p.block_k, kb1 = (k1 - 1) / p.block_k;
+  bool any = false, all = true;
   for (int64_t r = 0; r < nrows; ++r) {
     const uint8_t* row = m + b * t.stride[0] + ri.h[r] * t.stride[1] + (ri.i[r] / p.block_q) * t.stride[2];
-    for (int64_t kb = kb0; kb <= kb1; ++kb)
-      if (row[kb * t.stride[3]]) return true;
+    for (int64_t kb = kb0; kb <= kb1; ++kb) {
+      const bool on = row[kb * t.stride[3]] != 0;
+      any |= on;
+      all &= on;
+    }
   }
-  return false;
+  return !any ? BlockActivity::none : all ? BlockActivity::all : BlockActivity::mixed;
 }
 
 // Applies softcap, ALiBi, bias, boolean mask and the band to a score tile held
 // transposed (St[j][r]), turning raw dots into log2-domain logits. With softcap,
 // `dcap` (same layout, may be null) receives d(cap*tanh(t))/d(cap*t) = 1 - tanh^2.
+// `blocks`: test each score against p.block_mask (a tile of mixed block activity).
 template <bool kFull, class T>
 void transform_tile(const AttentionParams& p, T cap_log2, const RowInfo& ri, int64_t b, int64_t k0, int64_t nk,
-                    int64_t lanes, T* st, int64_t ld, T* dcap = nullptr) {
+                    int64_t lanes, T* st, int64_t ld, T* dcap = nullptr, bool blocks = false) {
   const bool cap = p.softcap > 0.0f;
   const bool alibi = p.alibi_slopes.present();
   const bool bias = p.bias.present();
   const bool bmask = p.bool_mask.present();
-  const bool blocks = p.block_mask.present();
   for (int64_t j = 0; j < nk; ++j) {
     const int64_t kj = k0 + j;
     T* row = st + j * ld;
