@@ -62,14 +62,18 @@ def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, extra=
                         mode, *(extra or _DENSE))
 
 
+def token_major_out(q, cu_seqlens_q):
+    """Whether a varlen call's out is allocated token-major (q a token-major packed view)."""
+    return cu_seqlens_q is not None and q.size(0) == 1 and q.size(1) > 1 and q.stride(1) < q.stride(2)
+
+
 def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_weights=False, extra=None):
     """Allocates and fills (out, lse, weights) (lse/weights None unless wanted); counts the path.
     Varlen: out is allocated token-major ([total, H, Dv], viewed as [1, H, total, Dv]) when q
     is a token-major view, so that the caller's layout comes back contiguous."""
     B, H, N, _ = q.shape
     S, Dv = k.shape[2], v.shape[3]
-    varlen = extra is not None and extra.cu_seqlens_q is not None
-    if varlen and B == 1 and H > 1 and q.stride(1) < q.stride(2):  # token-major packed q
+    if token_major_out(q, extra.cu_seqlens_q if extra is not None else None):
         out = alloc(q, (N, H, Dv), q.dtype).permute(1, 0, 2).unsqueeze(0)
     else:
         out = alloc(q, (B, H, N, Dv), q.dtype)

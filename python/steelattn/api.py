@@ -14,6 +14,7 @@ import math
 import torch
 
 from . import _dispatch, _validate
+from ._extra import Extra
 
 try:  # the compiled extension (and, with it, the registered torch.library ops)
     from . import _autograd, _kernel, ops
@@ -47,12 +48,12 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
 
     Returns (out, lse, weights) with lse/weights None unless requested. `torch_fallback`
     takes the dropout (seed, offset) already drawn, or None. `extra`: an _extra.Extra
-    (varlen.py, sparse.py; never under torch.compile)."""
+    (varlen.py, sparse.py)."""
     if backend not in _BACKENDS:
         raise ValueError(f"{fn}: backend must be one of {_BACKENDS}, got {backend!r}")
     if torch.compiler.is_compiling():
         return _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr, dropout_p,
-                           generator, return_lse, return_weights, backend, torch_fallback, deterministic)
+                       generator, return_lse, return_weights, backend, torch_fallback, deterministic, extra)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad or (
         bias is not None and bias.requires_grad) or (alibi is not None and alibi.requires_grad))
     if backend == "torch":
@@ -89,12 +90,18 @@ def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
 
 
 def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr, dropout_p, generator,
-            return_lse, return_weights, backend, torch_fallback, deterministic):
+            return_lse, return_weights, backend, torch_fallback, deterministic, extra=None):
     """Under torch.compile: the registered op (counted by its implementation when the
-    compiled graph runs), or the differentiable torch path where no kernel can serve."""
+    compiled graph runs), or the differentiable torch path where no kernel can serve
+    (decided here, before tracing: the CUDA cases no kernel takes, as dispatch.cpp says)."""
+    extra = extra or Extra()
     reason = ("extension not built" if _kernel is None else
               "return_attn_weights is not traced as an op" if return_weights else
-              "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else None)
+              "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else
+              "block masks are not on the CUDA kernels yet" if q.is_cuda and extra.block_mask is not None else
+              "varlen on CUDA runs on the tensor-core kernels only" if (
+                  q.is_cuda and extra.cu_seqlens_q is not None and (q.dtype == torch.float32 or max(
+                      q.size(3), v.size(3)) > 256)) else None)
     if backend == "torch" or reason:
         if backend == "steel":
             raise NotImplementedError(f"{fn}: backend='steel' cannot serve this call: {reason}")
@@ -102,7 +109,7 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     # The seed pair stays a tensor: no graph break, and a new seed does not recompile.
     rng = torch.randint(0, 2**62, (2,), generator=generator, dtype=torch.int64) if dropout_p > 0 else None
     out, lse = ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
-                                 int(wl), int(wr), float(dropout_p), rng, bool(deterministic))
+                                 int(wl), int(wr), float(dropout_p), rng, bool(deterministic), *extra)
     return out, lse if return_lse else None, None
 
 

@@ -112,7 +112,6 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     return (out, lse) if return_lse else out
 
 
-@torch.compiler.disable  # no registered op for block masks yet: a graph break, not a trace into the extension
 def _run_sparse(q, k, v, extra, token, scale, softcap, alibi, diag, wl, wr, dropout_p, generator, return_lse,
                 backend, fallback, deterministic):
     return _run(_FN, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=token,
