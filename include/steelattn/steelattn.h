@@ -96,6 +96,12 @@ struct AttentionParams {
   // [num_seqs, H]. Not combined with bias, bool_mask, attn_weights or dropout.
   TensorRef cu_seqlens_q, cu_seqlens_k;
 
+  // Keys used per batch entry (a KV cache): int32 [B] on the tensors' device. k and v are
+  // [B, Hkv, S, D] with S the capacity; batch entry b attends to keys 0 .. seqlens_k[b] - 1
+  // only, with its diagonal at its own length: diag_offset is added to seqlens_k[b] - N.
+  // Not combined with varlen, block masks, bias, bool_mask or attn_weights.
+  TensorRef seqlens_k;
+
   // Block-sparse mask: bool [B, H, NQ, NK] (broadcast through zero strides), NQ =
   // ceil(N / block_q), NK = ceil(S / block_k). Key j is hidden from query i when block
   // (i / block_q, j / block_k) is inactive; the band, causal and every other rule still
@@ -109,6 +115,8 @@ struct AttentionParams {
   int64_t B = 0, H = 0, Hkv = 0, N = 0, S = 0, D = 0, Dv = 0;
   int64_t num_seqs = 0;
   bool varlen() const { return cu_seqlens_q.present(); }
+  // Whether the call splits into one dense problem per sequence or batch entry.
+  bool ragged() const { return cu_seqlens_q.present() || seqlens_k.present(); }
 };
 
 enum class StatusCode : int32_t { ok = 0, invalid_argument = 1, not_implemented = 2, runtime_error = 3 };

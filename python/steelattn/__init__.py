@@ -10,6 +10,7 @@ from .api import (alibi_slopes, dropout_keep_mask, flash_attention, flash_attent
 from .info import get_device_info, get_supported_configs, is_available
 from .packed import (flash_attention_kv_packed, flash_attention_qkv_packed, flash_attention_varlen_kv_packed,
                      flash_attention_varlen_qkv_packed)
+from .kvcache import flash_attention_kvcache, flash_attention_paged, merge_attention_states
 from .sparse import flash_attention_sparse
 from .varlen import flash_attention_varlen
 from .masks import (make_adaptive_window_mask, make_axial_spatial_mask, make_axial_temporal_mask,
@@ -25,7 +26,7 @@ __all__ = [
     "get_dispatch_stats", "get_supported_configs", "is_available", "reset_dispatch_stats",
     "scaled_dot_product_attention", "flash_attention_varlen", "flash_attention_qkv_packed",
     "flash_attention_kv_packed", "flash_attention_varlen_qkv_packed", "flash_attention_varlen_kv_packed",
-    "flash_attention_sparse",
+    "flash_attention_sparse", "flash_attention_kvcache", "flash_attention_paged", "merge_attention_states",
 ]
 __all__ += [  # mask builders (masks.py)
     "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",

@@ -108,6 +108,8 @@ def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want
     if debug_poison:
         for t in (dq, dk, dv):
             t.fill_(_NAN)
+    if extra is not None and extra.seqlens_k is not None:  # keys past a cache's length get no gradient
+        dk.zero_(), dv.zero_()
     B, H, N, _ = q.shape
     S = k.shape[2]
     dbias = torch.zeros((B, H, N, S), dtype=lse.dtype, device=q.device) if want_dbias else None

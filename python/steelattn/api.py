@@ -99,6 +99,7 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
               "return_attn_weights is not traced as an op" if return_weights else
               "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else
               "block masks are not on the CUDA kernels yet" if q.is_cuda and extra.block_mask is not None else
+              "KV-cache lengths are not on the CUDA kernels yet" if q.is_cuda and extra.seqlens_k is not None else
               "varlen on CUDA runs on the tensor-core kernels only" if (
                   q.is_cuda and extra.cu_seqlens_q is not None and (q.dtype == torch.float32 or max(
                       q.size(3), v.size(3)) > 256)) else None)

@@ -176,6 +176,24 @@ Status validate_forward(AttentionParams& p) {
     if (st.ok()) st = check_same_device(p.bool_mask, p.q, "bool_mask");
     if (!st.ok()) return st;
   }
+  if (p.seqlens_k.present()) {
+    const TensorRef& c = p.seqlens_k;
+    if (c.dtype != DType::i32 || c.ndim != 1 || c.shape[0] != p.B)
+      return Status::Invalid("seqlens_k: must be int32 [B], got " + std::string(dtype_name(c.dtype)) + " " +
+                             shape_str(c));
+    Status st = check_same_device(c, p.q, "seqlens_k");
+    if (!st.ok()) return st;
+    if (c.device == Device::cpu)
+      for (int64_t b = 0; b < p.B; ++b) {
+        const int32_t n = static_cast<const int32_t*>(c.data)[b * c.stride[0]];
+        if (n < 0 || n > p.S)
+          return Status::Invalid("seqlens_k: entry " + std::to_string(b) + " is " + std::to_string(n) +
+                                 ", outside [0, " + std::to_string(p.S) + "] (the cache's capacity)");
+      }
+    if (p.cu_seqlens_q.present() || p.block_mask.present() || p.bias.present() || p.bool_mask.present() ||
+        p.attn_weights.present())
+      return Status::Invalid("seqlens_k: not combined with varlen, block_mask, bias, bool_mask or attn_weights");
+  }
   if (p.block_mask.present()) {
     const TensorRef& m = p.block_mask;
     if (m.dtype != DType::boolean) return Status::Invalid("block_mask: must be bool");

@@ -43,9 +43,9 @@ namespace {
 
 using Entry = Status (*)(const AttentionParams*, int64_t);
 
-// One entry call: the dense problem, or a varlen call's sequences (split_sequences).
+// One entry call: the dense problem, or a ragged call's parts (split_sequences).
 Status run_cpu(const AttentionParams& p, Entry entry) {
-  if (!p.varlen()) return entry(&p, 1);
+  if (!p.ragged()) return entry(&p, 1);
   const std::vector<AttentionParams> seqs = cpu::split_sequences(p);
   return entry(seqs.data(), int64_t(seqs.size()));
 }

@@ -24,7 +24,8 @@ Status flash_backward_f64(const AttentionParams* problems, int64_t count);
 
 // A varlen call as one dense problem per sequence: views of the packed tensors at the
 // sequence's offsets, B = 1, N and S its lengths, diag_offset its bottom-right
-// alignment plus the call's, ALiBi slopes of its row (steelattn.h, cu_seqlens_q).
+// alignment plus the call's, ALiBi slopes of its row (steelattn.h, cu_seqlens_q); a call
+// with seqlens_k as one problem per batch entry (S its length).
 std::vector<AttentionParams> split_sequences(const AttentionParams& p);
 
 }  // namespace steelattn::cpu

@@ -1,6 +1,7 @@
-// A varlen call as one dense problem per sequence (flash.h), so the CPU kernels run
-// packed batches without a kernel of their own: each problem views its sequence's rows
-// of the packed tensors, and the kernels schedule all of them as one pool of tasks.
+// A varlen call as one dense problem per sequence, and a call with per-entry key lengths
+// (a KV cache) as one per batch entry (flash.h), so the CPU kernels run ragged batches
+// without a kernel of their own: each problem views its part of the tensors, and the
+// kernels schedule all of them as one pool of tasks.
 #include <cstdint>
 #include <vector>
 
@@ -20,7 +21,31 @@ int64_t entry(const TensorRef& cu, int64_t i) { return static_cast<const int32_t
 
 }  // namespace
 
+// Batch entry b of a call with per-entry key lengths (seqlens_k): a view of entry b with S
+// its length and its own bottom-right diagonal.
+std::vector<AttentionParams> split_cache_entries(const AttentionParams& p) {
+  std::vector<AttentionParams> out;
+  out.reserve(size_t(p.B));
+  for (int64_t b = 0; b < p.B; ++b) {
+    AttentionParams s = p;
+    s.seqlens_k = TensorRef{};
+    s.B = 1;
+    s.S = static_cast<const int32_t*>(p.seqlens_k.data)[b * p.seqlens_k.stride[0]];
+    s.diag_offset = p.diag_offset + s.S - s.N;
+    for (TensorRef* t : {&s.q, &s.k, &s.v, &s.out, &s.lse, &s.dout, &s.dq, &s.dk, &s.dv, &s.dlse, &s.alibi_slopes}) {
+      if (!t->present()) continue;
+      t->data = static_cast<char*>(t->data) + b * t->stride[0] * dtype_size(t->dtype);
+      t->shape[0] = 1;
+    }
+    for (TensorRef* t : {&s.k, &s.v, &s.dk, &s.dv})
+      if (t->present()) t->shape[2] = s.S;
+    out.push_back(s);
+  }
+  return out;
+}
+
 std::vector<AttentionParams> split_sequences(const AttentionParams& p) {
+  if (p.seqlens_k.present()) return split_cache_entries(p);
   std::vector<AttentionParams> out;
   out.reserve(size_t(p.num_seqs));
   for (int64_t b = 0; b < p.num_seqs; ++b) {

@@ -84,6 +84,8 @@ bool cuda_generic_backward_supports(const AttentionParams& p, std::string* why_n
   if (p.N > INT32_MAX || p.S > INT32_MAX || p.B > INT32_MAX || p.H > INT32_MAX)
     return no("cuda_generic backward: B, H, N and S must each fit in int32");
   if (p.block_mask.present()) return no("cuda_generic backward: block_mask is not on the CUDA kernels yet");
+  if (p.seqlens_k.present())
+    return no("cuda_generic backward: seqlens_k (KV-cache lengths) is not on the CUDA kernels yet");
   if (p.varlen() && (p.q.dtype == DType::f32 || p.D > kMmaMaxHeadDim || p.Dv > kMmaMaxHeadDim))
     return no("cuda_generic backward: varlen runs on the tensor-core kernels only (fp16/bf16, head dims <= 256)");
   if ((p.lse.present() && p.lse.dtype != DType::f32) || (p.dlse.present() && p.dlse.dtype != DType::f32) ||

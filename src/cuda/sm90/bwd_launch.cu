@@ -196,6 +196,7 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
   if (p.block_mask.present()) return fail("block_mask: not on the CUDA kernels yet");
+  if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   for (const TensorRef* t : {&p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv})
     if (t->dtype != p.q.dtype) return fail("q, k, v, out, dout, dq, dk, dv must share one dtype");
   if (!p.dout.present() || !p.dq.present() || !p.dk.present() || !p.dv.present())

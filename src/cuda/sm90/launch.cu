@@ -107,6 +107,7 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
   if (p.block_mask.present()) return fail("block_mask: not on the CUDA kernels yet");
+  if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
     return fail("q, k, v and out must share one dtype");
   for (const int64_t d : {p.D, p.Dv})

@@ -1,0 +1,188 @@
+"""flash_attention_kvcache / flash_attention_paged / merge_attention_states against a
+plain reference: rotate (RoPE) then append then attend, each batch entry on its own,
+in float64. Dense and paged caches (page sizes 1, 16, 64, 256 and 37, random block
+tables, appends across page boundaries), ragged lengths, cache_batch_idx, 1-16 query
+tokens, GQA 1/4/8, window and softcap, interleaved / NeoX / partial RoPE; bad input
+leaves the cache untouched."""
+import math
+
+import pytest
+import torch
+from conftest import TOL, assert_close, randn
+
+import steelattn
+from steelattn.kvcache import apply_rotary
+from steelattn.reference import attention_reference
+
+
+def rope_tables(P, rd, device):
+    inv = 1.0 / (10000 ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+    ang = torch.arange(P, dtype=torch.float64)[:, None] * inv[None]
+    return ang.cos().float().to(device), ang.sin().float().to(device)
+
+
+def rotate_ref(x, cos, sin, pos, interleaved, rd):
+    """Plain float64 rotation of x [H, N, D] at positions pos [N]."""
+    x = x.double().clone()
+    c, s = cos.double()[pos], sin.double()[pos]  # [N, rd/2]
+    for i in range(rd // 2):
+        a, b = (2 * i, 2 * i + 1) if interleaved else (i, i + rd // 2)
+        xa, xb = x[..., a].clone(), x[..., b].clone()
+        x[..., a] = xa * c[:, i] - xb * s[:, i]
+        x[..., b] = xa * s[:, i] + xb * c[:, i]
+    return x
+
+
+def reference(q, k_hist, v_hist, k_new, v_new, lens, causal, rope=None, wl=-1, softcap=0.0):
+    """float64 out [B, H, Nq, Dv]: per entry, the rotated new keys appended to its history."""
+    outs = []
+    for b, n in enumerate(lens):
+        qb, kn, vn = q[b], k_new[b] if k_new is not None else None, v_new[b] if v_new is not None else None
+        Nq = qb.size(1)
+        if rope is not None:
+            cos, sin, inter, rd = rope
+            qpos = torch.arange(n, n + Nq) if causal else torch.full((Nq,), n)
+            qb = rotate_ref(qb, cos, sin, qpos, inter, rd)
+            if kn is not None:
+                kn = rotate_ref(kn, cos, sin, torch.arange(n, n + kn.size(1)), inter, rd)
+        ks = k_hist[b][:, :n].double()
+        vs = v_hist[b][:, :n].double()
+        if kn is not None:
+            ks, vs = torch.cat([ks, kn.double()], 1), torch.cat([vs, vn.double()], 1)
+        S = ks.size(1)
+        o, _, _ = attention_reference(qb.double()[None], ks[None], vs[None], diag_offset=S - Nq, window_left=wl,
+                                      window_right=0 if causal else -1, softcap=softcap)
+        outs.append(o[0])
+    return torch.stack(outs)
+
+
+CASES = [  # (name, H, Hkv, D, Nq, Nnew, rope: None | (interleaved, rotary_dim), kwargs)
+    ("decode mha", 4, 4, 64, 1, 1, None, {}),
+    ("decode gqa4 rope", 8, 2, 64, 1, 1, (True, 64), {}),
+    ("spec 8 gqa8 neox partial", 8, 1, 64, 8, 8, (False, 32), {}),
+    ("chunk 16 window softcap", 4, 1, 32, 16, 16, (True, 32), {"window_size": (20, 0), "softcap": 10.0}),
+    ("query-only 5", 4, 2, 32, 5, 0, None, {}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("paged", [None, 1, 16, 37, 64, 256])
+@pytest.mark.parametrize("name,H,Hkv,D,Nq,Nnew,rope,kw", CASES, ids=[c[0] for c in CASES])
+def test_kvcache_matches_reference(device, rng, dtype, paged, name, H, Hkv, D, Nq, Nnew, rope, kw):
+    B, Smax = 3, 300
+    lens = [0 if Nnew else 5, 123, 250 - Nnew]  # an empty history (or a short one), ragged
+    q = randn(B, H, Nq, D, dtype=dtype, device=device, generator=rng)
+    hist_k = randn(B, Hkv, Smax, D, dtype=dtype, device=device, generator=rng)
+    hist_v = randn(B, Hkv, Smax, D, dtype=dtype, device=device, generator=rng)
+    k_new = randn(B, Hkv, Nnew, D, dtype=dtype, device=device, generator=rng) if Nnew else None
+    v_new = randn(B, Hkv, Nnew, D, dtype=dtype, device=device, generator=rng) if Nnew else None
+    extra = {}
+    if rope is not None:
+        cos, sin = rope_tables(512, rope[1], device)
+        extra = dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=rope[0], rotary_dim=rope[1])
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=device)
+    if paged is None:
+        k_cache, v_cache = hist_k.clone(), hist_v.clone()
+        out = steelattn.flash_attention_kvcache(q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=lens_t,
+                                                causal=True, **kw, **extra)
+    else:
+        P = math.ceil(Smax / paged)
+        num_pages = B * P + 3
+        perm = torch.randperm(num_pages, generator=rng)[:B * P].view(B, P).to(torch.int32)
+        k_cache = randn(num_pages, paged, Hkv, D, dtype=dtype, device=device, generator=rng)
+        v_cache = randn(num_pages, paged, Hkv, D, dtype=dtype, device=device, generator=rng)
+        for b in range(B):  # the history, page by page
+            for p in range(P):
+                n = min(paged, Smax - p * paged)
+                k_cache[perm[b, p], :n] = hist_k[b, :, p * paged:p * paged + n].transpose(0, 1)
+                v_cache[perm[b, p], :n] = hist_v[b, :, p * paged:p * paged + n].transpose(0, 1)
+        table = perm.to(device)
+        table[:, P - 1:] = torch.where(torch.tensor(lens, device=device)[:, None] + Nnew > (P - 1) * paged,
+                                       table[:, P - 1:], torch.full_like(table[:, P - 1:], -1))  # unused: -1
+        out = steelattn.flash_attention_kvcache(q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=lens_t,
+                                                block_table=table, causal=True, **kw, **extra)
+    ref = reference(q.cpu(), hist_k.cpu(), hist_v.cpu(), None if k_new is None else k_new.cpu(),
+                    None if v_new is None else v_new.cpu(), lens, True,
+                    None if rope is None else (cos.cpu(), sin.cpu(), rope[0], rope[1]),
+                    wl=kw.get("window_size", (-1, 0))[0], softcap=kw.get("softcap", 0.0))
+    assert_close(out, ref, dtype, tol=2 * TOL[dtype])
+    if Nnew and paged is None:  # the append landed in place, rotated
+        for b, n in enumerate(lens):
+            want = k_new[b].cpu()
+            if rope is not None:
+                want = rotate_ref(want, cos.cpu(), sin.cpu(), torch.arange(n, n + Nnew), rope[0], rope[1])
+            assert_close(k_cache[b, :, n:n + Nnew], want.double(), dtype)
+            assert torch.equal(v_cache[b, :, n:n + Nnew], v_new[b])
+
+
+def test_cache_batch_idx_and_int_lengths(rng):
+    B, H, D, Smax = 2, 4, 32, 64
+    q = randn(B, H, 1, D, dtype=torch.float32, device="cpu", generator=rng)
+    k_cache = randn(5, H, Smax, D, dtype=torch.float32, device="cpu", generator=rng)
+    v_cache = randn(5, H, Smax, D, dtype=torch.float32, device="cpu", generator=rng)
+    k_new = randn(B, H, 1, D, dtype=torch.float32, device="cpu", generator=rng)
+    v_new = randn(B, H, 1, D, dtype=torch.float32, device="cpu", generator=rng)
+    idx = torch.tensor([4, 1], dtype=torch.int32)
+    before = k_cache.clone()
+    out = steelattn.flash_attention_kvcache(q, k_cache, v_cache, k_new=k_new, v_new=v_new, cache_seqlens=10,
+                                            cache_batch_idx=idx)
+    ref = reference(q, before[[4, 1]], v_cache[[4, 1]], k_new, v_new, [10, 10], True)
+    assert_close(out, ref, torch.float32)
+    untouched = [0, 2, 3]
+    assert torch.equal(k_cache[untouched], before[untouched])
+
+
+def test_paged_gradients(rng):
+    """flash_attention_paged is differentiable in q and in the pages."""
+    H, D, page = 2, 16, 8
+    q = randn(2, H, 3, D, dtype=torch.float64, device="cpu", generator=rng).requires_grad_()
+    kp = randn(6, page, H, D, dtype=torch.float64, device="cpu", generator=rng).requires_grad_()
+    vp = randn(6, page, H, D, dtype=torch.float64, device="cpu", generator=rng).requires_grad_()
+    table = torch.tensor([[3, 0, -1], [5, 1, 2]], dtype=torch.int32)
+    lens = torch.tensor([11, 20], dtype=torch.int32)
+    torch.autograd.gradcheck(lambda q, k, v: steelattn.flash_attention_paged(q, k, v, table, lens), (q, kp, vp))
+
+
+def test_merge_attention_states(rng):
+    q = randn(1, 2, 5, 16, dtype=torch.float64, device="cpu", generator=rng)
+    k = randn(1, 2, 30, 16, dtype=torch.float64, device="cpu", generator=rng)
+    v = randn(1, 2, 30, 16, dtype=torch.float64, device="cpu", generator=rng)
+    full, full_lse = steelattn.flash_attention(q, k, v, return_lse=True)
+    a, la = steelattn.flash_attention(q, k[:, :, :12], v[:, :, :12], return_lse=True)
+    b, lb = steelattn.flash_attention(q, k[:, :, 12:], v[:, :, 12:], return_lse=True)
+    out, lse = steelattn.merge_attention_states(a, la, b, lb)
+    torch.testing.assert_close(out, full)
+    torch.testing.assert_close(lse, full_lse)
+    empty = torch.full_like(la, -math.inf)
+    out, lse = steelattn.merge_attention_states(torch.zeros_like(a), empty, torch.zeros_like(b), empty)
+    assert torch.all(out == 0) and torch.all(lse == -math.inf)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(cache_seqlens=[60, 64]), "exceeds the cache's capacity"),
+    (dict(cache_seqlens=torch.tensor([1, 2])), "int32"),
+    (dict(cache_seqlens=[1, 2], seq_lens=[1, 2]), "not both"),
+    (dict(cache_seqlens=[1, 2], cache_batch_idx=torch.tensor([0, 9], dtype=torch.int32)), "slots outside"),
+    (dict(cache_seqlens=[1, 2], block_table=torch.tensor([[0], [7]], dtype=torch.int32)), "k_cache|page"),
+])
+def test_bad_input_leaves_cache_untouched(bad, match):
+    q = torch.randn(2, 4, 1, 16)
+    k_cache, v_cache = torch.randn(2, 4, 64, 16), torch.randn(2, 4, 64, 16)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    with pytest.raises((ValueError, TypeError), match=match):
+        steelattn.flash_attention_kvcache(q, k_cache, v_cache, k_new=torch.randn(2, 4, 2, 16),
+                                          v_new=torch.randn(2, 4, 2, 16), **bad)
+    assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0)
+
+
+def test_bad_page_index_leaves_pool_untouched():
+    q = torch.randn(2, 4, 1, 16)
+    kp, vp = torch.randn(6, 8, 4, 16), torch.randn(6, 8, 4, 16)
+    k0 = kp.clone()
+    table = torch.tensor([[0, 1], [2, 9]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="page indices outside"):
+        steelattn.flash_attention_kvcache(q, kp, vp, k_new=torch.randn(2, 4, 1, 16), v_new=torch.randn(2, 4, 1, 16),
+                                          cache_seqlens=[3, 9], block_table=table)
+    with pytest.raises(ValueError, match="page_size|pages, page size"):
+        steelattn.flash_attention_kvcache(q, kp, torch.randn(6, 4, 4, 16), block_table=table, cache_seqlens=[3, 9])
+    assert torch.equal(kp, k0)
