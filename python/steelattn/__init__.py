@@ -10,6 +10,7 @@ from .api import (alibi_slopes, dropout_keep_mask, flash_attention, flash_attent
 from .info import get_device_info, get_supported_configs, is_available
 from .packed import (flash_attention_kv_packed, flash_attention_qkv_packed, flash_attention_varlen_kv_packed,
                      flash_attention_varlen_qkv_packed)
+from .cache import InferenceContext, PagedKVCache
 from .kvcache import flash_attention_kvcache, flash_attention_paged, merge_attention_states
 from .sparse import flash_attention_sparse
 from .varlen import flash_attention_varlen
@@ -27,6 +28,7 @@ __all__ = [
     "scaled_dot_product_attention", "flash_attention_varlen", "flash_attention_qkv_packed",
     "flash_attention_kv_packed", "flash_attention_varlen_qkv_packed", "flash_attention_varlen_kv_packed",
     "flash_attention_sparse", "flash_attention_kvcache", "flash_attention_paged", "merge_attention_states",
+    "PagedKVCache", "InferenceContext",
 ]
 __all__ += [  # mask builders (masks.py)
     "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",
