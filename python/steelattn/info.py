@@ -99,7 +99,22 @@ def _features(device):
         "backward": device is not None and _probe(device)[1] != "none",
         "varlen": device is not None and _probe_varlen(device) != "none",
         "block_sparse": ok(block=True),
+        "kv_cache": device is not None and _probe_kvcache(device) != "none",
     }
+
+
+def _probe_kvcache(device):
+    """The forward path of a call with per-entry key lengths (flash_attention_kvcache) on `device`."""
+    from . import _kernel
+
+    B, H, N, S, D = 2, 4, 1, 64, 64
+    q = fake((B, H, N, D), torch.bfloat16, device)
+    k = fake((B, H, S, D), torch.bfloat16, device)
+    lens = torch.tensor([10, S], dtype=torch.int32, device=device)  # read by the CPU validation
+    sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
+    path, _, _, _ = _ext().forward(q, k, k, fake((B, H, N, D), torch.bfloat16, device), None, None, None, None, None,
+                                   sc, 1, 0, _kernel.SELECT, None, None, None, 0, 0, lens)
+    return path
 
 
 def _probe_varlen(device):

@@ -31,7 +31,7 @@ def _seed_draw(seed):
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
-             sparse=False)
+             sparse=False, kvcache=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -53,6 +53,7 @@ FEATURE_CALLS = {
     "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
     "block_sparse": dict(kw=dict(causal=True), grad=True, sparse=True),
+    "kv_cache": dict(shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), kvcache=True),
     "varlen": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True,
                    varlen=True),
 }
@@ -96,6 +97,8 @@ def _run_feature_call(device, call, rng):
         cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
         res = steelattn.flash_attention_varlen(*(pack(t) for t in inputs), cu(N), cu(S), **kw)
         res = res.reshape(B, N, H, Dv).transpose(1, 2)
+    elif c["kvcache"]:  # a full cache: the dense answer (bottom-right causal)
+        res = steelattn.flash_attention_kvcache(*inputs, cache_seqlens=S, **kw)
     elif c["sparse"]:  # every block active (blocks of 16): the dense answer
         blocks = torch.ones(-(-N // 16), -(-S // 16), dtype=torch.bool, device=device)
         res = steelattn.flash_attention_sparse(*inputs, blocks, block_size=16, **kw)
