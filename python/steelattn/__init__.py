@@ -12,6 +12,7 @@ from .packed import (flash_attention_kv_packed, flash_attention_qkv_packed, flas
                      flash_attention_varlen_qkv_packed)
 from .cache import InferenceContext, PagedKVCache
 from .kvcache import flash_attention_kvcache, flash_attention_paged, merge_attention_states
+from .rope import flash_attention_rope, make_rope_3d_tables
 from .sparse import flash_attention_sparse
 from .varlen import flash_attention_varlen
 from .masks import (make_adaptive_window_mask, make_axial_spatial_mask, make_axial_temporal_mask,
@@ -28,7 +29,7 @@ __all__ = [
     "scaled_dot_product_attention", "flash_attention_varlen", "flash_attention_qkv_packed",
     "flash_attention_kv_packed", "flash_attention_varlen_qkv_packed", "flash_attention_varlen_kv_packed",
     "flash_attention_sparse", "flash_attention_kvcache", "flash_attention_paged", "merge_attention_states",
-    "PagedKVCache", "InferenceContext",
+    "PagedKVCache", "InferenceContext", "flash_attention_rope", "make_rope_3d_tables",
 ]
 __all__ += [  # mask builders (masks.py)
     "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",

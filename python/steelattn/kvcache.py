@@ -35,11 +35,12 @@ def apply_rotary(x, cos, sin, positions, interleaved=True, rotary_dim=None):
     """x [B, H, N, D] rotated at positions [B, N] (int64) by tables cos/sin [P, rotary_dim / 2]:
     pairs (2i, 2i+1) when `interleaved` (GPT-J, the FlashAttention default), halves
     (i, i + rotary_dim / 2) otherwise (GPT-NeoX, Hugging Face Llama); features past
-    rotary_dim are unchanged. Computed in fp32, returned in x's dtype."""
+    rotary_dim are unchanged. Computed in fp32 (fp64 for fp64 x), returned in x's dtype."""
     rd = rotary_dim if rotary_dim is not None else 2 * cos.size(-1)
-    c = cos[positions].to(torch.float32).unsqueeze(1)  # [B, 1, N, rd/2]
-    s = sin[positions].to(torch.float32).unsqueeze(1)
-    xr = x[..., :rd].to(torch.float32)
+    ct = torch.promote_types(x.dtype, torch.float32)
+    c = cos[positions].to(ct).unsqueeze(1)  # [B, 1, N, rd/2]
+    s = sin[positions].to(ct).unsqueeze(1)
+    xr = x[..., :rd].to(ct)
     if interleaved:
         x1, x2 = xr[..., 0::2], xr[..., 1::2]
         rot = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
