@@ -143,7 +143,7 @@ def _reference_fallback(q, k, v, rng, *, scale, softcap, alibi, bias, bool_mask,
 
 def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.0, window_size=None,
                     alibi_slopes=None, attn_bias=None, return_lse=False, return_attn_weights=False,
-                    backend="auto", *, generator=None, deterministic=None):
+                    backend="auto", *, generator=None, deterministic=None, sinks=None):
     """Exact attention softmax(scale * q k^T + modifiers) v.
 
     q [B, H, N, D], k [B, Hkv, S, D], v [B, Hkv, S, Dv], H % Hkv == 0 (GQA/MQA without
@@ -155,6 +155,10 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
 
     `deterministic=True` (default: torch.are_deterministic_algorithms_enabled()) makes the
     gradients bit-identical run to run (on CUDA it selects the deterministic kernel).
+
+    `sinks` (float [H], learnable): one logit per query head that joins every row's
+    softmax denominator and carries no value (gpt-oss); lse includes it. Differentiable,
+    sinks included.
 
     Returns out [B, H, N, Dv]; with return_lse also lse [B, H, N] (fp32, natural log);
     with return_attn_weights also the softmax probabilities [B, H, N, S] (before
@@ -188,13 +192,38 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
 
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
+    if sinks is not None:
+        check_sinks(fn, sinks, q, H)
     out, lse, weights = _run(fn, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=bias, bool_mask=bool_mask,
                              diag_offset=S - N, wl=wl, wr=wr, dropout_p=dropout_p, generator=generator,
-                             return_lse=return_lse, return_weights=return_attn_weights, backend=backend,
-                             torch_fallback=fallback, deterministic=bool(deterministic))
+                             return_lse=return_lse or sinks is not None, return_weights=return_attn_weights,
+                             backend=backend, torch_fallback=fallback, deterministic=bool(deterministic))
+    if sinks is not None:
+        out, lse, weights = with_sinks(out, lse, weights, sinks.view(1, H, 1))
     if weights is not None:
         weights = weights.to(q.dtype)
     return _pack(out, lse, weights, return_lse, return_attn_weights)
+
+
+def check_sinks(fn, sinks, q, H):
+    if not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (H,):
+        raise ValueError(f"{fn}: sinks must be a float tensor [H]={[H]}, got "
+                         f"{tuple(sinks.shape) if isinstance(sinks, torch.Tensor) else type(sinks).__name__}")
+    if sinks.device != q.device:
+        raise ValueError(f"{fn}: sinks is on {sinks.device} but q is on {q.device}")
+
+
+def with_sinks(out, lse, weights, sinks):
+    """Adds a sink logit to every row's denominator: the row's mass shrinks by
+    l / (l + e^sink) = exp(lse - logaddexp(lse, sink)) and lse becomes logaddexp(lse, sink).
+    `sinks` broadcasts against lse; out is [..lse's dims.., Dv]. Torch ops, so the gradient
+    of the sinks (and through lse into q and k) comes from autograd."""
+    lse_t = torch.logaddexp(lse, sinks.to(lse.dtype))
+    keep = torch.exp(lse - lse_t)  # 0 for a row with no visible key
+    out = (out.to(keep.dtype) * keep.unsqueeze(-1)).to(out.dtype)
+    if weights is not None:
+        weights = weights * keep.unsqueeze(-1)
+    return out, lse_t, weights
 
 
 def flash_attention_alibi(q, k, v, slopes, scale=None, causal=False, **kwargs):

@@ -23,7 +23,7 @@ import torch
 
 from . import _validate
 from ._extra import Extra
-from .api import _run
+from .api import _run, check_sinks, with_sinks
 from .reference import attention_reference
 
 _FN = "flash_attention_kvcache"
@@ -99,7 +99,7 @@ def _lengths(value, B, device, what):
 def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cache_seqlens=None, cache_batch_idx=None,
                             block_table=None, seq_lens=None, rotary_cos=None, rotary_sin=None,
                             rotary_interleaved=True, rotary_dim=None, scale=None, causal=True, window_size=None,
-                            softcap=0.0, alibi_slopes=None, return_lse=False, num_splits=0):
+                            softcap=0.0, alibi_slopes=None, return_lse=False, num_splits=0, sinks=None):
     """Attention of new queries against a KV cache, appending k_new/v_new first (module
     docstring for positions and where it runs).
 
@@ -112,7 +112,8 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     full, nothing is appended). k_new/v_new [B, Hkv, Nnew, D] are written in place.
     rotary_cos/sin [max_position, rotary_dim / 2] turn q and k_new (rotary_interleaved:
     GPT-J pairs, else NeoX halves). num_splits is accepted for FlashAttention
-    compatibility (0: the kernel decides). Returns out [B, H, Nq, Dv] (and lse [B, H, Nq]).
+    compatibility (0: the kernel decides). `sinks` (float [H]): a per-head logit in every
+    row's denominator, as in flash_attention. Returns out [B, H, Nq, Dv] (and lse [B, H, Nq]).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{_FN}: q must be a [B, H, Nq, D] tensor")
@@ -203,6 +204,8 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
         wr = 0
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
+    if sinks is not None:
+        check_sinks(_FN, sinks, q, H)
 
     # Everything checked: rotate, append in place, attend.
     base = lens.long()
@@ -227,7 +230,9 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     else:
         k, v = (k_cache.index_select(0, slot), v_cache.index_select(0, slot)) if slot is not None else (k_cache,
                                                                                                         v_cache)
-    out, lse = _attend(q, k, v, used, scale, softcap, alibi, wl, wr, return_lse)
+    out, lse = _attend(q, k, v, used, scale, softcap, alibi, wl, wr, return_lse or sinks is not None)
+    if sinks is not None:
+        out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     return (out, lse) if return_lse else out
 
 

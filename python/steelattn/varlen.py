@@ -19,7 +19,7 @@ import torch
 
 from . import _validate
 from ._extra import Extra
-from .api import _run
+from .api import _run, check_sinks, with_sinks
 from .reference import attention_reference
 
 _FN = "flash_attention_varlen"
@@ -59,7 +59,7 @@ def _check_cu(name, cu, device, total):
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                            scale=None, causal=False, window_size=None, softcap=0.0, alibi_slopes=None,
-                           dropout_p=0.0, return_lse=False, deterministic=None, backend="auto"):
+                           dropout_p=0.0, return_lse=False, deterministic=None, backend="auto", sinks=None):
     """Attention over a batch of sequences of different lengths, packed without padding.
 
     q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv] (or [1, H, total, D]
@@ -71,7 +71,8 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     ALiBi distances are within the sequence (`alibi_slopes` [H] or [num_seqs, H]).
     Sequences of length 0 are allowed; a query with no visible key gives zeros and
     lse = -inf. `max_seqlen_q` / `max_seqlen_k` are accepted for FlashAttention
-    compatibility and never change results. Differentiable in q, k, v.
+    compatibility and never change results. `sinks` (float [H]): a per-head logit in every
+    row's denominator, as in flash_attention. Differentiable in q, k, v (and sinks).
 
     Returns out in q's layout ([total_q, H, Dv] or [1, H, total_q, Dv]); with return_lse
     also lse [H, total_q] (fp32, natural log).
@@ -113,8 +114,12 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         return _varlen_reference(q4, k4, v4, cu, scale=scale, softcap=softcap, alibi=alibi, wl=wl, wr=wr,
                                  token_major=token_major)
 
-    out, lse, _ = _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse, backend, fallback,
-                              bool(deterministic))
+    if sinks is not None:
+        check_sinks(_FN, sinks, q4, H)
+    out, lse, _ = _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse or sinks is not None,
+                              backend, fallback, bool(deterministic))
+    if sinks is not None:  # lse [1, H, total], out [1, H, total, Dv] (a token-major view when q was)
+        out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     if out.dim() == 4 and token_major:
         out = out[0].permute(1, 0, 2)  # [total_q, H, Dv]: contiguous when the kernel allocated it token-major
     if return_lse:
