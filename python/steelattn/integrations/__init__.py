@@ -1,0 +1,1 @@
+"""Integrations of steelattn into model libraries (transformers)."""

@@ -1,0 +1,133 @@
+"""steelattn inside Hugging Face transformers (4.5x and 5.x).
+
+    import steelattn.integrations.transformers as st
+    st.register()
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="steelattn")
+
+register() adds "steelattn" to transformers' AttentionInterface (the attention function
+below) and AttentionMaskInterface (transformers' own SDPA mask builder, so causal masks,
+sliding windows and padding are built exactly as for "sdpa", never dropped). Where that
+builder can skip the mask (no padding, a causal or windowed pattern the kernel knows),
+the call runs mask-free on the fastest kernel with causal / window from the layer; where
+it returns a mask (padding, a window shorter than the keys), the mask goes to the kernel
+as a boolean attn_bias. Softcap (Gemma-2), sinks (`s_aux`, gpt-oss), GQA and dropout
+are passed through. HF's sliding_window=W is a window of W - 1 keys to the left.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+
+import steelattn
+
+NAME = "steelattn"
+_log = logging.getLogger("steelattn.transformers")
+_calls = collections.Counter()
+_state = {"verbose": False, "seen": set()}
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      sliding_window=None, softcap=None, s_aux=None, **kwargs):
+    """transformers attention function: query [B, H, N, D], key/value [B, Hkv, S, D]
+    (not repeated); returns ([B, N, H, Dv], None)."""
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("steelattn does not return attention weights; use attn_implementation='eager'")
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kw = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=dropout if module.training else 0.0)
+    if s_aux is not None:
+        kw["sinks"] = s_aux
+    if attention_mask is None:
+        how = "mask-free"
+        kw["causal"] = bool(is_causal)
+        if sliding_window is not None and is_causal:
+            kw["window_size"] = (int(sliding_window) - 1, 0)
+    else:
+        how = "mask tensor"
+        mask = attention_mask
+        if mask.dtype != torch.bool:  # an additive float mask (other mask builders): 0 keeps, -inf hides
+            mask = mask > torch.finfo(mask.dtype).min / 2
+        kw["attn_bias"] = mask[..., : key.shape[2]]
+    _calls[how] += 1
+    if _state["verbose"]:
+        sig = (how, tuple(query.shape[1:2]) + tuple(key.shape[1:2]), query.dtype, str(query.device), "sinks" in kw,
+               kw["softcap"] > 0, "window_size" in kw)
+        if sig not in _state["seen"]:
+            _state["seen"].add(sig)
+            _log.warning("steelattn attention: %s, H %d / Hkv %d, %s on %s, sinks %s, softcap %s, window %s", how,
+                         query.shape[1], key.shape[1], query.dtype, query.device, *sig[4:])
+    out = steelattn.flash_attention(query, key, value, **kw)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(verbose=False):
+    """Makes attn_implementation="steelattn" available (idempotent)."""
+    from transformers import AttentionInterface
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # transformers < 4.53: the attention function alone (masks built as for sdpa)
+        AttentionMaskInterface = sdpa_mask = None
+    AttentionInterface.register(NAME, attention_forward)
+    if AttentionMaskInterface is not None:
+        AttentionMaskInterface.register(NAME, sdpa_mask)
+    _state["verbose"] = bool(verbose)
+
+
+def unregister():
+    """Removes "steelattn" from transformers' interfaces."""
+    from transformers import AttentionInterface
+    for iface in (AttentionInterface, _mask_interface()):
+        if iface is not None:
+            for mapping in (getattr(iface, "_global_mapping", {}),):
+                mapping.pop(NAME, None)
+
+
+def _mask_interface():
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+        return AttentionMaskInterface
+    except ImportError:
+        return None
+
+
+def get_stats():
+    """{"calls": {"mask-free": n, "mask tensor": n}, "dispatch": steelattn.get_dispatch_stats()}:
+    how the layers called in, and which kernels ran (with every demotion and its reason)."""
+    return {"calls": dict(_calls), "dispatch": steelattn.get_dispatch_stats()}
+
+
+def reset_stats():
+    _calls.clear()
+    steelattn.reset_dispatch_stats()
+
+
+def check_model_compatibility(config):
+    """Per layer: its attention type, and the path a call without padding takes, from the
+    config alone (head dim, GQA, softcap, sinks, sliding window)."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    window = getattr(config, "sliding_window", None)
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    sinks = getattr(config, "model_type", "") == "gpt_oss"
+    cuda = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    layers = []
+    for i, t in enumerate(types):
+        notes = []
+        if softcap:
+            notes.append(f"softcap {softcap}")
+        if t == "sliding_attention" and window:
+            notes.append(f"window ({window - 1}, 0)")
+        if sinks:
+            notes.append("sinks (rescale by lse)")
+        if cuda:
+            kernel = ("cuda_sm90" if 64 <= head_dim <= 256 and head_dim % 8 == 0 else "cuda_generic")
+        else:
+            kernel = "cpu"
+        layers.append({"layer": i, "type": t, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
+                       "path": f"{kernel}, mask-free without padding; a boolean attn_bias with padding",
+                       "notes": notes})
+    return layers
