@@ -26,7 +26,9 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
           against torch's varlen_attn and FA4's varlen when they import.
   sparse  a video locality block mask and a causal window of 1024 (bench_features.py),
           against FlexAttention and our own dense call.
-  all     host, fwd, bwd, decode, varlen, sparse, in that order.
+  e2e     transformers models end to end (bench_e2e.py): training steps, prefill, decode
+          tokens/s with a static cache under CUDA graphs, against sdpa / eager / FA2-4.
+  all     host, fwd, bwd, decode, varlen, sparse, e2e, in that order.
 
 CUDA matrix (bf16, 16k tokens per batch, hidden 2048: B = 16384 // N, H = 2048 // D): D 64/128/256
 x N 1k/4k/16k x causal/full, plus D 96 and 192 at N 4k (the cells issue 8's bar is judged on),
@@ -70,7 +72,7 @@ WINDOW_N, WINDOW_N_QUICK = (4096, 8192, 16384), (16384,)
 MORE_D = (80, 160)  # full run only, at N 4k: head dims models also use
 HOST_SHAPE = dict(B=1, H=8, N=128, D=64)
 HOST_CASES = ("fwd", "fwd_grad", "fwd_bwd")
-OPS = ("host", "fwd", "bwd", "decode", "varlen", "sparse")
+OPS = ("host", "fwd", "bwd", "decode", "varlen", "sparse", "e2e")
 
 
 def visible_pairs(N, S, causal, window):
@@ -755,7 +757,7 @@ def to_markdown(result):
     host = [r for r in rows if r["op"] == "host"]
     if host:
         lines += _host_markdown(host)
-    dense = [r for r in rows if r["op"] != "host"]
+    dense = [r for r in rows if r["op"] not in ("host", "e2e")]
     lines += _summary_markdown(dense, cuda="CPU" not in result["device"])
     present = _ordered(r["op"] for r in dense)
     for op in [o for o in ("fwd", "bwd", "fwd_bwd", "decode") if o in present] + \
@@ -795,6 +797,11 @@ def to_markdown(result):
                 line += f" | {_fmt_path(ours.get('path')) if ours else '-'}"
             lines.append(line + " |")
         lines.append("")
+    e2e = [r for r in rows if r["op"] == "e2e"]
+    if e2e:
+        lines += ["## e2e (transformers)", "", "| case | impl | ms | tok/s |", "|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['impl']} | {r.get('ms', '-') if 'ms' not in r else round(r['ms'], 3)} | "
+                  f"{round(r['tok_s'], 1) if 'tok_s' in r else '-'} |" for r in e2e] + [""]
     lines += ["Ratios are anchor time / steelattn time (> 1 means steelattn is faster). "
               "TFLOP/s: 4·B·H·N·S·D (halved for causal, exact pair count for windows); bwd 2.5x that, "
               "fwd_bwd 3.5x. bwd = fwd_bwd (training step through autograd) minus the forward with "
@@ -824,6 +831,7 @@ def run(device="cpu", quick=False, ops=None, log=print, json_path=None, md_path=
         "decode": lambda: bench_cuda_decode(quick, log, state) if device == "cuda" else log("  decode: CUDA only"),
         "varlen": lambda: _features().bench_varlen(device, quick, log, state),
         "sparse": lambda: _features().bench_sparse(device, quick, log, state),
+        "e2e": lambda: _e2e().bench_e2e(device, quick, log, state),
     }
     for op in OPS:
         if op not in ops:
@@ -837,6 +845,11 @@ def run(device="cpu", quick=False, ops=None, log=print, json_path=None, md_path=
     if state.skipped:
         log(f"  {state.skipped} cells skipped: the --budget of {budget} s was spent")
     return state.result()
+
+
+def _e2e():
+    from . import bench_e2e  # imports this module: loaded on first use
+    return bench_e2e
 
 
 def _features():
