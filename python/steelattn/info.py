@@ -98,6 +98,12 @@ def _features(device):
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
         "backward": device is not None and _probe(device)[1] != "none",
         "varlen": device is not None and _probe_varlen(device) != "none",
+        # Not implemented: flash_attention_varlen(dropout_p > 0) raises NotImplementedError.
+        "varlen_dropout": device is not None and _probe_varlen(device, dropout=0.1) != "none",
+        # Compositions over the dense kernels (views, a rescale by lse, a rotation before the call).
+        "packed_inputs": ok(nonc=True),
+        "sinks": ok(),
+        "rope": ok(),
         "block_sparse": ok(block=True),
         "kv_cache": device is not None and _probe_kvcache(device) != "none",
     }
@@ -117,17 +123,21 @@ def _probe_kvcache(device):
     return path
 
 
-def _probe_varlen(device):
-    """The forward path of a two-sequence bf16 varlen call (flash_attention_varlen) on `device`."""
+def _probe_varlen(device, dropout=0.0):
+    """The forward path of a two-sequence bf16 varlen call (flash_attention_varlen) on `device`
+    ("none" where the core refuses it as not implemented)."""
     from . import _kernel
 
     H, D, total = 4, 64, 96
     q = fake((1, H, total, D), torch.bfloat16, device)
     out = fake((1, H, total, D), torch.bfloat16, device)
     cu = torch.tensor([0, 40, total], dtype=torch.int32, device=device)  # read by the CPU validation
-    sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
-    path, _, _, _ = _ext().forward(q, q, q, out, fake((1, H, total), torch.float32, device), None, None, None, None,
-                                   sc, 1, 0, _kernel.SELECT, cu, cu)
+    sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, dropout, 0, 0, False)
+    try:
+        path, _, _, _ = _ext().forward(q, q, q, out, fake((1, H, total), torch.float32, device), None, None, None,
+                                       None, sc, 1, 0, _kernel.SELECT, cu, cu)
+    except NotImplementedError:
+        return "none"
     return path
 
 

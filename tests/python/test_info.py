@@ -31,7 +31,7 @@ def _seed_draw(seed):
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
-             sparse=False, kvcache=False)
+             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, raises=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -54,6 +54,12 @@ FEATURE_CALLS = {
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
     "block_sparse": dict(kw=dict(causal=True), grad=True, sparse=True),
     "kv_cache": dict(shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), kvcache=True),
+    # Not implemented: the call raises NotImplementedError (no torch path).
+    "varlen_dropout": dict(kw=dict(causal=True, dropout_p=0.1), varlen=True, raises=True),
+    "packed_inputs": dict(kw=dict(causal=True), grad=True, packed=True),
+    # Identity sinks (-inf) and identity rotations: the dense answer, through the composed path.
+    "sinks": dict(kw=dict(causal=True), grad=True, sinks=True),
+    "rope": dict(kw=dict(causal=True), grad=True, rope=True),
     "varlen": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True,
                    varlen=True),
 }
@@ -92,11 +98,21 @@ def _run_feature_call(device, call, rng):
 
     steelattn.reset_dispatch_stats()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)] if c["grad"] else [q, k, v]
+    if c["raises"]:
+        return None
     if c["varlen"]:  # the B sequences packed token-major: [B*N, H, D]
         pack = lambda t: t.permute(0, 2, 1, 3).reshape(-1, t.size(1), t.size(3))  # noqa: E731
         cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
         res = steelattn.flash_attention_varlen(*(pack(t) for t in inputs), cu(N), cu(S), **kw)
         res = res.reshape(B, N, H, Dv).transpose(1, 2)
+    elif c["packed"]:  # q, k, v stacked as [B, N, 3, H, D] and read back as views
+        qkv = torch.stack([t.transpose(1, 2) for t in inputs], dim=2)
+        res = steelattn.flash_attention_qkv_packed(qkv, **kw).transpose(1, 2)
+    elif c["sinks"]:
+        res = steelattn.flash_attention(*inputs, sinks=torch.full((H,), float("-inf"), device=device), **kw)
+    elif c["rope"]:
+        ones, zeros = torch.ones(S, D // 2, device=device), torch.zeros(S, D // 2, device=device)
+        res = steelattn.flash_attention_rope(*inputs, ones, zeros, **kw)
     elif c["kvcache"]:  # a full cache: the dense answer (bottom-right causal)
         res = steelattn.flash_attention_kvcache(*inputs, cache_seqlens=S, **kw)
     elif c["sparse"]:  # every block active (blocks of 16): the dense answer
@@ -138,6 +154,12 @@ def test_feature_report_matches_what_runs(device, feature, rng):
     claimed = cfg["features"][feature]
     calls = FEATURE_CALLS[feature]
     for call in calls if isinstance(calls, list) else [calls]:
+        if call.get("raises") and not claimed:  # not implemented: a clear error, nothing computed
+            inputs = [randn(2 * 40, 4, 64, dtype=torch.float32, device=device, generator=rng) for _ in range(3)]
+            cu = torch.tensor([0, 40, 80], dtype=torch.int32, device=device)
+            with pytest.raises(NotImplementedError, match="not implemented"):
+                steelattn.flash_attention_varlen(*inputs, cu, cu, **call["kw"])
+            continue
         stats = _run_feature_call(device, call, rng)
         if claimed:
             assert set(stats["forward"]) <= STEEL_PATHS and sum(stats["forward"].values()) == 1, stats
@@ -153,7 +175,8 @@ def test_supported_configs_cpu_paths():
     isa = steelattn.get_device_info()["cpu"]["isa"]
     assert set(cfg["paths"].values()) == {f"cpu_{isa}"}
     assert set(cfg["backward_paths"].values()) == {f"cpu_{isa}"}
-    assert all(cfg["features"].values()), cfg["features"]
+    missing = {f for f, on in cfg["features"].items() if not on}
+    assert missing == {"varlen_dropout"}, cfg["features"]  # the one CPU gap, raised as NotImplementedError
 
 
 def test_supported_configs_all_devices():
