@@ -2,6 +2,8 @@
 and are raised before anything is allocated or written."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 ATTENTION_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -123,3 +125,16 @@ def check_alibi(fn, slopes, q, B, H):
     if tuple(slopes.shape) == (B, H):
         return slopes.to(side)
     raise ValueError(f"{fn}: alibi_slopes must have shape [H]={[H]} or [B, H]={[B, H]}, got {tuple(slopes.shape)}")
+
+
+def score_args(fn, D, scale, softcap, window_size, causal, dropout_p=0.0):
+    """The checks every entry point makes on its score arguments; returns
+    (scale, softcap, window_left, window_right) with the default scale 1/sqrt(D) and
+    causal as window_right = 0."""
+    check_scale(fn, scale)
+    check_dropout(fn, dropout_p)
+    softcap = check_softcap(fn, softcap)
+    wl, wr = check_window(fn, window_size)
+    if causal:
+        wr = 0
+    return (1.0 / math.sqrt(D) if scale is None else float(scale)), softcap, wl, wr

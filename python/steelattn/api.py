@@ -166,13 +166,7 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
     """
     fn = "flash_attention"
     B, H, N, D, S = _validate.check_qkv(fn, _QKV, q, k, v)
-    _validate.check_scale(fn, scale)
-    _validate.check_dropout(fn, dropout_p)
-    softcap = _validate.check_softcap(fn, softcap)
-    wl, wr = _validate.check_window(fn, window_size)
-    if causal:
-        wr = 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale, softcap, wl, wr = _validate.score_args(fn, D, scale, softcap, window_size, causal, dropout_p)
     alibi = _validate.check_alibi(fn, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     bias = bool_mask = None
     if attn_bias is not None:

@@ -197,12 +197,7 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
                              f"{max(host) + max(Nnew, Nq)}")
     if not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"{_FN}: num_splits must be an int >= 0, got {num_splits!r}")
-    _validate.check_scale(_FN, scale)
-    softcap = _validate.check_softcap(_FN, softcap)
-    wl, wr = _validate.check_window(_FN, window_size)
-    if causal:
-        wr = 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale, softcap, wl, wr = _validate.score_args(_FN, D, scale, softcap, window_size, causal)
     alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     if sinks is not None:
         check_sinks(_FN, sinks, q, H)

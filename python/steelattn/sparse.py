@@ -88,13 +88,7 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     if token is not None:
         token = token.expand(B, H, N, S)
 
-    _validate.check_scale(_FN, scale)
-    _validate.check_dropout(_FN, dropout_p)
-    softcap = _validate.check_softcap(_FN, softcap)
-    wl, wr = _validate.check_window(_FN, window_size)
-    if causal:
-        wr = 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    scale, softcap, wl, wr = _validate.score_args(_FN, D, scale, softcap, window_size, causal, dropout_p)
     alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

@@ -13,7 +13,6 @@ demotion), and fp32 varlen on CUDA takes the torch path (counted).
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -95,15 +94,9 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if m is not None and (not isinstance(m, int) or m < 0):
             raise ValueError(f"{_FN}: {name} must be a non-negative int or None, got {m!r}")
-    _validate.check_scale(_FN, scale)
-    _validate.check_dropout(_FN, dropout_p)
+    scale, softcap, wl, wr = _validate.score_args(_FN, D, scale, softcap, window_size, causal, dropout_p)
     if dropout_p > 0:
         raise NotImplementedError(f"{_FN}: dropout with varlen is not implemented yet")
-    softcap = _validate.check_softcap(_FN, softcap)
-    wl, wr = _validate.check_window(_FN, window_size)
-    if causal:
-        wr = 0
-    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     alibi = _validate.check_alibi(_FN, alibi_slopes, q4, num_seqs, H) if alibi_slopes is not None else None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
