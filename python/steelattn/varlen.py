@@ -13,7 +13,6 @@ demotion), and fp32 varlen on CUDA takes the torch path (counted).
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import _validate

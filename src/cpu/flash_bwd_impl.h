@@ -221,17 +221,10 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
 }
 
 template <class Isa>
-void bwd_task_entry(void* pool, int64_t task, int thread) {
-  const auto [ctx, local] = static_cast<TaskPool<BwdCtx>*>(pool)->find(task);
-  bwd_task<Isa>(*ctx, local, thread);
-}
-
-template <class Isa>
 Status flash_backward_impl(const AttentionParams* problems, int64_t count) {
   if (count == 0) return Status::Ok();
   constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
   TaskPool<BwdCtx> pool;
-  int64_t tasks = 0;
   for (int64_t i = 0; i < count; ++i) {
     const AttentionParams& p = problems[i];
     auto ctx = std::make_unique<BwdCtx>();
@@ -245,14 +238,10 @@ Status flash_backward_impl(const AttentionParams* problems, int64_t count) {
     ctx->cap_log2 = p.softcap * kLog2e;
     ctx->drop_threshold = detail::dropout_threshold24(p.dropout_p);
     ctx->drop_scale = p.dropout_p < 1.0f ? 1.0 / (1.0 - double(p.dropout_p)) : 0.0;
-    pool.first.push_back(tasks);
-    tasks += p.B * p.Hkv;  // every task writes its dK/dV (zeros for keys no query sees) and its rows' dQ
-    pool.ctx.push_back(std::move(ctx));
+    pool.add(std::move(ctx), p.B * p.Hkv);  // every task writes its dK/dV (zeros for keys no query sees) and dQ
   }
-  pool.first.push_back(tasks);
-  const int threads = problems[0].num_threads > 0 ? problems[0].num_threads : default_threads();
-  if (tasks > 0) parallel_for(tasks, threads, &bwd_task_entry<Isa>, &pool);
-  if (pool.failed()) return Status::Error("cpu backward: could not allocate per-thread scratch");
+  if (!pool.template run<&bwd_task<Isa>>(pool_threads(problems[0])))
+    return Status::Error("cpu backward: could not allocate per-thread scratch");
   return Status::Ok();
 }
 

@@ -272,35 +272,47 @@ FwdShape fwd_shape_of(const AttentionParams& p, bool bf16_capable) {
   return s;
 }
 
-// A list of problems (one per varlen sequence, or the one dense call) as one pool of
-// tasks: task t belongs to the problem whose first task is the last one <= t.
+// A list of problems (one per varlen sequence or cache entry, or the one dense call) as
+// one pool of tasks: task t belongs to the problem whose first task is the last one <= t.
 template <class Ctx>
-struct TaskPool {
-  std::vector<std::unique_ptr<Ctx>> ctx;
-  std::vector<int64_t> first;  // first task of each problem, then the total
-  std::pair<Ctx*, int64_t> find(int64_t task) const {
-    const size_t i = size_t(std::upper_bound(first.begin(), first.end(), task) - first.begin()) - 1;
-    return {ctx[i].get(), task - first[i]};
+class TaskPool {
+ public:
+  void add(std::unique_ptr<Ctx> c, int64_t tasks) {
+    first_.push_back(total_);
+    total_ += tasks;
+    ctx_.push_back(std::move(c));
   }
-  bool failed() const {
-    for (const auto& c : ctx)
-      if (c->failed) return true;
-    return false;
+
+  // Runs every task on `threads` threads; false when a task could not get its scratch.
+  template <void (*Task)(Ctx&, int64_t, int)>
+  bool run(int threads) {
+    if (total_ > 0) parallel_for(total_, threads, &entry<Task>, this);
+    for (const auto& c : ctx_)
+      if (c->failed) return false;
+    return true;
   }
+
+ private:
+  template <void (*Task)(Ctx&, int64_t, int)>
+  static void entry(void* self, int64_t task, int thread) {
+    const auto& pool = *static_cast<TaskPool*>(self);
+    const auto& f = pool.first_;
+    const size_t i = size_t(std::upper_bound(f.begin(), f.end(), task) - f.begin()) - 1;
+    Task(*pool.ctx_[i], task - f[i], thread);
+  }
+
+  std::vector<std::unique_ptr<Ctx>> ctx_;
+  std::vector<int64_t> first_;  // first task of each problem
+  int64_t total_ = 0;
 };
 
-template <class Isa>
-void fwd_task_entry(void* pool, int64_t task, int thread) {
-  const auto [ctx, local] = static_cast<TaskPool<FwdCtx>*>(pool)->find(task);
-  fwd_task<Isa>(*ctx, local, thread);
-}
+inline int pool_threads(const AttentionParams& p) { return p.num_threads > 0 ? p.num_threads : default_threads(); }
 
 template <class Isa>
 Status flash_forward_impl(const AttentionParams* problems, int64_t count) {
   if (count == 0) return Status::Ok();
   constexpr DType kCompute = sizeof(typename Isa::T) == 8 ? DType::f64 : DType::f32;
   TaskPool<FwdCtx> pool;
-  int64_t tasks = 0;
   for (int64_t i = 0; i < count; ++i) {
     const AttentionParams& p = problems[i];
     auto ctx = std::make_unique<FwdCtx>();
@@ -308,14 +320,11 @@ Status flash_forward_impl(const AttentionParams* problems, int64_t count) {
     ctx->s = fwd_shape_of(p, Isa::kBf16Dot);
     ctx->s.k_direct = p.k.dtype == kCompute;
     ctx->s.v_direct = p.v.dtype == kCompute;
-    pool.first.push_back(tasks);
-    tasks += p.N == 0 ? 0 : ctx->s.B * ctx->s.Hkv * ctx->s.row_blocks;
-    pool.ctx.push_back(std::move(ctx));
+    const int64_t tasks = p.N == 0 ? 0 : ctx->s.B * ctx->s.Hkv * ctx->s.row_blocks;
+    pool.add(std::move(ctx), tasks);
   }
-  pool.first.push_back(tasks);
-  const int threads = problems[0].num_threads > 0 ? problems[0].num_threads : default_threads();
-  if (tasks > 0) parallel_for(tasks, threads, &fwd_task_entry<Isa>, &pool);
-  if (pool.failed()) return Status::Error("cpu forward: could not allocate per-thread scratch");
+  if (!pool.template run<&fwd_task<Isa>>(pool_threads(problems[0])))
+    return Status::Error("cpu forward: could not allocate per-thread scratch");
   return Status::Ok();
 }
 
