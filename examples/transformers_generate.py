@@ -12,6 +12,7 @@ import torch
 import transformers
 
 import steelattn.integrations.transformers as st
+from _llama import llama_config
 
 
 def main():
@@ -21,16 +22,11 @@ def main():
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    if args.size == "large":
-        cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
-    else:
-        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)
+    cfg = llama_config(args.size)
     st.register()  # 1: register the implementation
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(
-        cfg, attn_implementation="steelattn", torch_dtype=dtype).to(dev).eval()  # 2: ask for it
+        cfg, attn_implementation="steelattn", dtype=dtype).to(dev).eval()  # 2: ask for it
     ids = torch.randint(0, cfg.vocab_size, (1, 64), device=dev)
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 import steelattn.integrations.transformers as st
+from _llama import llama_config
 
 
 def main():
@@ -19,18 +20,12 @@ def main():
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    if args.size == "large":
-        cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
-                                       num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)
-        B, N = 2, 4096
-    else:
-        cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2)
-        B, N = 2, 128
+    cfg = llama_config(args.size)
+    B, N = (2, 4096) if args.size == "large" else (2, 128)
     st.register()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="steelattn",
-                                                          torch_dtype=dtype).to(dev).train()
+                                                          dtype=dtype).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, cfg.vocab_size, (B, N), device=dev)
     for step in range(args.steps):

@@ -422,12 +422,8 @@ def make_segment_mask(segment_lengths, block_size=DEFAULT_BLOCK_SIZE, *, segment
     >>> make_segment_mask([100, 60, 96], block_size=64).int().tolist()
     [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 0, 1, 1]]
     """
-    fn = "make_segment_mask"
-    bq, bk = _block_size(fn, block_size)
-    len_q, len_k, dev = _segments(fn, segment_lengths, segment_lengths_k, device)
-    if token_level:
-        bq = bk = 1
-    return _segment_mask(len_q, len_k, bq, bk, False, dev)
+    return _segment_builder("make_segment_mask", segment_lengths, block_size, segment_lengths_k, device,
+                            token_level, causal=False)
 
 
 def make_causal_segment_mask(segment_lengths, block_size=DEFAULT_BLOCK_SIZE, *, segment_lengths_k=None,
@@ -442,12 +438,16 @@ def make_causal_segment_mask(segment_lengths, block_size=DEFAULT_BLOCK_SIZE, *, 
     >>> make_causal_segment_mask([100, 60, 96], block_size=64).int().tolist()
     [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]]
     """
-    fn = "make_causal_segment_mask"
+    return _segment_builder("make_causal_segment_mask", segment_lengths, block_size, segment_lengths_k, device,
+                            token_level, causal=True)
+
+
+def _segment_builder(fn, segment_lengths, block_size, segment_lengths_k, device, token_level, causal):
     bq, bk = _block_size(fn, block_size)
     len_q, len_k, dev = _segments(fn, segment_lengths, segment_lengths_k, device)
     if token_level:
         bq = bk = 1
-    return _segment_mask(len_q, len_k, bq, bk, True, dev)
+    return _segment_mask(len_q, len_k, bq, bk, causal, dev)
 
 
 # -------------------------------------------------------------- image/video rules

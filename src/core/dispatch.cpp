@@ -42,50 +42,52 @@ ForwardPath cpu_path(const AttentionParams& p) {
 const char* kNoCuda = "this build of steelattn has no CUDA kernels (nvcc was not found at build time)";
 #endif
 
-}  // namespace
+using Supports = bool (*)(const AttentionParams&, std::string*);
 
 // Hopper first; the generic kernel takes what it refuses, and the refusal is kept
 // (`demoted`) so that the caller can report it instead of losing it.
-PathChoice choose_forward_path(const AttentionParams& p) {
+PathChoice choose_cuda_path(const AttentionParams& p, Supports sm90, Supports generic) {
   PathChoice c;
-  if (p.q.device == Device::cpu) {
-    c.path = cpu_path(p);
-    return c;
-  }
 #if defined(STEELATTN_WITH_CUDA)
   std::string sm90_why, generic_why;
-  if (cuda_sm90_supports(p, &sm90_why)) {
+  if (sm90(p, &sm90_why)) {
     c.path = ForwardPath::cuda_sm90;
-  } else if (cuda_generic_supports(p, &generic_why)) {
+  } else if (generic(p, &generic_why)) {
     c.path = ForwardPath::cuda_generic;
     c.demoted = std::string("cuda_sm90 -> cuda_generic: ") + sm90_why;
   } else {
     c.why_not = sm90_why + "; " + generic_why;
   }
 #else
+  (void)p, (void)sm90, (void)generic;
   c.why_not = kNoCuda;
 #endif
   return c;
 }
 
+#if defined(STEELATTN_WITH_CUDA)
+constexpr Supports kSm90Forward = &cuda_sm90_supports, kGenericForward = &cuda_generic_supports;
+// deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.
+constexpr Supports kSm90Backward = &cuda_sm90_backward_supports, kGenericBackward = &cuda_generic_backward_supports;
+#else
+constexpr Supports kSm90Forward = nullptr, kGenericForward = nullptr, kSm90Backward = nullptr,
+                   kGenericBackward = nullptr;
+#endif
+
+}  // namespace
+
+PathChoice choose_forward_path(const AttentionParams& p) {
+  if (p.q.device == Device::cpu) {
+    PathChoice c;
+    c.path = cpu_path(p);
+    return c;
+  }
+  return choose_cuda_path(p, kSm90Forward, kGenericForward);
+}
+
 PathChoice choose_backward_path(const AttentionParams& p) {
   if (p.q.device == Device::cpu) return choose_forward_path(p);
-  PathChoice c;
-#if defined(STEELATTN_WITH_CUDA)
-  std::string sm90_why, generic_why;
-  // deterministic=True is served by both: the Hopper kernel then reduces dQ in key-block order.
-  if (cuda_sm90_backward_supports(p, &sm90_why)) {
-    c.path = ForwardPath::cuda_sm90;
-  } else if (cuda_generic_backward_supports(p, &generic_why)) {
-    c.path = ForwardPath::cuda_generic;
-    c.demoted = std::string("cuda_sm90 -> cuda_generic: ") + sm90_why;
-  } else {
-    c.why_not = sm90_why + "; " + generic_why;
-  }
-#else
-  c.why_not = kNoCuda;
-#endif
-  return c;
+  return choose_cuda_path(p, kSm90Backward, kGenericBackward);
 }
 
 ForwardPath select_forward_path(const AttentionParams& p, std::string* why_not) {
