@@ -76,8 +76,9 @@ struct AttentionParams {
   TensorRef dout, dq, dk, dv, dbias;
   // Optional gradient of lse ([B, H, N], lse's dtype), for losses that use it.
   TensorRef dlse;
-  // Backward scratch on the tensors' device, at least backward_workspace_bytes(p)
-  // bytes (16-byte aligned, any contents); may be absent when that is 0.
+  // Scratch on the tensors' device, any contents: the backward needs
+  // backward_workspace_bytes(p) bytes, the forward forward_workspace_bytes(p, path)
+  // (the decode kernel's per-split partial results); may be absent when that is 0.
   TensorRef workspace;
   // Backward: bit-identical gradients run to run (selects a kernel without
   // order-dependent floating-point accumulation).
@@ -140,6 +141,7 @@ enum class ForwardPath : int32_t {
   cpu_scalar = 3,    // CPU flash kernel, portable instantiation
   cuda_sm90 = 4,     // Hopper wgmma + TMA kernel
   cuda_generic = 5,  // mma.sync kernel, sm_80 and newer
+  cuda_decode = 6,   // split-KV decode kernel (mma.sync), sm_80 and newer
 };
 const char* path_name(ForwardPath p);
 
@@ -164,9 +166,13 @@ struct PathChoice {
 PathChoice choose_forward_path(const AttentionParams& p);
 PathChoice choose_backward_path(const AttentionParams& p);
 // Run a validated call on the path choose_*_path returned for these params (no second
-// selection). run_backward needs `workspace` as backward_workspace_bytes(p, path) says.
+// selection). run_forward / run_backward need `workspace` as forward_workspace_bytes /
+// backward_workspace_bytes(p, path) say.
 Status run_forward(const AttentionParams& p, ForwardPath path, void* stream = nullptr);
 Status run_backward(const AttentionParams& p, ForwardPath path, void* stream = nullptr);
+
+// Bytes of `workspace` a forward on `path` needs (0 for most paths).
+size_t forward_workspace_bytes(const AttentionParams& p, ForwardPath path);
 
 // Backward: checks the gradient tensors on top of validate_forward.
 Status validate_backward(AttentionParams& p);

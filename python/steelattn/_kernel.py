@@ -55,11 +55,16 @@ def _stream(q) -> int:
     return torch.cuda.current_stream(q.device).cuda_stream
 
 
+@functools.lru_cache(maxsize=None)
+def _workspace_allocator(device):
+    return functools.partial(torch.empty, dtype=torch.uint8, device=device)
+
+
 def forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, mode, extra=None):
     """(path, note, backward_path, backward_note); raises NotImplementedError, writing
     nothing, when no kernel serves the call (mode TRAIN: or its gradients)."""
     return _ext.forward(q, k, v, out, lse, weights, bias, bool_mask, alibi, sc, torch.get_num_threads(), _stream(q),
-                        mode, *(extra or _DENSE))
+                        mode, _workspace_allocator(q.device), *(extra or _DENSE))
 
 
 def token_major_out(q, cu_seqlens_q):
@@ -92,11 +97,6 @@ def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_w
             weights.zero_()
     _dispatch.record_forward(path, note)
     return out, lse, weights
-
-
-@functools.lru_cache(maxsize=None)
-def _workspace_allocator(device):
-    return functools.partial(torch.empty, dtype=torch.uint8, device=device)
 
 
 def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias, extra=None):

@@ -95,11 +95,12 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     compiled graph runs), or the differentiable torch path where no kernel can serve
     (decided here, before tracing: the CUDA cases no kernel takes, as dispatch.cpp says)."""
     extra = extra or Extra()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias, alibi))
     reason = ("extension not built" if _kernel is None else
               "return_attn_weights is not traced as an op" if return_weights else
               "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else
               "block masks are not on the CUDA kernels yet" if q.is_cuda and extra.block_mask is not None else
-              "KV-cache lengths are not on the CUDA kernels yet" if q.is_cuda and extra.seqlens_k is not None else
+              _cuda_kvcache_refusal(q, v, grad) if q.is_cuda and extra.seqlens_k is not None else
               "varlen on CUDA runs on the tensor-core kernels only" if (
                   q.is_cuda and extra.cu_seqlens_q is not None and (q.dtype == torch.float32 or max(
                       q.size(3), v.size(3)) > 256)) else None)
@@ -112,6 +113,19 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     out, lse = ops.attention_fwd(q, k, v, alibi, bias, bool_mask, float(scale), float(softcap), int(diag_offset),
                                  int(wl), int(wr), float(dropout_p), rng, bool(deterministic), *extra)
     return out, lse if return_lse else None, None
+
+
+def _cuda_kvcache_refusal(q, v, grad):
+    """Why no CUDA kernel takes a call with KV-cache lengths (None when the decode kernel
+    does: fp16/bf16, head dims multiples of 8 up to 256, forward only), decided before
+    tracing as src/cuda/decode/decode_api.cu decides it."""
+    if grad:
+        return "gradients through KV-cache lengths are not on the CUDA kernels yet"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return "KV-cache lengths on CUDA run on the fp16/bf16 decode kernel only"
+    if any(d % 8 or d > 256 for d in (q.size(3), v.size(3))):
+        return "the decode kernel takes head dims that are multiples of 8 up to 256"
+    return None
 
 
 def _pack(out, lse, weights, return_lse, return_weights):

@@ -49,6 +49,7 @@ import argparse
 import contextlib
 import datetime
 import gc
+import itertools
 import json
 import statistics
 import subprocess
@@ -639,38 +640,37 @@ def bench_cuda_bwd(quick=False, log=print, run=None):
 
 def bench_cuda_decode(quick=False, log=print, run=None):
     """Decode: one (or a few) new queries against a long GQA KV cache; memory bound, so
-    reported as GB/s of K and V read (B=8, H=32, Hkv=8, D=128, bf16)."""
+    reported as GB/s of K and V read (B=1 and 8, H=32, Hkv=8, D=128, bf16)."""
     run = run or _Run("cuda", log=log)
     n0 = len(run.rows)
-    B, H, Hkv, D = 8, 32, 8, 128
-    for S in ((4096,) if quick else (4096, 32768)):
-        for N in (1, 16):
-            if run.out_of_time():
+    H, Hkv, D = 32, 8, 128
+    for B, S, N in itertools.product((1, 8), (4096,) if quick else (4096, 32768), (1, 16)):
+        if run.out_of_time():
+            continue
+        g = torch.Generator(device=_CUDA).manual_seed(0)
+        q = _randn((B, H, N, D), _CUDA, torch.bfloat16, g)
+        k, v = (_randn((B, Hkv, S, D), _CUDA, torch.bfloat16, g) for _ in range(2))
+        kv_bytes = 2 * B * Hkv * S * D * 2
+        # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
+        # would align it top-left, a different function.
+        res = {}
+        for name in _peers():
+            try:
+                impl = _make_impl(name, q, k, v, causal=False)
+                _stats_reset()
+                res[name] = _time_fwd(impl, time_cuda)
+                path = _stats_read() if name == "steelattn" else None
+            except Exception as e:
+                log(f"  decode {name} failed at N={N} S={S}: {type(e).__name__}: {str(e)[:160]}")
                 continue
-            g = torch.Generator(device=_CUDA).manual_seed(0)
-            q = _randn((B, H, N, D), _CUDA, torch.bfloat16, g)
-            k, v = (_randn((B, Hkv, S, D), _CUDA, torch.bfloat16, g) for _ in range(2))
-            kv_bytes = 2 * B * Hkv * S * D * 2
-            # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
-            # would align it top-left, a different function.
-            res = {}
-            for name in ("steelattn", "cudnn", "fa2"):
-                try:
-                    impl = _make_impl(name, q, k, v, causal=False)
-                    _stats_reset()
-                    res[name] = _time_fwd(impl, time_cuda)
-                    path = _stats_read() if name == "steelattn" else None
-                except Exception as e:
-                    log(f"  decode {name} failed at N={N} S={S}: {type(e).__name__}: {str(e)[:160]}")
-                    continue
-                row = _row("decode", "bf16", B, H, Hkv, N, S, D, False, None, name, res[name], None)
-                row["gbps"] = round(kv_bytes / res[name] / 1e6, 1)
-                if path is not None:
-                    row["path"] = path
-                run.add(row)
-            parts = "  ".join(f"{n} {kv_bytes / t / 1e6:7.1f}" for n, t in res.items())
-            log(f"  decode N={N:2d} S={S:5d}  GB/s: {parts}")
-            run.flush()
+            row = _row("decode", "bf16", B, H, Hkv, N, S, D, False, None, name, res[name], None)
+            row["gbps"] = round(kv_bytes / res[name] / 1e6, 1)
+            if path is not None:
+                row["path"] = path
+            run.add(row)
+        parts = "  ".join(f"{n} {kv_bytes / t / 1e6:7.1f}" for n, t in res.items())
+        log(f"  decode B={B} N={N:2d} S={S:5d}  GB/s: {parts}")
+        run.flush()
     return run.rows[n0:]
 
 

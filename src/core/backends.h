@@ -23,6 +23,11 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream);
 // Generic mma.sync kernel (sm_80+): true when it serves this call on this device.
 bool cuda_generic_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_forward(const AttentionParams& p, void* stream);
+// Split-KV decode kernel (sm_80+): few query rows per KV head against a long cache, and
+// every call with KV-cache lengths (seqlens_k). Splits over keys need a workspace.
+bool cuda_decode_supports(const AttentionParams& p, std::string* why_not);
+size_t cuda_decode_workspace_bytes(const AttentionParams& p);
+Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stream);
 // Hopper backward kernel (src/cuda/sm90/bwd_*): needs a workspace; not deterministic
 // (dQ is accumulated with bulk reduce-adds in arrival order).
 bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not);

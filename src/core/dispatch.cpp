@@ -15,6 +15,7 @@ const char* path_name(ForwardPath p) {
     case ForwardPath::cpu_scalar: return "cpu_scalar";
     case ForwardPath::cuda_sm90: return "cuda_sm90";
     case ForwardPath::cuda_generic: return "cuda_generic";
+    case ForwardPath::cuda_decode: return "cuda_decode";
   }
   return "unknown";
 }
@@ -82,7 +83,20 @@ PathChoice choose_forward_path(const AttentionParams& p) {
     c.path = cpu_path(p);
     return c;
   }
+#if defined(STEELATTN_WITH_CUDA)
+  // Decode-shaped calls (and KV-cache lengths) go to the split-KV kernel first.
+  std::string decode_why;
+  if (cuda_decode_supports(p, &decode_why)) {
+    PathChoice c;
+    c.path = ForwardPath::cuda_decode;
+    return c;
+  }
+  PathChoice c = choose_cuda_path(p, kSm90Forward, kGenericForward);
+  if (c.path == ForwardPath::none) c.why_not = decode_why + "; " + c.why_not;
+  return c;
+#else
   return choose_cuda_path(p, kSm90Forward, kGenericForward);
+#endif
 }
 
 PathChoice choose_backward_path(const AttentionParams& p) {
@@ -112,6 +126,7 @@ Status run_forward(const AttentionParams& p, ForwardPath path, void* stream) {
 #if defined(STEELATTN_WITH_CUDA)
     case ForwardPath::cuda_sm90: return cuda_sm90_forward(p, stream);
     case ForwardPath::cuda_generic: return cuda_generic_forward(p, stream);
+    case ForwardPath::cuda_decode: return cuda_decode_forward(p, p.workspace.data, stream);
 #endif
     default: (void)stream; return Status::NotImplemented("no steelattn kernel serves this call");
   }
@@ -124,6 +139,14 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
   if (taken) *taken = c.path;
   if (c.path == ForwardPath::none) return Status::NotImplemented("no steelattn kernel serves this call: " + c.why_not);
   return run_forward(p, c.path, stream);
+}
+
+size_t forward_workspace_bytes(const AttentionParams& p, ForwardPath path) {
+#if defined(STEELATTN_WITH_CUDA)
+  if (path == ForwardPath::cuda_decode) return cuda_decode_workspace_bytes(p);
+#endif
+  (void)p, (void)path;
+  return 0;
 }
 
 size_t backward_workspace_bytes(const AttentionParams& p, ForwardPath path) {

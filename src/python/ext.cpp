@@ -197,7 +197,7 @@ NB_MODULE(_ext, m) {
       "forward",
       [](nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle attn_weights,
          nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads,
-         uintptr_t stream, int mode, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle block_mask,
+         uintptr_t stream, int mode, nb::handle alloc_workspace, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle block_mask,
          int64_t block_q, int64_t block_k, nb::handle seqlens_k) {
         AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads,
                                         cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k);
@@ -212,6 +212,12 @@ NB_MODULE(_ext, m) {
             raise(Status::NotImplemented("no steelattn kernel serves this call: " + fwd.why_not));
           if (mode == kTrain && bwd.path == ForwardPath::none)
             raise(Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not));
+          nb::object workspace;  // the split-KV decode kernel's partial results
+          if (const size_t need = forward_workspace_bytes(p, fwd.path)) {
+            if (alloc_workspace.is_none()) throw nb::value_error("alloc_workspace: this call needs scratch");
+            workspace = nb::borrow(alloc_workspace)(need);
+            p.workspace = to_ref(workspace, "workspace");
+          }
           nb::gil_scoped_release release;
           st = run_forward(p, fwd.path, reinterpret_cast<void*>(stream));
         }
@@ -221,10 +227,12 @@ NB_MODULE(_ext, m) {
       nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse").none(),
       nb::arg("attn_weights").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
       nb::arg("alibi_slopes").none(), nb::arg("scalars"), nb::arg("num_threads"), nb::arg("stream"),
-      nb::arg("mode"), nb::arg("cu_seqlens_q").none() = nb::none(), nb::arg("cu_seqlens_k").none() = nb::none(),
+      nb::arg("mode"), nb::arg("alloc_workspace").none() = nb::none(), nb::arg("cu_seqlens_q").none() = nb::none(),
+      nb::arg("cu_seqlens_k").none() = nb::none(),
       nb::arg("block_mask").none() = nb::none(), nb::arg("block_q") = 0, nb::arg("block_k") = 0,
       nb::arg("seqlens_k").none() = nb::none(),
-      "One attention forward: validate, select, run. mode 0 runs; 1 runs for training (selects the backward too "
+      "One attention forward: validate, select, run; a kernel that needs scratch gets it from "
+      "alloc_workspace(nbytes). mode 0 runs; 1 runs for training (selects the backward too "
       "and refuses, writing nothing, when no kernel computes it); 2 only selects. Returns (path, note, "
       "backward_path, backward_note): a note is why no kernel serves the call (path 'none') or why a faster "
       "kernel refused it. A call no kernel serves raises NotImplementedError before anything is written.");

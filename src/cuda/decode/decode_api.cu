@@ -1,0 +1,183 @@
+// Entry points of the split-KV decode path (cuda_decode_*, declared in src/core/backends.h):
+// which calls it serves, how many key splits, its workspace, the launches.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <string>
+
+#include "core/backends.h"
+#include "cuda/generic/host_params.h"
+#include "decode_kernel.cuh"
+
+namespace steelattn {
+namespace {
+
+using cuda_decode::DecodeParams;
+using cuda_generic::cuda_status;
+using cuda_generic::DeviceGuard;
+using cuda_generic::rows_16b_aligned;
+using cuda_generic::strides3;
+
+// Query rows per KV head up to which a dense call is decode-shaped: four row groups at
+// most, which re-read the same K/V from L2. Calls with cache lengths (seqlens_k) are served
+// at any size: no other CUDA kernel takes them.
+constexpr int64_t kMaxDenseRows = 64;
+constexpr int kMaxSplits = 128;
+
+int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+int sm_count(int device) {
+  static int cached[64] = {};
+  if (device < 0 || device >= 64) return 132;
+  if (!cached[device]) {
+    int n = 0;
+    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
+    cached[device] = n;
+  }
+  return cached[device];
+}
+
+int64_t row_groups(const AttentionParams& p) {
+  return (p.H / p.Hkv * p.N + cuda_decode::kRows - 1) / cuda_decode::kRows;
+}
+
+// Key splits: enough CTAs for about two per SM, each split keeping every warp busy for a
+// few tiles; the capacity S stands in for the lengths, which live on the device.
+int num_splits(const AttentionParams& p) {
+  const int64_t ctas = p.B * p.Hkv * row_groups(p);
+  const int keys = cuda_decode::kTileElems / head_dim_pad(std::max(p.D, p.Dv));
+  const int64_t min_keys_per_split = int64_t(keys) * cuda_decode::kWarps * 4;
+  const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
+  const int64_t want = (2 * sm_count(p.q.device_id) + ctas - 1) / ctas;
+  return int(std::clamp<int64_t>(std::min(want, by_length), 1, kMaxSplits));
+}
+
+template <typename T, int kDPad>
+Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
+  using C = cuda_decode::Cfg<kDPad>;
+  static bool attr_set[64] = {};  // cudaFuncSetAttribute once per device
+  auto* fn = cuda_decode::decode_split_kernel<T, kDPad>;
+  if (device >= 0 && device < 64 && !attr_set[device]) {
+    const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
+    if (err != cudaSuccess) return cuda_status("decode: cudaFuncSetAttribute", err);
+    attr_set[device] = true;
+  }
+  const int64_t grid = int64_t(k.B) * k.Hkv * k.num_splits * k.row_groups;
+  fn<<<dim3(unsigned(grid)), cuda_decode::kThreads, C::kSmemBytes, stream>>>(k);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return cuda_status("decode split kernel launch", err);
+  if (k.num_splits > 1) {
+    const int64_t cells = int64_t(k.B) * k.H * k.N;
+    cuda_decode::decode_combine_kernel<T><<<dim3(unsigned((cells + 3) / 4)), 128, 0, stream>>>(k);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return cuda_status("decode combine kernel launch", err);
+  }
+  return Status::Ok();
+}
+
+template <typename T>
+Status launch_dtype(const DecodeParams& k, int dpad, cudaStream_t stream, int device) {
+  switch (dpad) {
+    case 64: return launch<T, 64>(k, stream, device);
+    case 128: return launch<T, 128>(k, stream, device);
+    default: return launch<T, 256>(k, stream, device);
+  }
+}
+
+}  // namespace
+
+bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
+  auto no = [&](std::string m) {
+    if (why_not) *why_not = "cuda_decode: " + std::move(m);
+    return false;
+  };
+  if (p.q.device != Device::cuda) return no("tensors are not on a CUDA device");
+  if (p.q.dtype != DType::f16 && p.q.dtype != DType::bf16) return no("dtype must be bf16 or fp16");
+  const int64_t rows = p.H / std::max<int64_t>(p.Hkv, 1) * p.N;
+  if (!p.seqlens_k.present() && rows > kMaxDenseRows)
+    return no(std::to_string(rows) + " query rows per KV head (decode-shaped calls have at most " +
+              std::to_string(kMaxDenseRows) + ")");
+  if (p.varlen() || p.block_mask.present() || p.bias.present() || p.bool_mask.present() ||
+      p.attn_weights.present() || p.dropout_p > 0.0f)
+    return no("no varlen, block_mask, bias, bool_mask, attention weights or dropout");
+  if (p.D > 256 || p.Dv > 256 || p.D % 8 || p.Dv % 8) return no("head dims must be multiples of 8, at most 256");
+  if (p.B > INT32_MAX || p.H > INT32_MAX || p.N > INT32_MAX || p.S > INT32_MAX)
+    return no("B, H, N and S must each fit in int32");
+  for (const TensorRef* t : {&p.q, &p.k, &p.v}) {  // cp.async moves 16-byte row chunks
+    int64_t stride[3];
+    strides3(*t, stride);
+    if ((t->stride[3] != 1 && t->shape[3] > 1) || !rows_16b_aligned(*t, stride))
+      return no("q, k and v need a contiguous last dim and 16-byte aligned rows");
+  }
+  int major = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id) != cudaSuccess ||
+      major < 8)
+    return no("needs compute capability 8.0 or newer");
+  return true;
+}
+
+size_t cuda_decode_workspace_bytes(const AttentionParams& p) {
+  const int splits = num_splits(p);
+  if (splits == 1) return 0;
+  const size_t cells = size_t(splits) * p.B * p.H * p.N;
+  return cells * (size_t(p.Dv) + 1) * sizeof(float) + 16;
+}
+
+Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stream) {
+  std::string why;
+  if (!cuda_decode_supports(p, &why)) return Status::NotImplemented(why);
+  if (p.B == 0 || p.H == 0 || p.N == 0 || p.Dv == 0) return Status::Ok();
+  DeviceGuard guard(p.q.device_id);
+
+  DecodeParams k{};
+  k.q = p.q.data;
+  k.k = p.k.data;
+  k.v = p.v.data;
+  k.out = p.out.data;
+  k.lse = p.lse.present() ? static_cast<float*>(p.lse.data) : nullptr;
+  strides3(p.q, k.q_stride);
+  strides3(p.k, k.k_stride);
+  strides3(p.v, k.v_stride);
+  strides3(p.out, k.out_stride);
+  if (p.lse.present()) {
+    int64_t tmp[4];
+    cuda_generic::broadcast_strides(p.lse, 3, tmp);
+    for (int d = 0; d < 3; ++d) k.lse_stride[d] = tmp[d];
+  }
+  k.seqlens_k = p.seqlens_k.present() ? static_cast<const int32_t*>(p.seqlens_k.data) : nullptr;
+  k.B = int32_t(p.B), k.H = int32_t(p.H), k.Hkv = int32_t(p.Hkv), k.group = int32_t(p.H / p.Hkv);
+  k.N = int32_t(p.N), k.S = int32_t(p.S), k.D = int32_t(p.D), k.Dv = int32_t(p.Dv);
+  k.rows = k.group * k.N;
+  k.row_groups = int32_t(row_groups(p));
+  k.num_splits = num_splits(p);
+  k.scale = float(p.scale);
+  k.softcap = float(p.softcap);
+  if (p.alibi_slopes.present()) {
+    k.alibi = static_cast<const float*>(p.alibi_slopes.data);
+    int64_t tmp[4];
+    cuda_generic::broadcast_strides(p.alibi_slopes, 2, tmp);
+    k.alibi_stride[0] = tmp[0], k.alibi_stride[1] = tmp[1];
+  }
+  k.diag_offset = p.diag_offset;
+  k.ragged = p.seqlens_k.present();
+  k.window_left = p.window_left;
+  k.window_right = p.window_right;
+  if (k.num_splits > 1) {
+    const size_t need = cuda_decode_workspace_bytes(p);
+    const TensorRef& w = p.workspace;
+    const int64_t have = w.present() ? w.shape[0] * dtype_size(w.dtype) : 0;
+    if (!w.present() || have < int64_t(need))
+      return Status::Invalid("workspace: the decode kernel needs " + std::to_string(need) + " bytes");
+    const uintptr_t base = (reinterpret_cast<uintptr_t>(w.data) + 15) & ~uintptr_t(15);
+    k.part_out = reinterpret_cast<float*>(base);
+    k.part_lse = k.part_out + size_t(k.num_splits) * p.B * p.H * p.N * p.Dv;
+  }
+  const int dpad = head_dim_pad(std::max(p.D, p.Dv));
+  const auto cu_stream = static_cast<cudaStream_t>(stream);
+  if (p.q.dtype == DType::bf16) return launch_dtype<__nv_bfloat16>(k, dpad, cu_stream, p.q.device_id);
+  return launch_dtype<__half>(k, dpad, cu_stream, p.q.device_id);
+}
+
+}  // namespace steelattn

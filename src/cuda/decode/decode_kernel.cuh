@@ -1,0 +1,383 @@
+// Split-KV decode kernel (fp16 / bf16, sm_80+) and the combine kernel that merges the
+// splits by their LSE.
+//
+// One CTA = 4 warps = one row group (16 query rows sharing a KV head) x one key split of
+// one batch entry. The four warps take the split's key tiles round-robin, each with its
+// own two-stage cp.async pipeline (no CTA barrier in the main loop), and run Q.K^T and
+// P.V on mma.sync m16n8k16 with the row group's Q fragments held in registers. At the
+// end the warps merge their (max, sum, O) through shared memory. Decode is bound by the
+// K/V read, so the tile size is chosen for bytes in flight: kTileElems elements of K and
+// of V per warp and stage (32 keys at D = 128).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "cuda/generic/mma_sm80.cuh"
+#include "decode_params.h"
+
+namespace steelattn::cuda_decode {
+
+using cuda_generic::cp_async_commit;
+using cuda_generic::cp_async_wait;
+using cuda_generic::Elem;
+using cuda_generic::ldmatrix_x4;
+using cuda_generic::ldmatrix_x4_trans;
+using cuda_generic::mma_16816;
+using cuda_generic::smem_addr;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRows = 16;          // query rows per CTA (one m16 tile)
+constexpr int kTileElems = 4096;   // K (and V) elements per warp tile: keys = kTileElems / kDPad
+constexpr int kStages = 2;
+constexpr int kPad = 8;            // row padding: ldmatrix rows land on distinct banks
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kDPad>
+struct Cfg {
+  static constexpr int kKeys = kTileElems / kDPad;  // keys per warp tile
+  static constexpr int kLd = kDPad + kPad;
+  static constexpr int kStageElems = 2 * kKeys * kLd;  // K then V
+  static constexpr int kWarpElems = kStages * kStageElems;
+  static constexpr size_t kSmemBytes = size_t(2) * (kRows * kLd + kWarps * kWarpElems);
+  static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
+  // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
+  static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
+};
+
+// 16-byte async copy; src_bytes = 0 writes zeros (rows past the end, columns past D).
+__device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(src_bytes));
+}
+
+// Address of key j's row in the K (or V) cache of entry `entry`, head hk.
+template <typename T>
+__device__ __forceinline__ const T* key_row(const DecodeParams& p, const T* base, const int64_t (&stride)[3],
+                                            int b, int entry, int hk, int64_t j) {
+  if (p.block_table) {
+    const int32_t page = p.block_table[b * p.bt_stride + j / p.page_size];
+    return base + int64_t(page) * stride[0] + hk * stride[1] + (j % p.page_size) * stride[2];
+  }
+  return base + int64_t(entry) * stride[0] + hk * stride[1] + j * stride[2];
+}
+
+// One warp tile of K and V (kKeys keys from n0; keys >= n_end and columns >= D / Dv zero).
+template <typename T, int kDPad>
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
+                                             int64_t n0, int64_t n_end, int lane) {
+  using C = Cfg<kDPad>;
+  constexpr int kChunks = kDPad / 8;  // 16-byte chunks per row
+  const T* gk = static_cast<const T*>(p.k);
+  const T* gv = static_cast<const T*>(p.v);
+#pragma unroll 4
+  for (int idx = lane; idx < C::kKeys * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = idx % kChunks;
+    const int64_t j = n0 + r;
+    const bool row_ok = j < n_end;
+    const T* krow = row_ok ? key_row(p, gk, p.k_stride, b, entry, hk, j) : gk;
+    const T* vrow = row_ok ? key_row(p, gv, p.v_stride, b, entry, hk, j) : gv;
+    const bool k_ok = row_ok && c * 8 < p.D, v_ok = row_ok && c * 8 < p.Dv;
+    cp_async_16_zfill(sK + r * C::kLd + c * 8, k_ok ? krow + c * 8 : gk, k_ok ? 16 : 0);
+    cp_async_16_zfill(sV + r * C::kLd + c * 8, v_ok ? vrow + c * 8 : gv, v_ok ? 16 : 0);
+  }
+}
+
+template <typename T, int kDPad>
+__global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeParams p) {
+  using C = Cfg<kDPad>;
+  constexpr int kKeys = C::kKeys, kLd = C::kLd;
+  constexpr int kNtS = kKeys / 8;   // S n-tiles per warp tile
+  constexpr int kNtO = kDPad / 8;   // O n-tiles
+  constexpr int kDSteps = kDPad / 16;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  T* sW = sQ + kRows * kLd + warp * C::kWarpElems;  // this warp's stages
+
+  // blockIdx.x -> (row group, split, hk, b): the row groups of one key range run side by side
+  // and share its K/V through L2.
+  int64_t bid = blockIdx.x;
+  const int rg = int(bid % p.row_groups);
+  bid /= p.row_groups;
+  const int split = int(bid % p.num_splits);
+  bid /= p.num_splits;
+  const int hk = int(bid % p.Hkv);
+  const int b = int(bid / p.Hkv);
+  const int entry = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
+  const int64_t L = p.seqlens_k ? p.seqlens_k[b] : p.S;
+  const int64_t off = (p.ragged ? L - p.N : 0) + p.diag_offset;  // query i sits at key i + off
+
+  // Rows of this CTA and the query positions they span.
+  const int r_begin = rg * kRows;
+  const int r_count = min(kRows, p.rows - r_begin);
+  int i_lo = 0, i_hi = p.N - 1;
+  if (r_count < p.N) {
+    const int a = r_begin % p.N, z = (r_begin + r_count - 1) % p.N;
+    if (a <= z) i_lo = a, i_hi = z;
+  }
+  // Keys any of them may see, and this split's share (whole tiles).
+  int64_t k_lo = 0, k_hi = L;
+  if (p.window_left >= 0) k_lo = max(k_lo, i_lo + off - p.window_left);
+  if (p.window_right >= 0) k_hi = min(k_hi, i_hi + off + p.window_right + 1);
+  int64_t n_begin = k_lo, n_end = k_lo;
+  if (k_hi > k_lo) {
+    const int64_t tiles = (k_hi - k_lo + kKeys - 1) / kKeys;
+    const int64_t per_split = (tiles + p.num_splits - 1) / p.num_splits;
+    n_begin = min(k_hi, k_lo + split * per_split * kKeys);
+    n_end = min(k_hi, n_begin + per_split * kKeys);
+  }
+
+  // Q rows -> shared (zero rows past r_count and columns past D), then A fragments.
+  {
+    constexpr int kChunks = kDPad / 8;
+    const T* gq = static_cast<const T*>(p.q);
+    for (int idx = threadIdx.x; idx < kRows * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx % kChunks;
+      const int row = r_begin + r;
+      const bool ok = r < r_count && c * 8 < p.D;
+      const T* src = gq;
+      if (ok) {
+        const int h = hk * p.group + row / p.N, i = row % p.N;
+        src = gq + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2] + c * 8;
+      }
+      cp_async_16_zfill(sQ + r * kLd + c * 8, src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  }
+  // Per-thread rows r0 = lane / 4 and r1 = r0 + 8: their visible key interval [lo, hi) and ALiBi.
+  int64_t vis_lo[2], vis_hi[2], diag[2];
+  float slope[2];
+#pragma unroll
+  for (int t = 0; t < 2; ++t) {
+    const int r = (lane >> 2) + 8 * t, row = r_begin + r;
+    const int h = hk * p.group + (row < p.rows ? row / p.N : 0), i = row < p.rows ? row % p.N : 0;
+    diag[t] = i + off;
+    vis_lo[t] = p.window_left >= 0 ? max(int64_t(0), diag[t] - p.window_left) : 0;
+    vis_hi[t] = p.window_right >= 0 ? min(L, diag[t] + p.window_right + 1) : L;
+    if (r >= r_count) vis_hi[t] = vis_lo[t];  // padding rows see nothing
+    slope[t] = p.alibi ? p.alibi[b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.0f;
+  }
+
+  // This warp's tiles: n0 = n_begin + (warp + kWarps * t) * kKeys.
+  const int64_t n_tiles = (n_end - n_begin + kKeys - 1) / kKeys;
+  const int my_tiles = n_tiles > warp ? int((n_tiles - warp + kWarps - 1) / kWarps) : 0;
+  auto tile_n0 = [&](int t) { return n_begin + int64_t(warp + kWarps * t) * kKeys; };
+  auto stage = [&](int t) { return sW + (t % kStages) * C::kStageElems; };
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < my_tiles) load_kv_tile<T, kDPad>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane);
+    cp_async_commit();
+  }
+
+  cp_async_wait<kStages - 1>();  // Q has landed (the oldest group)
+  __syncthreads();
+  // Q's A fragments stay in registers up to D = 128; at 256 they would push O out of them,
+  // so they are re-read from shared memory per k-step.
+  constexpr bool kQInRegs = kDPad <= 128;
+  constexpr int kQRegSteps = kQInRegs ? kDSteps : 1;
+  uint32_t qa[kQRegSteps][4];
+  const T* a_ptr = sQ + (lane & 15) * kLd + (lane >> 4) * 8;
+  if constexpr (kQInRegs) {
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) ldmatrix_x4(qa[kk], a_ptr + kk * 16);
+  }
+
+  float o[kNtO][4];
+#pragma unroll
+  for (int nt = 0; nt < kNtO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.0f, 0.0f};  // per-thread partial; quad-reduced at the end
+  const float softcap = p.softcap;
+
+  for (int t = 0; t < my_tiles; ++t) {
+    {  // keep kStages - 1 tiles in flight
+      const int tn = t + kStages - 1;
+      if (tn < my_tiles) load_kv_tile<T, kDPad>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane);
+      cp_async_commit();
+    }
+    cp_async_wait<kStages - 1>();
+    __syncwarp();
+    const T* sK = stage(t);
+    const T* sV = sK + kKeys * kLd;
+    const int64_t n0 = tile_n0(t);
+
+    float s[kNtS][4];
+#pragma unroll
+    for (int nt = 0; nt < kNtS; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+    const T* b_ptr = sK + ((lane & 7) + (lane >> 4) * 8) * kLd + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kDSteps; ++kk) {
+      if (kk * 16 >= p.D) break;  // warp-uniform: padding columns are zero
+      uint32_t qs[4];
+      if constexpr (kQInRegs) {
+        qs[0] = qa[kk][0], qs[1] = qa[kk][1], qs[2] = qa[kk][2], qs[3] = qa[kk][3];
+      } else {
+        ldmatrix_x4(qs, a_ptr + kk * 16);
+      }
+#pragma unroll
+      for (int np = 0; np < kNtS / 2; ++np) {
+        uint32_t bk[4];
+        ldmatrix_x4(bk, b_ptr + np * 16 * kLd + kk * 16);
+        mma_16816<T>(s[2 * np], qs, bk[0], bk[1]);
+        mma_16816<T>(s[2 * np + 1], qs, bk[2], bk[3]);
+      }
+    }
+
+    // Scores: scale, softcap, ALiBi, then the row's visible interval.
+    float tile_max[2] = {row_max[0], row_max[1]};
+#pragma unroll
+    for (int nt = 0; nt < kNtS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int t2 = e >> 1;
+        const int64_t j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+        float x = s[nt][e] * p.scale;
+        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+        if (p.alibi) {
+          const int64_t d = diag[t2] - j;
+          x -= slope[t2] * float(d < 0 ? -d : d);
+        }
+        x = (j >= vis_lo[t2] && j < vis_hi[t2]) ? x : -INFINITY;
+        s[nt][e] = x;
+        tile_max[t2] = fmaxf(tile_max[t2], x);
+      }
+    }
+    float neg_max_log2[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+      tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+      const float m_use = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // exp(-inf - 0) = 0, not NaN
+      const float alpha = exp2f((row_max[r] - m_use) * kLog2e);
+      row_max[r] = tile_max[r];
+      row_sum[r] *= alpha;
+      neg_max_log2[r] = -m_use * kLog2e;
+#pragma unroll
+      for (int nt = 0; nt < kNtO; ++nt) o[nt][2 * r] *= alpha, o[nt][2 * r + 1] *= alpha;
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNtS; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(fmaf(s[nt][e], kLog2e, neg_max_log2[e >> 1]));
+        row_sum[e >> 1] += s[nt][e];
+      }
+    }
+
+    // O += P . V, P straight from the S accumulators (they are the A fragments).
+    const T* v_ptr = sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * kLd + (lane >> 4) * 8;
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) {
+      uint32_t a[4];
+      a[0] = Elem<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
+      a[1] = Elem<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
+      a[2] = Elem<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      a[3] = Elem<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < kNtO / 2; ++np) {
+        if (np * 16 >= p.Dv) break;  // warp-uniform
+        uint32_t bv[4];
+        ldmatrix_x4_trans(bv, v_ptr + kk * 16 * kLd + np * 16);
+        mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
+        mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncwarp();  // the stage is free for the load issued next iteration
+  }
+  cp_async_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 1);
+    row_sum[r] += __shfl_xor_sync(0xffffffffu, row_sum[r], 2);
+  }
+
+  // Merge the four warps: each parks (max, sum, O) in its own buffers, then every thread
+  // combines some (row, column) cells.
+  __syncthreads();
+  float* mo = reinterpret_cast<float*>(sW);  // [16][kDPad] O, then [16] max, [16] sum
+  float* mm = mo + kRows * kDPad;
+  float* ms = mm + kRows;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = (lane >> 2) + 8 * r;
+#pragma unroll
+    for (int nt = 0; nt < kNtO; ++nt) {
+      const int col = nt * 8 + 2 * (lane & 3);
+      mo[row * kDPad + col] = o[nt][2 * r];
+      mo[row * kDPad + col + 1] = o[nt][2 * r + 1];
+    }
+    if ((lane & 3) == 0) mm[row] = row_max[r], ms[row] = row_sum[r];
+  }
+  __syncthreads();
+  auto warp_buf = [&](int w) {
+    return reinterpret_cast<float*>(sQ + kRows * kLd + w * C::kWarpElems);
+  };
+  const bool direct = p.num_splits == 1;
+  for (int idx = threadIdx.x; idx < kRows * p.Dv; idx += kThreads) {
+    const int r = idx / p.Dv, col = idx % p.Dv;
+    if (r >= r_count) break;  // rows are visited in order
+    float m = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, warp_buf(w)[kRows * kDPad + r]);
+    const float m_use = m == -INFINITY ? 0.0f : m;
+    float sum = 0.0f, acc = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float* buf = warp_buf(w);
+      const float wgt = exp2f((buf[kRows * kDPad + r] - m_use) * kLog2e);
+      sum += wgt * buf[kRows * kDPad + kRows + r];
+      acc += wgt * buf[r * kDPad + col];
+    }
+    const float val = sum > 0.0f ? acc / sum : 0.0f;
+    const float lse = sum > 0.0f ? m_use + logf(sum) : -INFINITY;
+    const int row = r_begin + r;
+    const int h = hk * p.group + row / p.N, i = row % p.N;
+    if (direct) {
+      T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+      out[col] = Elem<T>::from_float(val);
+      if (col == 0 && p.lse) p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = lse;
+    } else {
+      const int64_t cell = ((int64_t(split) * p.B + b) * p.H + h) * p.N + i;
+      p.part_out[cell * p.Dv + col] = val;
+      if (col == 0) p.part_lse[cell] = lse;
+    }
+  }
+}
+
+// out[b, h, i] = sum over splits of exp(lse_s - lse) * out_s, lse = logsumexp(lse_s);
+// one warp per (b, h, i) row. A row no split saw gives zeros and -inf.
+template <typename T>
+__global__ void __launch_bounds__(128) decode_combine_kernel(const DecodeParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t cell = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  const int64_t cells = int64_t(p.B) * p.H * p.N;
+  if (cell >= cells) return;
+  const int64_t stride = cells;  // between splits
+  float m = -INFINITY;
+  for (int s = lane; s < p.num_splits; s += 32) m = fmaxf(m, p.part_lse[s * stride + cell]);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  const float m_use = m == -INFINITY ? 0.0f : m;
+  float sum = 0.0f;
+  for (int s = lane; s < p.num_splits; s += 32) sum += exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const int i = int(cell % p.N), h = int(cell / p.N % p.H), b = int(cell / p.N / p.H);
+  T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
+  for (int col = lane; col < p.Dv; col += 32) {
+    float acc = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float w = exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
+      if (w > 0.0f) acc += w * p.part_out[(s * stride + cell) * p.Dv + col];
+    }
+    out[col] = Elem<T>::from_float(acc * inv);
+  }
+  if (lane == 0 && p.lse)
+    p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = sum > 0.0f ? m_use + logf(sum) : -INFINITY;
+}
+
+}  // namespace steelattn::cuda_decode
