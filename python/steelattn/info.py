@@ -69,7 +69,7 @@ def _probe(device, dtype=torch.bfloat16, D=128, Dv=None, H=8, Hkv=8, N=256, S=25
     sc = _kernel.scalars(0.1, softcap, S - N, wl, wr, dropout, 0, 0, False)
     blocks = (fake((B, H, (N + 63) // 64, (S + 63) // 64), torch.bool, device), 64, 64) if block else (None, 0, 0)
     path, _, bpath, _ = _ext().forward(q, k, v, out, fake((B, H, N), side, device), w, *mods, sc, 1, 0,
-                                       _kernel.SELECT, None, None, *blocks)
+                                       _kernel.SELECT, block_mask=blocks[0], block_q=blocks[1], block_k=blocks[2])
     return path, bpath
 
 
@@ -119,7 +119,7 @@ def _probe_kvcache(device):
     lens = torch.tensor([10, S], dtype=torch.int32, device=device)  # read by the CPU validation
     sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
     path, _, _, _ = _ext().forward(q, k, k, fake((B, H, N, D), torch.bfloat16, device), None, None, None, None, None,
-                                   sc, 1, 0, _kernel.SELECT, None, None, None, 0, 0, lens)
+                                   sc, 1, 0, _kernel.SELECT, seqlens_k=lens)
     return path
 
 
@@ -135,7 +135,7 @@ def _probe_varlen(device, dropout=0.0):
     sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, dropout, 0, 0, False)
     try:
         path, _, _, _ = _ext().forward(q, q, q, out, fake((1, H, total), torch.float32, device), None, None, None,
-                                       None, sc, 1, 0, _kernel.SELECT, cu, cu)
+                                       None, sc, 1, 0, _kernel.SELECT, cu_seqlens_q=cu, cu_seqlens_k=cu)
     except NotImplementedError:
         return "none"
     return path
