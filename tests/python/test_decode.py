@@ -24,8 +24,9 @@ def _ran():
     return {k: v for k, v in steelattn.get_dispatch_stats().items() if v}
 
 
-# (H, Hkv, N): query rows per KV head G * N from 1 to 64 (four row groups)
-SHAPES = [(32, 8, 1), (8, 8, 1), (6, 1, 3), (16, 4, 16), (4, 2, 5)]
+# (H, Hkv, N): query rows per KV head G * N from 1 to 16 (dense calls with more rows go to
+# the prefill kernels; calls with cache lengths take any number, tested below)
+SHAPES = [(32, 8, 1), (8, 8, 1), (6, 1, 2), (16, 4, 4), (4, 2, 5)]
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (80, 80), (192, 128)]
 MODS = {"none": {}, "causal": {"causal": True}, "window": {"window_size": (33, 0)},
         "softcap_alibi": {"softcap": 20.0, "alibi": True}}
@@ -98,10 +99,12 @@ def test_kvcache_lengths_on_device_with_splits(D, window):
     assert_lse_close(lse, ref_lse, torch.bfloat16)
 
 
-def test_kvcache_prefill_chunk_runs_on_the_decode_kernel():
-    """A chunk of 200 queries against a cache: the only CUDA kernel that takes cache lengths."""
-    B, H, Hkv, N, Smax, D = 2, 4, 2, 200, 1000, 128
-    q, k, v = _inputs(B, H, Hkv, N, Smax, D, D, torch.float16, seed=5)
+@pytest.mark.parametrize("H,Hkv,N", [(4, 2, 200), (32, 8, 16), (8, 1, 7)])
+def test_kvcache_many_rows_run_on_the_decode_kernel(H, Hkv, N):
+    """Row groups (speculative tokens, a prefill chunk) against a cache: the only CUDA kernel
+    that takes cache lengths serves them in several row groups."""
+    B, Smax, D = 2, 1000, 128
+    q, k, v = _inputs(B, H, Hkv, N, Smax, D, D, torch.float16, seed=5 + N)
     lens = [700, 1000]
     out = steelattn.flash_attention_kvcache(q, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32,
                                                                                device="cuda"))

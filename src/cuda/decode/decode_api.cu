@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "core/backends.h"
@@ -20,13 +21,38 @@ using cuda_generic::DeviceGuard;
 using cuda_generic::rows_16b_aligned;
 using cuda_generic::strides3;
 
-// Query rows per KV head up to which a dense call is decode-shaped: four row groups at
-// most, which re-read the same K/V from L2. Calls with cache lengths (seqlens_k) are served
+// Query rows per KV head up to which a dense call is decode-shaped: one row group (at 64
+// rows, four row groups re-reading K/V ran at a fifth of the Hopper kernel's speed). Calls with cache lengths (seqlens_k) are served
 // at any size: no other CUDA kernel takes them.
-constexpr int64_t kMaxDenseRows = 64;
+constexpr int64_t kMaxDenseRows = 16;
 constexpr int kMaxSplits = 128;
 
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
+
+// Tile shapes (keys per warp tile, stages) per padded head dim. The default is the measured
+// best (docs/benchmarks/NOTES.md); STEELATTN_DECODE_TILE=32x2|16x2|16x3 overrides it at
+// D = 128 for measurements.
+struct TileShape {
+  int keys, stages;
+};
+TileShape tile_shape(int dpad) {
+  if (dpad == 64) return {32, 2};
+  if (dpad == 256) return {16, 2};
+  static const TileShape chosen = [] {
+    const char* env = std::getenv("STEELATTN_DECODE_TILE");
+    const std::string e = env ? env : "";
+    if (e == "32x2") return TileShape{32, 2};
+    if (e == "16x3") return TileShape{16, 3};
+    return TileShape{16, 2};
+  }();
+  return chosen;
+}
+
+int ctas_per_sm(int dpad, TileShape t) {
+  const size_t smem = size_t(2) * (cuda_decode::kRows * (dpad + cuda_decode::kPad) +
+                                   cuda_decode::kWarps * t.stages * 2 * t.keys * (dpad + cuda_decode::kPad));
+  return int(std::clamp<size_t>(cuda_decode::kSmemPerSm / (smem + 1024), 1, 4));
+}
 
 int sm_count(int device) {
   static int cached[64] = {};
@@ -43,22 +69,25 @@ int64_t row_groups(const AttentionParams& p) {
   return (p.H / p.Hkv * p.N + cuda_decode::kRows - 1) / cuda_decode::kRows;
 }
 
-// Key splits: enough CTAs for about two per SM, each split keeping every warp busy for a
-// few tiles; the capacity S stands in for the lengths, which live on the device.
+// Key splits: as many as fill one wave of resident CTAs (every CTA then has the same work
+// and they finish together), each split keeping every warp busy for a few tiles; the
+// capacity S stands in for the lengths, which live on the device.
 int num_splits(const AttentionParams& p) {
+  const int dpad = head_dim_pad(std::max(p.D, p.Dv));
+  const TileShape t = tile_shape(dpad);
   const int64_t ctas = p.B * p.Hkv * row_groups(p);
-  const int keys = cuda_decode::kTileElems / head_dim_pad(std::max(p.D, p.Dv));
-  const int64_t min_keys_per_split = int64_t(keys) * cuda_decode::kWarps * 4;
+  const int64_t min_keys_per_split = int64_t(t.keys) * cuda_decode::kWarps * 4;
   const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
-  const int64_t want = (2 * sm_count(p.q.device_id) + ctas - 1) / ctas;
+  const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * sm_count(p.q.device_id);
+  const int64_t want = std::max<int64_t>(1, wave / ctas);
   return int(std::clamp<int64_t>(std::min(want, by_length), 1, kMaxSplits));
 }
 
-template <typename T, int kDPad>
+template <typename T, int kDPad, int kKeys, int kStages>
 Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
-  using C = cuda_decode::Cfg<kDPad>;
+  using C = cuda_decode::Cfg<kDPad, kKeys, kStages>;
   static bool attr_set[64] = {};  // cudaFuncSetAttribute once per device
-  auto* fn = cuda_decode::decode_split_kernel<T, kDPad>;
+  auto* fn = cuda_decode::decode_split_kernel<T, kDPad, kKeys, kStages>;
   if (device >= 0 && device < 64 && !attr_set[device]) {
     const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
     if (err != cudaSuccess) return cuda_status("decode: cudaFuncSetAttribute", err);
@@ -79,11 +108,12 @@ Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
 
 template <typename T>
 Status launch_dtype(const DecodeParams& k, int dpad, cudaStream_t stream, int device) {
-  switch (dpad) {
-    case 64: return launch<T, 64>(k, stream, device);
-    case 128: return launch<T, 128>(k, stream, device);
-    default: return launch<T, 256>(k, stream, device);
-  }
+  const TileShape t = tile_shape(dpad);
+  if (dpad == 64) return launch<T, 64, 32, 2>(k, stream, device);
+  if (dpad == 256) return launch<T, 256, 16, 2>(k, stream, device);
+  if (t.keys == 32) return launch<T, 128, 32, 2>(k, stream, device);
+  if (t.stages == 3) return launch<T, 128, 16, 3>(k, stream, device);
+  return launch<T, 128, 16, 2>(k, stream, device);
 }
 
 }  // namespace

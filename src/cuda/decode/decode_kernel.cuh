@@ -3,13 +3,12 @@
 //
 // One CTA = 4 warps = one row group (16 query rows sharing a KV head) x one key split of
 // one batch entry. The four warps take the split's key tiles round-robin, each with its
-// own two-stage cp.async pipeline (no CTA barrier in the main loop), and run Q.K^T and
-// P.V on mma.sync m16n8k16 with the row group's Q fragments held in registers. At the
-// end the warps merge their (max, sum, O) through shared memory. Decode is bound by the
-// K/V read, so the tile size is chosen for bytes in flight: kTileElems elements of K and
-// of V per warp and stage (32 keys at D = 128).
+// own cp.async pipeline (no CTA barrier in the main loop), and run Q.K^T and P.V on
+// mma.sync m16n8k16 with the row group's Q fragments held in registers. At the end the
+// warps merge their (max, sum, O) through shared memory.
 #pragma once
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -28,19 +27,25 @@ using cuda_generic::smem_addr;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 16;          // query rows per CTA (one m16 tile)
-constexpr int kTileElems = 4096;   // K (and V) elements per warp tile: keys = kTileElems / kDPad
-constexpr int kStages = 2;
-constexpr int kPad = 8;            // row padding: ldmatrix rows land on distinct banks
+constexpr int kRows = 16;  // query rows per CTA (one m16 tile)
+constexpr int kPad = 8;    // row padding: ldmatrix rows land on distinct banks
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kSmemPerSm = 227 * 1024;
 
-template <int kDPad>
+// A warp tile is kKeys keys of K and of V; kStages tiles per warp are in flight or in use.
+// Decode is bound by the K/V read, and a warp's work per tile is a serial chain (mma,
+// shuffles, exp2), so what counts is warps per SM and bytes in flight (decode_api.cu picks).
+template <int kDPad, int kKeys_, int kStages_>
 struct Cfg {
-  static constexpr int kKeys = kTileElems / kDPad;  // keys per warp tile
+  static constexpr int kKeys = kKeys_;
+  static constexpr int kStages = kStages_;
   static constexpr int kLd = kDPad + kPad;
   static constexpr int kStageElems = 2 * kKeys * kLd;  // K then V
   static constexpr int kWarpElems = kStages * kStageElems;
   static constexpr size_t kSmemBytes = size_t(2) * (kRows * kLd + kWarps * kWarpElems);
+  static constexpr int kCtasPerSm = int(kSmemPerSm / (kSmemBytes + 1024)) < 1 ? 1
+                                    : int(kSmemPerSm / (kSmemBytes + 1024)) > 4 ? 4
+                                    : int(kSmemPerSm / (kSmemBytes + 1024));
   static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
   // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
   static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
@@ -55,26 +60,25 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
 // Address of key j's row in the K (or V) cache of entry `entry`, head hk.
 template <typename T>
 __device__ __forceinline__ const T* key_row(const DecodeParams& p, const T* base, const int64_t (&stride)[3],
-                                            int b, int entry, int hk, int64_t j) {
+                                            int b, int entry, int hk, int j) {
   if (p.block_table) {
     const int32_t page = p.block_table[b * p.bt_stride + j / p.page_size];
-    return base + int64_t(page) * stride[0] + hk * stride[1] + (j % p.page_size) * stride[2];
+    return base + int64_t(page) * stride[0] + hk * stride[1] + int64_t(j % p.page_size) * stride[2];
   }
-  return base + int64_t(entry) * stride[0] + hk * stride[1] + j * stride[2];
+  return base + int64_t(entry) * stride[0] + hk * stride[1] + int64_t(j) * stride[2];
 }
 
 // One warp tile of K and V (kKeys keys from n0; keys >= n_end and columns >= D / Dv zero).
-template <typename T, int kDPad>
+template <typename T, typename C>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
-                                             int64_t n0, int64_t n_end, int lane) {
-  using C = Cfg<kDPad>;
-  constexpr int kChunks = kDPad / 8;  // 16-byte chunks per row
+                                             int n0, int n_end, int lane) {
+  constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
   const T* gk = static_cast<const T*>(p.k);
   const T* gv = static_cast<const T*>(p.v);
 #pragma unroll 4
   for (int idx = lane; idx < C::kKeys * kChunks; idx += 32) {
     const int r = idx / kChunks, c = idx % kChunks;
-    const int64_t j = n0 + r;
+    const int j = n0 + r;
     const bool row_ok = j < n_end;
     const T* krow = row_ok ? key_row(p, gk, p.k_stride, b, entry, hk, j) : gk;
     const T* vrow = row_ok ? key_row(p, gv, p.v_stride, b, entry, hk, j) : gv;
@@ -84,10 +88,11 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p
   }
 }
 
-template <typename T, int kDPad>
-__global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeParams p) {
-  using C = Cfg<kDPad>;
-  constexpr int kKeys = C::kKeys, kLd = C::kLd;
+template <typename T, int kDPad, int kKeys, int kStages>
+__global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPerSm))
+    decode_split_kernel(const DecodeParams p) {
+  using C = Cfg<kDPad, kKeys, kStages>;
+  constexpr int kLd = C::kLd;
   constexpr int kNtS = kKeys / 8;   // S n-tiles per warp tile
   constexpr int kNtO = kDPad / 8;   // O n-tiles
   constexpr int kDSteps = kDPad / 16;
@@ -98,16 +103,18 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
 
   // blockIdx.x -> (row group, split, hk, b): the row groups of one key range run side by side
   // and share its K/V through L2.
-  int64_t bid = blockIdx.x;
-  const int rg = int(bid % p.row_groups);
+  int bid = blockIdx.x;
+  const int rg = bid % p.row_groups;
   bid /= p.row_groups;
-  const int split = int(bid % p.num_splits);
+  const int split = bid % p.num_splits;
   bid /= p.num_splits;
-  const int hk = int(bid % p.Hkv);
-  const int b = int(bid / p.Hkv);
+  const int hk = bid % p.Hkv;
+  const int b = bid / p.Hkv;
   const int entry = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
-  const int64_t L = p.seqlens_k ? p.seqlens_k[b] : p.S;
-  const int64_t off = (p.ragged ? L - p.N : 0) + p.diag_offset;  // query i sits at key i + off
+  const int L = p.seqlens_k ? p.seqlens_k[b] : p.S;
+  const int off = int((p.ragged ? L - p.N : 0) + p.diag_offset);  // query i sits at key i + off
+  const int wl = p.window_left < 0 ? -1 : int(min(p.window_left, int64_t(INT32_MAX / 4)));
+  const int wr = p.window_right < 0 ? -1 : int(min(p.window_right, int64_t(INT32_MAX / 4)));
 
   // Rows of this CTA and the query positions they span.
   const int r_begin = rg * kRows;
@@ -118,13 +125,13 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
     if (a <= z) i_lo = a, i_hi = z;
   }
   // Keys any of them may see, and this split's share (whole tiles).
-  int64_t k_lo = 0, k_hi = L;
-  if (p.window_left >= 0) k_lo = max(k_lo, i_lo + off - p.window_left);
-  if (p.window_right >= 0) k_hi = min(k_hi, i_hi + off + p.window_right + 1);
-  int64_t n_begin = k_lo, n_end = k_lo;
+  int k_lo = 0, k_hi = L;
+  if (wl >= 0) k_lo = max(k_lo, i_lo + off - wl);
+  if (wr >= 0) k_hi = min(k_hi, i_hi + off + wr + 1);
+  int n_begin = k_lo, n_end = k_lo;
   if (k_hi > k_lo) {
-    const int64_t tiles = (k_hi - k_lo + kKeys - 1) / kKeys;
-    const int64_t per_split = (tiles + p.num_splits - 1) / p.num_splits;
+    const int tiles = (k_hi - k_lo + kKeys - 1) / kKeys;
+    const int per_split = (tiles + p.num_splits - 1) / p.num_splits;
     n_begin = min(k_hi, k_lo + split * per_split * kKeys);
     n_end = min(k_hi, n_begin + per_split * kKeys);
   }
@@ -146,28 +153,41 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
     }
     cp_async_commit();
   }
-  // Per-thread rows r0 = lane / 4 and r1 = r0 + 8: their visible key interval [lo, hi) and ALiBi.
-  int64_t vis_lo[2], vis_hi[2], diag[2];
+  // Per-thread rows r0 = lane / 4 and r1 = r0 + 8: their visible keys [lo, hi) and ALiBi.
+  int vis_lo[2], vis_hi[2], diag[2];
   float slope[2];
 #pragma unroll
   for (int t = 0; t < 2; ++t) {
     const int r = (lane >> 2) + 8 * t, row = r_begin + r;
     const int h = hk * p.group + (row < p.rows ? row / p.N : 0), i = row < p.rows ? row % p.N : 0;
     diag[t] = i + off;
-    vis_lo[t] = p.window_left >= 0 ? max(int64_t(0), diag[t] - p.window_left) : 0;
-    vis_hi[t] = p.window_right >= 0 ? min(L, diag[t] + p.window_right + 1) : L;
+    vis_lo[t] = wl >= 0 ? max(0, diag[t] - wl) : 0;
+    vis_hi[t] = wr >= 0 ? min(L, diag[t] + wr + 1) : L;
     if (r >= r_count) vis_hi[t] = vis_lo[t];  // padding rows see nothing
-    slope[t] = p.alibi ? p.alibi[b * p.alibi_stride[0] + h * p.alibi_stride[1]] : 0.0f;
+    slope[t] = p.alibi ? p.alibi[b * p.alibi_stride[0] + h * p.alibi_stride[1]] * kLog2e : 0.0f;
   }
+  // Keys every row of the CTA sees: tiles inside need no per-element test.
+  // (Padding rows do not count: their scores are never written.)
+  int all_lo = INT_MIN, all_hi = INT_MAX;
+#pragma unroll
+  for (int t = 0; t < 2; ++t)
+    if ((lane >> 2) + 8 * t < r_count) all_lo = max(all_lo, vis_lo[t]), all_hi = min(all_hi, vis_hi[t]);
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    all_lo = max(all_lo, __shfl_xor_sync(0xffffffffu, all_lo, o));
+    all_hi = min(all_hi, __shfl_xor_sync(0xffffffffu, all_hi, o));
+  }
+  const bool plain = p.softcap <= 0.0f && p.alibi == nullptr;
+  const float scale_log2 = p.scale * kLog2e;
 
   // This warp's tiles: n0 = n_begin + (warp + kWarps * t) * kKeys.
-  const int64_t n_tiles = (n_end - n_begin + kKeys - 1) / kKeys;
-  const int my_tiles = n_tiles > warp ? int((n_tiles - warp + kWarps - 1) / kWarps) : 0;
-  auto tile_n0 = [&](int t) { return n_begin + int64_t(warp + kWarps * t) * kKeys; };
+  const int n_tiles = (n_end - n_begin + kKeys - 1) / kKeys;
+  const int my_tiles = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
+  auto tile_n0 = [&](int t) { return n_begin + (warp + kWarps * t) * kKeys; };
   auto stage = [&](int t) { return sW + (t % kStages) * C::kStageElems; };
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < my_tiles) load_kv_tile<T, kDPad>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane);
+    if (t < my_tiles) load_kv_tile<T, C>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane);
     cp_async_commit();
   }
 
@@ -187,6 +207,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
   float o[kNtO][4];
 #pragma unroll
   for (int nt = 0; nt < kNtO; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+  // Softmax state in the log2 domain (scores pre-multiplied by log2(e)).
   float row_max[2] = {-INFINITY, -INFINITY};
   float row_sum[2] = {0.0f, 0.0f};  // per-thread partial; quad-reduced at the end
   const float softcap = p.softcap;
@@ -194,14 +215,14 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
   for (int t = 0; t < my_tiles; ++t) {
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
-      if (tn < my_tiles) load_kv_tile<T, kDPad>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane);
+      if (tn < my_tiles) load_kv_tile<T, C>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane);
       cp_async_commit();
     }
     cp_async_wait<kStages - 1>();
     __syncwarp();
     const T* sK = stage(t);
     const T* sV = sK + kKeys * kLd;
-    const int64_t n0 = tile_n0(t);
+    const int n0 = tile_n0(t);
 
     float s[kNtS][4];
 #pragma unroll
@@ -225,35 +246,44 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
       }
     }
 
-    // Scores: scale, softcap, ALiBi, then the row's visible interval.
+    // Scores in the log2 domain: scale, softcap, ALiBi, then the row's visible keys. A tile
+    // every row sees whole, without softcap or ALiBi, is one multiply per element.
+    if (plain && n0 >= all_lo && n0 + kKeys <= all_hi) {
+#pragma unroll
+      for (int nt = 0; nt < kNtS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale_log2;
+    } else {
+#pragma unroll
+      for (int nt = 0; nt < kNtS; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int t2 = e >> 1;
+          const int j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+          float x = s[nt][e] * p.scale;
+          if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
+          x *= kLog2e;
+          if (p.alibi) x -= slope[t2] * float(abs(diag[t2] - j));
+          s[nt][e] = (j >= vis_lo[t2] && j < vis_hi[t2]) ? x : -INFINITY;
+        }
+      }
+    }
     float tile_max[2] = {row_max[0], row_max[1]};
 #pragma unroll
     for (int nt = 0; nt < kNtS; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int t2 = e >> 1;
-        const int64_t j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-        float x = s[nt][e] * p.scale;
-        if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
-        if (p.alibi) {
-          const int64_t d = diag[t2] - j;
-          x -= slope[t2] * float(d < 0 ? -d : d);
-        }
-        x = (j >= vis_lo[t2] && j < vis_hi[t2]) ? x : -INFINITY;
-        s[nt][e] = x;
-        tile_max[t2] = fmaxf(tile_max[t2], x);
-      }
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(s[nt][0], s[nt][1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(s[nt][2], s[nt][3]));
     }
-    float neg_max_log2[2];
+    float neg_max[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_use = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // exp(-inf - 0) = 0, not NaN
-      const float alpha = exp2f((row_max[r] - m_use) * kLog2e);
+      const float m_use = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // exp2(-inf - 0) = 0, not NaN
+      const float alpha = exp2f(row_max[r] - m_use);
       row_max[r] = tile_max[r];
       row_sum[r] *= alpha;
-      neg_max_log2[r] = -m_use * kLog2e;
+      neg_max[r] = -m_use;
 #pragma unroll
       for (int nt = 0; nt < kNtO; ++nt) o[nt][2 * r] *= alpha, o[nt][2 * r + 1] *= alpha;
     }
@@ -261,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
     for (int nt = 0; nt < kNtS; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(fmaf(s[nt][e], kLog2e, neg_max_log2[e >> 1]));
+        s[nt][e] = exp2f(s[nt][e] + neg_max[e >> 1]);
         row_sum[e >> 1] += s[nt][e];
       }
     }
@@ -327,12 +357,12 @@ __global__ void __launch_bounds__(kThreads, 1) decode_split_kernel(const DecodeP
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
       const float* buf = warp_buf(w);
-      const float wgt = exp2f((buf[kRows * kDPad + r] - m_use) * kLog2e);
+      const float wgt = exp2f(buf[kRows * kDPad + r] - m_use);
       sum += wgt * buf[kRows * kDPad + kRows + r];
       acc += wgt * buf[r * kDPad + col];
     }
     const float val = sum > 0.0f ? acc / sum : 0.0f;
-    const float lse = sum > 0.0f ? m_use + logf(sum) : -INFINITY;
+    const float lse = sum > 0.0f ? (m_use + log2f(sum)) / kLog2e : -INFINITY;  // natural log
     const int row = r_begin + r;
     const int h = hk * p.group + row / p.N, i = row % p.N;
     if (direct) {
