@@ -25,7 +25,6 @@ using cuda_generic::strides3;
 // rows, four row groups re-reading K/V ran at a fifth of the Hopper kernel's speed). Calls with cache lengths (seqlens_k) are served
 // at any size: no other CUDA kernel takes them.
 constexpr int64_t kMaxDenseRows = 16;
-constexpr int kMaxSplits = 128;
 
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
@@ -80,7 +79,7 @@ int num_splits(const AttentionParams& p) {
   const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
   const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * sm_count(p.q.device_id);
   const int64_t want = std::max<int64_t>(1, wave / ctas);
-  return int(std::clamp<int64_t>(std::min(want, by_length), 1, kMaxSplits));
+  return int(std::clamp<int64_t>(std::min(want, by_length), 1, cuda_decode::kMaxSplits));
 }
 
 template <typename T, int kDPad, int kKeys, int kStages>

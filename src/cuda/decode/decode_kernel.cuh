@@ -31,6 +31,7 @@ constexpr int kRows = 16;  // query rows per CTA (one m16 tile)
 constexpr int kPad = 8;    // row padding: ldmatrix rows land on distinct banks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
+constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
 
 // A warp tile is kKeys keys of K and of V; kStages tiles per warp are in flight or in use.
 // Decode is bound by the K/V read, and a warp's work per tile is a serial chain (mma,
@@ -378,11 +379,15 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 }
 
 // out[b, h, i] = sum over splits of exp(lse_s - lse) * out_s, lse = logsumexp(lse_s);
-// one warp per (b, h, i) row. A row no split saw gives zeros and -inf.
+// one warp per (b, h, i) row. The split weights go to shared memory once; then each lane
+// sums four columns over the splits with independent float4 loads (a chain of dependent
+// loads per column made this kernel as slow as the split kernel at batch 1). A row no split
+// saw gives zeros and -inf.
 template <typename T>
 __global__ void __launch_bounds__(128) decode_combine_kernel(const DecodeParams p) {
-  const int lane = threadIdx.x & 31;
-  const int64_t cell = int64_t(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  __shared__ float weights[4][kMaxSplits];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t cell = int64_t(blockIdx.x) * 4 + warp;
   const int64_t cells = int64_t(p.B) * p.H * p.N;
   if (cell >= cells) return;
   const int64_t stride = cells;  // between splits
@@ -392,19 +397,29 @@ __global__ void __launch_bounds__(128) decode_combine_kernel(const DecodeParams 
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   const float m_use = m == -INFINITY ? 0.0f : m;
   float sum = 0.0f;
-  for (int s = lane; s < p.num_splits; s += 32) sum += exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
+  for (int s = lane; s < p.num_splits; s += 32) {
+    const float w = exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
+    weights[warp][s] = w;
+    sum += w;
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  __syncwarp();
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   const int i = int(cell % p.N), h = int(cell / p.N % p.H), b = int(cell / p.N / p.H);
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-  for (int col = lane; col < p.Dv; col += 32) {
-    float acc = 0.0f;
+  for (int col = lane * 4; col < p.Dv; col += 128) {  // Dv % 8 == 0: whole float4s
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#pragma unroll 8
     for (int s = 0; s < p.num_splits; ++s) {
-      const float w = exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
-      if (w > 0.0f) acc += w * p.part_out[(s * stride + cell) * p.Dv + col];
+      const float w = weights[warp][s];
+      const float4 x = __ldg(reinterpret_cast<const float4*>(p.part_out + (s * stride + cell) * p.Dv + col));
+      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
     }
-    out[col] = Elem<T>::from_float(acc * inv);
+    out[col] = Elem<T>::from_float(acc.x * inv);
+    out[col + 1] = Elem<T>::from_float(acc.y * inv);
+    out[col + 2] = Elem<T>::from_float(acc.z * inv);
+    out[col + 3] = Elem<T>::from_float(acc.w * inv);
   }
   if (lane == 0 && p.lse)
     p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = sum > 0.0f ? m_use + logf(sum) : -INFINITY;
