@@ -102,6 +102,13 @@ struct AttentionParams {
   // only, with its diagonal at its own length: diag_offset is added to seqlens_k[b] - N.
   // Not combined with varlen, block masks, bias, bool_mask or attn_weights.
   TensorRef seqlens_k;
+  // With seqlens_k, two ways to find an entry's keys (CUDA decode kernel only; the CPU
+  // kernels take dense caches). block_table (int32 [B, max_pages]): k and v are page pools
+  // viewed [num_pages, Hkv, page_size, D], key j of entry b lives in page
+  // block_table[b, j / page_size] at slot j % page_size, and S = max_pages * page_size.
+  // kv_batch_idx (int32 [B]): k and v are [Bc, Hkv, S, D] caches and entry b reads
+  // cache kv_batch_idx[b]. The indices are not checked on the device.
+  TensorRef block_table, kv_batch_idx;
 
   // Block-sparse mask: bool [B, H, NQ, NK] (broadcast through zero strides), NQ =
   // ceil(N / block_q), NK = ceil(S / block_k). Key j is hidden from query i when block
@@ -118,6 +125,8 @@ struct AttentionParams {
   bool varlen() const { return cu_seqlens_q.present(); }
   // Whether the call splits into one dense problem per sequence or batch entry.
   bool ragged() const { return cu_seqlens_q.present() || seqlens_k.present(); }
+  // Whether k and v are read through block_table or kv_batch_idx rather than by batch index.
+  bool indirect_kv() const { return block_table.present() || kv_batch_idx.present(); }
 };
 
 enum class StatusCode : int32_t { ok = 0, invalid_argument = 1, not_implemented = 2, runtime_error = 3 };

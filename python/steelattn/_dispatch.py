@@ -48,7 +48,7 @@ def get_dispatch_stats() -> dict:
                    "backward cuda_sm90 -> cuda_generic: <why>": n,
                    "steelattn -> torch: <why>": n}}
 
-    Paths are cpu_avx512, cpu_avx2, cpu_scalar, cuda_sm90, cuda_generic and torch.
+    Paths are cpu_avx512, cpu_avx2, cpu_scalar, cuda_sm90, cuda_generic, cuda_decode and torch.
     A steelattn backward is counted when it runs; a call that goes to torch counts a
     torch forward, and a torch backward when it needs gradients."""
     with _lock:

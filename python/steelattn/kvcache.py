@@ -10,10 +10,10 @@ its positions and q at cache_seqlens[b] + i when causal (the queries are the new
 tokens), at cache_seqlens[b] otherwise; only the first rotary_dim features turn.
 
 Where it runs. The lengths reach the kernels as a device tensor (AttentionParams::
-seqlens_k): the CPU kernels split the batch into one problem per entry. The CUDA kernels
-do not take cache lengths yet (no split-KV decode either): CUDA calls take the torch
-path, counted. Paged pools are gathered into a dense view per call here (a copy), not
-read page by page by a kernel yet.
+seqlens_k): the CPU kernels split the batch into one problem per entry; on CUDA the
+split-KV decode kernel (src/cuda/decode) serves them, reading paged pools through the
+block table and cache slots through cache_batch_idx in place, at any page size. The
+CPU kernels and the torch path (CUDA calls with gradients, fp32) read a dense gather.
 """
 from __future__ import annotations
 
@@ -221,11 +221,17 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
                 v_cache[rows, :, pos] = v_new.permute(0, 2, 1, 3).to(v_cache.dtype)
     used = (lens + Nnew) if Nnew else lens
     if paged:
-        k, v = paged_view(k_cache, block_table), paged_view(v_cache, block_table)
+        dense_kv = lambda: (paged_view(k_cache, block_table), paged_view(v_cache, block_table))  # noqa: E731
+    elif slot is not None:
+        dense_kv = lambda: (k_cache.index_select(0, slot), v_cache.index_select(0, slot))  # noqa: E731
     else:
-        k, v = (k_cache.index_select(0, slot), v_cache.index_select(0, slot)) if slot is not None else (k_cache,
-                                                                                                        v_cache)
-    out, lse = _attend(q, k, v, used, scale, softcap, alibi, wl, wr, return_lse or sinks is not None)
+        dense_kv = lambda: (k_cache, v_cache)  # noqa: E731
+    direct = None  # the CUDA decode kernel reads pages and cache slots in place
+    if q.is_cuda and paged:
+        direct = (k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), dict(block_table=block_table))
+    elif q.is_cuda and slot is not None:
+        direct = (k_cache, v_cache, dict(kv_batch_idx=cache_batch_idx))
+    out, lse = _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse or sinks is not None)
     if sinks is not None:
         out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     return (out, lse) if return_lse else out
@@ -250,9 +256,12 @@ def flash_attention_paged(q, k_pages, v_pages, block_table, seq_lens, *, scale=N
                                    alibi_slopes=alibi_slopes, return_lse=return_lse)
 
 
-def _attend(q, k, v, used, scale, softcap, alibi, wl, wr, return_lse):
-    """q [B, H, N, D] against k/v [B, Hkv, Smax, D] with entry b using its first used[b] keys."""
+def _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse):
+    """q [B, H, N, D] against the cache, entry b using its first used[b] keys. dense_kv()
+    gives k/v as [B, Hkv, Smax, D] (a gather for pages and cache slots); direct is
+    (k, v, Extra fields) for a kernel that reads pages or slots in place, or None."""
     def fallback(rng):  # torch, one entry at a time (reads the lengths: a host sync on CUDA)
+        k, v = dense_kv()
         outs, lses = [], []
         for b, n in enumerate(used.tolist()):
             o, l, _ = attention_reference(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], scale=scale,
@@ -263,8 +272,9 @@ def _attend(q, k, v, used, scale, softcap, alibi, wl, wr, return_lse):
             lses.append(l)
         return torch.cat(outs), torch.cat(lses), None
 
+    k, v, fields = direct if direct is not None else (*dense_kv(), {})
     out, lse, _ = _run(_FN, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=None,
                        diag_offset=0, wl=wl, wr=wr, dropout_p=0.0, generator=None, return_lse=return_lse,
                        return_weights=False, backend="auto", torch_fallback=fallback, deterministic=False,
-                       extra=Extra(seqlens_k=used.to(torch.int32)))
+                       extra=Extra(seqlens_k=used.to(torch.int32), **fields))
     return out, lse

@@ -10,7 +10,8 @@ skip this layer (_autograd.py); both end in the same extension calls (_kernel.py
 Dropout's (seed, offset) travel as a 2-element int64 CPU tensor rather than two
 ints: a new seed each step then does not make torch.compile recompile. Varlen calls add
 cu_seqlens_q/k (q, k, v then packed [1, H, total, D] views), block-sparse calls a block
-mask with its block sizes, KV-cache calls the used lengths seqlens_k (_extra.Extra):
+mask with its block sizes, KV-cache calls the used lengths seqlens_k with a block table or
+cache slots (_extra.Extra):
 trailing optional arguments of both ops.
 """
 from __future__ import annotations
@@ -37,10 +38,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
                   window_right: int, dropout_p: float, rng: Optional[Tensor],
                   deterministic: bool = False, cu_seqlens_q: Optional[Tensor] = None,
                   cu_seqlens_k: Optional[Tensor] = None, block_mask: Optional[Tensor] = None, block_q: int = 0,
-                  block_k: int = 0, seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  block_k: int = 0, seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                  kv_batch_idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """(out, lse). `deterministic` only matters to the backward (bit-identical gradients)."""
     sc = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, deterministic)
-    extra = Extra(cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k)
+    extra = Extra(cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k, block_table, kv_batch_idx)
     out, lse, _ = _kernel.run_forward(q, k, v, alibi_slopes, bias, bool_mask, sc, _kernel.RUN, extra=extra)
     return out, lse
 
@@ -48,7 +50,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, alibi_slopes: Optional[Tensor
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, alibi_slopes, bias, bool_mask, scale, softcap, diag_offset, window_left,
                         window_right, dropout_p, rng, deterministic=False, cu_seqlens_q=None, cu_seqlens_k=None,
-                        block_mask=None, block_q=0, block_k=0, seqlens_k=None):
+                        block_mask=None, block_q=0, block_k=0, seqlens_k=None, block_table=None, kv_batch_idx=None):
     B, H, N, _ = q.shape
     if _kernel.token_major_out(q, cu_seqlens_q):  # as run_forward allocates it
         out = q.new_empty(N, H, v.size(3)).permute(1, 0, 2).unsqueeze(0)
@@ -64,10 +66,11 @@ def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
                   rng: Optional[Tensor], want_dbias: bool,
                   deterministic: bool = False, cu_seqlens_q: Optional[Tensor] = None,
                   cu_seqlens_k: Optional[Tensor] = None, block_mask: Optional[Tensor] = None, block_q: int = 0,
-                  block_k: int = 0, seqlens_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                  block_k: int = 0, seqlens_k: Optional[Tensor] = None, block_table: Optional[Tensor] = None,
+                  kv_batch_idx: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dbias); dbias is [B, H, N, S] when want_dbias, else empty."""
     sc = _scalars(scale, softcap, diag_offset, window_left, window_right, dropout_p, rng, deterministic)
-    extra = Extra(cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k)
+    extra = Extra(cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k, block_table, kv_batch_idx)
     dq, dk, dv, dbias = _kernel.run_backward(dout, dlse, q, k, v, out, lse, alibi_slopes, bias, bool_mask, sc,
                                              want_dbias, extra)
     return dq, dk, dv, dbias if want_dbias else q.new_empty((0,), dtype=lse.dtype)
@@ -77,7 +80,7 @@ def attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v:
 def _attention_bwd_fake(dout, dlse, q, k, v, out, lse, alibi_slopes, bias, bool_mask, scale, softcap, diag_offset,
                         window_left, window_right, dropout_p, rng, want_dbias, deterministic=False,
                         cu_seqlens_q=None, cu_seqlens_k=None, block_mask=None, block_q=0, block_k=0,
-                        seqlens_k=None):
+                        seqlens_k=None, block_table=None, kv_batch_idx=None):
     B, H, N, _ = q.shape
     dbias = q.new_empty((B, H, N, k.size(2)) if want_dbias else (0,), dtype=lse.dtype)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
@@ -88,16 +91,18 @@ _SCALAR_ARGS = ("scale", "softcap", "diag_offset", "window_left", "window_right"
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, alibi_slopes, bias, bool_mask, *scalars, rng, deterministic, cu_q, cu_k, block_mask, block_q,
-     block_k, seqlens_k) = inputs
+     block_k, seqlens_k, block_table, kv_batch_idx) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, bias, bool_mask, rng, cu_q, cu_k, block_mask, seqlens_k)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, bias, bool_mask, rng, cu_q, cu_k, block_mask, seqlens_k,
+                          block_table, kv_batch_idx)
     ctx.scalars = dict(zip(_SCALAR_ARGS, scalars))
     ctx.deterministic = deterministic
     ctx.blocks = (block_q, block_k)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes, bias, bool_mask, rng, cu_q, cu_k, block_mask, seqlens_k = ctx.saved_tensors
+    (q, k, v, out, lse, alibi_slopes, bias, bool_mask, rng, cu_q, cu_k, block_mask, seqlens_k, block_table,
+     kv_batch_idx) = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     want_dbias = bool(ctx.needs_input_grad[4])
@@ -105,8 +110,8 @@ def _backward(ctx, dout, dlse):
                                       **ctx.scalars, rng=rng, want_dbias=want_dbias,
                                       deterministic=ctx.deterministic, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
                                       block_mask=block_mask, block_q=ctx.blocks[0], block_k=ctx.blocks[1],
-                                      seqlens_k=seqlens_k)
-    return (dq, dk, dv, None, dbias if want_dbias else None) + (None,) * 15
+                                      seqlens_k=seqlens_k, block_table=block_table, kv_batch_idx=kv_batch_idx)
+    return (dq, dk, dv, None, dbias if want_dbias else None) + (None,) * 17
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

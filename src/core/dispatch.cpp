@@ -80,7 +80,10 @@ constexpr Supports kSm90Forward = nullptr, kGenericForward = nullptr, kSm90Backw
 PathChoice choose_forward_path(const AttentionParams& p) {
   if (p.q.device == Device::cpu) {
     PathChoice c;
-    c.path = cpu_path(p);
+    if (p.indirect_kv())
+      c.why_not = "block_table / kv_batch_idx: the CPU kernels take dense caches (flash_attention_kvcache gathers)";
+    else
+      c.path = cpu_path(p);
     return c;
   }
 #if defined(STEELATTN_WITH_CUDA)
@@ -101,6 +104,11 @@ PathChoice choose_forward_path(const AttentionParams& p) {
 
 PathChoice choose_backward_path(const AttentionParams& p) {
   if (p.q.device == Device::cpu) return choose_forward_path(p);
+  if (p.indirect_kv()) {
+    PathChoice c;
+    c.why_not = "block_table / kv_batch_idx: no backward kernel reads paged or slot-mapped caches";
+    return c;
+  }
   return choose_cuda_path(p, kSm90Backward, kGenericBackward);
 }
 

@@ -102,6 +102,26 @@ Status validate_varlen(AttentionParams& p) {
   return Status::Ok();
 }
 
+// block_table / kv_batch_idx (steelattn.h): their shapes, and S from the pages.
+Status validate_indirect_kv(AttentionParams& p) {
+  if (!p.seqlens_k.present()) return Status::Invalid("block_table, kv_batch_idx: need seqlens_k (the used lengths)");
+  if (p.block_table.present() && p.kv_batch_idx.present())
+    return Status::Invalid("block_table, kv_batch_idx: give one of them (a paged batch maps through its block table)");
+  const TensorRef& t = p.block_table.present() ? p.block_table : p.kv_batch_idx;
+  const char* name = p.block_table.present() ? "block_table" : "kv_batch_idx";
+  const int want_dims = p.block_table.present() ? 2 : 1;
+  if (t.dtype != DType::i32 || t.ndim != want_dims || t.shape[0] != p.B)
+    return Status::Invalid(std::string(name) + ": must be int32 " + (want_dims == 2 ? "[B, max_pages]" : "[B]") +
+                           " with B = " + std::to_string(p.B) + ", got " + dtype_name(t.dtype) + " " + shape_str(t));
+  Status st = check_same_device(t, p.q, name);
+  if (!st.ok()) return st;
+  if (p.v.shape[0] != p.k.shape[0])
+    return Status::Invalid("v: " + shape_str(p.v) + " must have k's " + std::to_string(p.k.shape[0]) +
+                           (p.block_table.present() ? " pages" : " cache entries"));
+  if (p.block_table.present()) p.S = t.shape[1] * p.k.shape[2];  // pages [num_pages, Hkv, page_size, D]
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status validate_forward(AttentionParams& p) {
@@ -130,11 +150,15 @@ Status validate_forward(AttentionParams& p) {
   p.S = p.k.shape[2];
   p.Dv = p.v.shape[3];
   p.num_seqs = 0;
-  if (p.k.shape[0] != p.B || p.v.shape[0] != p.B)
+  if (p.indirect_kv()) {
+    Status st = validate_indirect_kv(p);
+    if (!st.ok()) return st;
+  } else if (p.k.shape[0] != p.B || p.v.shape[0] != p.B) {
     return Status::Invalid("k, v: batch size must equal q's (" + std::to_string(p.B) + ")");
+  }
   if (p.k.shape[3] != p.D)
     return Status::Invalid("k: head dim " + std::to_string(p.k.shape[3]) + " differs from q's " + std::to_string(p.D));
-  if (p.v.shape[1] != p.Hkv || p.v.shape[2] != p.S)
+  if (p.v.shape[1] != p.Hkv || p.v.shape[2] != p.k.shape[2])
     return Status::Invalid("v: shape " + shape_str(p.v) + " must be [B, Hkv, S, Dv] with k's Hkv and S");
   if (p.Hkv < 1 || p.H % p.Hkv != 0)
     return Status::Invalid("k: number of heads " + std::to_string(p.Hkv) + " must divide q's " + std::to_string(p.H));

@@ -129,7 +129,8 @@ TensorRef to_ref(nb::handle obj, const char* name) {
 AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse,
                             nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars,
                             int num_threads, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
-                            nb::handle block_mask, int64_t block_q, int64_t block_k, nb::handle seqlens_k) {
+                            nb::handle block_mask, int64_t block_q, int64_t block_k, nb::handle seqlens_k,
+                            nb::handle block_table, nb::handle kv_batch_idx) {
   if (scalars.size() != 9) throw nb::value_error("scalars: expected 9 values");
   AttentionParams p;
   p.q = to_ref(q, "q");
@@ -146,6 +147,8 @@ AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle
   p.block_q = block_q;
   p.block_k = block_k;
   p.seqlens_k = to_ref(seqlens_k, "seqlens_k");
+  p.block_table = to_ref(block_table, "block_table");
+  p.kv_batch_idx = to_ref(kv_batch_idx, "kv_batch_idx");
   p.scale = nb::cast<double>(scalars[0]);
   p.softcap = nb::cast<double>(scalars[1]);
   p.diag_offset = nb::cast<int64_t>(scalars[2]);
@@ -197,10 +200,12 @@ NB_MODULE(_ext, m) {
       "forward",
       [](nb::handle q, nb::handle k, nb::handle v, nb::handle out, nb::handle lse, nb::handle attn_weights,
          nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads,
-         uintptr_t stream, int mode, nb::handle alloc_workspace, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle block_mask,
-         int64_t block_q, int64_t block_k, nb::handle seqlens_k) {
+         uintptr_t stream, int mode, nb::handle alloc_workspace, nb::handle cu_seqlens_q,
+         nb::handle cu_seqlens_k, nb::handle block_mask, int64_t block_q, int64_t block_k, nb::handle seqlens_k,
+         nb::handle block_table, nb::handle kv_batch_idx) {
         AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads,
-                                        cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k);
+                                        cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k,
+                                        block_table, kv_batch_idx);
         p.attn_weights = to_ref(attn_weights, "attn_weights");
         Status st = validate_forward(p);
         if (!st.ok()) raise(st);
@@ -231,6 +236,7 @@ NB_MODULE(_ext, m) {
       nb::arg("cu_seqlens_k").none() = nb::none(),
       nb::arg("block_mask").none() = nb::none(), nb::arg("block_q") = 0, nb::arg("block_k") = 0,
       nb::arg("seqlens_k").none() = nb::none(),
+      nb::arg("block_table").none() = nb::none(), nb::arg("kv_batch_idx").none() = nb::none(),
       "One attention forward: validate, select, run; a kernel that needs scratch gets it from "
       "alloc_workspace(nbytes). mode 0 runs; 1 runs for training (selects the backward too "
       "and refuses, writing nothing, when no kernel computes it); 2 only selects. Returns (path, note, "
@@ -243,9 +249,10 @@ NB_MODULE(_ext, m) {
          nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle bias,
          nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads, uintptr_t stream,
          nb::handle alloc_workspace, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle block_mask,
-         int64_t block_q, int64_t block_k, nb::handle seqlens_k) {
+         int64_t block_q, int64_t block_k, nb::handle seqlens_k, nb::handle block_table, nb::handle kv_batch_idx) {
         AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads,
-                                        cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k);
+                                        cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k,
+                                        block_table, kv_batch_idx);
         p.dout = to_ref(dout, "dout");
         p.dlse = to_ref(dlse, "dlse");
         p.dq = to_ref(dq, "dq");
@@ -276,6 +283,7 @@ NB_MODULE(_ext, m) {
       nb::arg("stream"), nb::arg("alloc_workspace"), nb::arg("cu_seqlens_q").none() = nb::none(),
       nb::arg("cu_seqlens_k").none() = nb::none(), nb::arg("block_mask").none() = nb::none(), nb::arg("block_q") = 0,
       nb::arg("block_k") = 0, nb::arg("seqlens_k").none() = nb::none(),
+      nb::arg("block_table").none() = nb::none(), nb::arg("kv_batch_idx").none() = nb::none(),
       "Gradients dq, dk, dv (and dbias) of one attention call: validate, select, run. A kernel that needs "
       "scratch gets it from alloc_workspace(nbytes) (a 1-d uint8 tensor). Returns (path, demoted).");
 

@@ -12,7 +12,7 @@ from conftest import TOL, assert_close, randn
 import steelattn
 from steelattn.reference import attention_reference
 
-STEEL_PATHS = {"cpu_avx512", "cpu_avx2", "cpu_scalar", "cuda_sm90", "cuda_generic"}
+STEEL_PATHS = {"cpu_avx512", "cpu_avx2", "cpu_scalar", "cuda_sm90", "cuda_generic", "cuda_decode"}
 
 
 def test_is_available_and_device_info():

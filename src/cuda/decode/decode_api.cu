@@ -132,6 +132,8 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
       p.attn_weights.present() || p.dropout_p > 0.0f)
     return no("no varlen, block_mask, bias, bool_mask, attention weights or dropout");
   if (p.D > 256 || p.Dv > 256 || p.D % 8 || p.Dv % 8) return no("head dims must be multiples of 8, at most 256");
+  if (p.block_table.present() && p.block_table.stride[1] != 1 && p.block_table.shape[1] > 1)
+    return no("block_table rows must be contiguous");
   if (p.B > INT32_MAX || p.H > INT32_MAX || p.N > INT32_MAX || p.S > INT32_MAX)
     return no("B, H, N and S must each fit in int32");
   for (const TensorRef* t : {&p.q, &p.k, &p.v}) {  // cp.async moves 16-byte row chunks
@@ -176,6 +178,12 @@ Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stre
     for (int d = 0; d < 3; ++d) k.lse_stride[d] = tmp[d];
   }
   k.seqlens_k = p.seqlens_k.present() ? static_cast<const int32_t*>(p.seqlens_k.data) : nullptr;
+  if (p.block_table.present()) {  // k, v: pools viewed [num_pages, Hkv, page_size, D]
+    k.block_table = static_cast<const int32_t*>(p.block_table.data);
+    k.bt_stride = p.block_table.stride[0];
+    k.page_size = int32_t(p.k.shape[2]);
+  }
+  k.kv_batch_idx = p.kv_batch_idx.present() ? static_cast<const int32_t*>(p.kv_batch_idx.data) : nullptr;
   k.B = int32_t(p.B), k.H = int32_t(p.H), k.Hkv = int32_t(p.Hkv), k.group = int32_t(p.H / p.Hkv);
   k.N = int32_t(p.N), k.S = int32_t(p.S), k.D = int32_t(p.D), k.Dv = int32_t(p.Dv);
   k.rows = k.group * k.N;

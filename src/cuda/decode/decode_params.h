@@ -25,7 +25,8 @@ struct DecodeParams {
   // Keys used per entry (null: all S) and the cache entry of each batch entry (null: b).
   const int32_t* seqlens_k;
   const int32_t* kv_batch_idx;
-  // Paged caches: block_table[b * bt_stride + j / page_size] holds key j's page (null: dense).
+  // Paged caches: block_table[b * bt_stride + j / page_size] holds key j's page (null: dense);
+  // k_stride / v_stride are then (page, hkv, slot) strides.
   const int32_t* block_table;
   int64_t bt_stride;
   int32_t page_size;
