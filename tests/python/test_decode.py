@@ -160,3 +160,40 @@ def test_calls_outside_the_decode_kernel_say_why():
     assert any("cuda_decode: head dims must be multiples of 8" in why for why in stats["demotions"]), stats
     ref, _ = _kvcache_reference(q, k, v, [200])
     assert_close(out, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 37, 256])
+def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
+    """Pages through a shuffled block table (unused entries -1) and cache slots through
+    cache_batch_idx: the decode kernel reads them where they lie, no gather (dispatch stats)."""
+    B, H, Hkv, D, Smax = 3, 16, 4, 128, 3000
+    g = torch.Generator(device="cuda").manual_seed(page_size)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    hist_k = torch.randn(B, Hkv, Smax, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    hist_v = torch.randn(B, Hkv, Smax, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = [2999, 0, 1234]
+    P = -(-Smax // page_size)
+    perm = torch.randperm(B * P + 5, device="cuda")[:B * P].view(B, P).to(torch.int32)
+    pool_k = torch.randn(B * P + 5, page_size, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    pool_v = torch.randn_like(pool_k)
+    padded = torch.zeros(B, Hkv, P * page_size, D, device="cuda", dtype=torch.bfloat16)
+    for src, pool in ((hist_k, pool_k), (hist_v, pool_v)):
+        padded.zero_()
+        padded[:, :, :Smax] = src
+        pool[perm.long()] = padded.view(B, Hkv, P, page_size, D).permute(0, 2, 3, 1, 4)
+    table = perm.clone()
+    for b, n in enumerate(lens):  # pages past the length are unused: -1, never read
+        table[b, -(-n // page_size):] = -1
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_kvcache(q, pool_k, pool_v, block_table=table, cache_seqlens=lens_t)
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    ref, _ = _kvcache_reference(q, hist_k, hist_v, lens)
+    assert_close(out, ref, torch.bfloat16)
+
+    slots = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")  # entry b reads cache slots[b]
+    caches_k, caches_v = hist_k[[1, 2, 0]].contiguous(), hist_v[[1, 2, 0]].contiguous()
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_kvcache(q, caches_k, caches_v, cache_batch_idx=slots, cache_seqlens=lens_t)
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    assert_close(out, ref, torch.bfloat16)
