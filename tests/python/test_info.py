@@ -53,7 +53,7 @@ FEATURE_CALLS = {
     "head_dim_1_to_512": [dict(shape=(1, 2, 2, 20, 20, d, d)) for d in (1, 7, 80, 512)],
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
     "block_sparse": dict(kw=dict(causal=True), grad=True, sparse=True),
-    "kv_cache": dict(shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), kvcache=True),
+    "kv_cache": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), kvcache=True),
     # Not implemented: the call raises NotImplementedError (no torch path).
     "varlen_dropout": dict(kw=dict(causal=True, dropout_p=0.1), varlen=True, raises=True),
     "packed_inputs": dict(kw=dict(causal=True), grad=True, packed=True),
