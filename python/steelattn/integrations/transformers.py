@@ -8,14 +8,15 @@ register() adds "steelattn" to transformers' AttentionInterface (the attention f
 below) and AttentionMaskInterface (transformers' own SDPA mask builder, so causal masks,
 sliding windows and padding are built exactly as for "sdpa", never dropped). Where that
 builder can skip the mask (no padding, a causal or windowed pattern the kernel knows),
-the call runs mask-free on the fastest kernel with causal / window from the layer; where
-it returns a mask (padding, a window shorter than the keys), the mask goes to the kernel
-as a boolean attn_bias. Softcap (Gemma-2), sinks (`s_aux`, gpt-oss), GQA and dropout
+the call runs mask-free on the fastest kernel with causal / window from the layer (a
+sliding window never forces a mask; see mask_function); where it returns a mask
+(padding, a static cache's empty slots), the mask goes to the kernel as a boolean attn_bias. Softcap (Gemma-2), sinks (`s_aux`, gpt-oss), GQA and dropout
 are passed through. HF's sliding_window=W is a window of W - 1 keys to the left.
 """
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 
 import torch
@@ -70,8 +71,34 @@ def register(verbose=False):
         AttentionMaskInterface = sdpa_mask = None
     AttentionInterface.register(NAME, attention_forward)
     if AttentionMaskInterface is not None:
-        AttentionMaskInterface.register(NAME, sdpa_mask)
+        _state["sdpa_mask"], _state["sdpa_mask_signature"] = sdpa_mask, inspect.signature(sdpa_mask)
+        AttentionMaskInterface.register(NAME, mask_function)
     _state["verbose"] = bool(verbose)
+
+
+def mask_function(*args, **kwargs):
+    """transformers' SDPA mask builder with two changes for our kernels.
+
+    - A sliding window needs no mask: the layer passes `sliding_window` to
+      attention_forward and the kernel applies it, so the builder is not told about it when
+      the mask can be skipped (Gemma-2 / gpt-oss sliding layers then run mask-free on the
+      Hopper kernels instead of with a dense boolean mask on the generic one).
+    - The mask is skipped only when top-left and bottom-right alignment agree (one query,
+      or as many queries as keys). SDPA also skips it for a prefill into a static cache
+      (more key slots than queries, the future ones empty), relying on torch's top-left
+      causal alignment; our causal is bottom-right, so that case gets its mask.
+
+    Arguments as transformers passes them (by name; 4.5x gives cache_position, 5.x q_length).
+    """
+    sdpa_mask = _state["sdpa_mask"]
+    call = _state["sdpa_mask_signature"].bind_partial(*args, **kwargs).arguments
+    extra = call.pop("kwargs", {})
+    q_length = call["q_length"] if "q_length" in call else call["cache_position"].shape[0]
+    skip = bool(call.get("allow_is_causal_skip", True)) and (q_length == 1 or q_length == call["kv_length"])
+    call["allow_is_causal_skip"] = skip
+    if skip:
+        call["local_size"] = None
+    return sdpa_mask(**call, **extra)
 
 
 def unregister():
