@@ -4,8 +4,8 @@ attention implementation on the same weights in the same process.
 CUDA (bf16): train_llama / train_gemma2 (a training step, forward + backward, B2 N4096, 4
 layers, hidden 2048; Llama-style 16/4 heads D128, Gemma-2-style 8/4 heads D256 with
 softcap 50 and an alternating window of 1024), prefill_llama (8192 tokens, no grad),
-decode_b1 / decode_b16 (greedy tokens/s with a static cache, the forward compiled with
-mode="reduce-overhead", i.e. CUDA graphs). CPU: the same cases on tiny models (a smoke
+decode_b1 / decode_b16 (greedy tokens/s with a static cache; transformers compiles the
+decode step with mode="reduce-overhead", i.e. CUDA graphs). CPU: the same cases on tiny models (a smoke
 run). Rows {"op": "e2e", "case", "impl", "ms" | "tok_s"}; implementations steelattn,
 sdpa, eager and flash_attention_2/3/4 where transformers can load them.
 """
@@ -102,8 +102,10 @@ def bench_e2e(device="cpu", quick=False, log=print, run=None):
                     m.eval()
                     kw = dict(max_new_tokens=sz["new"], min_new_tokens=sz["new"], do_sample=False,
                               cache_implementation="static")
-                    if cuda:
-                        m.forward = torch.compile(m.forward, mode="reduce-overhead")
+                    # transformers compiles the decode step itself for a static cache on CUDA
+                    # (CompileConfig: mode "reduce-overhead", i.e. CUDA graphs); compiling
+                    # m.forward here as well made the graphs of prefill and decode overwrite
+                    # each other's outputs (measured: every implementation failed).
                     m.generate(ids, **kw)  # warm-up: compiles and captures
                     sync()
                     t0 = time.perf_counter()

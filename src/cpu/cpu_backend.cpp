@@ -43,7 +43,7 @@ namespace {
 
 using Entry = Status (*)(const AttentionParams*, int64_t);
 
-// One entry call: the dense problem, or a ragged call's parts (split_sequences).
+// One backward entry call: the dense problem, or a ragged call's parts (split_sequences).
 Status run_cpu(const AttentionParams& p, Entry entry) {
   if (!p.ragged()) return entry(&p, 1);
   const std::vector<AttentionParams> seqs = cpu::split_sequences(p);
@@ -76,7 +76,13 @@ Entry backward_entry(const AttentionParams& p, CpuIsa isa) {
 
 }  // namespace
 
-Status cpu_forward(const AttentionParams& p, CpuIsa isa) { return run_cpu(p, forward_entry(p, isa)); }
+Status cpu_forward(const AttentionParams& p, CpuIsa isa) {
+  const Entry entry = forward_entry(p, isa);
+  const std::vector<AttentionParams> parts = p.ragged() ? cpu::split_sequences(p) : std::vector<AttentionParams>{p};
+  // Calls with fewer tasks than threads (decode) also split over keys (split_keys.cpp).
+  if (const int splits = cpu::key_splits(parts); splits > 1) return cpu::forward_with_key_splits(parts, splits, entry);
+  return entry(parts.data(), int64_t(parts.size()));
+}
 
 Status cpu_backward(const AttentionParams& p, CpuIsa isa) { return run_cpu(p, backward_entry(p, isa)); }
 

@@ -28,4 +28,10 @@ Status flash_backward_f64(const AttentionParams* problems, int64_t count);
 // with seqlens_k as one problem per batch entry (S its length).
 std::vector<AttentionParams> split_sequences(const AttentionParams& p);
 
+// Decode with few tasks for the threads (split_keys.cpp): how many chunks to cut each
+// problem's keys into (1: do not), and the forward over the chunks with the LSE merge.
+int key_splits(const std::vector<AttentionParams>& parts);
+Status forward_with_key_splits(const std::vector<AttentionParams>& parts, int splits,
+                               Status (*entry)(const AttentionParams*, int64_t));
+
 }  // namespace steelattn::cpu

@@ -19,6 +19,7 @@ namespace steelattn::cuda_decode {
 
 using cuda_generic::cp_async_commit;
 using cuda_generic::cp_async_wait;
+using cuda_generic::acc_as_a_fragment;
 using cuda_generic::Elem;
 using cuda_generic::ldmatrix_x4;
 using cuda_generic::ldmatrix_x4_trans;
@@ -302,10 +303,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       uint32_t a[4];
-      a[0] = Elem<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Elem<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Elem<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Elem<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      acc_as_a_fragment<T>(a, s, kk);
 #pragma unroll
       for (int np = 0; np < kNtO / 2; ++np) {
         if (np * 16 >= p.Dv) break;  // warp-uniform

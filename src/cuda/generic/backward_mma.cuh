@@ -74,10 +74,7 @@ __device__ __forceinline__ void warp_acc_AtB(float (&acc)[kNtC][4], const float 
   for (int kk = 0; kk < 4; ++kk) {
     if (kk * 16 >= k_valid) break;
     uint32_t a[4];
-    a[0] = Elem<T>::pack2(a_acc[2 * kk][0], a_acc[2 * kk][1]);
-    a[1] = Elem<T>::pack2(a_acc[2 * kk][2], a_acc[2 * kk][3]);
-    a[2] = Elem<T>::pack2(a_acc[2 * kk + 1][0], a_acc[2 * kk + 1][1]);
-    a[3] = Elem<T>::pack2(a_acc[2 * kk + 1][2], a_acc[2 * kk + 1][3]);
+    acc_as_a_fragment<T>(a, a_acc, kk);
 #pragma unroll
     for (int np = 0; np < kNtC / 2; ++np) {
       if (col0 + np * 16 < col_end) {

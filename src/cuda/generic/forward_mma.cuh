@@ -227,10 +227,7 @@ __global__ void __launch_bounds__(mma_cfg::kThreads, 1)
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       if (kk * 16 >= keys_valid) break;  // warp-uniform
       uint32_t a[4];
-      a[0] = Elem<T>::pack2(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = Elem<T>::pack2(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = Elem<T>::pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = Elem<T>::pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      acc_as_a_fragment<T>(a, s, kk);
 #pragma unroll
       for (int np = 0; np < kNtO / 2; ++np) {
         if (dv0 + np * 16 < p.Dv) {  // warp-uniform: skip padding columns past Dv

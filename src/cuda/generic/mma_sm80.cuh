@@ -93,4 +93,15 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The m16n8 fp32 accumulators of n-tiles 2kk and 2kk + 1, rounded to T, are exactly the A
+// fragment (16 x 16, row) of k-step kk of the next product (P . V, dS . K): the
+// probabilities never leave registers.
+template <typename T, int kNt>
+__device__ __forceinline__ void acc_as_a_fragment(uint32_t (&a)[4], const float (&acc)[kNt][4], int kk) {
+  a[0] = Elem<T>::pack2(acc[2 * kk][0], acc[2 * kk][1]);
+  a[1] = Elem<T>::pack2(acc[2 * kk][2], acc[2 * kk][3]);
+  a[2] = Elem<T>::pack2(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+  a[3] = Elem<T>::pack2(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
+}
+
 }  // namespace steelattn::cuda_generic
