@@ -113,7 +113,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   const int hk = bid % p.Hkv;
   const int b = bid / p.Hkv;
   const int entry = p.kv_batch_idx ? p.kv_batch_idx[b] : b;
-  const int L = p.seqlens_k ? p.seqlens_k[b] : p.S;
+  // Lengths past the capacity (not checked on the device) are clamped: no read past the cache.
+  const int L = p.seqlens_k ? max(0, min(p.seqlens_k[b], p.S)) : p.S;
   const int off = int((p.ragged ? L - p.N : 0) + p.diag_offset);  // query i sits at key i + off
   const int wl = p.window_left < 0 ? -1 : int(min(p.window_left, int64_t(INT32_MAX / 4)));
   const int wr = p.window_right < 0 ? -1 : int(min(p.window_right, int64_t(INT32_MAX / 4)));
