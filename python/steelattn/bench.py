@@ -638,9 +638,26 @@ def bench_cuda_bwd(quick=False, log=print, run=None):
     return run.rows[n0:]
 
 
+def _paged_impl(q, k, v, page):
+    """The same cache as shuffled pages of a pool [num_pages, page, Hkv, D] read through a
+    block table (flash_attention_kvcache), for the paged-vs-dense comparison."""
+    B, Hkv, S, D = k.shape
+    P = S // page
+    pool_k, pool_v = (t.view(B, Hkv, P, page, t.size(3)).permute(0, 2, 3, 1, 4).reshape(B * P, page, Hkv, t.size(3))
+                      .contiguous() for t in (k, v))
+    g = torch.Generator().manual_seed(page)
+    table = torch.randperm(B * P, generator=g).view(B, P).to(device=q.device, dtype=torch.int32)
+    perm_k, perm_v = torch.empty_like(pool_k), torch.empty_like(pool_v)  # page table[b, p] holds page b * P + p
+    perm_k[table.view(-1).long()], perm_v[table.view(-1).long()] = pool_k, pool_v
+    lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
+    return _Impl(lambda: steelattn.flash_attention_kvcache(q, perm_k, perm_v, block_table=table, cache_seqlens=lens,
+                                                           causal=False), (q, k, v))
+
+
 def bench_cuda_decode(quick=False, log=print, run=None):
     """Decode: one (or a few) new queries against a long GQA KV cache; memory bound, so
-    reported as GB/s of K and V read (B=1 and 8, H=32, Hkv=8, D=128, bf16)."""
+    reported as GB/s of K and V read (B=1 and 8, H=32, Hkv=8, D=128, bf16). With one query,
+    also the same cache as shuffled pages of 16 and 64 tokens (steelattn-paged16/64)."""
     run = run or _Run("cuda", log=log)
     n0 = len(run.rows)
     H, Hkv, D = 32, 8, 128
@@ -654,9 +671,10 @@ def bench_cuda_decode(quick=False, log=print, run=None):
         # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
         # would align it top-left, a different function.
         res = {}
-        for name in _peers():
+        for name in _peers() + (["steelattn-paged16", "steelattn-paged64"] if N == 1 else []):
             try:
-                impl = _make_impl(name, q, k, v, causal=False)
+                impl = _paged_impl(q, k, v, int(name[15:])) if "paged" in name else _make_impl(name, q, k, v,
+                                                                                                 causal=False)
                 _stats_reset()
                 res[name] = _time_fwd(impl, time_cuda)
                 path = _stats_read() if name == "steelattn" else None
