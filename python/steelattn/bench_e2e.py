@@ -11,6 +11,7 @@ sdpa, eager and flash_attention_2/3/4 where transformers can load them.
 """
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -43,7 +44,9 @@ def _configs(large):
 def _model(cfg, impl, dev, dtype, state=None):
     import transformers
     torch.manual_seed(0)
-    m = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=impl, dtype=dtype).to(dev)
+    # a config per model: from_config records the implementation on the config it is given
+    m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl,
+                                                      dtype=dtype).to(dev)
     if state is not None:
         m.load_state_dict(state)
     return m

@@ -3,6 +3,8 @@ random models in float32 on the CPU: logits against "eager", greedy generation t
 token (a left-padded batch included), and a training step's gradients. Llama-style GQA,
 Gemma-2-style (softcap, alternating sliding window), gpt-oss-style (sinks, alternating
 window) and Qwen-style with padding."""
+import copy
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 
 import steelattn  # noqa: E402
 import steelattn.integrations.transformers as st  # noqa: E402
+from steelattn.integrations.transformers import NAME  # noqa: E402
 
 
 def _configs():
@@ -35,13 +38,16 @@ def _pair(name):
     st.register()
     torch.manual_seed(0)
     cfg = CONFIGS[name]
-    eager = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    # each model its own config: from_config records the implementation on the config, and a
+    # shared one would make the "eager" model run steelattn too
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager").eval()
     if name == "gpt_oss":
         for m in eager.modules():
             if hasattr(m, "sinks"):
                 torch.nn.init.normal_(m.sinks, std=1.0)  # nonzero sinks so they matter
-    ours = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="steelattn").eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="steelattn").eval()
     ours.load_state_dict(eager.state_dict())
+    assert eager.config._attn_implementation == "eager" and ours.config._attn_implementation == NAME
     return eager, ours
 
 
@@ -115,3 +121,24 @@ def test_compatibility_report_and_unregister():
     from transformers import AttentionInterface
     assert "steelattn" not in AttentionInterface._global_mapping
     st.register()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_packed_sequences_run_as_varlen(name):
+    """Two sequences packed into one row with transformers' flash kwargs (cu_seq_lens_q/k,
+    as DataCollatorWithFlattening gives them): one varlen call per layer, and the logits of
+    each sequence equal its own forward's."""
+    eager, ours = _pair(name)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(0, 97, (1, 11), generator=g), torch.randint(0, 97, (1, 7), generator=g)
+    ids = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(11), torch.arange(7)])[None]
+    cu = torch.tensor([0, 11, 18], dtype=torch.int32)
+    st.reset_stats()
+    with torch.no_grad():
+        packed = ours(ids, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11,
+                      max_length_k=11).logits
+        ref_a, ref_b = eager(a).logits, eager(b).logits
+    assert set(st.get_stats()["calls"]) == {"packed (varlen)"}, st.get_stats()
+    torch.testing.assert_close(packed[:, :11], ref_a, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed[:, 11:], ref_b, rtol=1e-4, atol=1e-4)

@@ -5,13 +5,16 @@
     model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="steelattn")
 
 register() adds "steelattn" to transformers' AttentionInterface (the attention function
-below) and AttentionMaskInterface (transformers' own SDPA mask builder, so causal masks,
-sliding windows and padding are built exactly as for "sdpa", never dropped). Where that
-builder can skip the mask (no padding, a causal or windowed pattern the kernel knows),
-the call runs mask-free on the fastest kernel with causal / window from the layer (a
-sliding window never forces a mask; see mask_function); where it returns a mask
-(padding, a static cache's empty slots), the mask goes to the kernel as a boolean attn_bias. Softcap (Gemma-2), sinks (`s_aux`, gpt-oss), GQA and dropout
-are passed through. HF's sliding_window=W is a window of W - 1 keys to the left.
+below) and AttentionMaskInterface (mask_function: transformers' own SDPA mask builder, so
+causal masks, sliding windows and padding are built exactly as for "sdpa", never
+dropped). Where that builder can skip the mask (no padding, a causal or windowed pattern
+the kernel knows), the call runs mask-free on the fastest kernel with causal / window
+from the layer (a sliding window never forces a mask); where it returns a mask (padding,
+a static cache's empty slots), the mask goes to the kernel as a boolean attn_bias.
+Packed sequences (transformers' `cu_seq_lens_q/k` kwargs, as DataCollatorWithFlattening
+gives them) run as one varlen call, without a mask. Softcap (Gemma-2), sinks (`s_aux`,
+gpt-oss), GQA and dropout are passed through. HF's sliding_window=W is a window of W - 1
+keys to the left.
 """
 from __future__ import annotations
 
@@ -39,7 +42,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     kw = dict(scale=scaling, softcap=float(softcap or 0.0), dropout_p=dropout if module.training else 0.0)
     if s_aux is not None:
         kw["sinks"] = s_aux
-    if attention_mask is None:
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    packed = cu_q is not None and cu_k is not None and query.size(0) == 1 and not kw["dropout_p"]
+    if packed:  # sequences packed into one row (DataCollatorWithFlattening): varlen, no mask
+        how = "packed (varlen)"
+        kw["causal"] = bool(is_causal)
+        if sliding_window is not None and is_causal:
+            kw["window_size"] = (int(sliding_window) - 1, 0)
+    elif attention_mask is None:
         how = "mask-free"
         kw["causal"] = bool(is_causal)
         if sliding_window is not None and is_causal:
@@ -58,7 +68,11 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
             _state["seen"].add(sig)
             _log.warning("steelattn attention: %s, H %d / Hkv %d, %s on %s, sinks %s, softcap %s, window %s", how,
                          query.shape[1], key.shape[1], query.dtype, query.device, *sig[4:])
-    out = steelattn.flash_attention(query, key, value, **kw)
+    if packed:
+        out = steelattn.flash_attention_varlen(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32),
+                                               kwargs.get("max_length_q"), kwargs.get("max_length_k"), **kw)
+    else:
+        out = steelattn.flash_attention(query, key, value, **kw)
     return out.transpose(1, 2).contiguous(), None
 
 
