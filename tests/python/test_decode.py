@@ -197,3 +197,4 @@ def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
     out = steelattn.flash_attention_kvcache(q, caches_k, caches_v, cache_batch_idx=slots, cache_seqlens=lens_t)
     assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
     assert_close(out, ref, torch.bfloat16)
+

@@ -139,3 +139,36 @@ def test_outputs_untouched_on_error():
     with pytest.raises(ValueError):
         _core_forward(q, out, bias=torch.randn(1, 2, 4, 3))
     assert (out == 7.0).all()
+
+
+def _ext_forward(q, k, v, **extra):
+    """One extension call (mode RUN) with the given trailing tensors."""
+    from steelattn import _ext, _kernel
+    out = torch.empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3], dtype=q.dtype, device=q.device)
+    sc = _kernel.scalars(0.1, 0.0, 0, -1, 0, 0.0, 0, 0, False)
+    return _ext.forward(q, k, v, out, None, None, None, None, None, sc, 1, 0, _kernel.RUN, None, **extra)
+
+
+def test_paged_and_slot_arguments_are_validated(device):
+    """block_table / kv_batch_idx in the core: bad shapes and dtypes name the argument; the
+    CPU kernels refuse them (flash_attention_kvcache gathers there) with a reason."""
+    dt = torch.bfloat16
+    q = torch.randn(2, 4, 1, 64, dtype=dt, device=device)
+    pool = torch.randn(10, 2, 16, 64, dtype=dt, device=device)  # [num_pages, Hkv, page, D] view
+    lens = torch.tensor([5, 20], dtype=torch.int32, device=device)
+    table = torch.zeros(2, 3, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="need seqlens_k"):
+        _ext_forward(q, pool, pool, block_table=table)
+    with pytest.raises(ValueError, match="give one of them"):
+        _ext_forward(q, pool, pool, seqlens_k=lens, block_table=table,
+                     kv_batch_idx=torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="block_table: must be int32"):
+        _ext_forward(q, pool, pool, seqlens_k=lens, block_table=table.long())
+    with pytest.raises(ValueError, match="kv_batch_idx: must be int32"):
+        _ext_forward(q, pool, pool, seqlens_k=lens, kv_batch_idx=torch.zeros(3, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="seqlens_k"):  # 49 > capacity 3 pages x 16
+        _ext_forward(q.cpu(), pool.cpu(), pool.cpu(), seqlens_k=torch.tensor([5, 49], dtype=torch.int32),
+                     block_table=table.cpu())
+    if device == "cpu":
+        with pytest.raises(NotImplementedError, match="CPU kernels take dense caches"):
+            _ext_forward(q, pool, pool, seqlens_k=lens, block_table=table)
