@@ -142,3 +142,24 @@ def test_packed_sequences_run_as_varlen(name):
     assert set(st.get_stats()["calls"]) == {"packed (varlen)"}, st.get_stats()
     torch.testing.assert_close(packed[:, :11], ref_a, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(packed[:, 11:], ref_b, rtol=1e-4, atol=1e-4)
+
+
+def test_static_cache_decode_under_torch_compile():
+    """The decode step compiled with fullgraph=True over a static cache (as transformers'
+    generate compiles it): the mask function and the attention trace without a graph
+    break, and the tokens equal eager's."""
+    eager, ours = _pair("llama")
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    tokens = []
+    for m in (eager, ours):
+        cache = transformers.StaticCache(config=m.config, max_cache_len=32)
+        with torch.no_grad():
+            nxt = m(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(9)).logits[:, -1:].argmax(-1)
+            step = torch.compile(m.forward, fullgraph=True)
+            out = []
+            for t in range(3):
+                nxt = step(nxt, past_key_values=cache, use_cache=True,
+                           cache_position=torch.tensor([9 + t])).logits[:, -1:].argmax(-1)
+                out.append(nxt)
+        tokens.append(torch.cat(out, 1))
+    assert torch.equal(tokens[0], tokens[1])

@@ -19,7 +19,6 @@ keys to the left.
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 
 import torch
@@ -85,7 +84,7 @@ def register(verbose=False):
         AttentionMaskInterface = sdpa_mask = None
     AttentionInterface.register(NAME, attention_forward)
     if AttentionMaskInterface is not None:
-        _state["sdpa_mask"], _state["sdpa_mask_signature"] = sdpa_mask, inspect.signature(sdpa_mask)
+        _state["sdpa_mask"] = sdpa_mask
         AttentionMaskInterface.register(NAME, mask_function)
     _state["verbose"] = bool(verbose)
 
@@ -102,17 +101,18 @@ def mask_function(*args, **kwargs):
       (more key slots than queries, the future ones empty), relying on torch's top-left
       causal alignment; our causal is bottom-right, so that case gets its mask.
 
-    Arguments as transformers passes them (by name; 4.5x gives cache_position, 5.x q_length).
+    transformers passes the arguments by name (4.5x gives cache_position, 5.x q_length);
+    plain dict work, no inspect, so torch.compile traces it inside a compiled forward.
     """
     sdpa_mask = _state["sdpa_mask"]
-    call = _state["sdpa_mask_signature"].bind_partial(*args, **kwargs).arguments
-    extra = call.pop("kwargs", {})
-    q_length = call["q_length"] if "q_length" in call else call["cache_position"].shape[0]
-    skip = bool(call.get("allow_is_causal_skip", True)) and (q_length == 1 or q_length == call["kv_length"])
-    call["allow_is_causal_skip"] = skip
+    if args or "kv_length" not in kwargs:  # not a call shape we know: the builder unchanged
+        return sdpa_mask(*args, **kwargs)
+    q_length = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]
+    skip = bool(kwargs.get("allow_is_causal_skip", True)) and (q_length == 1 or q_length == kwargs["kv_length"])
+    kwargs["allow_is_causal_skip"] = skip
     if skip:
-        call["local_size"] = None
-    return sdpa_mask(**call, **extra)
+        kwargs["local_size"] = None
+    return sdpa_mask(**kwargs)
 
 
 def unregister():
