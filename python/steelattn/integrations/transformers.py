@@ -133,8 +133,9 @@ def _mask_interface():
 
 
 def get_stats():
-    """{"calls": {"mask-free": n, "mask tensor": n}, "dispatch": steelattn.get_dispatch_stats()}:
-    how the layers called in, and which kernels ran (with every demotion and its reason)."""
+    """{"calls": {"mask-free": n, "mask tensor": n, "packed (varlen)": n}, "dispatch":
+    steelattn.get_dispatch_stats()}: how the layers called in, and which kernels ran (with
+    every demotion and its reason)."""
     return {"calls": dict(_calls), "dispatch": steelattn.get_dispatch_stats()}
 
 
@@ -166,9 +167,13 @@ def check_model_compatibility(config):
             notes.append("sinks (rescale by lse)")
         if cuda:
             kernel = ("cuda_sm90" if 64 <= head_dim <= 256 and head_dim % 8 == 0 else "cuda_generic")
+            max_tokens = 16 // (heads // kv)  # the split-KV kernel takes up to 16 query rows per KV head
+            if head_dim <= 256 and head_dim % 8 == 0 and max_tokens >= 1:
+                kernel += f" (prefill, training); cuda_decode for steps of up to {max_tokens} tokens"
+            path = f"{kernel}; mask-free without padding, a boolean attn_bias (generic kernel) with padding " \
+                   "or a static cache"
         else:
-            kernel = "cpu"
+            path = "cpu; mask-free without padding, a boolean attn_bias with padding or a static cache"
         layers.append({"layer": i, "type": t, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
-                       "path": f"{kernel}, mask-free without padding; a boolean attn_bias with padding",
-                       "notes": notes})
+                       "path": path, "notes": notes})
     return layers
