@@ -198,3 +198,29 @@ def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
     assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
     assert_close(out, ref, torch.bfloat16)
 
+
+
+@pytest.mark.parametrize("shape", ["padding [B,1,1,S]", "per head [B,H,N,S]"])
+@pytest.mark.parametrize("S", [300, 9000])
+def test_bool_mask_on_the_decode_kernel(monkeypatch, shape, S):
+    """Boolean keep-masks (transformers' static-cache decode passes one) on the decode kernel,
+    opt-in with STEELATTN_DECODE_MASK=1 until this test has run on the GPU; rows whose keys
+    are all hidden give zeros and LSE = -inf."""
+    monkeypatch.setenv("STEELATTN_DECODE_MASK", "1")
+    B, H, Hkv, N, D = 3, 8, 2, 2, 128
+    q, k, v = _inputs(B, H, Hkv, N, S, D, D, torch.bfloat16, seed=S + len(shape))
+    g = torch.Generator(device="cuda").manual_seed(7)
+    if shape.startswith("padding"):
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool, device="cuda")
+        mask[0, ..., :S // 3] = False  # left padding
+        mask[1, ..., S // 2:] = False  # empty static-cache slots
+        mask[2] = False                # nothing visible
+    else:
+        mask = torch.rand(B, H, N, S, generator=g, device="cuda") > 0.7
+    steelattn.reset_dispatch_stats()
+    out, lse = steelattn.flash_attention(q, k, v, attn_bias=mask, causal=True, return_lse=True)
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    ref, ref_lse, _ = attention_reference(q.cpu(), k.cpu(), v.cpu(), bool_mask=mask.cpu(), diag_offset=S - N,
+                                          window_right=0)
+    assert_close(out, ref, torch.bfloat16)
+    assert_lse_close(lse, ref_lse, torch.bfloat16)

@@ -26,6 +26,11 @@ using cuda_generic::strides3;
 // at any size: no other CUDA kernel takes them.
 constexpr int64_t kMaxDenseRows = 16;
 
+bool decode_mask_enabled() {
+  const char* env = std::getenv("STEELATTN_DECODE_MASK");
+  return env && env[0] == '1';
+}
+
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
 // Tile shapes (keys per warp tile, stages) per padded head dim. The default is the measured
@@ -128,9 +133,12 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
   if (!p.seqlens_k.present() && rows > kMaxDenseRows)
     return no(std::to_string(rows) + " query rows per KV head (decode-shaped calls have at most " +
               std::to_string(kMaxDenseRows) + ")");
-  if (p.varlen() || p.block_mask.present() || p.bias.present() || p.bool_mask.present() ||
-      p.attn_weights.present() || p.dropout_p > 0.0f)
-    return no("no varlen, block_mask, bias, bool_mask, attention weights or dropout");
+  if (p.varlen() || p.block_mask.present() || p.bias.present() || p.attn_weights.present() || p.dropout_p > 0.0f)
+    return no("no varlen, block_mask, bias, attention weights or dropout");
+  // Boolean masks (transformers' static-cache decode) are implemented and waiting for their
+  // first GPU test run: opt-in until then (STEELATTN_DECODE_MASK=1).
+  if (p.bool_mask.present() && !decode_mask_enabled())
+    return no("bool_mask: opt-in (STEELATTN_DECODE_MASK=1) until tested on the GPU");
   if (p.D > 256 || p.Dv > 256 || p.D % 8 || p.Dv % 8) return no("head dims must be multiples of 8, at most 256");
   if (p.block_table.present() && p.block_table.stride[1] != 1 && p.block_table.shape[1] > 1)
     return no("block_table rows must be contiguous");
@@ -196,6 +204,10 @@ Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stre
     int64_t tmp[4];
     cuda_generic::broadcast_strides(p.alibi_slopes, 2, tmp);
     k.alibi_stride[0] = tmp[0], k.alibi_stride[1] = tmp[1];
+  }
+  if (p.bool_mask.present()) {
+    k.mask = static_cast<const uint8_t*>(p.bool_mask.data);
+    cuda_generic::broadcast_strides(p.bool_mask, 4, k.mask_stride);
   }
   k.diag_offset = p.diag_offset;
   k.ragged = p.seqlens_k.present();

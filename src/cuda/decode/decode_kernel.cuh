@@ -159,6 +159,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   // Per-thread rows r0 = lane / 4 and r1 = r0 + 8: their visible keys [lo, hi) and ALiBi.
   int vis_lo[2], vis_hi[2], diag[2];
   float slope[2];
+  const uint8_t* mask_row[2];  // the row's keep-mask bytes (null: no mask, or a padding row)
 #pragma unroll
   for (int t = 0; t < 2; ++t) {
     const int r = (lane >> 2) + 8 * t, row = r_begin + r;
@@ -168,6 +169,9 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     vis_hi[t] = wr >= 0 ? min(L, diag[t] + wr + 1) : L;
     if (r >= r_count) vis_hi[t] = vis_lo[t];  // padding rows see nothing
     slope[t] = p.alibi ? p.alibi[b * p.alibi_stride[0] + h * p.alibi_stride[1]] * kLog2e : 0.0f;
+    mask_row[t] = p.mask && r < r_count
+                      ? p.mask + b * p.mask_stride[0] + h * p.mask_stride[1] + int64_t(i) * p.mask_stride[2]
+                      : nullptr;
   }
   // Keys every row of the CTA sees: tiles inside need no per-element test.
   // (Padding rows do not count: their scores are never written.)
@@ -180,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     all_lo = max(all_lo, __shfl_xor_sync(0xffffffffu, all_lo, o));
     all_hi = min(all_hi, __shfl_xor_sync(0xffffffffu, all_hi, o));
   }
-  const bool plain = p.softcap <= 0.0f && p.alibi == nullptr;
+  const bool plain = p.softcap <= 0.0f && p.alibi == nullptr && p.mask == nullptr;
   const float scale_log2 = p.scale * kLog2e;
 
   // This warp's tiles: n0 = n_begin + (warp + kWarps * t) * kKeys.
@@ -267,7 +271,9 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
           if (softcap > 0.0f) x = softcap * tanhf(x / softcap);
           x *= kLog2e;
           if (p.alibi) x -= slope[t2] * float(abs(diag[t2] - j));
-          s[nt][e] = (j >= vis_lo[t2] && j < vis_hi[t2]) ? x : -INFINITY;
+          const bool keep = j >= vis_lo[t2] && j < vis_hi[t2] &&
+                            (mask_row[t2] == nullptr || mask_row[t2][int64_t(j) * p.mask_stride[3]] != 0);
+          s[nt][e] = keep ? x : -INFINITY;
         }
       }
     }

@@ -40,6 +40,8 @@ struct DecodeParams {
   float softcap;       // <= 0: off
   const float* alibi;  // [B, H] slopes (stride 0 over B for per-head), null: off
   int64_t alibi_stride[2];
+  const uint8_t* mask;  // bool keep-mask [B, H, N, S] (broadcast strides), null: off
+  int64_t mask_stride[4];
   // Query i of entry b sits at key i + L_b - N + diag_offset (L_b its used keys when
   // seqlens_k is given, else 0 - N + S is folded into diag_offset by the caller).
   int64_t diag_offset;
