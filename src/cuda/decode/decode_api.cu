@@ -22,8 +22,8 @@ using cuda_generic::rows_16b_aligned;
 using cuda_generic::strides3;
 
 // Query rows per KV head up to which a dense call is decode-shaped: one row group (at 64
-// rows, four row groups re-reading K/V ran at a fifth of the Hopper kernel's speed). Calls with cache lengths (seqlens_k) are served
-// at any size: no other CUDA kernel takes them.
+// rows, four row groups re-reading K/V ran at a fifth of the Hopper kernel's speed).
+// Calls with cache lengths (seqlens_k) are served at any size: no other CUDA kernel takes them.
 constexpr int64_t kMaxDenseRows = 16;
 
 bool decode_mask_enabled() {
@@ -53,9 +53,7 @@ TileShape tile_shape(int dpad) {
 }
 
 int ctas_per_sm(int dpad, TileShape t) {
-  const size_t smem = size_t(2) * (cuda_decode::kRows * (dpad + cuda_decode::kPad) +
-                                   cuda_decode::kWarps * t.stages * 2 * t.keys * (dpad + cuda_decode::kPad));
-  return int(std::clamp<size_t>(cuda_decode::kSmemPerSm / (smem + 1024), 1, 4));
+  return cuda_decode::ctas_per_sm(cuda_decode::smem_bytes(dpad, t.keys, t.stages));
 }
 
 int sm_count(int device) {

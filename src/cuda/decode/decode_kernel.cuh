@@ -34,6 +34,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
 constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
 
+// Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles), and how many
+// CTAs fit on an SM beside the per-CTA reserve; the host picks splits from the same numbers.
+constexpr size_t smem_bytes(int dpad, int keys, int stages) {
+  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * (dpad + kPad));
+}
+constexpr int ctas_per_sm(size_t smem) {
+  return int(kSmemPerSm / (smem + 1024)) < 1 ? 1 : int(kSmemPerSm / (smem + 1024)) > 4 ? 4
+                                                                                        : int(kSmemPerSm / (smem + 1024));
+}
+
 // A warp tile is kKeys keys of K and of V; kStages tiles per warp are in flight or in use.
 // Decode is bound by the K/V read, and a warp's work per tile is a serial chain (mma,
 // shuffles, exp2), so what counts is warps per SM and bytes in flight (decode_api.cu picks).
@@ -44,11 +54,10 @@ struct Cfg {
   static constexpr int kLd = kDPad + kPad;
   static constexpr int kStageElems = 2 * kKeys * kLd;  // K then V
   static constexpr int kWarpElems = kStages * kStageElems;
-  static constexpr size_t kSmemBytes = size_t(2) * (kRows * kLd + kWarps * kWarpElems);
-  static constexpr int kCtasPerSm = int(kSmemPerSm / (kSmemBytes + 1024)) < 1 ? 1
-                                    : int(kSmemPerSm / (kSmemBytes + 1024)) > 4 ? 4
-                                    : int(kSmemPerSm / (kSmemBytes + 1024));
+  static constexpr size_t kSmemBytes = smem_bytes(kDPad, kKeys, kStages);
+  static constexpr int kCtasPerSm = ctas_per_sm(kSmemBytes);
   static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
+  static_assert(kSmemBytes == size_t(2) * (kRows * kLd + kWarps * kWarpElems), "the layout the kernel indexes");
   // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
   static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
 };
