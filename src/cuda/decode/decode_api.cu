@@ -152,6 +152,14 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
   if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id) != cudaSuccess ||
       major < 8)
     return no("needs compute capability 8.0 or newer");
+  const int dpad = head_dim_pad(std::max(p.D, p.Dv));
+  const TileShape t = tile_shape(dpad);
+  const size_t need = cuda_decode::smem_bytes(dpad, t.keys, t.stages);
+  int optin = 0;  // e.g. about 99 KB on sm_86 / sm_89, where D = 256 does not fit
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.q.device_id) != cudaSuccess ||
+      size_t(optin) < need)
+    return no("needs " + std::to_string(need) + " bytes of shared memory per block at this head dim, the device has " +
+              std::to_string(optin));
   return true;
 }
 
