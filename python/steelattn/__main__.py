@@ -18,34 +18,38 @@ from steelattn.reference import attention_reference, relative_error
 
 _TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
 
-# (name, B, H, Hkv, N, S, D, Dv, dtype, kwargs, hopper, grad). `hopper`: the Hopper kernels
-# take this call (bf16/fp16, head dims multiples of 8 in 64..256, no bias/mask/dropout), so
-# on an sm_90 GPU it must run on cuda_sm90 (forward, and backward when `grad`), on other
-# GPUs on cuda_generic; on the CPU every call runs on the CPU kernel of the machine's ISA.
+# (name, B, H, Hkv, N, S, D, Dv, dtype, kwargs, cuda kernel, grad). The CUDA kernel a check
+# must run on: "sm90" the Hopper kernels (bf16/fp16, head dims multiples of 8 in 64..256,
+# no bias/mask/dropout) on an sm_90 GPU, cuda_generic on other GPUs; "generic" the generic
+# kernel; "decode" the split-KV decode kernel (at most 16 query rows per KV head), forward
+# only. On the CPU every call runs on the CPU kernel of the machine's ISA.
 _CHECKS = [
-    ("full fp32", 2, 4, 4, 257, 257, 64, 64, torch.float32, {}, False, False),
-    ("causal bf16 N!=S", 1, 8, 8, 300, 1000, 128, 128, torch.bfloat16, {"causal": True}, True, False),
-    ("GQA 4:1 causal fp16", 2, 8, 2, 130, 130, 128, 128, torch.float16, {"causal": True}, True, False),
+    ("full fp32", 2, 4, 4, 257, 257, 64, 64, torch.float32, {}, "generic", False),
+    ("causal bf16 N!=S", 1, 8, 8, 300, 1000, 128, 128, torch.bfloat16, {"causal": True}, "sm90", False),
+    ("GQA 4:1 causal fp16", 2, 8, 2, 130, 130, 128, 128, torch.float16, {"causal": True}, "sm90", False),
     ("window + softcap bf16", 1, 4, 2, 500, 500, 64, 64, torch.bfloat16, {"window_size": (128, 0), "softcap": 30.0},
-     True, False),
-    ("ALiBi fp32 D=80", 1, 4, 4, 100, 120, 80, 80, torch.float32, {"alibi_slopes": "alibi", "causal": True}, False,
-     False),
-    ("Dv != D, D=256 bf16", 1, 2, 1, 64, 200, 256, 128, torch.bfloat16, {}, True, False),
-    ("fwd+bwd GQA causal bf16", 1, 8, 2, 200, 200, 128, 128, torch.bfloat16, {"causal": True}, True, True),
+     "sm90", False),
+    ("ALiBi fp32 D=80", 1, 4, 4, 100, 120, 80, 80, torch.float32, {"alibi_slopes": "alibi", "causal": True},
+     "generic", False),
+    ("Dv != D, D=256 bf16", 1, 2, 1, 64, 200, 256, 128, torch.bfloat16, {}, "sm90", False),
+    ("fwd+bwd GQA causal bf16", 1, 8, 2, 200, 200, 128, 128, torch.bfloat16, {"causal": True}, "sm90", True),
+    ("decode GQA 4:1 bf16 S=20k", 2, 32, 8, 1, 20000, 128, 128, torch.bfloat16, {"causal": True}, "decode", False),
 ]
 
 
-def expected_path(device, hopper):
+def expected_path(device, kernel):
     """The kernel path a check must run on; independent of the selector's answer."""
     if device == "cpu":
         return "cpu_" + steelattn.get_device_info()["cpu"]["isa"]
-    return "cuda_sm90" if hopper and torch.cuda.get_device_capability() == (9, 0) else "cuda_generic"
+    if kernel == "decode":
+        return "cuda_decode"
+    return "cuda_sm90" if kernel == "sm90" and torch.cuda.get_device_capability() == (9, 0) else "cuda_generic"
 
 
 def run_checks(device, log=print):
     ok = True
     g = torch.Generator().manual_seed(0)
-    for name, B, H, Hkv, N, S, D, Dv, dtype, kw, hopper, grad in _CHECKS:
+    for name, B, H, Hkv, N, S, D, Dv, dtype, kw, kernel, grad in _CHECKS:
         q = torch.randn(B, H, N, D, generator=g).to(device=device, dtype=dtype)
         k = torch.randn(B, Hkv, S, D, generator=g).to(device=device, dtype=dtype)
         v = torch.randn(B, Hkv, S, Dv, generator=g).to(device=device, dtype=dtype)
@@ -70,7 +74,7 @@ def run_checks(device, log=print):
             ref_grads = torch.autograd.grad(ref, ref_in, dout.cpu().double())
             errs += [relative_error(a.cpu(), b) for a, b in zip(grads, ref_grads)]
         err = max(errs)
-        want = expected_path(device, hopper)
+        want = expected_path(device, kernel)
         ran = {"forward": stats["forward"]}
         if grad:
             ran["backward"] = stats["backward"]
@@ -78,7 +82,7 @@ def run_checks(device, log=print):
         good = bool(torch.isfinite(out).all()) and err < _TOL[dtype] and path_ok
         ok &= good
         ran_s = ", ".join(f"{stage} {'/'.join(r) or 'none'}" for stage, r in ran.items())
-        log(f"  {'PASS' if good else 'FAIL'}  {name:24s} rel.err {err:.2e} (bound {_TOL[dtype]:.0e}); "
+        log(f"  {'PASS' if good else 'FAIL'}  {name:26s} rel.err {err:.2e} (bound {_TOL[dtype]:.0e}); "
             f"expected {want}, ran {ran_s}" + ("" if path_ok else f"  <- wrong path; demotions {stats['demotions']}"))
     return ok
 
