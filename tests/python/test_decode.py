@@ -224,3 +224,20 @@ def test_bool_mask_on_the_decode_kernel(monkeypatch, shape, S):
                                           window_right=0)
     assert_close(out, ref, torch.bfloat16)
     assert_lse_close(lse, ref_lse, torch.bfloat16)
+
+
+def test_strided_views_of_q_and_the_cache():
+    """q as [B, N, H, D] storage and caches as [B, Smax, Hkv, D] storage (the layouts models
+    and serving engines keep), viewed as [B, H, N, D] / [B, Hkv, Smax, D]: read in place."""
+    B, H, Hkv, N, Smax, D = 2, 16, 4, 1, 7000, 128
+    g = torch.Generator(device="cuda").manual_seed(9)
+    q = torch.randn(B, N, H, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    k = torch.randn(B, Smax, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    v = torch.randn(B, Smax, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    lens = [6999, 1234]
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_kvcache(q, k, v, cache_seqlens=torch.tensor(lens, dtype=torch.int32,
+                                                                               device="cuda"))
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    ref, _ = _kvcache_reference(q, k, v, lens)
+    assert_close(out, ref, torch.bfloat16)
