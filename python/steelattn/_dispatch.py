@@ -40,6 +40,14 @@ def record_torch(reason: str | None, grad: bool) -> None:
             _demotions["steelattn -> torch: " + reason] += 1
 
 
+def record_note(what: str) -> None:
+    """A call that a steelattn kernel serves in another form than asked (e.g. block-sparse
+    as dense calls with a token mask): listed with the demotions; the calls it makes are
+    counted where they run."""
+    with _lock:
+        _demotions[what] += 1
+
+
 def get_dispatch_stats() -> dict:
     """Counts since the last reset:
 

@@ -3,8 +3,10 @@
 Query block qb = i // block_size[0] sees key block kb = j // block_size[1] only where
 block_mask[..., qb, kb] is True; causal, windows and the other modifiers still apply token
 by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
-(never loaded, forward and backward). CPU: the CPU kernels. CUDA: not on the CUDA
-kernels yet; calls take the torch path (counted), which materialises the token mask.
+(never loaded, forward and backward). CPU: the CPU kernels. CUDA: no block-sparse kernel
+yet; calls run as dense steelattn calls with the block mask as a token mask, in query
+chunks (dense_chunks: every tile computed, noted in the dispatch stats), or on the torch
+path with dropout or ALiBi.
 A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).
 """
 from __future__ import annotations
@@ -13,9 +15,9 @@ import math
 
 import torch
 
-from . import _validate
+from . import _dispatch, _validate
 from ._extra import Extra
-from .api import _reference_fallback, _run
+from .api import _reference_fallback, _run, flash_attention
 
 _FN = "flash_attention_sparse"
 
@@ -93,6 +95,16 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     extra = Extra(block_mask=bm, block_q=bq, block_k=bk)
+    if q.is_cuda and backend != "torch" and not dropout_p and alibi is None:
+        # No CUDA kernel takes block masks yet: the dense kernel with the block mask (and
+        # the band) as a token mask, in query chunks that bound the mask's memory. Every
+        # tile is computed (no skipping), but it runs on a steelattn kernel, forward and
+        # backward, instead of torch's materialised scores.
+        _dispatch.record_note("block-sparse on CUDA -> dense kernel with a token mask (no CUDA block-sparse "
+                              "kernel yet)")
+        mask4 = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
+        out, lse = dense_chunks(q, k, v, mask4, bq, bk, token, scale, softcap, wl, wr, bool(deterministic))
+        return (out, lse) if return_lse else out
 
     def fallback(rng):  # torch: the block mask (and a BlockMask's token rule) as a token mask
         keep = token_mask(bm, bq, bk, N, S)
@@ -112,6 +124,37 @@ def _run_sparse(q, k, v, extra, token, scale, softcap, alibi, diag, wl, wr, drop
                 diag_offset=diag, wl=wl, wr=wr, dropout_p=dropout_p, generator=generator, return_lse=return_lse,
                 return_weights=False, backend=backend, torch_fallback=fallback, deterministic=deterministic,
                 extra=extra)
+
+
+def dense_chunks(q, k, v, mask4, bq, bk, token, scale, softcap, wl, wr, deterministic, max_mask_bytes=1 << 28):
+    """Block-sparse attention as dense flash_attention calls over query chunks, each with
+    its token mask: the chunk's rows of the block mask [b, h, NQ, NK] (b, h broadcast
+    dims kept at 1), a BlockMask's token rule, and the band at absolute positions (the
+    chunk calls take no causal / window of their own, since their diagonal would be the
+    chunk's). Returns (out, lse); differentiable through the dense calls."""
+    B, H, N, _ = q.shape
+    S = k.size(2)
+    diag = S - N
+    per_row = mask4.size(0) * mask4.size(1) * S
+    rows = max(1, min(N, max_mask_bytes // max(per_row, 1)))
+    j = torch.arange(S, device=q.device)
+    outs, lses = [], []
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        i = torch.arange(r0, r1, device=q.device)
+        keep = mask4[:, :, i // bq][..., j // bk]  # [b, h, rows, S]
+        if token is not None:
+            keep = keep & token[:, :, r0:r1]
+        d = (i + diag)[:, None]
+        if wl >= 0:
+            keep = keep & (j[None] >= d - wl)
+        if wr >= 0:
+            keep = keep & (j[None] <= d + wr)
+        o, lse = flash_attention(q[:, :, r0:r1], k, v, scale=scale, softcap=softcap, attn_bias=keep, return_lse=True,
+                                 deterministic=deterministic)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
 
 
 def token_mask(block_mask, bq, bk, N, S):

@@ -58,9 +58,12 @@ def test_sparse_matches_token_mask_reference(device, rng, dtype, name, B, H, Hkv
     stats = steelattn.get_dispatch_stats()
     if device == "cpu":
         assert "torch" not in stats["forward"] and not stats["demotions"], stats
-    else:  # not on the CUDA kernels yet: the torch path, counted
+    elif kw.get("dropout_p") or "alibi_slopes" in kw:  # the torch path, counted
         assert stats["forward"] == {"torch": 1}, stats
         assert any("block_mask" in r for r in stats["demotions"]), stats
+    else:  # no CUDA block-sparse kernel yet: dense steelattn calls with a token mask, noted
+        assert "torch" not in stats["forward"] and set(stats["forward"]) <= {"cuda_generic"}, stats
+        assert any("block-sparse on CUDA -> dense kernel" in r for r in stats["demotions"]), stats
 
 
 def test_inactive_blocks_are_never_read(rng):
@@ -156,3 +159,27 @@ def test_sparse_opcheck_and_compile():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, ref_g):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 10), "softcap": 10.0}])
+def test_dense_chunks_equal_the_sparse_call(rng, lead, kw):
+    """The CUDA stand-in (dense calls with a token mask over query chunks) gives the block-sparse
+    result, chunk boundaries included (a tiny mask budget forces many chunks); checked on the
+    CPU kernels against the CPU block-sparse kernel and the reference, with gradients."""
+    from steelattn.sparse import dense_chunks
+    B, H, Hkv, N, S, D, bq, bk = 2, 3, 1, 100, 130, 32, 32, 16
+    q, k, v = (randn(B, h, n, D, dtype=torch.float64, device="cpu", generator=rng).requires_grad_()
+               for h, n in ((H, N), (Hkv, S), (Hkv, S)))
+    nq, nk = -(-N // bq), -(-S // bk)
+    mask = torch.rand(*lead, nq, nk, generator=rng) > 0.4
+    ref = steelattn.flash_attention_sparse(q, k, v, mask, block_size=(bq, bk), **kw)
+    wl, wr = kw.get("window_size", (-1, 0 if kw.get("causal") else -1))
+    mask4 = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    out, lse = dense_chunks(q, k, v, mask4, bq, bk, None, 1 / D ** 0.5, kw.get("softcap", 0.0), wl, wr, False,
+                            max_mask_bytes=7 * S * 6)  # 7 rows per chunk at most
+    assert torch.allclose(out, ref, atol=1e-10)
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-9)
