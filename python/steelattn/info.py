@@ -165,6 +165,10 @@ def get_supported_configs(device: str | None = None) -> dict:
         f"{dt}_d{d}{'_causal' if c else ''}": _probe(device, dtype=getattr(torch, dt), D=d, wr=0 if c else -1)
         for dt in ("bfloat16", "float16", "float32") for d in (64, 128, 256) for c in (False, True)
     }
+    # Decode: one query token per head, GQA 4:1, against 4k keys.
+    probes.update({f"{dt}_d{d}_decode": _probe(device, dtype=getattr(torch, dt), D=d, H=32, Hkv=8, N=1, S=4096,
+                                               wr=0)
+                   for dt in ("bfloat16", "float16", "float32") for d in (64, 128, 256)})
     return {"available": True, "dtypes": ["float32", "float16", "bfloat16"], "head_dims": [1, 512],
             "paths": {name: fwd for name, (fwd, _) in probes.items()},
             "backward_paths": {name: bwd for name, (_, bwd) in probes.items()}, "features": _features(device)}
