@@ -106,6 +106,9 @@ def _features(device):
         "rope": ok(),
         "block_sparse": ok(block=True),
         "kv_cache": device is not None and _probe_kvcache(device) != "none",
+        # Serving compositions (serving.py) over the dense and KV-cache kernels.
+        "shared_prefix": ok() and _probe_kvcache(device) != "none",
+        "splitfuse": ok() and _probe_kvcache(device) != "none",
     }
 
 

@@ -31,7 +31,8 @@ def _seed_draw(seed):
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
-             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, raises=False)
+             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, raises=False, prefix=False,
+             splitfuse=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -62,6 +63,10 @@ FEATURE_CALLS = {
     "rope": dict(kw=dict(causal=True), grad=True, rope=True),
     "varlen": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True), grad=True,
                    varlen=True),
+    # One prefix shared by the batch, each entry's suffix in a cache: the dense answer.
+    "shared_prefix": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), prefix=True),
+    # The same call as prefill and as decode against a full cache: the dense answer twice.
+    "splitfuse": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), splitfuse=True),
 }
 
 
@@ -96,8 +101,13 @@ def _run_feature_call(device, call, rng):
     ref_kw = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in ref_kw.items()}
     tol = TOL.get(dtype, 1e-10)
 
+    if c["prefix"]:  # the first P keys the same for every entry
+        P = S // 2
+        k[1:, :, :P], v[1:, :, :P] = k[:1, :, :P], v[:1, :, :P]
+
     steelattn.reset_dispatch_stats()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)] if c["grad"] else [q, k, v]
+    second = None  # a second output that must equal the reference too
     if c["raises"]:
         return None
     if c["varlen"]:  # the B sequences packed token-major: [B*N, H, D]
@@ -115,6 +125,11 @@ def _run_feature_call(device, call, rng):
         res = steelattn.flash_attention_rope(*inputs, ones, zeros, **kw)
     elif c["kvcache"]:  # a full cache: the dense answer (bottom-right causal)
         res = steelattn.flash_attention_kvcache(*inputs, cache_seqlens=S, **kw)
+    elif c["prefix"]:
+        res = steelattn.flash_attention_shared_prefix(q, k[:1, :, :P], v[:1, :, :P], k[:, :, P:], v[:, :, P:],
+                                                      cache_seqlens=S - P, **kw)
+    elif c["splitfuse"]:
+        res, second = steelattn.flash_attention_splitfuse(q, k, v, q, k, v, cache_seqlens=S, **kw)
     elif c["sparse"]:  # every block active (blocks of 16): the dense answer
         blocks = torch.ones(-(-N // 16), -(-S // 16), dtype=torch.bool, device=device)
         res = steelattn.flash_attention_sparse(*inputs, blocks, block_size=16, **kw)
@@ -124,6 +139,8 @@ def _run_feature_call(device, call, rng):
     r = [t.detach().cpu().double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse, ref_p = attention_reference(*r, **ref_kw)
     assert_close(out.detach(), ref_out.detach(), dtype, tol=tol)
+    if second is not None:
+        assert_close(second, ref_out.detach(), dtype, what="second output", tol=tol)
     if kw.get("return_lse"):
         assert_close(res[1], ref_lse.detach(), dtype, what="lse", tol=tol)
     if kw.get("return_attn_weights"):
@@ -161,8 +178,9 @@ def test_feature_report_matches_what_runs(device, feature, rng):
                 steelattn.flash_attention_varlen(*inputs, cu, cu, **call["kw"])
             continue
         stats = _run_feature_call(device, call, rng)
-        if claimed:
-            assert set(stats["forward"]) <= STEEL_PATHS and sum(stats["forward"].values()) == 1, stats
+        if claimed:  # the compositions make two kernel calls (prefix + suffix, prefill + decode)
+            calls_made = 2 if feature in ("shared_prefix", "splitfuse") else 1
+            assert set(stats["forward"]) <= STEEL_PATHS and sum(stats["forward"].values()) == calls_made, stats
             if feature == "backward":
                 assert set(stats["backward"]) <= STEEL_PATHS and sum(stats["backward"].values()) == 1, stats
         elif feature == "block_sparse" and device == "cuda":  # no block-sparse kernel: dense calls, noted

@@ -76,3 +76,15 @@ def test_splitfuse_is_prefill_plus_decode(device, rng):
         ref_d, _, _ = attention_reference(qd[b:b + 1].cpu(), kc[b:b + 1, :, :n].cpu(), vc[b:b + 1, :, :n].cpu(),
                                           diag_offset=n - 1, window_right=0)
         assert_close(out_d[b:b + 1], ref_d, dt)
+
+
+def test_splitfuse_bad_input_names_the_argument():
+    qp, kp = torch.randn(1, 4, 5, 32), torch.randn(1, 2, 5, 32)
+    qd, kc = torch.randn(2, 4, 1, 32), torch.randn(2, 2, 10, 32)
+    with pytest.raises(ValueError, match="k_cache"):  # the decode part's cache has another head dim
+        steelattn.flash_attention_splitfuse(qp, kp, kp, qd, torch.randn(2, 2, 10, 16), kc, cache_seqlens=3)
+    with pytest.raises(ValueError, match="cache_seqlens"):  # longer than the cache
+        steelattn.flash_attention_splitfuse(qp, kp, kp, qd, kc, kc, cache_seqlens=[3, 11])
+    with pytest.raises(ValueError, match="head"):  # the prefill part's heads do not divide
+        steelattn.flash_attention_splitfuse(qp, torch.randn(1, 3, 5, 32), torch.randn(1, 3, 5, 32), qd, kc, kc,
+                                            cache_seqlens=3)
