@@ -86,7 +86,8 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
         raise ValueError(f"{_FN}: block_mask's leading dims {lead} must be (), (H,) or (B, H) with B={B}, H={H}")
     if block_mask.device != q.device:
         raise ValueError(f"{_FN}: block_mask is on {block_mask.device} but q is on {q.device}")
-    bm = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape)).expand(B, H, nq, nk)
+    mask4 = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))  # broadcast dims kept
+    bm = mask4.expand(B, H, nq, nk)
     if token is not None:
         token = token.expand(B, H, N, S)
 
@@ -102,7 +103,6 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
         # backward, instead of torch's materialised scores.
         _dispatch.record_note("block-sparse on CUDA -> dense kernel with a token mask (no CUDA block-sparse "
                               "kernel yet)")
-        mask4 = block_mask.reshape((1,) * (4 - block_mask.dim()) + tuple(block_mask.shape))
         out, lse = dense_chunks(q, k, v, mask4, bq, bk, token, scale, softcap, wl, wr, bool(deterministic))
         return (out, lse) if return_lse else out
 

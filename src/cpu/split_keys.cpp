@@ -8,37 +8,23 @@
 #include <vector>
 
 #include "cpu/flash.h"
-#include "cpu/simd.h"
+#include "cpu/score_tile.h"  // kBlockRows, load_elem, store_elem
 #include "cpu/thread_pool.h"
 
 namespace steelattn::cpu {
 namespace {
 
 constexpr int64_t kMinChunk = 512;  // keys per chunk: below this the merge outweighs the gain
-constexpr int64_t kRowsPerTask = 64;  // packed query rows per task (score_tile.h kBlockRows)
 
 int64_t tasks_of(const AttentionParams& p) {
-  const int64_t rows = p.H / p.Hkv * p.N;
-  return p.B * p.Hkv * ((rows + kRowsPerTask - 1) / kRowsPerTask);
+  const int64_t rows = p.H / p.Hkv * p.N;  // packed rows per KV head, kBlockRows per task
+  return p.B * p.Hkv * ((rows + kBlockRows - 1) / kBlockRows);
 }
 
 // Whether a problem's keys may be cut: nothing that indexes keys absolutely or per element.
 bool splittable(const AttentionParams& p) {
   return p.dropout_p == 0.0f && !p.bias.present() && !p.bool_mask.present() && !p.attn_weights.present() &&
          !p.block_mask.present() && !p.varlen() && !p.seqlens_k.present() && p.B > 0 && p.N > 0;
-}
-
-double load(const void* base, DType t, int64_t e) {
-  return t == DType::f64 ? static_cast<const double*>(base)[e] : static_cast<const float*>(base)[e];
-}
-
-void store(void* base, DType t, int64_t e, double x) {
-  switch (t) {
-    case DType::f64: static_cast<double*>(base)[e] = x; break;
-    case DType::f32: static_cast<float*>(base)[e] = float(x); break;
-    case DType::f16: static_cast<uint16_t*>(base)[e] = float_to_f16(float(x)); break;
-    default: static_cast<uint16_t*>(base)[e] = float_to_bf16(float(x)); break;
-  }
 }
 
 }  // namespace
@@ -117,22 +103,25 @@ Status forward_with_key_splits(const std::vector<AttentionParams>& parts, int sp
         for (int64_t i = 0; i < p.N; ++i) {
           const int64_t cell = (b * p.H + h) * p.N + i;
           double mx = -INFINITY;
-          for (int64_t c = 0; c < m.count; ++c) mx = std::max(mx, load(m.lse.data(), side, c * cells + cell));
+          auto lse_of = [&](int64_t c) { return load_elem<double>(m.lse.data(), side, c * cells + cell); };
+          for (int64_t c = 0; c < m.count; ++c) mx = std::max(mx, lse_of(c));
           const double mu = std::isinf(mx) ? 0.0 : mx;
           double sum = 0.0;
-          for (int64_t c = 0; c < m.count; ++c) sum += (w[size_t(c)] = std::exp(load(m.lse.data(), side, c * cells + cell) - mu));
+          for (int64_t c = 0; c < m.count; ++c) sum += (w[size_t(c)] = std::exp(lse_of(c) - mu));
           std::fill(acc.begin(), acc.end(), 0.0);
           for (int64_t c = 0; c < m.count; ++c) {
             if (w[size_t(c)] == 0.0) continue;
             const int64_t base = (c * cells + cell) * p.Dv;
-            for (int64_t e = 0; e < p.Dv; ++e) acc[size_t(e)] += w[size_t(c)] * load(m.out.data(), side, base + e);
+            for (int64_t e = 0; e < p.Dv; ++e)
+              acc[size_t(e)] += w[size_t(c)] * load_elem<double>(m.out.data(), side, base + e);
           }
           const double inv = sum > 0.0 ? 1.0 / sum : 0.0;
           char* orow = static_cast<char*>(p.out.data) +
                        (b * p.out.stride[0] + h * p.out.stride[1] + i * p.out.stride[2]) * dtype_size(p.out.dtype);
-          for (int64_t e = 0; e < p.Dv; ++e) store(orow, p.out.dtype, e * p.out.stride[3], acc[size_t(e)] * inv);
+          for (int64_t e = 0; e < p.Dv; ++e)
+            store_elem<double>(orow, p.out.dtype, e * p.out.stride[3], acc[size_t(e)] * inv);
           if (p.lse.present())
-            store(p.lse.data, p.lse.dtype, b * p.lse.stride[0] + h * p.lse.stride[1] + i * p.lse.stride[2],
+            store_elem<double>(p.lse.data, p.lse.dtype, b * p.lse.stride[0] + h * p.lse.stride[1] + i * p.lse.stride[2],
                        sum > 0.0 ? mu + std::log(sum) : -INFINITY);
         }
   }
