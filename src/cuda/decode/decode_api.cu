@@ -56,13 +56,24 @@ int ctas_per_sm(int dpad, TileShape t) {
   return cuda_decode::ctas_per_sm(cuda_decode::smem_bytes(dpad, t.keys, t.stages));
 }
 
-int sm_count(int device) {
-  static int cached[64] = {};
-  if (device < 0 || device >= 64) return 132;
-  if (!cached[device]) {
-    int n = 0;
-    if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || n <= 0) n = 132;
-    cached[device] = n;
+// What the path needs to know of a device, queried once per device (dispatch asks per call).
+struct DeviceLimits {
+  int major = 0, sms = 132, smem_optin = 0;
+};
+const DeviceLimits& device_limits(int device) {
+  static DeviceLimits cached[64];
+  static bool known[64] = {};
+  static DeviceLimits none;
+  if (device < 0 || device >= 64) return none;
+  if (!known[device]) {
+    DeviceLimits d;
+    if (cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) d.major = 0;
+    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || d.sms <= 0)
+      d.sms = 132;
+    if (cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
+      d.smem_optin = 0;
+    cached[device] = d;
+    known[device] = true;
   }
   return cached[device];
 }
@@ -80,7 +91,7 @@ int num_splits(const AttentionParams& p) {
   const int64_t ctas = p.B * p.Hkv * row_groups(p);
   const int64_t min_keys_per_split = int64_t(t.keys) * cuda_decode::kWarps * 4;
   const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
-  const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * sm_count(p.q.device_id);
+  const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * device_limits(p.q.device_id).sms;
   const int64_t want = std::max<int64_t>(1, wave / ctas);
   return int(std::clamp<int64_t>(std::min(want, by_length), 1, cuda_decode::kMaxSplits));
 }
@@ -148,18 +159,14 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
     if ((t->stride[3] != 1 && t->shape[3] > 1) || !rows_16b_aligned(*t, stride))
       return no("q, k and v need a contiguous last dim and 16-byte aligned rows");
   }
-  int major = 0;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, p.q.device_id) != cudaSuccess ||
-      major < 8)
-    return no("needs compute capability 8.0 or newer");
+  const DeviceLimits& dev = device_limits(p.q.device_id);
+  if (dev.major < 8) return no("needs compute capability 8.0 or newer");
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
   const TileShape t = tile_shape(dpad);
   const size_t need = cuda_decode::smem_bytes(dpad, t.keys, t.stages);
-  int optin = 0;  // e.g. about 99 KB on sm_86 / sm_89, where D = 256 does not fit
-  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, p.q.device_id) != cudaSuccess ||
-      size_t(optin) < need)
+  if (size_t(dev.smem_optin) < need)  // e.g. about 99 KB on sm_86 / sm_89, where D = 256 does not fit
     return no("needs " + std::to_string(need) + " bytes of shared memory per block at this head dim, the device has " +
-              std::to_string(optin));
+              std::to_string(dev.smem_optin));
   return true;
 }
 
