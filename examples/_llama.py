@@ -1,5 +1,12 @@
-"""The Llama-style configs the examples share: tiny (CPU) or large (hidden 2048, 16/4 heads)."""
+"""What the examples share: the Llama-style configs, tiny (CPU) or large (hidden 2048, 16/4
+heads), and the device and dtype to run on."""
+import torch
 import transformers
+
+
+def device_and_dtype():
+    """("cuda", bf16) when a GPU is there, else ("cpu", fp32)."""
+    return ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
 
 
 def llama_config(size):

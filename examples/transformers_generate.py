@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import steelattn.integrations.transformers as st
-from _llama import llama_config
+from _llama import device_and_dtype, llama_config
 
 
 def main():
@@ -20,8 +20,7 @@ def main():
     ap.add_argument("--size", choices=("tiny", "large"), default="tiny")
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    dev, dtype = device_and_dtype()
     cfg = llama_config(args.size)
     st.register()  # 1: register the implementation
     torch.manual_seed(0)

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 import steelattn.integrations.transformers as st
-from _llama import llama_config
+from _llama import device_and_dtype, llama_config
 
 
 def main():
@@ -18,8 +18,7 @@ def main():
     ap.add_argument("--size", choices=("tiny", "large"), default="tiny")
     ap.add_argument("--steps", type=int, default=5)
     args = ap.parse_args()
-    cuda = torch.cuda.is_available()
-    dev, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    dev, dtype = device_and_dtype()
     cfg = llama_config(args.size)
     B, N = (2, 4096) if args.size == "large" else (2, 128)
     st.register()
@@ -34,7 +33,7 @@ def main():
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if cuda:
+        if dev == "cuda":
             torch.cuda.synchronize()
         print(f"step {step}: loss {loss.item():.4f}, {1e3 * (time.perf_counter() - t0):.1f} ms")
     print("kernels:", st.get_stats()["dispatch"])
