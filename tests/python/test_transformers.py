@@ -163,3 +163,15 @@ def test_static_cache_decode_under_torch_compile():
                 out.append(nxt)
         tokens.append(torch.cat(out, 1))
     assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("script,args", [("transformers_generate.py", ["--tokens", "3"]),
+                                         ("transformers_train.py", ["--steps", "1"])])
+def test_examples_run(script, args):
+    """The two examples run as shipped (tiny config; on the GPU when there is one)."""
+    import pathlib
+    import subprocess
+    import sys
+    examples = pathlib.Path(__file__).resolve().parents[2] / "examples"
+    res = subprocess.run([sys.executable, script, *args], cwd=examples, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
