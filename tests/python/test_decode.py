@@ -202,11 +202,9 @@ def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
 
 @pytest.mark.parametrize("shape", ["padding [B,1,1,S]", "per head [B,H,N,S]"])
 @pytest.mark.parametrize("S", [300, 9000])
-def test_bool_mask_on_the_decode_kernel(monkeypatch, shape, S):
-    """Boolean keep-masks (transformers' static-cache decode passes one) on the decode kernel,
-    opt-in with STEELATTN_DECODE_MASK=1 until this test has run on the GPU; rows whose keys
-    are all hidden give zeros and LSE = -inf."""
-    monkeypatch.setenv("STEELATTN_DECODE_MASK", "1")
+def test_bool_mask_on_the_decode_kernel(shape, S):
+    """Boolean keep-masks (transformers' static-cache decode passes one) on the decode kernel;
+    rows whose keys are all hidden give zeros and LSE = -inf."""
     B, H, Hkv, N, D = 3, 8, 2, 2, 128
     q, k, v = _inputs(B, H, Hkv, N, S, D, D, torch.bfloat16, seed=S + len(shape))
     g = torch.Generator(device="cuda").manual_seed(7)

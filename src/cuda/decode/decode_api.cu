@@ -26,11 +26,6 @@ using cuda_generic::strides3;
 // Calls with cache lengths (seqlens_k) are served at any size: no other CUDA kernel takes them.
 constexpr int64_t kMaxDenseRows = 16;
 
-bool decode_mask_enabled() {
-  const char* env = std::getenv("STEELATTN_DECODE_MASK");
-  return env && env[0] == '1';
-}
-
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
 // Tile shapes (keys per warp tile, stages) per padded head dim. The default is the measured
@@ -144,10 +139,6 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
               std::to_string(kMaxDenseRows) + ")");
   if (p.varlen() || p.block_mask.present() || p.bias.present() || p.attn_weights.present() || p.dropout_p > 0.0f)
     return no("no varlen, block_mask, bias, attention weights or dropout");
-  // Boolean masks (transformers' static-cache decode) are implemented and waiting for their
-  // first GPU test run: opt-in until then (STEELATTN_DECODE_MASK=1).
-  if (p.bool_mask.present() && !decode_mask_enabled())
-    return no("bool_mask: opt-in (STEELATTN_DECODE_MASK=1) until tested on the GPU");
   if (p.D > 256 || p.Dv > 256 || p.D % 8 || p.Dv % 8) return no("head dims must be multiples of 8, at most 256");
   if (p.block_table.present() && p.block_table.stride[1] != 1 && p.block_table.shape[1] > 1)
     return no("block_table rows must be contiguous");
