@@ -1,7 +1,7 @@
 // Argument checks for a forward call. Every message names the argument and
 // what was expected, and nothing is written before the checks pass.
 #include <cmath>
-#include <sstream>
+#include <string>
 
 #include "steelattn/steelattn.h"
 
@@ -36,11 +36,9 @@ namespace {
 constexpr int64_t kMaxHeadDim = 512;
 
 std::string shape_str(const TensorRef& t) {
-  std::ostringstream os;
-  os << "[";
-  for (int i = 0; i < t.ndim; ++i) os << (i ? ", " : "") << t.shape[i];
-  os << "]";
-  return os.str();
+  std::string s = "[";
+  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
+  return s + "]";
 }
 
 bool is_attention_dtype(DType t) {
