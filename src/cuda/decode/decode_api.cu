@@ -91,11 +91,11 @@ int num_splits(const AttentionParams& p) {
   return int(std::clamp<int64_t>(std::min(want, by_length), 1, cuda_decode::kMaxSplits));
 }
 
-template <typename T, int kDPad, int kKeys, int kStages>
-Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
+template <typename T, int kDPad, int kKeys, int kStages, bool kPaged>
+Status launch_variant(const DecodeParams& k, cudaStream_t stream, int device) {
   using C = cuda_decode::Cfg<kDPad, kKeys, kStages>;
   static bool attr_set[64] = {};  // cudaFuncSetAttribute once per device
-  auto* fn = cuda_decode::decode_split_kernel<T, kDPad, kKeys, kStages>;
+  auto* fn = cuda_decode::decode_split_kernel<T, kDPad, kKeys, kStages, kPaged>;
   if (device >= 0 && device < 64 && !attr_set[device]) {
     const cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::kSmemBytes));
     if (err != cudaSuccess) return cuda_status("decode: cudaFuncSetAttribute", err);
@@ -112,6 +112,12 @@ Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
     if (err != cudaSuccess) return cuda_status("decode combine kernel launch", err);
   }
   return Status::Ok();
+}
+
+template <typename T, int kDPad, int kKeys, int kStages>
+Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
+  return k.block_table ? launch_variant<T, kDPad, kKeys, kStages, true>(k, stream, device)
+                       : launch_variant<T, kDPad, kKeys, kStages, false>(k, stream, device);
 }
 
 template <typename T>

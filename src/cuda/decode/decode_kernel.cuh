@@ -68,38 +68,49 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
                "r"(src_bytes));
 }
 
-// Address of key j's row in the K (or V) cache of entry `entry`, head hk.
-template <typename T>
-__device__ __forceinline__ const T* key_row(const DecodeParams& p, const T* base, const int64_t (&stride)[3],
-                                            int b, int entry, int hk, int j) {
-  if (p.block_table) {
-    const int32_t page = p.block_table[b * p.bt_stride + j / p.page_size];
-    return base + int64_t(page) * stride[0] + hk * stride[1] + int64_t(j % p.page_size) * stride[2];
-  }
-  return base + int64_t(entry) * stride[0] + hk * stride[1] + int64_t(j) * stride[2];
+// Paged caches: the page of key row `lane` of a tile, looked up by lane `lane` (< kKeys) one
+// tile ahead of its load so the block-table read's latency hides behind a tile of math; the
+// loader shuffles it (and the row in the page) to the lanes that copy the row.
+template <bool kPaged>
+__device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int n_end) {
+  return kPaged && j < n_end ? __ldg(p.block_table + b * p.bt_stride + j / p.page_size) : 0;
 }
 
 // One warp tile of K and V (kKeys keys from n0; keys >= n_end and columns >= D / Dv zero).
-template <typename T, typename C>
+// `lane_page`: page_of key n0 + lane (paged caches only).
+template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
-                                             int n0, int n_end, int lane) {
+                                             int n0, int n_end, int lane, int lane_page) {
   constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
+  static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
   const T* gv = static_cast<const T*>(p.v);
+  const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
 #pragma unroll 4
   for (int idx = lane; idx < C::kKeys * kChunks; idx += 32) {
     const int r = idx / kChunks, c = idx % kChunks;
     const int j = n0 + r;
     const bool row_ok = j < n_end;
-    const T* krow = row_ok ? key_row(p, gk, p.k_stride, b, entry, hk, j) : gk;
-    const T* vrow = row_ok ? key_row(p, gv, p.v_stride, b, entry, hk, j) : gv;
+    int64_t k_off, v_off;  // the row's offset in the K and V pools or caches
+    if constexpr (kPaged) {
+      const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
+      k_off = page * p.k_stride[0] + hk * p.k_stride[1] + row * p.k_stride[2];
+      v_off = page * p.v_stride[0] + hk * p.v_stride[1] + row * p.v_stride[2];
+    } else {
+      k_off = int64_t(entry) * p.k_stride[0] + hk * p.k_stride[1] + int64_t(j) * p.k_stride[2];
+      v_off = int64_t(entry) * p.v_stride[0] + hk * p.v_stride[1] + int64_t(j) * p.v_stride[2];
+    }
+    const T* krow = row_ok ? gk + k_off : gk;
+    const T* vrow = row_ok ? gv + v_off : gv;
     const bool k_ok = row_ok && c * 8 < p.D, v_ok = row_ok && c * 8 < p.Dv;
     cp_async_16_zfill(sK + r * C::kLd + c * 8, k_ok ? krow + c * 8 : gk, k_ok ? 16 : 0);
     cp_async_16_zfill(sV + r * C::kLd + c * 8, v_ok ? vrow + c * 8 : gv, v_ok ? 16 : 0);
   }
 }
 
-template <typename T, int kDPad, int kKeys, int kStages>
+// kPaged: K/V rows are found through p.block_table (a separate instantiation, so the dense
+// kernel keeps its registers).
+template <typename T, int kDPad, int kKeys, int kStages, bool kPaged>
 __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPerSm))
     decode_split_kernel(const DecodeParams p) {
   using C = Cfg<kDPad, kKeys, kStages>;
@@ -201,11 +212,15 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   const int my_tiles = n_tiles > warp ? (n_tiles - warp + kWarps - 1) / kWarps : 0;
   auto tile_n0 = [&](int t) { return n_begin + (warp + kWarps * t) * kKeys; };
   auto stage = [&](int t) { return sW + (t % kStages) * C::kStageElems; };
+  // Paged: the page of the next tile to load, fetched a tile ahead (see page_of).
+  auto page_ahead = [&](int t) { return page_of<kPaged>(p, b, t < my_tiles ? tile_n0(t) + lane : n_end, n_end); };
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < my_tiles) load_kv_tile<T, C>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane);
+    if (t < my_tiles)
+      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t));
     cp_async_commit();
   }
+  int next_page = page_ahead(kStages - 1);
 
   cp_async_wait<kStages - 1>();  // Q has landed (the oldest group)
   __syncthreads();
@@ -231,8 +246,10 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   for (int t = 0; t < my_tiles; ++t) {
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
-      if (tn < my_tiles) load_kv_tile<T, C>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane);
+      if (tn < my_tiles)
+        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page);
       cp_async_commit();
+      next_page = page_ahead(tn + 1);
     }
     cp_async_wait<kStages - 1>();
     __syncwarp();
