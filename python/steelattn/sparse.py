@@ -3,10 +3,12 @@
 Query block qb = i // block_size[0] sees key block kb = j // block_size[1] only where
 block_mask[..., qb, kb] is True; causal, windows and the other modifiers still apply token
 by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
-(never loaded, forward and backward). CPU: the CPU kernels. CUDA: no block-sparse kernel
-yet; calls run as dense steelattn calls with the block mask as a token mask, in query
-chunks (dense_chunks: every tile computed, noted in the dispatch stats), or on the torch
-path with dropout or ALiBi.
+(never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper forward
+skips inactive blocks when the block sizes are multiples of its tiles (128 queries, and
+128 keys at head dims up to 128; src/cuda/sm90/launch.cu says why not otherwise), without
+gradients. Other CUDA calls run as dense steelattn calls with the block mask as a token
+mask, in query chunks (dense_chunks: every tile computed, noted in the dispatch stats), or
+on the torch path with dropout or ALiBi.
 A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).
 """
 from __future__ import annotations
@@ -96,13 +98,25 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
     extra = Extra(block_mask=bm, block_q=bq, block_k=bk)
+    why = "a FlexAttention BlockMask with partial blocks (token rule)" if token is not None else None
+    if torch.compiler.is_compiling():
+        why = "traced by torch.compile (the registered op takes no CUDA block masks yet)"
+    elif q.is_cuda and backend != "torch" and not dropout_p and token is None:
+        # The Hopper forward takes block masks at tile-multiple block sizes (inference only:
+        # no CUDA backward reads block masks yet). The core refuses, writing nothing, when
+        # it cannot serve the call.
+        try:
+            out, lse, _ = _run_sparse(q, k, v, extra, None, scale, softcap, alibi, S - N, wl, wr, 0.0, generator,
+                                      return_lse, "steel", None, bool(deterministic))
+            return (out, lse) if return_lse else out
+        except NotImplementedError as e:
+            why = str(e).split("cannot serve this call: ", 1)[-1]
     if q.is_cuda and backend != "torch" and not dropout_p and alibi is None:
-        # No CUDA kernel takes block masks yet: the dense kernel with the block mask (and
-        # the band) as a token mask, in query chunks that bound the mask's memory. Every
-        # tile is computed (no skipping), but it runs on a steelattn kernel, forward and
-        # backward, instead of torch's materialised scores.
-        _dispatch.record_note("block-sparse on CUDA -> dense kernel with a token mask (no CUDA block-sparse "
-                              "kernel yet)")
+        # The dense kernel with the block mask (and the band) as a token mask, in query
+        # chunks that bound the mask's memory. Every tile is computed (no skipping), but
+        # it runs on a steelattn kernel, forward and backward, instead of torch's
+        # materialised scores.
+        _dispatch.record_note(f"block-sparse on CUDA -> dense kernel with a token mask: {why}")
         out, lse = dense_chunks(q, k, v, mask4, bq, bk, token, scale, softcap, wl, wr, bool(deterministic))
         return (out, lse) if return_lse else out
 

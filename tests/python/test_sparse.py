@@ -183,3 +183,68 @@ def test_dense_chunks_equal_the_sparse_call(rng, lead, kw):
     g = torch.autograd.grad(out.sum(), (q, k, v))
     for a, b in zip(g, g_ref):
         assert torch.allclose(a, b, atol=1e-9)
+
+
+HOPPER_CASES = [  # (name, B, H, Hkv, N, S, D, Dv, block_size, mask dims, kwargs)
+    ("2d 128 d64", 2, 4, 4, 300, 333, 64, 64, (128, 128), 2, {}),
+    ("per-head 256x128 causal gqa d128", 1, 6, 2, 700, 650, 128, 128, (256, 128), 3, {"causal": True}),
+    ("per-batch 128x256 window softcap alibi", 2, 4, 1, 520, 900, 128, 128, (128, 256), 4,
+     {"window_size": (300, 40), "softcap": 20.0, "alibi": True}),
+    ("dv 96 full", 1, 2, 2, 129, 1000, 64, 96, (128, 128), 2, {}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,B,H,Hkv,N,S,D,Dv,bs,dims,kw", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
+def test_hopper_sparse_forward(rng, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
+    """Inference calls whose block sizes are multiples of the Hopper forward's tiles run there,
+    skipping inactive blocks: NaN in K/V rows that no active block covers changes nothing;
+    rows with no active block give zeros and lse = -inf."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper forward needs compute capability 9.0")
+    kw = dict(kw)
+    nq, nk = math.ceil(N / bs[0]), math.ceil(S / bs[1])
+    shape = {2: (nq, nk), 3: (H, nq, nk), 4: (B, H, nq, nk)}[dims]
+    blocks = torch.rand(shape, generator=rng) < 0.5
+    blocks.view(-1, nq, nk)[:, 1, :] = False  # query block 1 sees nothing
+    blocks.view(-1, nq, nk)[..., -1] = False  # the last key block is never read: NaN there
+    q = randn(B, H, N, D, dtype=dtype, device="cuda", generator=rng)
+    k = randn(B, Hkv, S, D, dtype=dtype, device="cuda", generator=rng)
+    v = randn(B, Hkv, S, Dv, dtype=dtype, device="cuda", generator=rng)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
+    v_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
+    alibi = torch.rand(B, H, generator=rng).cuda() if kw.pop("alibi", False) else None
+    steelattn.reset_dispatch_stats()
+    out, lse = steelattn.flash_attention_sparse(q, k_nan, v_nan, blocks.cuda(), block_size=bs, return_lse=True,
+                                                alibi_slopes=alibi, **kw)
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and not stats["demotions"], stats
+
+    keep = token_mask(blocks.reshape((1,) * (4 - dims) + shape), bs[0], bs[1], N, S).expand(B, H, N, S)
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    _, ref, ref_lse = reference(q, k, v, keep, diag_offset=S - N, window_left=wl, window_right=wr,
+                                softcap=kw.get("softcap", 0.0), alibi_slopes=None if alibi is None else alibi.cpu())
+    assert_close(out.cpu(), ref.detach(), dtype)
+    assert_lse_close(lse, ref_lse.detach(), dtype)
+    assert torch.all(out[:, :, bs[0]:2 * bs[0]] == 0) and torch.all(lse[:, :, bs[0]:2 * bs[0]] == -math.inf)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_sparse_off_the_hopper_tiles_is_noted(rng):
+    """Block sizes that are not multiples of the Hopper tiles, and training calls, run as dense
+    calls with a token mask, and the note says why."""
+    q, k, v = (randn(1, 2, 200, 64, dtype=torch.bfloat16, device="cuda", generator=rng) for _ in range(3))
+    blocks = (torch.rand(4, 4, generator=rng) < 0.5).cuda()
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_sparse(q, k, v, blocks, block_size=64)
+    notes = steelattn.get_dispatch_stats()["demotions"]
+    assert any("dense kernel with a token mask" in r and "multiples of the kernel's tiles" in r for r in notes), notes
+    ref = steelattn.flash_attention_sparse(q.cpu().float(), k.cpu().float(), v.cpu().float(), blocks.cpu(),
+                                           block_size=64)
+    assert_close(out.cpu(), ref.double(), torch.bfloat16)

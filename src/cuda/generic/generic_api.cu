@@ -45,7 +45,7 @@ bool cuda_generic_supports(const AttentionParams& p, std::string* why_not) {
               std::to_string(p.Dv) + " (at most 512)");
   if (p.N > INT32_MAX || p.S > INT32_MAX || p.B > INT32_MAX || p.H > INT32_MAX)
     return no("cuda_generic: B, H, N and S must each fit in int32");
-  if (p.block_mask.present()) return no("cuda_generic: block_mask is not on the CUDA kernels yet");
+  if (p.block_mask.present()) return no("cuda_generic: block_mask: only the Hopper forward takes block masks");
   if (p.seqlens_k.present()) return no("cuda_generic: seqlens_k (KV-cache lengths) is not on the CUDA kernels yet");
   if (p.varlen() && (p.dropout_p > 0.0f || p.attn_weights.present()))
     return no("cuda_generic: varlen calls take no dropout or attention weights");

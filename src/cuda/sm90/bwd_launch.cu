@@ -195,7 +195,7 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (!bwd_is_sm90(p.q.device_id)) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
-  if (p.block_mask.present()) return fail("block_mask: not on the CUDA kernels yet");
+  if (p.block_mask.present()) return fail("block_mask: not on the Hopper backward yet");
   if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   for (const TensorRef* t : {&p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv})
     if (t->dtype != p.q.dtype) return fail("q, k, v, out, dout, dq, dk, dv must share one dtype");

@@ -106,7 +106,14 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (dev.major != 9 || dev.minor != 0) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
-  if (p.block_mask.present()) return fail("block_mask: not on the CUDA kernels yet");
+  if (p.block_mask.present()) {
+    // Whole tiles only (params.h): each 128-query tile and each key block lies in one mask block.
+    const int bn = block_n_for(kernel_dim(p.D, p.Dv));
+    if (p.block_q % sm90::kBlockM != 0 || p.block_k % bn != 0)
+      return fail("block_mask: block sizes must be multiples of the kernel's tiles (" +
+                  std::to_string(sm90::kBlockM) + ", " + std::to_string(bn) + ") at this head dim, got (" +
+                  std::to_string(p.block_q) + ", " + std::to_string(p.block_k) + ")");
+  }
   if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
     return fail("q, k, v and out must share one dtype");
@@ -141,7 +148,9 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   const int block_n = block_n_for(kd);
   const int64_t group = p.H / p.Hkv;
   // The packed map's kv-head stride is group x the head stride (TMA: < 2^40 B).
-  const bool pack = pack_gqa(p.N, group) && p.q.stride[1] * 2 * group < (int64_t{1} << 40);
+  // Block masks are per query head: their tiles are never GQA-packed.
+  const bool pack = !p.block_mask.present() && pack_gqa(p.N, group) &&
+                    p.q.stride[1] * 2 * group < (int64_t{1} << 40);
   const bool q_ok = pack ? encode_q_packed(&k.tma_q, p.q, static_cast<int>(group),
                                            sm90::kBlockM / static_cast<int>(group), &why)
                          : encode_map(&k.tma_q, p.q, sm90::kBlockM, &why);
@@ -159,6 +168,16 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_stride_b = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_stride_h = p.alibi_slopes.stride[1];
+  if (p.block_mask.present()) {
+    const TensorRef& m = p.block_mask;
+    k.block_mask = static_cast<const uint8_t*>(m.data);
+    k.bm_stride_b = m.shape[0] == 1 ? 0 : m.stride[0];
+    k.bm_stride_h = m.shape[1] == 1 ? 0 : m.stride[1];
+    k.bm_stride_q = m.stride[2];
+    k.bm_stride_k = m.stride[3];
+    k.bm_q_tiles = static_cast<int>(p.block_q / sm90::kBlockM);
+    k.bm_k_tiles = static_cast<int>(p.block_k / block_n);
+  }
 
   k.B = static_cast<int>(p.B);
   k.H = static_cast<int>(p.H);
@@ -208,7 +227,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   int prev_dev = -1;
   cudaGetDevice(&prev_dev);
   if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
-  const sm90::LaunchVariant variant{band, softcap, pack};
+  const sm90::LaunchVariant variant{band, softcap, pack, p.block_mask.present()};
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   const bool bf16 = p.q.dtype == DType::bf16;

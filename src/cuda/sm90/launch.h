@@ -16,6 +16,7 @@ struct LaunchVariant {
   bool band;     // any window side bounded (causal, sliding window)
   bool softcap;  // softcap > 0
   bool pack;     // GQA packing (params.h: pack_rows)
+  bool sparse;   // block-sparse (params.h: block_mask); never with pack
 };
 
 // Instantiated for D in {64, 128, 256} x {__nv_bfloat16, __half} (inst_*.cu).

@@ -28,8 +28,11 @@ namespace steelattn::sm90 {
 // Pack: GQA packing (params.h): a tile's 128 rows are the `group` query heads
 // of one KV head over kBlockM / group queries, so each K/V block is loaded once
 // for the whole group. Pack = false is the plain per-query-head kernel.
-template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = false>
+// Sparse: block-sparse calls (FwdParams::block_mask, never packed). Dense instantiations
+// compile exactly as without it: the producer's 24 registers have no room for the mask walk.
+template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = false, bool Sparse = false>
 struct Mainloop {
+  static_assert(!(Pack && Sparse), "block-sparse tiles are per query head, never GQA-packed");
   static constexpr int kBlockN = TileConfig<D>::kBlockN;
   static constexpr int kStages = TileConfig<D>::kStages;
   static constexpr int kQStages = TileConfig<D>::kQStages;
@@ -112,6 +115,13 @@ struct Mainloop {
       const TileCoord tc = sched.coord(t);
       int lo, hi;
       mask.block_range(tc.m_block, lo, hi);
+      if constexpr (Sparse) {
+        // Block-sparse: the producer alone walks the mask and publishes what it decided,
+        // the tile's range with the tile and each block with its K stage.
+        Mask::trim(p, tc.b, tc.h, tc.m_block, lo, hi);
+        *reinterpret_cast<volatile int*>(&sm.tile_lo[qi]) = lo;
+        *reinterpret_cast<volatile int*>(&sm.tile_hi[qi]) = hi;
+      }
       if (lo >= hi) {
         mbar_arrive(q_full);  // consumers write zeros; nothing to load
       } else {
@@ -132,8 +142,9 @@ struct Mainloop {
       // Claim the next tile now: the atomic's latency hides behind the K/V waits.
       const int t_next = sched.next_tile();
       const int kv_head = Pack ? tc.h : tc.h / p.group;
-      for (int n = hi - 1; n >= lo; --n) {
+      for (int n = hi - 1; n >= lo; n = Sparse ? Mask::prev(p, tc.b, tc.h, tc.m_block, n - 1, lo) : n - 1) {
         mbar_wait(&sm.k_empty[st.index], st.phase ^ 1);
+        if constexpr (Sparse) *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]) = n;
         mbar_arrive_expect_tx(&sm.k_full[st.index], kKVBytes);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
@@ -268,7 +279,12 @@ struct Mainloop {
         }
       }
       int lo, hi;
-      mask.block_range(tc.m_block, lo, hi);
+      if constexpr (Sparse) {
+        lo = *reinterpret_cast<volatile int*>(&sm.tile_lo[qi]);
+        hi = *reinterpret_cast<volatile int*>(&sm.tile_hi[qi]);
+      } else {
+        mask.block_range(tc.m_block, lo, hi);
+      }
       const Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
       if (lo >= hi) {
         warp_release(q_empty);
@@ -330,8 +346,12 @@ struct Mainloop {
       PipeState<kStages> vst = st;  // V of the block whose P is pending
       st.advance();
 
-      for (n = hi - 2; n >= lo; --n) {
+      while (n > lo) {
         mbar_wait(&sm.k_full[st.index], st.phase);
+        if constexpr (Sparse)
+          n = *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]);  // the producer's next block
+        else
+          --n;
         mbar_wait(&sm.v_full[vst.index], vst.phase);
         turn_begin(cwg);
         gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));

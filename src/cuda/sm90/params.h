@@ -49,6 +49,14 @@ struct FwdParams {
   // query m_block * pack_rows + r % pack_rows (pack_rows = kBlockM / group, 2^pack_shift).
   int tile_heads;
   int pack_rows, pack_shift;  // 0 when not packed
+
+  // Block-sparse calls (never packed): bool [B, H, NQ, NK] (broadcast strides allowed,
+  // in elements), or null. Mask blocks are whole kernel tiles: query tile m lies in mask
+  // row m / bm_q_tiles, key block n in mask column n / bm_k_tiles (launch.cu admits only
+  // block sizes that are multiples of the tiles), so a block is visited or skipped whole.
+  const uint8_t* block_mask;
+  int64_t bm_stride_b, bm_stride_h, bm_stride_q, bm_stride_k;
+  int bm_q_tiles, bm_k_tiles;
 };
 
 constexpr int kUnbounded = 1 << 30;
@@ -134,6 +142,8 @@ struct SharedStorage {
   alignas(1024) Elem v[kStages][kBlockN * D];   // [stages][kBlockN, D]
   uint64_t q_full[kQStages], q_empty[kQStages];
   int tile[kQStages];  // the tile in each Q buffer, -1 = no more work; published by q_full
+  int tile_lo[kQStages], tile_hi[kQStages];  // its key blocks [lo, hi) (empty: lo >= hi); published by q_full
+  int kv_block[kStages];  // the key block in each K stage; published by k_full
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
 };
