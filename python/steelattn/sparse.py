@@ -3,12 +3,12 @@
 Query block qb = i // block_size[0] sees key block kb = j // block_size[1] only where
 block_mask[..., qb, kb] is True; causal, windows and the other modifiers still apply token
 by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
-(never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper forward
-skips inactive blocks when the block sizes are multiples of its tiles (128 queries, and
-128 keys at head dims up to 128; src/cuda/sm90/launch.cu says why not otherwise), without
-gradients. Other CUDA calls run as dense steelattn calls with the block mask as a token
-mask, in query chunks (dense_chunks: every tile computed, noted in the dispatch stats), or
-on the torch path with dropout or ALiBi.
+(never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper kernels skip
+inactive blocks when the block sizes are multiples of their tiles (128 x 128 at head dims
+up to 128; the forward also takes wider heads at multiples of its key tile; the backward is
+not deterministic). Other CUDA calls run as dense steelattn calls with the block mask as a
+token mask, in query chunks (dense_chunks: every tile computed, noted in the dispatch stats
+with the kernels' reason), or on the torch path with dropout, or ALiBi off the Hopper tiles.
 A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).
 """
 from __future__ import annotations
@@ -102,9 +102,9 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     if torch.compiler.is_compiling():
         why = "traced by torch.compile (the registered op takes no CUDA block masks yet)"
     elif q.is_cuda and backend != "torch" and not dropout_p and token is None:
-        # The Hopper forward takes block masks at tile-multiple block sizes (inference only:
-        # no CUDA backward reads block masks yet). The core refuses, writing nothing, when
-        # it cannot serve the call.
+        # The Hopper kernels take block masks at tile-multiple block sizes (training calls
+        # need the backward's tiles too). The core refuses, writing nothing, when it
+        # cannot serve the call.
         try:
             out, lse, _ = _run_sparse(q, k, v, extra, None, scale, softcap, alibi, S - N, wl, wr, 0.0, generator,
                                       return_lse, "steel", None, bool(deterministic))

@@ -61,9 +61,21 @@ def test_sparse_matches_token_mask_reference(device, rng, dtype, name, B, H, Hkv
     elif kw.get("dropout_p") or "alibi_slopes" in kw:  # the torch path, counted
         assert stats["forward"] == {"torch": 1}, stats
         assert any("block_mask" in r for r in stats["demotions"]), stats
-    else:  # no CUDA block-sparse kernel yet: dense steelattn calls with a token mask, noted
+    elif _on_hopper_sparse(dtype, D, bs):
+        assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+        assert not stats["demotions"], stats
+    else:  # off the Hopper kernels' tiles: dense steelattn calls with a token mask, noted
         assert "torch" not in stats["forward"] and set(stats["forward"]) <= {"cuda_generic"}, stats
         assert any("block-sparse on CUDA -> dense kernel" in r for r in stats["demotions"]), stats
+
+
+def _on_hopper_sparse(dtype, D, bs, Dv=None):
+    """Whether a CUDA block-sparse call runs on the Hopper kernels: an H100/H200, fp16/bf16,
+    head dims up to 128, block sizes that are multiples of 128 (src/cuda/sm90/launch.cu,
+    bwd_launch.cu)."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and
+            dtype in (torch.float16, torch.bfloat16) and max(D, Dv or D) <= 128 and
+            bs[0] % 128 == 0 and bs[1] % 128 == 0)
 
 
 def test_inactive_blocks_are_never_read(rng):
@@ -196,12 +208,14 @@ HOPPER_CASES = [  # (name, B, H, Hkv, N, S, D, Dv, block_size, mask dims, kwargs
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("grad", [False, True], ids=["fwd", "fwd_bwd"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,B,H,Hkv,N,S,D,Dv,bs,dims,kw", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
-def test_hopper_sparse_forward(rng, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
-    """Inference calls whose block sizes are multiples of the Hopper forward's tiles run there,
-    skipping inactive blocks: NaN in K/V rows that no active block covers changes nothing;
-    rows with no active block give zeros and lse = -inf."""
+def test_hopper_sparse(rng, grad, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
+    """Calls whose block sizes are multiples of the Hopper kernels' tiles run there, forward
+    and backward, skipping inactive blocks: NaN in K/V rows that no active block covers
+    changes nothing (and their dK, dV are zero); rows with no active block give zeros and
+    lse = -inf."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper forward needs compute capability 9.0")
     kw = dict(kw)
@@ -217,11 +231,17 @@ def test_hopper_sparse_forward(rng, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dim
     k_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
     v_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
     alibi = torch.rand(B, H, generator=rng).cuda() if kw.pop("alibi", False) else None
+    for t in (q, k_nan, v_nan):
+        t.requires_grad_(grad)
     steelattn.reset_dispatch_stats()
     out, lse = steelattn.flash_attention_sparse(q, k_nan, v_nan, blocks.cuda(), block_size=bs, return_lse=True,
                                                 alibi_slopes=alibi, **kw)
+    if grad:
+        dout = randn(*out.shape, dtype=dtype, device="cuda", generator=rng)
+        grads = torch.autograd.grad(out, (q, k_nan, v_nan), dout)
     stats = steelattn.get_dispatch_stats()
     assert stats["forward"] == {"cuda_sm90": 1} and not stats["demotions"], stats
+    assert stats["backward"] == ({"cuda_sm90": 1} if grad else {}), stats
 
     keep = token_mask(blocks.reshape((1,) * (4 - dims) + shape), bs[0], bs[1], N, S).expand(B, H, N, S)
     wl, wr = kw.get("window_size", (-1, -1))
@@ -232,6 +252,14 @@ def test_hopper_sparse_forward(rng, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dim
     assert_close(out.cpu(), ref.detach(), dtype)
     assert_lse_close(lse, ref_lse.detach(), dtype)
     assert torch.all(out[:, :, bs[0]:2 * bs[0]] == 0) and torch.all(lse[:, :, bs[0]:2 * bs[0]] == -math.inf)
+    if grad:
+        r, ref, _ = reference(q, k, v, keep, diag_offset=S - N, window_left=wl, window_right=wr,
+                              softcap=kw.get("softcap", 0.0), alibi_slopes=None if alibi is None else alibi.cpu())
+        ref_grads = torch.autograd.grad(ref, r, dout.cpu().double())
+        for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+            assert_close(a.cpu(), b, dtype, what=what, tol=3 * TOL[dtype])
+        for t in grads[1:]:
+            assert torch.all(t[:, :, (nk - 1) * bs[1]:] == 0)
 
 
 @pytest.mark.cuda

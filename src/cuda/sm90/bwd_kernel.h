@@ -34,8 +34,13 @@ namespace steelattn::sm90 {
 // Det: dQ reduced in key-block order (write_dq), bit-identical run to run. A
 // template argument, not a runtime flag: the flag's branches cost the default
 // kernel 8-11% at D64 (its registers and schedule changed).
-template <int D, class Elem, bool Band, bool Softcap, bool Det>
+// Sparse: block-sparse calls (BwdParams::block_mask): a key block visits only the
+// (query head, query block) steps whose mask block is active. The producer walks the
+// mask and publishes each step with its stage (step_g / step_m), then a -1 step; the
+// consumers read them. Not with Det (the ordered dQ reduce counts every key block).
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
 struct BwdMainloop {
+  static_assert(!(Det && Sparse), "block-sparse backward is not deterministic");
   using Tag = typename ElemTag<Elem>::type;
   using Smem = BwdSmem<D, Elem>;
   static constexpr int BM = BwdTile<D>::kBlockM;
@@ -108,13 +113,24 @@ struct BwdMainloop {
     fence_barrier_init();
   }
 
+  // Block-sparse: advances (g, m) to the first active step at or after it (heads of the
+  // group in order, query blocks ascending within [m_lo, m_hi)); false when none is left.
+  __device__ static bool next_active(const BwdParams& p, int b, int hkv, int n_block, int m_lo, int m_hi, int& g,
+                                     int& m) {
+    const uint8_t* col = p.block_mask + b * p.bm_stride_b + (n_block / p.bm_k_tiles) * p.bm_stride_k;
+    for (; g < p.group; ++g, m = m_lo) {
+      const uint8_t* head = col + (hkv * p.group + g) * p.bm_stride_h;
+      while (m < m_hi) {
+        const int r = m / p.bm_q_tiles;
+        if (__ldg(head + r * p.bm_stride_q)) return true;
+        m = (r + 1) * p.bm_q_tiles;  // the rest of this inactive mask block
+      }
+    }
+    return false;
+  }
+
   // ---------------------------------------------------------------- producer
-  __device__ static void produce(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
-    int m_lo, m_hi;
-    m_range(p, n_block, m_lo, m_hi);
-    const int nm = m_hi - m_lo;
-    const int iters = p.group * nm;
-    if (iters <= 0) return;
+  __device__ static void load_kv(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
     prefetch_tensor_map(&p.tma_q);
     prefetch_tensor_map(&p.tma_do);
     prefetch_tensor_map(&p.tma_k);
@@ -125,21 +141,60 @@ struct BwdMainloop {
       tma_load_4d(sm.k + c * BN * CB, &p.tma_k, &sm.kv_full, c * CB, n_block * BN, hkv, b);
       tma_load_4d(sm.v + c * BN * CB, &p.tma_v, &sm.kv_full, c * CB, n_block * BN, hkv, b);
     }
+  }
+
+  // One step's Q, dO, lse2 and dsum (query head h, query block m) into stage st.
+  __device__ static void load_step(const BwdParams& p, Smem& sm, const PipeState<kBwdStages>& st, int b, int h,
+                                   int m) {
+    uint64_t* bar = &sm.full[st.index];
+    mbar_arrive_expect_tx(bar, kStepBytes);
+#pragma unroll
+    for (int c = 0; c < D / CB; ++c) {
+      tma_load_4d(sm.q[st.index] + c * BM * CB, &p.tma_q, bar, c * CB, m * BM, h, b);
+      tma_load_4d(sm.dout[st.index] + c * BM * CB, &p.tma_do, bar, c * CB, m * BM, h, b);
+    }
+    const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + static_cast<int64_t>(m) * BM;
+    bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
+    bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
+  }
+
+  __device__ static void produce_sparse(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+    int m_lo, m_hi;
+    m_range(p, n_block, m_lo, m_hi);
+    int g = 0, m = m_lo;
+    bool more = m_lo < m_hi && next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
+    if (more) load_kv(p, sm, n_block, b, hkv);  // a key block no active step reads is never loaded
+    PipeState<kBwdStages> st;
+    for (; more; st.advance()) {
+      mbar_wait(&sm.empty[st.index], st.phase ^ 1);
+      *reinterpret_cast<volatile int*>(&sm.step_g[st.index]) = g;
+      *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = m;
+      load_step(p, sm, st, b, hkv * p.group + g, m);
+      ++m;
+      more = next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
+    }
+    mbar_wait(&sm.empty[st.index], st.phase ^ 1);
+    *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = -1;  // no more steps
+    mbar_arrive(&sm.full[st.index]);
+  }
+
+  __device__ static void produce(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+    if constexpr (Sparse) {
+      produce_sparse(p, sm, n_block, b, hkv);
+      return;
+    }
+    int m_lo, m_hi;
+    m_range(p, n_block, m_lo, m_hi);
+    const int nm = m_hi - m_lo;
+    const int iters = p.group * nm;
+    if (iters <= 0) return;
+    load_kv(p, sm, n_block, b, hkv);
     PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
-      uint64_t* bar = &sm.full[st.index];
-      mbar_arrive_expect_tx(bar, kStepBytes);
-#pragma unroll
-      for (int c = 0; c < D / CB; ++c) {
-        tma_load_4d(sm.q[st.index] + c * BM * CB, &p.tma_q, bar, c * CB, m * BM, h, b);
-        tma_load_4d(sm.dout[st.index] + c * BM * CB, &p.tma_do, bar, c * CB, m * BM, h, b);
-      }
-      const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + static_cast<int64_t>(m) * BM;
-      bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
-      bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
+      load_step(p, sm, st, b, h, m);
       st.advance();
     }
   }
@@ -231,7 +286,12 @@ struct BwdMainloop {
 #pragma unroll
     for (int i = 0; i < kNA; ++i) dv[i] = dk[i] = 0.f;
 
-    if (iters > 0) {
+    bool any = iters > 0;
+    if constexpr (Sparse) {  // the producer's first step, or its end mark
+      mbar_wait(&sm.full[0], 0);
+      any = *reinterpret_cast<volatile int*>(&sm.step_m[0]) >= 0;
+    }
+    if (any) {
       mbar_wait(&sm.kv_full, 0);
       const uint32_t k_addr = smem_u32(sm.k) + w * 64 * SW;
       const uint32_t v_addr = smem_u32(sm.v) + w * 64 * SW;
@@ -251,9 +311,17 @@ struct BwdMainloop {
         gemm_keys_x_rows(dp, v_addr, smem_u32(sm.dout[stage.index]));
         wgmma_commit();
       };
-      for (int it = 0; it < iters; ++it) {
-        const int h = hkv * p.group + it / nm;
-        const int m = m_of_step(p, it % nm, m_lo, m_hi);
+      for (int it = 0; Sparse || it < iters; ++it) {
+        int h, m;
+        if constexpr (Sparse) {
+          mbar_wait(&sm.full[st.index], st.phase);
+          m = *reinterpret_cast<volatile int*>(&sm.step_m[st.index]);
+          if (m < 0) break;
+          h = hkv * p.group + *reinterpret_cast<volatile int*>(&sm.step_g[st.index]);
+        } else {
+          h = hkv * p.group + it / nm;
+          m = m_of_step(p, it % nm, m_lo, m_hi);
+        }
         const float slope = p.alibi ? p.alibi[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
         const bool masked = needs_mask(p, m, n_block);
         const int q0 = m * BM + qlane;  // query of column 0 of this thread
@@ -472,12 +540,12 @@ struct BwdMainloop {
   }
 };
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
 __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // other archs of a multi-arch build: never selected (cuda_sm90_backward_supports)
 #elif defined(__CUDA_ARCH__)
-  using ML = BwdMainloop<D, Elem, Band, Softcap, Det>;
+  using ML = BwdMainloop<D, Elem, Band, Softcap, Det, Sparse>;
   extern __shared__ uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<typename ML::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                     ~static_cast<uintptr_t>(1023));
@@ -499,9 +567,9 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
 cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det>;
+  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det, Sparse>;
   constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
   cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
@@ -519,5 +587,15 @@ cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 gri
                  : launch_bwd_variant<D, Elem, F, F, Det>(p, grid, stream);
 }
 
+
+template <int D, class Elem>
+cudaError_t launch_bwd_sparse(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+  constexpr bool T = true, F = false;
+  if (band)
+    return softcap ? launch_bwd_variant<D, Elem, T, T, F, T>(p, grid, stream)
+                   : launch_bwd_variant<D, Elem, T, F, F, T>(p, grid, stream);
+  return softcap ? launch_bwd_variant<D, Elem, F, T, F, T>(p, grid, stream)
+                 : launch_bwd_variant<D, Elem, F, F, F, T>(p, grid, stream);
+}
 
 }  // namespace steelattn::sm90

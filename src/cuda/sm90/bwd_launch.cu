@@ -195,7 +195,16 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (!bwd_is_sm90(p.q.device_id)) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
-  if (p.block_mask.present()) return fail("block_mask: not on the Hopper backward yet");
+  if (p.block_mask.present()) {
+    // The narrow kernel's Sparse variants: whole steps only (bwd_params.h), not deterministic.
+    const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
+    if (kd.wide) return fail("block_mask: head dims above 128 are not on the block-sparse backward yet");
+    if (p.deterministic) return fail("block_mask: the block-sparse backward is not deterministic");
+    if (p.block_q % kd.block_m != 0 || p.block_k % sm90::kBwdBlockN != 0)
+      return fail("block_mask: block sizes must be multiples of the backward's tiles (" +
+                  std::to_string(kd.block_m) + ", " + std::to_string(sm90::kBwdBlockN) + "), got (" +
+                  std::to_string(p.block_q) + ", " + std::to_string(p.block_k) + ")");
+  }
   if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   for (const TensorRef* t : {&p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv})
     if (t->dtype != p.q.dtype) return fail("q, k, v, out, dout, dq, dk, dv must share one dtype");
@@ -251,6 +260,11 @@ template <class Elem>
 cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det,
                         cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(int64_t{k.n_blocks} * k.Hkv * k.B));  // bwd_tile maps it
+  if (k.block_mask != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
+    if (kd.kd == 64) return sm90::launch_bwd_sparse<64, Elem>(k, band, softcap, grid, s);
+    if (kd.kd == 96) return sm90::launch_bwd_sparse<96, Elem>(k, band, softcap, grid, s);
+    return sm90::launch_bwd_sparse<128, Elem>(k, band, softcap, grid, s);
+  }
   if (kd.kd == 64) return sm90::launch_bwd<64, Elem>(k, band, softcap, det, grid, s);
   if (kd.kd == 96) return sm90::launch_bwd<96, Elem>(k, band, softcap, det, grid, s);
   if (kd.kd == 128) return sm90::launch_bwd<128, Elem>(k, band, softcap, det, grid, s);
@@ -318,6 +332,16 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
+  if (p.block_mask.present()) {
+    const TensorRef& m = p.block_mask;
+    k.block_mask = static_cast<const uint8_t*>(m.data);
+    k.bm_stride_b = m.shape[0] == 1 ? 0 : m.stride[0];
+    k.bm_stride_h = m.shape[1] == 1 ? 0 : m.stride[1];
+    k.bm_stride_q = m.stride[2];
+    k.bm_stride_k = m.stride[3];
+    k.bm_q_tiles = static_cast<int>(p.block_q / BM);
+    k.bm_k_tiles = static_cast<int>(p.block_k / BN);
+  }
   k.B = static_cast<int>(p.B);
   k.H = static_cast<int>(p.H);
   k.Hkv = static_cast<int>(p.Hkv);

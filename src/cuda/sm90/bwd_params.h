@@ -41,6 +41,13 @@ struct BwdParams {
   float softcap;      // > 0 only in the Softcap instantiation
   float cap_arg;      // scale / softcap
   int diag_offset, window_left, window_right;  // clamped to +/-2^30 (params.h kUnbounded)
+
+  // Block-sparse calls (the narrow kernel's Sparse instantiations): bool [B, H, NQ, NK],
+  // strides in elements (0 where broadcast); query block m lies in mask row m / bm_q_tiles,
+  // key block n in mask column n / bm_k_tiles (bwd_launch.cu admits only such block sizes).
+  const uint8_t* block_mask;
+  int64_t bm_stride_b, bm_stride_h, bm_stride_q, bm_stride_k;
+  int bm_q_tiles, bm_k_tiles;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the
@@ -97,6 +104,9 @@ struct BwdSmem {
   uint64_t kv_full;
   uint64_t full[kBwdStages], empty[kBwdStages];
   uint64_t dq_full[kBwdConsumerWGs], dq_empty[kBwdConsumerWGs];  // deterministic: consumers <-> dQ writer
+  // Block-sparse: the step in each stage, (head in the group, query block; -1 = no more
+  // steps), published by full[stage] (the producer alone walks the mask).
+  int step_g[kBwdStages], step_m[kBwdStages];
 };
 
 // The wide kernel (bwd_wide_kernel.h), head dims KD (q, k) and KDv (v) > 128:
