@@ -117,3 +117,22 @@ def test_deterministic_bit_identical(D, Dv, causal):
 def test_longer_sequences_wide():
     """Several key blocks and query blocks per CTA, GQA and a window, at D 256."""
     run_case(256, 256, torch.bfloat16, B=2, H=4, Hkv=2, N=700, S=900, window=(300, 10))
+
+
+def test_first_backward_of_a_process():
+    """The Hopper backward as the first CUDA work on autograd's backward thread (a fresh
+    process): that thread has no current context until something makes one, and the tensor
+    maps are encoded before any launch (this failed with CUDA_ERROR_INVALID_CONTEXT)."""
+    import subprocess
+    import sys
+    code = (
+        "import torch, steelattn\n"
+        "q, k, v = (torch.randn(1, 2, 256, 128, device='cuda', dtype=torch.bfloat16, requires_grad=True)"
+        " for _ in range(3))\n"
+        "steelattn.flash_attention(q, k, v).sum().backward()\n"
+        "torch.cuda.synchronize()\n"
+        "s = steelattn.get_dispatch_stats()\n"
+        "assert s['backward'] == {'cuda_sm90': 1}, s\n"
+        "assert all(torch.isfinite(t.grad).all() for t in (q, k, v))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]

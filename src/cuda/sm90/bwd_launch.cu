@@ -302,6 +302,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (!cuda_sm90_backward_supports(p, &why)) return Status::NotImplemented(why);
   if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
+  const sm90::CurrentDevice device(p.q.device_id);  // before the tensor maps are encoded
   const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
   const int BM = kd.block_m;
   const int BN = kd.wide ? 64 : sm90::kBwdBlockN;
@@ -403,9 +404,6 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.KD = kd.kd;
   pp.scale = k.scale;
 
-  int prev_dev = -1;
-  cudaGetDevice(&prev_dev);
-  if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
   const auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = p.q.dtype == DType::bf16;
   // The dQ accumulator starts at zero (the preprocess writes the zeros), and so do
@@ -425,7 +423,6 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
       bwd_post_kernel<__half><<<post_blocks, 256, 0, s>>>(pp);
     err = cudaGetLastError();
   }
-  if (prev_dev != p.q.device_id && prev_dev >= 0) cudaSetDevice(prev_dev);
   if (err != cudaSuccess)
     return Status::Error(std::string("sm90 backward: launch failed: ") + cudaGetErrorString(err));
   return Status::Ok();

@@ -30,6 +30,30 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// Makes `dev` the current device for a launch and restores the caller's on exit. The
+// driver's tensor-map encoder needs a current context, which a thread that has made no
+// runtime call yet does not have (autograd's backward thread on its first call: encoding
+// failed with CUDA_ERROR_INVALID_CONTEXT, 201); cudaSetDevice makes the primary context
+// current (CUDA >= 12), so it is called once per thread even when `dev` is already current.
+class CurrentDevice {
+ public:
+  explicit CurrentDevice(int dev) {
+    thread_local int context_ready = -1;
+    cudaGetDevice(&prev_);
+    if (prev_ != dev || context_ready != dev) cudaSetDevice(dev);
+    context_ready = dev;
+    dev_ = dev;
+  }
+  ~CurrentDevice() {
+    if (prev_ != dev_ && prev_ >= 0) cudaSetDevice(prev_);
+  }
+  CurrentDevice(const CurrentDevice&) = delete;
+  CurrentDevice& operator=(const CurrentDevice&) = delete;
+
+ private:
+  int prev_ = -1, dev_ = -1;
+};
+
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0;
 };

@@ -143,6 +143,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   std::string why;
   if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
 
+  const sm90::CurrentDevice device(p.q.device_id);  // before the tensor maps are encoded
   FwdParams k{};
   const int kd = kernel_dim(p.D, p.Dv);
   const int block_n = block_n_for(kd);
@@ -224,9 +225,6 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.num_tiles = static_cast<int>(p.B * tile_heads * k.num_m_blocks);
   const int grid = std::min(k.num_tiles, device_info(p.q.device_id).sms);
 
-  int prev_dev = -1;
-  cudaGetDevice(&prev_dev);
-  if (prev_dev != p.q.device_id) cudaSetDevice(p.q.device_id);
   const sm90::LaunchVariant variant{band, softcap, pack, p.block_mask.present()};
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
@@ -249,7 +247,6 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
                  : sm90::launch_fwd<256, __half>(k, variant, grid, s);
       break;
   }
-  if (prev_dev != p.q.device_id && prev_dev >= 0) cudaSetDevice(prev_dev);
   if (err != cudaSuccess) return Status::Error(std::string("sm90: launch failed: ") + cudaGetErrorString(err));
   return Status::Ok();
 }
