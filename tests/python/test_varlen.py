@@ -2,8 +2,8 @@
 from the dense definition (each sequence its own bottom-right causal diagonal, window
 and ALiBi distances): random lengths including 0 and 1, N_b != S_b, GQA, both layouts,
 forward, lse and gradients; bad input; a CUDA graph replayed with new lengths. CUDA: the
-generic kernels run varlen (one launch, lengths read on the device); the Hopper kernels do
-not yet, and the dispatch stats say so."""
+Hopper forward runs varlen at head dims 64..256 (fp16/bf16), the generic kernels the rest
+and every backward (one launch, lengths read on the device); the dispatch stats say which."""
 import itertools
 
 import pytest
@@ -22,11 +22,13 @@ def reference(q, k, v, lq, lk, **kw):
     """float64 out [total_q, H, Dv] and lse [H, total_q], one dense call per sequence."""
     outs, lses = [], []
     q0 = k0 = 0
-    for n, s in zip(lq, lk):
+    for i, (n, s) in enumerate(zip(lq, lk)):
         qs = q[q0:q0 + n].permute(1, 0, 2).unsqueeze(0).double()
         ks = k[k0:k0 + s].permute(1, 0, 2).unsqueeze(0).double()
         vs = v[k0:k0 + s].permute(1, 0, 2).unsqueeze(0).double()
-        alibi = kw.get("alibi")
+        alibi = kw.get("alibi")  # [H], or [num_seqs, H]: one row per sequence
+        if alibi is not None and alibi.dim() == 2:
+            alibi = alibi[i:i + 1]
         o, lse, _ = attention_reference(qs, ks, vs, scale=kw.get("scale"), softcap=kw.get("softcap", 0.0),
                                         alibi_slopes=None if alibi is None else alibi.double(),
                                         diag_offset=s - n, window_left=kw.get("wl", -1),
@@ -79,9 +81,60 @@ def test_varlen_matches_per_sequence_reference(device, rng, dtype, name, H, Hkv,
         assert stats["forward"] == {"torch": 1}, stats
         assert any("varlen runs on the tensor-core kernels only" in r for r in stats["demotions"]), stats
     else:
-        assert stats["forward"] == {"cuda_generic": 1} and stats["backward"] == {"cuda_generic": 1}, stats
-        if torch.cuda.get_device_capability() == (9, 0) and dtype != torch.float32:
-            assert any("cuda_sm90 -> cuda_generic" in r and "varlen" in r for r in stats["demotions"]), stats
+        fwd = "cuda_sm90" if _hopper_varlen(dtype, D, Dv) else "cuda_generic"
+        assert stats["forward"] == {fwd: 1} and stats["backward"] == {"cuda_generic": 1}, stats
+        if torch.cuda.get_device_capability() == (9, 0):
+            assert any("backward cuda_sm90 -> cuda_generic" in r and "varlen" in r for r in stats["demotions"]), stats
+
+
+def _hopper_varlen(dtype, D, Dv):
+    """Whether a CUDA varlen forward runs on the Hopper kernel (src/cuda/sm90/launch.cu)."""
+    return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and
+            dtype in (torch.float16, torch.bfloat16) and all(64 <= d <= 256 and d % 8 == 0 for d in (D, Dv)))
+
+
+HOPPER_CASES = [  # (name, H, Hkv, D, Dv, number of sequences, max length, kwargs)
+    ("full d64 many", 4, 4, 64, 64, 40, 300, {}),
+    ("causal gqa d128", 8, 2, 128, 128, 9, 700, {"causal": True}),
+    ("window softcap d128", 4, 1, 128, 128, 7, 600, {"window_size": (200, 30), "softcap": 25.0}),
+    ("causal alibi d256 dv128", 4, 2, 256, 128, 6, 500, {"causal": True, "alibi": True}),
+    ("causal d192", 2, 2, 192, 192, 5, 400, {"causal": True}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("layout", ["token-major", "seed [1, H, total, D]"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,H,Hkv,D,Dv,num,hi,kw", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
+def test_hopper_varlen_forward(rng, layout, dtype, name, H, Hkv, D, Dv, num, hi, kw):
+    """The Hopper forward over packed sequences: lengths that cross its 128-query and key
+    tiles, empty sequences, one-token sequences, a query with no key (zeros, lse = -inf),
+    N_b != S_b; enough sequences that virtual blocks include holes."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper forward needs compute capability 9.0")
+    kw = dict(kw)
+    lq = random_lengths(rng, num, 1, hi) + [0, 1, 130]
+    lk = random_lengths(rng, num, 1, hi) + [5, 0, 129]
+    q = randn(sum(lq), H, D, dtype=dtype, device="cuda", generator=rng)
+    k = randn(sum(lk), Hkv, D, dtype=dtype, device="cuda", generator=rng)
+    v = randn(sum(lk), Hkv, Dv, dtype=dtype, device="cuda", generator=rng)
+    alibi = torch.rand(len(lq), H, generator=rng).cuda() if kw.pop("alibi", False) else None
+    cq, ck = cu_of(lq, "cuda"), cu_of(lk, "cuda")
+    args = (q, k, v) if layout == "token-major" else tuple(t.permute(1, 0, 2).unsqueeze(0) for t in (q, k, v))
+    steelattn.reset_dispatch_stats()
+    out, lse = steelattn.flash_attention_varlen(*args, cq, ck, return_lse=True, alibi_slopes=alibi, **kw)
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and not stats["demotions"], stats
+    if layout != "token-major":
+        out = out[0].permute(1, 0, 2)
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    ref, ref_lse = reference(q.cpu(), k.cpu(), v.cpu(), lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr,
+                             alibi=None if alibi is None else alibi.cpu())
+    assert_close(out.cpu(), ref, dtype)
+    assert_lse_close(lse.cpu(), ref_lse, dtype)
 
 
 def test_varlen_alibi_and_seed_layout(device, rng):
@@ -140,6 +193,10 @@ def test_varlen_cuda_graph_replays_with_new_lengths():
         torch.cuda.synchronize()
         ref, _ = reference(q.cpu(), k.cpu(), v.cpu(), new_q, new_k, wr=0)
         assert_close(out, ref, dtype)
+    steelattn.reset_dispatch_stats()
+    steelattn.flash_attention_varlen(q, k, v, cq, ck, causal=True)
+    if torch.cuda.get_device_capability() == (9, 0):  # the graph above ran the Hopper forward
+        assert steelattn.get_dispatch_stats()["forward"] == {"cuda_sm90": 1}
 
 
 @pytest.mark.parametrize("bad,match", [

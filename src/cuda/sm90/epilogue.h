@@ -51,6 +51,13 @@ struct Epilogue {
         row0(row0_),
         col_lane(2 * (lane % 4)) {}
 
+  // Varlen: rows are a sequence's, starting at packed row q0, n of them.
+  __device__ __forceinline__ void to_sequence(int q0, int n) {
+    out_bh += static_cast<int64_t>(q0) * o_stride_n;
+    if (lse_bh != nullptr) lse_bh += static_cast<int64_t>(q0) * lse_stride_n;
+    N = n;
+  }
+
   // o: this thread's m64 x D fragment, o[4*jb + e] at row row0 + 8*(e>>1),
   // column 8*jb + col_lane + (e&1).
   __device__ __forceinline__ void store(const float (&o)[D / 2], const float (&inv)[2], const float (&lse)[2]) const {

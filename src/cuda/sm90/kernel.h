@@ -12,14 +12,14 @@
 
 namespace steelattn::sm90 {
 
-template <int D, class Elem, bool Band, bool Softcap, bool Pack, bool Sparse>
+template <int D, class Elem, bool Band, bool Softcap, bool Pack, bool Sparse, bool Varlen>
 __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant__ FwdParams p) {
   // Other architectures (a multi-arch build) get a body that fails loudly;
   // cuda_sm90_supports() never selects them.
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();
 #elif defined(__CUDA_ARCH__)
-  using ML = Mainloop<D, Elem, typename ElemTag<Elem>::type, Band, Softcap, Pack, Sparse>;
+  using ML = Mainloop<D, Elem, typename ElemTag<Elem>::type, Band, Softcap, Pack, Sparse, Varlen>;
   extern __shared__ uint8_t smem_raw[];
   // The swizzle needs 1024-byte aligned tiles; the launch asks for 1 KB slack.
   auto& sm = *reinterpret_cast<typename ML::Storage*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
@@ -40,9 +40,9 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const __grid_constant_
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap, bool Pack, bool Sparse = false>
+template <int D, class Elem, bool Band, bool Softcap, bool Pack, bool Sparse = false, bool Varlen = false>
 cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
-  constexpr auto kernel = fwd_kernel<D, Elem, Band, Softcap, Pack, Sparse>;
+  constexpr auto kernel = fwd_kernel<D, Elem, Band, Softcap, Pack, Sparse, Varlen>;
   constexpr int smem = static_cast<int>(sizeof(SharedStorage<D, Elem>)) + 1024;
   cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
@@ -53,6 +53,13 @@ cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
 template <int D, class Elem, bool Pack>
 cudaError_t launch_fwd_pack(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
   if constexpr (!Pack) {
+    if (v.varlen) {
+      if (v.band)
+        return v.softcap ? launch_variant<D, Elem, true, true, false, false, /*Varlen=*/true>(p, grid, stream)
+                         : launch_variant<D, Elem, true, false, false, false, /*Varlen=*/true>(p, grid, stream);
+      return v.softcap ? launch_variant<D, Elem, false, true, false, false, /*Varlen=*/true>(p, grid, stream)
+                       : launch_variant<D, Elem, false, false, false, false, /*Varlen=*/true>(p, grid, stream);
+    }
     if (v.sparse) {
       if (v.band)
         return v.softcap ? launch_variant<D, Elem, true, true, false, /*Sparse=*/true>(p, grid, stream)
@@ -70,8 +77,8 @@ cudaError_t launch_fwd_pack(const FwdParams& p, const LaunchVariant& v, int grid
 }
 
 // The runtime switches that change the inner loop (band, softcap, GQA
-// packing, block-sparse) become template arguments here (12 kernels per head dim
-// and dtype: 8 dense, 4 block-sparse); everything else stays a runtime
+// packing, block-sparse, varlen) become template arguments here (16 kernels per
+// head dim and dtype: 8 dense, 4 block-sparse, 4 varlen); everything else stays a runtime
 // field of FwdParams.
 template <int D, class Elem>
 cudaError_t launch_fwd(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {

@@ -105,7 +105,8 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   const DeviceInfo dev = device_info(p.q.device_id);
   if (dev.major != 9 || dev.minor != 0) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
-  if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
+  if (p.varlen() && p.block_mask.present()) return fail("varlen with a block mask: not on the Hopper kernels");
+  if (p.varlen() && p.num_seqs >= (int64_t{1} << 24)) return fail("varlen: at most 2^24 sequences");
   if (p.block_mask.present()) {
     // Whole tiles only (params.h): each 128-query tile and each key block lies in one mask block.
     const int bn = block_n_for(kernel_dim(p.D, p.Dv));
@@ -130,7 +131,7 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.N < 1 || p.S < 1 || p.N >= kMaxSeq || p.S >= kMaxSeq) return fail("N and S must be in [1, 2^28)");
   if (p.diag_offset <= -kMaxSeq || p.diag_offset >= kMaxSeq) return fail("|diag_offset| must be < 2^28");
   if (p.H % p.Hkv != 0) return fail("H must be a multiple of Hkv");
-  const int64_t tiles = p.B * p.H * ((p.N + sm90::kBlockM - 1) / sm90::kBlockM);
+  const int64_t tiles = p.B * p.H * (p.varlen() ? p.N / sm90::kBlockM + p.num_seqs : (p.N + sm90::kBlockM - 1) / sm90::kBlockM);
   if (tiles >= (int64_t{1} << 31) || p.B >= (1 << 16) || p.H >= (1 << 16)) return fail("too many tiles");
   std::string why;
   if (!tma_compatible(p.q, "q", &why) || !tma_compatible(p.k, "k", &why) || !tma_compatible(p.v, "v", &why) ||
@@ -150,7 +151,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   const int64_t group = p.H / p.Hkv;
   // The packed map's kv-head stride is group x the head stride (TMA: < 2^40 B).
   // Block masks are per query head: their tiles are never GQA-packed.
-  const bool pack = !p.block_mask.present() && pack_gqa(p.N, group) &&
+  const bool pack = !p.block_mask.present() && !p.varlen() && pack_gqa(p.N, group) &&
                     p.q.stride[1] * 2 * group < (int64_t{1} << 40);
   const bool q_ok = pack ? encode_q_packed(&k.tma_q, p.q, static_cast<int>(group),
                                            sm90::kBlockM / static_cast<int>(group), &why)
@@ -180,6 +181,11 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
     k.bm_k_tiles = static_cast<int>(p.block_k / block_n);
   }
 
+  if (p.varlen()) {  // params.h: B = 1, N and S are the packed totals
+    k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
+    k.cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);
+    k.num_seqs = static_cast<int>(p.num_seqs);
+  }
   k.B = static_cast<int>(p.B);
   k.H = static_cast<int>(p.H);
   k.N = static_cast<int>(p.N);
@@ -203,7 +209,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.window_right = clamp_window(p.window_right);
   const bool band = p.window_left >= 0 || p.window_right >= 0;
   // Causal-like (right side bounded): later query blocks see more keys.
-  k.heavy_first = band && p.window_right >= 0;
+  k.heavy_first = band && p.window_right >= 0 && !p.varlen();  // (varlen tiles are virtual blocks)
 
   // Tiles: (b, query head, 128 queries), or packed (b, kv head, 128/G queries).
   const int64_t tile_heads = pack ? p.Hkv : p.H;
@@ -221,11 +227,13 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
       std::clamp<int64_t>((int64_t{STEELATTN_SM90_L2_GROUP_MB} << 20) / kv_bytes_per_head, 1, p.B * tile_heads));
   static std::atomic<uint32_t> launches{0};
   k.sched_slot = static_cast<int>(launches.fetch_add(1, std::memory_order_relaxed) % sm90::kSchedSlots);
-  k.num_m_blocks = static_cast<int>((p.N + tile_rows - 1) / tile_rows);
+  // Varlen: virtual query blocks (varlen.h), an upper bound known without the lengths.
+  k.num_m_blocks = p.varlen() ? static_cast<int>(p.N / sm90::kBlockM + p.num_seqs)
+                              : static_cast<int>((p.N + tile_rows - 1) / tile_rows);
   k.num_tiles = static_cast<int>(p.B * tile_heads * k.num_m_blocks);
   const int grid = std::min(k.num_tiles, device_info(p.q.device_id).sms);
 
-  const sm90::LaunchVariant variant{band, softcap, pack, p.block_mask.present()};
+  const sm90::LaunchVariant variant{band, softcap, pack, p.block_mask.present(), p.varlen()};
   const auto s = static_cast<cudaStream_t>(stream);
   cudaError_t err = cudaErrorInvalidValue;
   const bool bf16 = p.q.dtype == DType::bf16;

@@ -17,6 +17,7 @@ struct LaunchVariant {
   bool softcap;  // softcap > 0
   bool pack;     // GQA packing (params.h: pack_rows)
   bool sparse;   // block-sparse (params.h: block_mask); never with pack
+  bool varlen;   // packed sequences (params.h: cu_q); never with pack or sparse
 };
 
 // Instantiated for D in {64, 128, 256} x {__nv_bfloat16, __half} (inst_*.cu).

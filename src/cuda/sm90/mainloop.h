@@ -21,6 +21,7 @@
 #include "cuda/sm90/scheduler.h"
 #include "cuda/sm90/score_mod.h"
 #include "cuda/sm90/softmax.h"
+#include "cuda/sm90/varlen.h"
 #include "cuda/sm90/wgmma_ops.h"
 
 namespace steelattn::sm90 {
@@ -30,9 +31,15 @@ namespace steelattn::sm90 {
 // for the whole group. Pack = false is the plain per-query-head kernel.
 // Sparse: block-sparse calls (FwdParams::block_mask, never packed). Dense instantiations
 // compile exactly as without it: the producer's 24 registers have no room for the mask walk.
-template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = false, bool Sparse = false>
+// Varlen: packed sequences (FwdParams::cu_q, varlen.h): the producer resolves each virtual
+// query block to its sequence, skips holes, and publishes the SeqTile with the tile; rows,
+// keys, the band and ALiBi are then the sequence's own, TMA coordinates and the epilogue
+// are offset to its packed rows.
+template <int D, class Elem, class Tag, bool Band, bool Softcap, bool Pack = false, bool Sparse = false,
+          bool Varlen = false>
 struct Mainloop {
   static_assert(!(Pack && Sparse), "block-sparse tiles are per query head, never GQA-packed");
+  static_assert(!(Varlen && (Pack || Sparse)), "varlen tiles are never packed or block-sparse");
   static constexpr int kBlockN = TileConfig<D>::kBlockN;
   static constexpr int kStages = TileConfig<D>::kStages;
   static constexpr int kQStages = TileConfig<D>::kQStages;
@@ -106,6 +113,10 @@ struct Mainloop {
       Elem* const q_smem = sm.q[qi];
       mbar_wait(&sm.q_empty[qi], qst.phase ^ 1);
       qst.advance();
+      SeqTile vt{};
+      if constexpr (Varlen) {  // holes are claimed and dropped here; consumers never see them
+        while (t < sched.num_tiles && !resolve_virtual_block(p, sched.coord(t).m_block, vt)) t = sched.next_tile();
+      }
       const bool done = t >= sched.num_tiles;
       *reinterpret_cast<volatile int*>(&sm.tile[qi]) = done ? -1 : t;
       if (done) {
@@ -114,7 +125,13 @@ struct Mainloop {
       }
       const TileCoord tc = sched.coord(t);
       int lo, hi;
-      mask.block_range(tc.m_block, lo, hi);
+      if constexpr (Varlen) {
+        volatile int* pub = sm.seq[qi];
+        pub[0] = vt.seq, pub[1] = vt.m, pub[2] = vt.q0, pub[3] = vt.n, pub[4] = vt.k0, pub[5] = vt.s;
+        mask.for_sequence(p, vt.n, vt.s).block_range(vt.m, lo, hi);
+      } else {
+        mask.block_range(tc.m_block, lo, hi);
+      }
       if constexpr (Sparse) {
         // Block-sparse: the producer alone walks the mask and publishes what it decided,
         // the tile's range with the tile and each block with its K stage.
@@ -134,28 +151,30 @@ struct Mainloop {
             tma_load_5d(q_smem + c * kBlockM * 64, &p.tma_q, q_full, c * 64, tc.m_block * p.pack_rows, 0, tc.h,
                         tc.b);
         } else {
+          const int q_row = Varlen ? vt.q0 + vt.m * kBlockM : tc.m_block * kBlockM;
 #pragma unroll
           for (int c = 0; c < D / 64; ++c)
-            tma_load_4d(q_smem + c * kBlockM * 64, &p.tma_q, q_full, c * 64, tc.m_block * kBlockM, tc.h, tc.b);
+            tma_load_4d(q_smem + c * kBlockM * 64, &p.tma_q, q_full, c * 64, q_row, tc.h, tc.b);
         }
       }
       // Claim the next tile now: the atomic's latency hides behind the K/V waits.
       const int t_next = sched.next_tile();
       const int kv_head = Pack ? tc.h : tc.h / p.group;
+      const int k_row0 = Varlen ? vt.k0 : 0;  // rows past the sequence's keys are masked by its band
       for (int n = hi - 1; n >= lo; n = Sparse ? Mask::prev(p, tc.b, tc.h, tc.m_block, n - 1, lo) : n - 1) {
         mbar_wait(&sm.k_empty[st.index], st.phase ^ 1);
         if constexpr (Sparse) *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]) = n;
         mbar_arrive_expect_tx(&sm.k_full[st.index], kKVBytes);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sm.k[st.index] + c * kBlockN * 64, &p.tma_k, &sm.k_full[st.index], c * 64, n * kBlockN,
-                      kv_head, tc.b);
+          tma_load_4d(sm.k[st.index] + c * kBlockN * 64, &p.tma_k, &sm.k_full[st.index], c * 64,
+                      k_row0 + n * kBlockN, kv_head, tc.b);
         mbar_wait(&sm.v_empty[st.index], st.phase ^ 1);
         mbar_arrive_expect_tx(&sm.v_full[st.index], kKVBytes);
 #pragma unroll
         for (int c = 0; c < D / 64; ++c)
-          tma_load_4d(sm.v[st.index] + c * kBlockN * 64, &p.tma_v, &sm.v_full[st.index], c * 64, n * kBlockN,
-                      kv_head, tc.b);
+          tma_load_4d(sm.v[st.index] + c * kBlockN * 64, &p.tma_v, &sm.v_full[st.index], c * 64,
+                      k_row0 + n * kBlockN, kv_head, tc.b);
         st.advance();
       }
       t = t_next;
@@ -249,7 +268,7 @@ struct Mainloop {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
     const DynamicPersistentScheduler sched(p);
-    const Mask mask(p);
+    const Mask call_mask(p);
     PipeState<kStages> st;
     PipeState<kQStages> qst;
     // Warpgroup 0 takes the first turn: warpgroup 1 hands it over up front,
@@ -266,7 +285,15 @@ struct Mainloop {
       // This warpgroup's 64 rows of the Q tile: row offset cwg*64 in each column block.
       const uint32_t q_addr = smem_u32(sm.q[qi]) + cwg * 64 * 128;
       const TileCoord tc = sched.coord(t);
-      const int row0 = tc.m_block * kBlockM + cwg * 64 + warp * 16 + lane / 4;  // this thread's first row
+      // Varlen: the producer's SeqTile; rows, keys and the band are the sequence's own.
+      SeqTile vt{};
+      if constexpr (Varlen) {
+        const volatile int* pub = sm.seq[qi];
+        vt = SeqTile{pub[0], pub[1], pub[2], pub[3], pub[4], pub[5]};
+      }
+      const Mask mask = Varlen ? call_mask.for_sequence(p, vt.n, vt.s) : call_mask;
+      const int mb = Varlen ? vt.m : tc.m_block;  // the tile's query block (in its sequence)
+      const int row0 = mb * kBlockM + cwg * 64 + warp * 16 + lane / 4;  // this thread's first row
       // Packed: the query index and head of this thread's rows r = 0, 1 (tile rows lr, lr + 8).
       int qrow[2] = {0, 0}, qhead[2] = {0, 0};
       float slope_r[2] = {0.f, 0.f};
@@ -283,15 +310,17 @@ struct Mainloop {
         lo = *reinterpret_cast<volatile int*>(&sm.tile_lo[qi]);
         hi = *reinterpret_cast<volatile int*>(&sm.tile_hi[qi]);
       } else {
-        mask.block_range(tc.m_block, lo, hi);
+        mask.block_range(mb, lo, hi);
       }
-      const Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
+      Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
+      if constexpr (Varlen) epi.to_sequence(vt.q0, vt.n);
       if (lo >= hi) {
         warp_release(q_empty);
         epi.store_empty();
         continue;
       }
-      const Mod mod(p, tc.b, Pack ? qhead[0] : tc.h);
+      Mod mod(p, Varlen ? vt.seq : tc.b, Pack ? qhead[0] : tc.h);  // varlen: ALiBi row per sequence
+      if constexpr (Varlen) mod.off = mask.band.off;
       if constexpr (Pack) {
         if (p.alibi != nullptr) {
 #pragma unroll
@@ -312,7 +341,7 @@ struct Mainloop {
       int n = hi - 1;
       mbar_wait(&sm.k_full[st.index], st.phase);
       bool half = false;  // (uniform over the warpgroup, as wgmma needs)
-      if constexpr (kHalfDiag) half = mask.upper_half_invisible(tc.m_block * kBlockM + cwg * 64, n);
+      if constexpr (kHalfDiag) half = mask.upper_half_invisible(mb * kBlockM + cwg * 64, n);
       if (half) {
         if constexpr (kHalfDiag) {
           float(&sh)[kNS / 2] = *reinterpret_cast<float(*)[kNS / 2]>(&s[0]);
@@ -336,7 +365,7 @@ struct Mainloop {
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
         if (n == lo) warp_release(q_empty);
-        if (mask.needs_element_mask(tc.m_block, n))
+        if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
           modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
@@ -361,7 +390,7 @@ struct Mainloop {
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
         if (n == lo) warp_release(q_empty);
-        if (mask.needs_element_mask(tc.m_block, n))
+        if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
           modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);

@@ -60,6 +60,16 @@ struct MaskPolicy {
     if (lo > hi) lo = hi;
   }
 
+  // Varlen (varlen.h): the call's policy narrowed to one sequence of n queries and s keys,
+  // its diagonal bottom-right at its own lengths (diag_offset + s - n).
+  __device__ __forceinline__ MaskPolicy for_sequence(const FwdParams& p, int n, int s) const {
+    MaskPolicy m = *this;
+    m.band.N = n;
+    m.band.S = s;
+    m.band.off = p.diag_offset + s - n;
+    return m;
+  }
+
   // Queries per tile.
   __device__ __forceinline__ int tile_rows() const {
     if constexpr (Pack)

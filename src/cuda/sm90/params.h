@@ -57,6 +57,14 @@ struct FwdParams {
   const uint8_t* block_mask;
   int64_t bm_stride_b, bm_stride_h, bm_stride_q, bm_stride_k;
   int bm_q_tiles, bm_k_tiles;
+
+  // Varlen calls (B = 1, q [1, H, total_q, D], k/v [1, Hkv, total_k, D]; never packed or
+  // sparse): sequence i holds packed rows [cu_q[i], cu_q[i+1]) and keys [cu_k[i], cu_k[i+1]).
+  // The tiles are virtual query blocks (varlen.h), num_m_blocks = total_q / kBlockM + num_seqs
+  // per head, so the grid is known without reading the lengths.
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int num_seqs;
 };
 
 constexpr int kUnbounded = 1 << 30;
@@ -144,6 +152,7 @@ struct SharedStorage {
   int tile[kQStages];  // the tile in each Q buffer, -1 = no more work; published by q_full
   int tile_lo[kQStages], tile_hi[kQStages];  // its key blocks [lo, hi) (empty: lo >= hi); published by q_full
   int kv_block[kStages];  // the key block in each K stage; published by k_full
+  int seq[kQStages][6];   // varlen: the tile's SeqTile (varlen.h); published by q_full
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
 };
