@@ -199,6 +199,29 @@ Status attention_backward(AttentionParams& p, void* stream = nullptr, ForwardPat
 Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p,
                          uint64_t seed, uint64_t offset);
 
+// A KV-cache step's preparation, one launch on CUDA: k_new / v_new [B, Hkv, Nnew, D / Dv]
+// written into the cache at rows seqlens[b] .. seqlens[b] + Nnew - 1 (int32 [B], read on
+// the device), and with rotary tables the rotation (RoPE) of k_new at those positions and
+// of q [B, H, Nq, D] into q_out at seqlens[b] + i (q_causal) or seqlens[b] (all of a row's
+// queries at one position). Caches as in AttentionParams: dense [Bc, Hkv, Smax, D], one
+// slot per entry through kv_batch_idx, or page pools viewed [num_pages, Hkv, page_size, D]
+// through block_table. Rotation: the first rotary_dim features, pairs (2i, 2i + 1) when
+// interleaved (GPT-J) else (i, i + rotary_dim / 2) (GPT-NeoX), angles cos/sin
+// [max_position, rotary_dim / 2] (float32 or the tensors' dtype), computed in fp32 (fp64 for
+// fp64 tensors).
+// Lengths past the capacity, or positions past the tables, are the caller's to prevent
+// (flash_attention_kvcache checks them on the host when the lengths are host values).
+struct KVAppendParams {
+  TensorRef k_new, v_new, k_cache, v_cache, seqlens, block_table, kv_batch_idx;
+  TensorRef q, q_out;                 // optional (both or neither): q rotated into q_out
+  TensorRef rotary_cos, rotary_sin;   // optional: no rotation
+  int64_t rotary_dim = 0;             // 0: 2 * the tables' width
+  bool interleaved = true;
+  bool q_causal = true;
+  int num_threads = 0;                // CPU: 0 = all
+};
+Status kv_append(KVAppendParams& p, void* stream = nullptr);
+
 // The CPU instruction set the CPU backend dispatches to at run time.
 const char* cpu_isa();
 

@@ -122,6 +122,14 @@ def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want
     return dq, dk, dv, dbias
 
 
+def kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q, q_out, cos, sin, rotary_dim,
+              interleaved, q_causal):
+    """steelattn.h kv_append: k_new / v_new into the caches at lens (int32 [B]), k_new and q
+    (into q_out) turned by the rotary tables; validated first, nothing written on error."""
+    _ext.kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q, q_out, cos, sin, rotary_dim,
+                   interleaved, q_causal, torch.get_num_threads(), _stream(k_new))
+
+
 def dropout_keep_mask(B, H, N, S, p, seed, offset):
     out = torch.empty(B, H, N, S, dtype=torch.uint8)
     if out.numel():

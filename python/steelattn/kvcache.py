@@ -14,6 +14,8 @@ seqlens_k): the CPU kernels split the batch into one problem per entry; on CUDA 
 split-KV decode kernel (src/cuda/decode) serves them, reading paged pools through the
 block table and cache slots through cache_batch_idx in place, at any page size. The
 CPU kernels and the torch path (CUDA calls with gradients, fp32) read a dense gather.
+Before attention, the rotation and the append are one kernel (steelattn.h kv_append, CPU
+and CUDA) unless gradients flow through q / k_new / v_new (then torch ops, differentiable).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 from . import _validate
 from ._extra import Extra
-from .api import _run, check_sinks, with_sinks
+from .api import _CUDA_KERNELS, _kernel, _run, check_sinks, with_sinks
 from .reference import attention_reference
 
 _FN = "flash_attention_kvcache"
@@ -203,11 +205,24 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
         check_sinks(_FN, sinks, q, H)
 
     # Everything checked: rotate, append in place, attend.
+    prepared = bool(rotary or Nnew) and _fused_append_ok(q, k_new, v_new, rotary_cos if rotary else None)
+    if prepared:
+        # One kernel (steelattn.h kv_append): k_new / v_new into the cache at lens, k_new
+        # and q turned on the way; lengths stay on the device.
+        kn = k_new if Nnew else q.new_empty(B, k_cache.size(2) if paged else k_cache.size(1), 0, D)
+        vn = v_new if Nnew else q.new_empty(B, kn.size(1), 0, v_cache.size(-1))
+        q_rot = torch.empty(q.shape, dtype=q.dtype, device=q.device) if rotary else None
+        kc, vc = (k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3)) if paged else (k_cache, v_cache)
+        _kernel.kv_append(kn, vn, kc, vc, lens, block_table if paged else None, cache_batch_idx,
+                          q if rotary else None, q_rot, rotary_cos if rotary else None,
+                          rotary_sin if rotary else None, rd if rotary else 0, bool(rotary_interleaved), bool(causal))
+        if rotary:
+            q = q_rot
     base = lens.long()
-    if rotary:
+    if rotary and not prepared:
         qpos = base[:, None] + (torch.arange(Nq, device=q.device)[None] if causal else 0)
         q = apply_rotary(q, rotary_cos, rotary_sin, qpos.expand(B, Nq), rotary_interleaved, rd)
-    if Nnew:
+    if Nnew and not prepared:
         pos = base[:, None] + torch.arange(Nnew, device=q.device)[None]  # [B, Nnew]
         kn = apply_rotary(k_new, rotary_cos, rotary_sin, pos, rotary_interleaved, rd) if rotary else k_new
         with torch.no_grad():
@@ -235,6 +250,19 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     if sinks is not None:
         out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     return (out, lse) if return_lse else out
+
+
+def _fused_append_ok(q, k_new, v_new, cos):
+    """Whether the kv_append kernel serves this step: the extension is built, no gradients
+    flow through q / k_new / v_new (the kernel writes without a graph), not traced by
+    torch.compile (an opaque call), and the rotary tables are float32 or q's dtype."""
+    if _kernel is None or torch.compiler.is_compiling() or (q.is_cuda and not _CUDA_KERNELS):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
+        return False
+    if any(t is not None and t.stride(-1) != 1 and t.size(-1) > 1 for t in (q, k_new, v_new, cos)):
+        return False  # the kernel reads rows with unit stride (the caches: checked by the core)
+    return cos is None or cos.dtype in (torch.float32, q.dtype)
 
 
 def paged_view(pages, block_table):

@@ -13,6 +13,8 @@ enum class CpuIsa { avx512, avx2, scalar };
 CpuIsa detect_cpu_isa();
 Status cpu_forward(const AttentionParams& p, CpuIsa isa);
 Status cpu_backward(const AttentionParams& p, CpuIsa isa);
+// kv_append (steelattn.h) on a validated call: the CPU loop (src/cpu/kv_append.cpp).
+Status cpu_kv_append(const KVAppendParams& p);
 
 // CUDA kernels (src/cuda), compiled only when nvcc is found
 // (STEELATTN_WITH_CUDA). Both take a validated call and a cudaStream_t.
@@ -36,6 +38,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
 // Generic backward kernel (sm_80+), deterministic: dq, dk, dv (and dbias) of a validated call.
 bool cuda_generic_backward_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_backward(const AttentionParams& p, void* stream);
+// kv_append on a validated call: one launch (src/cuda/kvcache/kv_append.cu).
+Status cuda_kv_append(const KVAppendParams& p, void* stream);
 #endif
 
 }  // namespace steelattn

@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "core/tensor_checks.h"
 #include "steelattn/steelattn.h"
 
 namespace steelattn {
@@ -35,15 +36,6 @@ namespace {
 
 constexpr int64_t kMaxHeadDim = 512;
 
-std::string shape_str(const TensorRef& t) {
-  std::string s = "[";
-  for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
-  return s + "]";
-}
-
-bool is_attention_dtype(DType t) {
-  return t == DType::f32 || t == DType::f16 || t == DType::bf16 || t == DType::f64;
-}
 // fp32 side tensors (lse, bias, weights, slopes); float64 calls may use float64 ones.
 bool is_side_float(DType t, DType q) { return t == DType::f32 || (q == DType::f64 && t == DType::f64); }
 

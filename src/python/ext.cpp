@@ -296,6 +296,41 @@ NB_MODULE(_ext, m) {
       nb::arg("out"), nb::arg("B"), nb::arg("H"), nb::arg("N"), nb::arg("S"), nb::arg("p"), nb::arg("seed"),
       nb::arg("offset"), "Fill a contiguous uint8 [B, H, N, S] buffer with the kernels' dropout keep-mask.");
 
+  m.def(
+      "kv_append",
+      [](nb::handle k_new, nb::handle v_new, nb::handle k_cache, nb::handle v_cache, nb::handle seqlens,
+         nb::handle block_table, nb::handle kv_batch_idx, nb::handle q, nb::handle q_out, nb::handle rotary_cos,
+         nb::handle rotary_sin, int64_t rotary_dim, bool interleaved, bool q_causal, int num_threads,
+         uintptr_t stream) {
+        KVAppendParams p;
+        p.k_new = to_ref(k_new, "k_new");
+        p.v_new = to_ref(v_new, "v_new");
+        p.k_cache = to_ref(k_cache, "k_cache");
+        p.v_cache = to_ref(v_cache, "v_cache");
+        p.seqlens = to_ref(seqlens, "seqlens");
+        p.block_table = to_ref(block_table, "block_table");
+        p.kv_batch_idx = to_ref(kv_batch_idx, "kv_batch_idx");
+        p.q = to_ref(q, "q");
+        p.q_out = to_ref(q_out, "q_out");
+        p.rotary_cos = to_ref(rotary_cos, "rotary_cos");
+        p.rotary_sin = to_ref(rotary_sin, "rotary_sin");
+        p.rotary_dim = rotary_dim;
+        p.interleaved = interleaved;
+        p.q_causal = q_causal;
+        p.num_threads = num_threads;
+        Status st;
+        {
+          nb::gil_scoped_release release;
+          st = kv_append(p, reinterpret_cast<void*>(stream));
+        }
+        if (!st.ok()) raise(st);
+      },
+      nb::arg("k_new"), nb::arg("v_new"), nb::arg("k_cache"), nb::arg("v_cache"), nb::arg("seqlens"),
+      nb::arg("block_table").none(), nb::arg("kv_batch_idx").none(), nb::arg("q").none(), nb::arg("q_out").none(),
+      nb::arg("rotary_cos").none(), nb::arg("rotary_sin").none(), nb::arg("rotary_dim"), nb::arg("interleaved"),
+      nb::arg("q_causal"), nb::arg("num_threads"), nb::arg("stream"),
+      "A KV-cache step's preparation (steelattn.h kv_append): k_new / v_new into the cache at seqlens, "
+      "k_new and q turned by the rotary tables; validated first, nothing written on error.");
   m.def("cpu_isa", &cpu_isa, "The CPU instruction set the CPU kernel dispatches to.");
   m.def("cuda_compiled", &cuda_compiled, "Whether CUDA kernels were compiled into this build.");
 }

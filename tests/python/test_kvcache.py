@@ -186,3 +186,81 @@ def test_bad_page_index_leaves_pool_untouched():
     with pytest.raises(ValueError, match="page_size|pages, page size"):
         steelattn.flash_attention_kvcache(q, kp, torch.randn(6, 4, 4, 16), block_table=table, cache_seqlens=[3, 9])
     assert torch.equal(kp, k0)
+
+
+@pytest.mark.parametrize("layout", ["dense", "slots", "paged 16"])
+@pytest.mark.parametrize("dtype,table", [(torch.bfloat16, torch.float32), (torch.float16, torch.float16),
+                                         (torch.float64, torch.float32)])
+def test_kv_append_kernel(device, rng, monkeypatch, layout, dtype, table):
+    """The fused step (steelattn.h kv_append) runs instead of the torch ops whenever no
+    gradient flows, and writes the caches and turns q as rotate-then-append does (NeoX,
+    partial rotary_dim, appends across pages, cache slots, tables in float32 or q's dtype)."""
+    if device == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 on CUDA: no attention kernel to compare with")
+    import steelattn.kvcache as kvc
+    calls = []
+
+    def counted(*a, **k):
+        calls.append(1)
+        return apply_rotary(*a, **k)
+    monkeypatch.setattr(kvc, "apply_rotary", counted)
+    B, H, Hkv, D, Nq, Nnew, rd, page = 3, 8, 2, 64, 3, 5, 48, 16
+    q = randn(B, H, Nq, D, dtype=dtype, device=device, generator=rng)
+    k_new = randn(B, Hkv, Nnew, D, dtype=dtype, device=device, generator=rng)
+    v_new = randn(B, Hkv, Nnew, D, dtype=dtype, device=device, generator=rng)
+    cos, sin = (t.to(table) for t in rope_tables(128, rd, device))
+    kw = dict(k_new=k_new, v_new=v_new, cache_seqlens=torch.tensor([0, 17, 40], dtype=torch.int32, device=device),
+              rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False, rotary_dim=rd, causal=True, return_lse=True)
+    if layout == "paged 16":
+        kw["block_table"] = torch.tensor([[5, 1, 7, -1], [0, 2, -1, -1], [3, 6, 4, 8]], dtype=torch.int32,
+                                         device=device)
+        kc = randn(9, page, Hkv, D, dtype=dtype, device=device, generator=rng)
+        vc = randn(9, page, Hkv, D, dtype=dtype, device=device, generator=rng)
+    else:
+        kc = randn(4, Hkv, 64, D, dtype=dtype, device=device, generator=rng)
+        vc = randn(4, Hkv, 64, D, dtype=dtype, device=device, generator=rng)
+        if layout == "slots":
+            kw["cache_batch_idx"] = torch.tensor([2, 0, 3], dtype=torch.int32, device=device)
+        else:
+            kc, vc = kc[:3].clone(), vc[:3].clone()
+    kc_t, vc_t = kc.clone(), vc.clone()
+    out, lse = steelattn.flash_attention_kvcache(q, kc, vc, **kw)
+    assert not calls, "the torch rotation ran instead of the kernel"
+    # The torch ops (a gradient through q keeps the fused step out), same starting caches.
+    out_t, lse_t = steelattn.flash_attention_kvcache(q.clone().requires_grad_(), kc_t, vc_t, **kw)
+    assert calls
+    tol = 1e-10 if dtype == torch.float64 else None
+    assert_close(kc, kc_t.double(), dtype, what="k_cache", tol=tol)
+    assert torch.equal(vc, vc_t)
+    assert_close(out, out_t.detach().double(), dtype, tol=tol)
+    assert torch.allclose(lse, lse_t.detach(), atol=1e-3)
+
+
+def test_kv_append_checks_name_the_argument():
+    """The core op checks what the CUDA kernel trusts (lengths against the capacity, pages
+    and slots in range, table coverage) on host values, naming the argument, before writing."""
+    from steelattn import _kernel
+    kn = torch.randn(2, 1, 3, 16)
+    kc = torch.randn(2, 1, 8, 16)
+    kc0 = kc.clone()
+    lens = torch.tensor([0, 6], dtype=torch.int32)  # 6 + 3 > 8
+    cos, sin = rope_tables(6, 16, "cpu")
+
+    def call(**over):
+        a = dict(k_new=kn, v_new=kn, k_cache=kc, v_cache=kc, lens=lens, block_table=None, kv_batch_idx=None, q=None,
+                 q_out=None, cos=None, sin=None, rotary_dim=0, interleaved=True, q_causal=True)
+        a.update(over)
+        _kernel.kv_append(*a.values())
+    with pytest.raises(ValueError, match="seqlens: entry 1"):
+        call()
+    with pytest.raises(ValueError, match="kv_batch_idx: entry 0 is 5"):
+        call(lens=torch.tensor([0, 1], dtype=torch.int32), kv_batch_idx=torch.tensor([5, 0], dtype=torch.int32))
+    pool = torch.randn(3, 1, 4, 16)  # pages viewed [num_pages, Hkv, page, D]
+    with pytest.raises(ValueError, match=r"block_table: entry \(1, 0\) is 7"):
+        call(k_cache=pool, v_cache=pool, lens=torch.tensor([0, 1], dtype=torch.int32),
+             block_table=torch.tensor([[0, 1], [7, 2]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="rotary_cos: covers 6 positions"):
+        call(lens=torch.tensor([0, 5], dtype=torch.int32), cos=cos, sin=sin)
+    with pytest.raises(ValueError, match="q, q_out: give both"):
+        call(lens=torch.tensor([0, 1], dtype=torch.int32), q=torch.randn(2, 2, 1, 16), cos=cos, sin=sin)
+    assert torch.equal(kc, kc0)
