@@ -654,10 +654,42 @@ def _paged_impl(q, k, v, page):
                                                            causal=False), (q, k, v))
 
 
+def _step_impl(q, k, v, torch_ops):
+    """A whole decode step as a serving loop runs it: RoPE on q and on one new token, the
+    token appended in place at the device lengths, attention over the S - 1 + 1 keys
+    (flash_attention_kvcache). torch_ops: the rotation and append as torch ops
+    (STEELATTN_KV_APPEND=0) instead of the fused kv_append kernel."""
+    import os
+
+    B, Hkv, S, D = k.shape
+    g = torch.Generator(device=q.device).manual_seed(1)
+    k_new, v_new = (_randn((B, Hkv, 1, D), q.device, q.dtype, g) for _ in range(2))
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2, device=q.device, dtype=torch.float32) / D))
+    ang = torch.arange(S, device=q.device, dtype=torch.float32)[:, None] * inv[None]
+    cos, sin = ang.cos(), ang.sin()
+    lens = torch.full((B,), S - 1, dtype=torch.int32, device=q.device)
+    kc, vc = k.clone(), v.clone()
+
+    def step():
+        prev = os.environ.get("STEELATTN_KV_APPEND")
+        os.environ["STEELATTN_KV_APPEND"] = "0" if torch_ops else "1"
+        try:
+            return steelattn.flash_attention_kvcache(q, kc, vc, k_new=k_new, v_new=v_new, cache_seqlens=lens,
+                                                     rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+        finally:
+            if prev is None:
+                os.environ.pop("STEELATTN_KV_APPEND")
+            else:
+                os.environ["STEELATTN_KV_APPEND"] = prev
+    return _Impl(step, (q, k, v))
+
+
 def bench_cuda_decode(quick=False, log=print, run=None):
     """Decode: one (or a few) new queries against a long GQA KV cache; memory bound, so
     reported as GB/s of K and V read (B=1 and 8, H=32, Hkv=8, D=128, bf16). With one query,
-    also the same cache as shuffled pages of 16 and 64 tokens (steelattn-paged16/64)."""
+    also the same cache as shuffled pages of 16 and 64 tokens (steelattn-paged16/64), and a
+    whole serving step with RoPE and the append of one token, fused (steelattn-step) and
+    with the rotation and append as torch ops (steelattn-step-torch-ops)."""
     run = run or _Run("cuda", log=log)
     n0 = len(run.rows)
     H, Hkv, D = 32, 8, 128
@@ -671,10 +703,15 @@ def bench_cuda_decode(quick=False, log=print, run=None):
         # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
         # would align it top-left, a different function.
         res = {}
-        for name in _peers() + (["steelattn-paged16", "steelattn-paged64"] if N == 1 else []):
+        extra = ["steelattn-paged16", "steelattn-paged64", "steelattn-step", "steelattn-step-torch-ops"]
+        for name in _peers() + (extra if N == 1 else []):
             try:
-                impl = _paged_impl(q, k, v, int(name[15:])) if "paged" in name else _make_impl(name, q, k, v,
-                                                                                                 causal=False)
+                if "paged" in name:
+                    impl = _paged_impl(q, k, v, int(name[15:]))
+                elif "step" in name:
+                    impl = _step_impl(q, k, v, torch_ops=name.endswith("torch-ops"))
+                else:
+                    impl = _make_impl(name, q, k, v, causal=False)
                 _stats_reset()
                 res[name] = _time_fwd(impl, time_cuda)
                 path = _stats_read() if name == "steelattn" else None

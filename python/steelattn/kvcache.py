@@ -20,6 +20,7 @@ and CUDA) unless gradients flow through q / k_new / v_new (then torch ops, diffe
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -257,6 +258,8 @@ def _fused_append_ok(q, k_new, v_new, cos):
     flow through q / k_new / v_new (the kernel writes without a graph), not traced by
     torch.compile (an opaque call), and the rotary tables are float32 or q's dtype."""
     if _kernel is None or torch.compiler.is_compiling() or (q.is_cuda and not _CUDA_KERNELS):
+        return False
+    if os.environ.get("STEELATTN_KV_APPEND") == "0":  # the torch ops, for measurements (bench --op decode)
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
         return False
