@@ -129,7 +129,8 @@ Status cuda_kv_append(const KVAppendParams& p, void* stream) {
     case DType::f32: kv_append_kernel<float, float><<<grid, 32 * kRowsPerBlock, 0, s>>>(a); break;
     default: kv_append_kernel<double, double><<<grid, 32 * kRowsPerBlock, 0, s>>>(a); break;
   }
-  return cuda_generic::cuda_status("kv_append launch", cudaGetLastError());
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? Status::Ok() : cuda_generic::cuda_status("kv_append launch", err);
 }
 
 }  // namespace steelattn
