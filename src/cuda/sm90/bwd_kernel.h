@@ -34,7 +34,7 @@ namespace steelattn::sm90 {
 // Det: dQ reduced in key-block order (write_dq), bit-identical run to run. A
 // template argument, not a runtime flag: the flag's branches cost the default
 // kernel 8-11% at D64 (its registers and schedule changed).
-// Sparse: block-sparse calls (BwdParams::block_mask): a key block visits only the
+// Sparse: block-sparse calls (BwdParams::bm): a key block visits only the
 // (query head, query block) steps whose mask block is active. The producer walks the
 // mask and publishes each step with its stage (step_g / step_m), then a -1 step; the
 // consumers read them. Not with Det (the ordered dQ reduce counts every key block).
@@ -117,13 +117,13 @@ struct BwdMainloop {
   // group in order, query blocks ascending within [m_lo, m_hi)); false when none is left.
   __device__ static bool next_active(const BwdParams& p, int b, int hkv, int n_block, int m_lo, int m_hi, int& g,
                                      int& m) {
-    const uint8_t* col = p.block_mask + b * p.bm_stride_b + (n_block / p.bm_k_tiles) * p.bm_stride_k;
+    const uint8_t* col = p.bm.mask + b * p.bm.sb + (n_block / p.bm.k_tiles) * p.bm.sk;
     for (; g < p.group; ++g, m = m_lo) {
-      const uint8_t* head = col + (hkv * p.group + g) * p.bm_stride_h;
+      const uint8_t* head = col + (hkv * p.group + g) * p.bm.sh;
       while (m < m_hi) {
-        const int r = m / p.bm_q_tiles;
-        if (__ldg(head + r * p.bm_stride_q)) return true;
-        m = (r + 1) * p.bm_q_tiles;  // the rest of this inactive mask block
+        const int r = m / p.bm.q_tiles;
+        if (__ldg(head + r * p.bm.sq)) return true;
+        m = (r + 1) * p.bm.q_tiles;  // the rest of this inactive mask block
       }
     }
     return false;

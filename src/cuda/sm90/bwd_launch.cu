@@ -260,7 +260,7 @@ template <class Elem>
 cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det,
                         cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(int64_t{k.n_blocks} * k.Hkv * k.B));  // bwd_tile maps it
-  if (k.block_mask != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
+  if (k.bm.mask != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
     if (kd.kd == 64) return sm90::launch_bwd_sparse<64, Elem>(k, band, softcap, grid, s);
     if (kd.kd == 96) return sm90::launch_bwd_sparse<96, Elem>(k, band, softcap, grid, s);
     return sm90::launch_bwd_sparse<128, Elem>(k, band, softcap, grid, s);
@@ -333,16 +333,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
-  if (p.block_mask.present()) {
-    const TensorRef& m = p.block_mask;
-    k.block_mask = static_cast<const uint8_t*>(m.data);
-    k.bm_stride_b = m.shape[0] == 1 ? 0 : m.stride[0];
-    k.bm_stride_h = m.shape[1] == 1 ? 0 : m.stride[1];
-    k.bm_stride_q = m.stride[2];
-    k.bm_stride_k = m.stride[3];
-    k.bm_q_tiles = static_cast<int>(p.block_q / BM);
-    k.bm_k_tiles = static_cast<int>(p.block_k / BN);
-  }
+  k.bm = sm90::block_mask_view(p, BM, BN);
   k.B = static_cast<int>(p.B);
   k.H = static_cast<int>(p.H);
   k.Hkv = static_cast<int>(p.Hkv);

@@ -7,6 +7,8 @@
 #include <cuda.h>  // CUtensorMap
 #include <cstdint>
 
+#include "cuda/sm90/block_mask.h"
+
 namespace steelattn::sm90 {
 
 struct BwdParams {
@@ -42,12 +44,8 @@ struct BwdParams {
   float cap_arg;      // scale / softcap
   int diag_offset, window_left, window_right;  // clamped to +/-2^30 (params.h kUnbounded)
 
-  // Block-sparse calls (the narrow kernel's Sparse instantiations): bool [B, H, NQ, NK],
-  // strides in elements (0 where broadcast); query block m lies in mask row m / bm_q_tiles,
-  // key block n in mask column n / bm_k_tiles (bwd_launch.cu admits only such block sizes).
-  const uint8_t* block_mask;
-  int64_t bm_stride_b, bm_stride_h, bm_stride_q, bm_stride_k;
-  int bm_q_tiles, bm_k_tiles;
+  // Block-sparse calls (the narrow kernel's Sparse instantiations; block_mask.h).
+  BlockMaskView bm;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 
+#include "cuda/sm90/block_mask.h"
 #include "steelattn/steelattn.h"
 
 namespace steelattn::sm90 {
@@ -53,6 +54,22 @@ class CurrentDevice {
  private:
   int prev_ = -1, dev_ = -1;
 };
+
+// The call's block mask for a kernel whose tiles are tile_m queries x tile_n keys (the
+// launchers have checked that the block sizes are multiples of them); mask = null without one.
+inline BlockMaskView block_mask_view(const AttentionParams& p, int tile_m, int tile_n) {
+  BlockMaskView v{};
+  if (!p.block_mask.present()) return v;
+  const TensorRef& m = p.block_mask;
+  v.mask = static_cast<const uint8_t*>(m.data);
+  v.sb = m.shape[0] == 1 ? 0 : m.stride[0];
+  v.sh = m.shape[1] == 1 ? 0 : m.stride[1];
+  v.sq = m.stride[2];
+  v.sk = m.stride[3];
+  v.q_tiles = static_cast<int>(p.block_q / tile_m);
+  v.k_tiles = static_cast<int>(p.block_k / tile_n);
+  return v;
+}
 
 struct DeviceInfo {
   int major = 0, minor = 0, sms = 0;

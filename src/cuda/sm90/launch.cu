@@ -170,16 +170,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_stride_b = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_stride_h = p.alibi_slopes.stride[1];
-  if (p.block_mask.present()) {
-    const TensorRef& m = p.block_mask;
-    k.block_mask = static_cast<const uint8_t*>(m.data);
-    k.bm_stride_b = m.shape[0] == 1 ? 0 : m.stride[0];
-    k.bm_stride_h = m.shape[1] == 1 ? 0 : m.stride[1];
-    k.bm_stride_q = m.stride[2];
-    k.bm_stride_k = m.stride[3];
-    k.bm_q_tiles = static_cast<int>(p.block_q / sm90::kBlockM);
-    k.bm_k_tiles = static_cast<int>(p.block_k / block_n);
-  }
+  k.bm = sm90::block_mask_view(p, sm90::kBlockM, block_n);
 
   if (p.varlen()) {  // params.h: B = 1, N and S are the packed totals
     k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);

@@ -29,7 +29,7 @@ namespace steelattn::sm90 {
 // Pack: GQA packing (params.h): a tile's 128 rows are the `group` query heads
 // of one KV head over kBlockM / group queries, so each K/V block is loaded once
 // for the whole group. Pack = false is the plain per-query-head kernel.
-// Sparse: block-sparse calls (FwdParams::block_mask, never packed). Dense instantiations
+// Sparse: block-sparse calls (FwdParams::bm, never packed). Dense instantiations
 // compile exactly as without it: the producer's 24 registers have no room for the mask walk.
 // Varlen: packed sequences (FwdParams::cu_q, varlen.h): the producer resolves each virtual
 // query block to its sequence, skips holes, and publishes the SeqTile with the tile; rows,

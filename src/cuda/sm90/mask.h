@@ -5,7 +5,7 @@
 //
 // Blocks wholly outside the band are never loaded; only blocks that straddle
 // the band edges or the end of the keys (S % kBlockN) run the element test.
-// Block-sparse calls (FwdParams::block_mask) also skip the key blocks whose mask
+// Block-sparse calls (FwdParams::bm) also skip the key blocks whose mask
 // block is inactive: trim() narrows a tile's range to its first and last active
 // block and prev() steps from one active block to the next lower one. Producer
 // and consumers take the same steps, so their pipelines stay in lockstep.
@@ -30,18 +30,18 @@ struct MaskPolicy {
   // memory), so dense calls pay no registers for them.
   // The mask row of tile (b, h, m_block): its entry for key block n is row[(n / bm_k_tiles) * sk].
   __device__ static __forceinline__ const uint8_t* mask_row(const FwdParams& p, int b, int h, int m_block) {
-    return p.block_mask + b * p.bm_stride_b + h * p.bm_stride_h + (m_block / p.bm_q_tiles) * p.bm_stride_q;
+    return p.bm.mask + b * p.bm.sb + h * p.bm.sh + (m_block / p.bm.q_tiles) * p.bm.sq;
   }
 
   // The highest active key block <= n (blocks below lo are not searched; returns < lo when
   // none). Dense calls: n itself.
   __device__ static __forceinline__ int prev(const FwdParams& p, int b, int h, int m_block, int n, int lo) {
-    if (p.block_mask == nullptr) return n;
+    if (p.bm.mask == nullptr) return n;
     const uint8_t* row = mask_row(p, b, h, m_block);
     while (n >= lo) {
-      const int c = n / p.bm_k_tiles;
-      if (__ldg(row + c * p.bm_stride_k)) break;
-      n = c * p.bm_k_tiles - 1;  // skip the rest of this inactive mask block
+      const int c = n / p.bm.k_tiles;
+      if (__ldg(row + c * p.bm.sk)) break;
+      n = c * p.bm.k_tiles - 1;  // skip the rest of this inactive mask block
     }
     return n;
   }
@@ -49,13 +49,13 @@ struct MaskPolicy {
   // Narrows [lo, hi) to [lowest active block, highest active block + 1); lo >= hi when the
   // tile has no active block in range. Dense calls: unchanged.
   __device__ static __forceinline__ void trim(const FwdParams& p, int b, int h, int m_block, int& lo, int& hi) {
-    if (p.block_mask == nullptr || lo >= hi) return;
+    if (p.bm.mask == nullptr || lo >= hi) return;
     hi = prev(p, b, h, m_block, hi - 1, lo) + 1;
     const uint8_t* row = mask_row(p, b, h, m_block);
     while (lo < hi) {
-      const int c = lo / p.bm_k_tiles;
-      if (__ldg(row + c * p.bm_stride_k)) break;
-      lo = (c + 1) * p.bm_k_tiles;
+      const int c = lo / p.bm.k_tiles;
+      if (__ldg(row + c * p.bm.sk)) break;
+      lo = (c + 1) * p.bm.k_tiles;
     }
     if (lo > hi) lo = hi;
   }

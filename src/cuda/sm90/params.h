@@ -5,6 +5,8 @@
 #include <cuda.h>  // CUtensorMap
 #include <cstdint>
 
+#include "cuda/sm90/block_mask.h"
+
 namespace steelattn::sm90 {
 
 // Everything the device code reads. The host (launch.cu) derives every count
@@ -50,13 +52,8 @@ struct FwdParams {
   int tile_heads;
   int pack_rows, pack_shift;  // 0 when not packed
 
-  // Block-sparse calls (never packed): bool [B, H, NQ, NK] (broadcast strides allowed,
-  // in elements), or null. Mask blocks are whole kernel tiles: query tile m lies in mask
-  // row m / bm_q_tiles, key block n in mask column n / bm_k_tiles (launch.cu admits only
-  // block sizes that are multiples of the tiles), so a block is visited or skipped whole.
-  const uint8_t* block_mask;
-  int64_t bm_stride_b, bm_stride_h, bm_stride_q, bm_stride_k;
-  int bm_q_tiles, bm_k_tiles;
+  // Block-sparse calls (never packed; block_mask.h): a block is visited or skipped whole.
+  BlockMaskView bm;
 
   // Varlen calls (B = 1, q [1, H, total_q, D], k/v [1, Hkv, total_k, D]; never packed or
   // sparse): sequence i holds packed rows [cu_q[i], cu_q[i+1]) and keys [cu_k[i], cu_k[i+1]).
