@@ -115,7 +115,8 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     full, nothing is appended). k_new/v_new [B, Hkv, Nnew, D] are written in place.
     rotary_cos/sin [max_position, rotary_dim / 2] turn q and k_new (rotary_interleaved:
     GPT-J pairs, else NeoX halves). num_splits is accepted for FlashAttention
-    compatibility (0: the kernel decides). `sinks` (float [H]): a per-head logit in every
+    compatibility; the kernels always choose the split themselves (other values are not
+    followed yet, and results do not depend on the split). `sinks` (float [H]): a per-head logit in every
     row's denominator, as in flash_attention. Returns out [B, H, Nq, Dv] (and lse [B, H, Nq]).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
