@@ -137,6 +137,50 @@ def test_hopper_varlen_forward(rng, layout, dtype, name, H, Hkv, D, Dv, num, hi,
     assert_lse_close(lse.cpu(), ref_lse, dtype)
 
 
+BWD_CASES = [  # (name, H, Hkv, D, Dv, number of sequences, max length, kwargs)
+    ("full d64 many", 4, 4, 64, 64, 30, 300, {}),
+    ("causal gqa d128", 8, 2, 128, 128, 7, 600, {"causal": True}),
+    ("window softcap alibi d96", 4, 1, 96, 96, 6, 500, {"window_size": (150, 20), "softcap": 25.0, "alibi": True}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name,H,Hkv,D,Dv,num,hi,kw", BWD_CASES, ids=[c[0] for c in BWD_CASES])
+def test_hopper_varlen_backward(monkeypatch, rng, dtype, name, H, Hkv, D, Dv, num, hi, kw):
+    """The Hopper backward over packed sequences (opt-in with STEELATTN_SM90_VARLEN_BWD=1
+    until it has run on a GPU): virtual key blocks with holes, empty and one-token
+    sequences, a query with no key, keys past a sequence that belong to the next one."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper backward needs compute capability 9.0")
+    monkeypatch.setenv("STEELATTN_SM90_VARLEN_BWD", "1")
+    kw = dict(kw)
+    lq = random_lengths(rng, num, 1, hi) + [0, 1, 130]
+    lk = random_lengths(rng, num, 1, hi) + [5, 0, 129]
+    q = randn(sum(lq), H, D, dtype=dtype, device="cuda", generator=rng).requires_grad_()
+    k = randn(sum(lk), Hkv, D, dtype=dtype, device="cuda", generator=rng).requires_grad_()
+    v = randn(sum(lk), Hkv, Dv, dtype=dtype, device="cuda", generator=rng).requires_grad_()
+    alibi = torch.rand(len(lq), H, generator=rng).cuda() if kw.pop("alibi", False) else None
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_varlen(q, k, v, cu_of(lq, "cuda"), cu_of(lk, "cuda"), alibi_slopes=alibi,
+                                           deterministic=False, **kw)
+    dout = randn(*out.shape, dtype=dtype, device="cuda", generator=rng)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(rq, rk, rv, lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr,
+                       alibi=None if alibi is None else alibi.cpu())
+    assert_close(out.detach().cpu(), ref.detach(), dtype)
+    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a.cpu(), b, dtype, what=what, tol=3 * TOL[dtype])
+
+
 def test_varlen_alibi_and_seed_layout(device, rng):
     H, Hkv, D = 4, 2, 32
     lq, lk = [5, 33, 0, 12], [5, 20, 7, 40]

@@ -27,9 +27,53 @@
 #include "cuda/sm90/smem_attr.h"
 #include "cuda/sm90/epilogue.h"  // pack2
 #include "cuda/sm90/ptx.h"
+#include "cuda/sm90/varlen.h"  // virtual_block_seq
 #include "cuda/sm90/wgmma_ops.h"
 
 namespace steelattn::sm90 {
+
+// Where a CTA's problem lives. Dense calls: the whole [B, H, N, D] problem, everything from
+// the parameters (an empty struct: the dense kernels compile as without it). Varlen
+// (BwdParams::cu_q): the sequence of the CTA's virtual key block, its lengths and own
+// bottom-right diagonal, its first rows in the packed tensors and its first workspace row.
+template <bool Varlen>
+struct BwdSeq {
+  __device__ int N(const BwdParams& p) const { return p.N; }
+  __device__ int S(const BwdParams& p) const { return p.S; }
+  __device__ int off(const BwdParams& p) const { return p.diag_offset; }
+  __device__ int q0() const { return 0; }
+  __device__ int k0() const { return 0; }
+  __device__ int64_t ws0() const { return 0; }
+  __device__ int alibi_row(int b) const { return b; }
+};
+template <>
+struct BwdSeq<true> {
+  int seq, q0_, n, k0_, s, off_;
+  int64_t ws0_;
+  __device__ int N(const BwdParams&) const { return n; }
+  __device__ int S(const BwdParams&) const { return s; }
+  __device__ int off(const BwdParams&) const { return off_; }
+  __device__ int q0() const { return q0_; }
+  __device__ int k0() const { return k0_; }
+  __device__ int64_t ws0() const { return ws0_; }
+  __device__ int alibi_row(int) const { return seq; }
+};
+
+// Varlen: virtual key block v (of 128 keys) -> its sequence, and v made the block's index
+// inside it; false for a hole (a block past its sequence's keys: the CTA has nothing to do).
+__device__ __forceinline__ bool resolve_key_block(const BwdParams& p, int& v, BwdSeq<true>& g) {
+  const int i = virtual_block_seq(p.cu_k, p.num_seqs, v, kBwdBlockN);
+  g.seq = i;
+  g.k0_ = __ldg(p.cu_k + i);
+  g.s = __ldg(p.cu_k + i + 1) - g.k0_;
+  v -= g.k0_ / kBwdBlockN + i;
+  if (v < 0 || v * kBwdBlockN >= g.s) return false;
+  g.q0_ = __ldg(p.cu_q + i);
+  g.n = __ldg(p.cu_q + i + 1) - g.q0_;
+  g.off_ = p.diag_offset + g.s - g.n;
+  g.ws0_ = (static_cast<int64_t>(g.q0_) / 128 + i) * 128;  // the workspace's virtual rows (bwd_params.h)
+  return true;
+}
 
 // Det: dQ reduced in key-block order (write_dq), bit-identical run to run. A
 // template argument, not a runtime flag: the flag's branches cost the default
@@ -38,9 +82,12 @@ namespace steelattn::sm90 {
 // (query head, query block) steps whose mask block is active. The producer walks the
 // mask and publishes each step with its stage (step_g / step_m), then a -1 step; the
 // consumers read them. Not with Det (the ordered dQ reduce counts every key block).
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
+// Varlen: packed sequences (BwdSeq<true>): not with Det or Sparse.
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
 struct BwdMainloop {
   static_assert(!(Det && Sparse), "block-sparse backward is not deterministic");
+  static_assert(!(Varlen && (Det || Sparse)), "varlen backward: not deterministic, not block-sparse");
+  using Seq = BwdSeq<Varlen>;
   using Tag = typename ElemTag<Elem>::type;
   using Smem = BwdSmem<D, Elem>;
   static constexpr int BM = BwdTile<D>::kBlockM;
@@ -66,13 +113,13 @@ struct BwdMainloop {
   static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
   static_assert(BM == 64 || BM == 128, "dQ split assumes BM in {64, 128}");
 
-  __device__ static sm90::Band<Band> band(const BwdParams& p) {
-    return {p.N, p.S, p.diag_offset, p.window_left, p.window_right};
+  __device__ static sm90::Band<Band> band(const BwdParams& p, const Seq& g) {
+    return {g.N(p), g.S(p), g.off(p), p.window_left, p.window_right};
   }
 
   // Query rows [m_lo * BM, m_hi * BM) that see any key of key block n.
-  __device__ static void m_range(const BwdParams& p, int n_block, int& m_lo, int& m_hi) {
-    band(p).query_blocks(n_block * BN, min(n_block * BN + BN, p.S) - 1, BM, m_lo, m_hi);
+  __device__ static void m_range(const BwdParams& p, const Seq& g, int n_block, int& m_lo, int& m_hi) {
+    band(p, g).query_blocks(n_block * BN, min(n_block * BN + BN, g.S(p)) - 1, BM, m_lo, m_hi);
   }
 
   // The query block of step i (of this head's nm): ascending, or descending when
@@ -83,19 +130,21 @@ struct BwdMainloop {
   }
 
   // The first key block that sees query block m (the band solved the other way).
-  __device__ static int first_key_block(const BwdParams& p, int m) {
+  __device__ static int first_key_block(const BwdParams& p, const Seq& g, int m) {
     int lo, hi;
-    band(p).key_blocks(m * BM, min(m * BM + BM, p.N) - 1, BN, lo, hi);
+    band(p, g).key_blocks(m * BM, min(m * BM + BM, g.N(p)) - 1, BN, lo, hi);
     return lo;
   }
 
   // Index of the first of query block m's two 64x64 dQ workspace blocks (and counters).
-  __device__ static int64_t dq_block(const BwdParams& p, int b, int h, int m) {
-    return ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2;
+  // Varlen: the sequence's blocks start at its first virtual workspace row.
+  __device__ static int64_t dq_block(const BwdParams& p, const Seq& g, int b, int h, int m) {
+    return ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + g.ws0() / BM + m) * 2;
   }
 
-  __device__ static bool needs_mask(const BwdParams& p, int m_block, int n_block) {
-    return band(p).partial(m_block * BM, min(m_block * BM + BM, p.N) - 1, n_block * BN, n_block * BN + BN - 1);
+  __device__ static bool needs_mask(const BwdParams& p, const Seq& g, int m_block, int n_block) {
+    return band(p, g).partial(m_block * BM, min(m_block * BM + BM, g.N(p)) - 1, n_block * BN,
+                              n_block * BN + BN - 1);
   }
 
   __device__ static void init_barriers(Smem& sm) {
@@ -130,7 +179,7 @@ struct BwdMainloop {
   }
 
   // ---------------------------------------------------------------- producer
-  __device__ static void load_kv(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+  __device__ static void load_kv(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
     prefetch_tensor_map(&p.tma_q);
     prefetch_tensor_map(&p.tma_do);
     prefetch_tensor_map(&p.tma_k);
@@ -138,38 +187,40 @@ struct BwdMainloop {
     mbar_arrive_expect_tx(&sm.kv_full, kKVBytes);
 #pragma unroll
     for (int c = 0; c < D / CB; ++c) {
-      tma_load_4d(sm.k + c * BN * CB, &p.tma_k, &sm.kv_full, c * CB, n_block * BN, hkv, b);
-      tma_load_4d(sm.v + c * BN * CB, &p.tma_v, &sm.kv_full, c * CB, n_block * BN, hkv, b);
+      tma_load_4d(sm.k + c * BN * CB, &p.tma_k, &sm.kv_full, c * CB, g.k0() + n_block * BN, hkv, b);
+      tma_load_4d(sm.v + c * BN * CB, &p.tma_v, &sm.kv_full, c * CB, g.k0() + n_block * BN, hkv, b);
     }
   }
 
   // One step's Q, dO, lse2 and dsum (query head h, query block m) into stage st.
-  __device__ static void load_step(const BwdParams& p, Smem& sm, const PipeState<kBwdStages>& st, int b, int h,
-                                   int m) {
+  // Varlen: Q/dO rows past the sequence belong to the next one; their workspace rows hold
+  // lse2 = +inf (virtual padding), so their P is 0 and they add nothing to dK / dV.
+  __device__ static void load_step(const BwdParams& p, const Seq& g, Smem& sm, const PipeState<kBwdStages>& st,
+                                   int b, int h, int m) {
     uint64_t* bar = &sm.full[st.index];
     mbar_arrive_expect_tx(bar, kStepBytes);
 #pragma unroll
     for (int c = 0; c < D / CB; ++c) {
-      tma_load_4d(sm.q[st.index] + c * BM * CB, &p.tma_q, bar, c * CB, m * BM, h, b);
-      tma_load_4d(sm.dout[st.index] + c * BM * CB, &p.tma_do, bar, c * CB, m * BM, h, b);
+      tma_load_4d(sm.q[st.index] + c * BM * CB, &p.tma_q, bar, c * CB, g.q0() + m * BM, h, b);
+      tma_load_4d(sm.dout[st.index] + c * BM * CB, &p.tma_do, bar, c * CB, g.q0() + m * BM, h, b);
     }
-    const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + static_cast<int64_t>(m) * BM;
+    const int64_t row = (static_cast<int64_t>(b) * p.H + h) * p.n_pad + g.ws0() + static_cast<int64_t>(m) * BM;
     bulk_load_1d(sm.lse2[st.index], p.lse2 + row, BM * 4, bar);
     bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
   }
 
-  __device__ static void produce_sparse(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+  __device__ static void produce_sparse(const BwdParams& p, const Seq& g0, Smem& sm, int n_block, int b, int hkv) {
     int m_lo, m_hi;
-    m_range(p, n_block, m_lo, m_hi);
+    m_range(p, g0, n_block, m_lo, m_hi);
     int g = 0, m = m_lo;
     bool more = m_lo < m_hi && next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
-    if (more) load_kv(p, sm, n_block, b, hkv);  // a key block no active step reads is never loaded
+    if (more) load_kv(p, g0, sm, n_block, b, hkv);  // a key block no active step reads is never loaded
     PipeState<kBwdStages> st;
     for (; more; st.advance()) {
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
       *reinterpret_cast<volatile int*>(&sm.step_g[st.index]) = g;
       *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = m;
-      load_step(p, sm, st, b, hkv * p.group + g, m);
+      load_step(p, g0, sm, st, b, hkv * p.group + g, m);
       ++m;
       more = next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
     }
@@ -178,23 +229,23 @@ struct BwdMainloop {
     mbar_arrive(&sm.full[st.index]);
   }
 
-  __device__ static void produce(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+  __device__ static void produce(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
     if constexpr (Sparse) {
-      produce_sparse(p, sm, n_block, b, hkv);
+      produce_sparse(p, g, sm, n_block, b, hkv);
       return;
     }
     int m_lo, m_hi;
-    m_range(p, n_block, m_lo, m_hi);
+    m_range(p, g, n_block, m_lo, m_hi);
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
     if (iters <= 0) return;
-    load_kv(p, sm, n_block, b, hkv);
+    load_kv(p, g, sm, n_block, b, hkv);
     PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
-      load_step(p, sm, st, b, h, m);
+      load_step(p, g, sm, st, b, h, m);
       st.advance();
     }
   }
@@ -207,17 +258,17 @@ struct BwdMainloop {
   // bumps the counters once the adds are complete. Key block n only waits for
   // n - 1 of the same (b, kv head), which has a lower block index, so it was
   // launched earlier: no deadlock.
-  __device__ static void write_dq(const BwdParams& p, Smem& sm, int n_block, int b, int hkv) {
+  __device__ static void write_dq(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
     int m_lo, m_hi;
-    m_range(p, n_block, m_lo, m_hi);
+    m_range(p, g, n_block, m_lo, m_hi);
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
     uint32_t phase = 0;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
-      const int rank = n_block - first_key_block(p, m);
-      const int64_t tile0 = dq_block(p, b, h, m);
+      const int rank = n_block - first_key_block(p, g, m);
+      const int64_t tile0 = dq_block(p, g, b, h, m);
 #pragma unroll
       for (int w = 0; w < kBwdConsumerWGs; ++w) {
         mbar_wait(&sm.dq_full[w], phase);
@@ -272,11 +323,11 @@ struct BwdMainloop {
       Wgmma<kDqCols, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 16 * SW) >> 4), kk > 0);
   }
 
-  __device__ static void consume(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv) {
+  __device__ static void consume(const BwdParams& p, const Seq& g, Smem& sm, int w, int n_block, int b, int hkv) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
     int m_lo, m_hi;
-    m_range(p, n_block, m_lo, m_hi);
+    m_range(p, g, n_block, m_lo, m_hi);
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
     const int key0 = n_block * BN + w * 64 + 16 * warp + lane / 4;  // key of this thread's row 0 (row 1: +8)
@@ -322,8 +373,8 @@ struct BwdMainloop {
           h = hkv * p.group + it / nm;
           m = m_of_step(p, it % nm, m_lo, m_hi);
         }
-        const float slope = p.alibi ? p.alibi[b * p.alibi_sb + h * p.alibi_sh] : 0.f;
-        const bool masked = needs_mask(p, m, n_block);
+        const float slope = p.alibi ? p.alibi[g.alibi_row(b) * p.alibi_sb + h * p.alibi_sh] : 0.f;
+        const bool masked = needs_mask(p, g, m, n_block);
         const int q0 = m * BM + qlane;  // query of column 0 of this thread
         const uint32_t q_addr = smem_u32(sm.q[st.index]);
         const uint32_t do_addr = smem_u32(sm.dout[st.index]);
@@ -344,8 +395,8 @@ struct BwdMainloop {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
             const int key = key0 + 8 * r;
-            if (key >= p.S) continue;  // no query sees it: empty range
-            band(p).query_range_from(key, q0, q_lo[r], q_hi[r]);
+            if (key >= g.S(p)) continue;  // no query sees it: empty range
+            band(p, g).query_range_from(key, q0, q_lo[r], q_hi[r]);
           }
         }
         // kAlibi / kMasked: std::true_type / false_type from with_flags().
@@ -356,17 +407,17 @@ struct BwdMainloop {
           if constexpr (Softcap) {
             y = p.softcap * x;  // x = t
             if constexpr (decltype(kAlibi)::value)
-              y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), y);
+              y = fmaf(-slope, fabsf(static_cast<float>(qry + g.off(p) - key)), y);
             y = ex2_approx(fmaf(y, kLog2e, -l2));
           } else if constexpr (decltype(kAlibi)::value) {
-            y = fmaf(-slope, fabsf(static_cast<float>(qry + p.diag_offset - key)), x * p.scale);
+            y = fmaf(-slope, fabsf(static_cast<float>(qry + g.off(p) - key)), x * p.scale);
             y = ex2_approx(fmaf(y, kLog2e, -l2));
           } else {
             y = ex2_approx(fmaf(x, p.scale_log2, -l2));
           }
           if constexpr (decltype(kMasked)::value) {
             if constexpr (Softcap) {
-              if (!band(p).visible(qry, key)) y = 0.f;  // the range form below spilled more here
+              if (!band(p, g).visible(qry, key)) y = 0.f;  // the range form below spilled more here
             } else {
               const int r = (e >> 1) & 1, c = 8 * (e >> 2) + (e & 1);
               if (c < q_lo[r] || c > q_hi[r]) y = 0.f;
@@ -514,7 +565,7 @@ struct BwdMainloop {
         } else {
           // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
           // async copy).
-          float* dst = p.dq_acc + (dq_block(p, b, h, m) + w) * (64 * kDqCols);
+          float* dst = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols);
           if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
           stage_dq();
@@ -533,19 +584,21 @@ struct BwdMainloop {
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.
-    store_key_rows<D>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh, p.dk_sn, key0, p.S, 0, qlane,
+    store_key_rows<D>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + g.k0() * p.dk_sn, p.dk_sn, key0, g.S(p), 0,
+                      qlane,
                       p.d_store_k, dk, p.scale);
-    store_key_rows<D>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh, p.dv_sn, key0, p.S, 0, qlane,
+    store_key_rows<D>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + g.k0() * p.dv_sn, p.dv_sn, key0, g.S(p), 0,
+                      qlane,
                       p.d_store_v, dv, 1.f);
   }
 };
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
 __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // other archs of a multi-arch build: never selected (cuda_sm90_backward_supports)
 #elif defined(__CUDA_ARCH__)
-  using ML = BwdMainloop<D, Elem, Band, Softcap, Det, Sparse>;
+  using ML = BwdMainloop<D, Elem, Band, Softcap, Det, Sparse, Varlen>;
   extern __shared__ uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<typename ML::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                     ~static_cast<uintptr_t>(1023));
@@ -553,23 +606,27 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
   __syncthreads();
   int n_block, hkv, b;
   bwd_tile(p, n_block, hkv, b);
+  typename ML::Seq g{};
+  if constexpr (Varlen) {
+    if (!resolve_key_block(p, n_block, g)) return;  // a hole: no keys, no loads, nothing to store
+  }
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
-    if (threadIdx.x == 0) ML::produce(p, sm, n_block, b, hkv);
+    if (threadIdx.x == 0) ML::produce(p, g, sm, n_block, b, hkv);
     if constexpr (Det) {
-      if (threadIdx.x == 32) ML::write_dq(p, sm, n_block, b, hkv);
+      if (threadIdx.x == 32) ML::write_dq(p, g, sm, n_block, b, hkv);
     }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();
-    ML::consume(p, sm, warpgroup - 1, n_block, b, hkv);
+    ML::consume(p, g, sm, warpgroup - 1, n_block, b, hkv);
   }
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
 cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det, Sparse>;
+  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det, Sparse, Varlen>;
   constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
   cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
@@ -596,6 +653,16 @@ cudaError_t launch_bwd_sparse(const BwdParams& p, bool band, bool softcap, dim3 
                    : launch_bwd_variant<D, Elem, T, F, F, T>(p, grid, stream);
   return softcap ? launch_bwd_variant<D, Elem, F, T, F, T>(p, grid, stream)
                  : launch_bwd_variant<D, Elem, F, F, F, T>(p, grid, stream);
+}
+
+template <int D, class Elem>
+cudaError_t launch_bwd_varlen(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+  constexpr bool T = true, F = false;
+  if (band)
+    return softcap ? launch_bwd_variant<D, Elem, T, T, F, F, T>(p, grid, stream)
+                   : launch_bwd_variant<D, Elem, T, F, F, F, T>(p, grid, stream);
+  return softcap ? launch_bwd_variant<D, Elem, F, T, F, F, T>(p, grid, stream)
+                 : launch_bwd_variant<D, Elem, F, F, F, F, T>(p, grid, stream);
 }
 
 }  // namespace steelattn::sm90

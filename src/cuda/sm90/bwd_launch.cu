@@ -21,6 +21,7 @@
 #include "cuda/sm90/bwd_launch.h"
 #include "cuda/sm90/host_tma.h"
 #include "cuda/sm90/params.h"  // kUnbounded
+#include "cuda/sm90/varlen.h"  // virtual_block_seq
 
 namespace steelattn {
 namespace {
@@ -36,6 +37,18 @@ bool bwd_is_sm90(int dev) {
 }
 
 int64_t row_pad(int64_t n) { return (n + kRowPad - 1) / kRowPad * kRowPad; }
+
+// Workspace rows per (b, h): the padded rows, or for varlen the virtual query rows
+// (bwd_params.h: sequence i from (cu_q[i] / 128 + i) * 128).
+int64_t ws_rows(const AttentionParams& p) {
+  return p.varlen() ? (p.N / kRowPad + p.num_seqs) * kRowPad : row_pad(p.N);
+}
+
+// Varlen opt-in until the Hopper varlen backward has run on a GPU (STEELATTN_SM90_VARLEN_BWD=1).
+bool varlen_backward_enabled() {
+  const char* e = std::getenv("STEELATTN_SM90_VARLEN_BWD");
+  return e != nullptr && e[0] == '1';
+}
 
 // ---- preprocess / postprocess kernels ---------------------------------------
 struct PrePostParams {
@@ -54,6 +67,8 @@ struct PrePostParams {
   int64_t dq_sb, dq_sh, dq_sn;
   int B, H, N, D, Dv, n_pad, BM;
   int KD;  // the kernel's head dim: columns of a dq_acc row
+  const int32_t* cu_q;  // varlen: workspace rows are virtual query rows (ws_rows), else null
+  int num_seqs;
   float scale;
 };
 
@@ -70,6 +85,15 @@ struct Vec2<__half> {
   using type = __half2;
 };
 
+// Workspace row i of a head -> the tensors' row (its packed row for varlen), or -1 for a
+// padding row (past N, or past its sequence's queries).
+__device__ __forceinline__ int tensor_row(const PrePostParams& p, int i) {
+  if (p.cu_q == nullptr) return i < p.N ? i : -1;
+  const int seq = sm90::virtual_block_seq(p.cu_q, p.num_seqs, i / 128, 128);
+  const int q0 = p.cu_q[seq], local = i - (q0 / 128 + seq) * 128;
+  return local < p.cu_q[seq + 1] - q0 ? q0 + local : -1;
+}
+
 // T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
 // each per pass: lse2, dsum, and the row's share of the zeroed dQ accumulator (the
 // memset this replaces was a separate pass over the same bytes). One warp per row
@@ -82,12 +106,13 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   // The grid covers the rows exactly (n_pad is a multiple of 128, kRowsPerBlock divides
   // it), so every lane reaches the shuffles below.
   const int64_t bh = row / p.n_pad;
-  const int i = static_cast<int>(row - bh * p.n_pad);
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
   float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
   for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const int ti = tensor_row(p, static_cast<int>(row - bh * p.n_pad));
   float acc = 0.f;
-  if (i < p.N) {
+  if (ti >= 0) {
+    const int i = ti;
     // 16-byte loads: out and dout passed the TMA stride checks (16-byte aligned rows).
     const Elem* o_row = static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sn;
     const Elem* g_row = static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sn;
@@ -108,7 +133,8 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   for (int m = T / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
   if (sub == 0) {
     float l2 = INFINITY, ds = 0.f;
-    if (i < p.N) {
+    if (ti >= 0) {
+      const int i = ti;
       const float lse = p.lse[b * p.l_sb + h * p.l_sh + i * p.l_sn];
       // A row that saw no key (lse = -inf) has P = 0: +inf makes exp2(x - lse2) = 0.
       l2 = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
@@ -142,9 +168,10 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const int m_blocks = p.n_pad / p.BM;
   const int64_t bh = mblk / m_blocks;
   const int mb = static_cast<int>(mblk - bh * m_blocks);
-  const int i = mb * p.BM + (p.BM == 128 ? wg * 64 : 0) + row;
+  const int wi = mb * p.BM + (p.BM == 128 ? wg * 64 : 0) + row;  // workspace rows wi, wi + 8
   const int d = (p.BM == 128 ? 0 : wg * half_cols) + col;
   if (d >= p.D) return;  // a zero-padded column
+  const int i = tensor_row(p, wi), i8 = tensor_row(p, wi + 8);  // (one 128-row block: one sequence)
   const float4 v = reinterpret_cast<const float4*>(p.dq_acc)[g];  // (i, d), (i, d+1), (i+8, d), (i+8, d+1)
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
   Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sn + d;
@@ -157,8 +184,8 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
     lo = __floats2bfloat162_rn(v.x * p.scale, v.y * p.scale);
     hi = __floats2bfloat162_rn(v.z * p.scale, v.w * p.scale);
   }
-  if (i < p.N) *reinterpret_cast<E2*>(dst) = lo;
-  if (i + 8 < p.N) *reinterpret_cast<E2*>(dst + 8 * p.dq_sn) = hi;
+  if (i >= 0) *reinterpret_cast<E2*>(dst) = lo;
+  if (i8 >= 0) *reinterpret_cast<E2*>(dst + static_cast<int64_t>(i8 - i) * p.dq_sn) = hi;
 }
 
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
@@ -194,7 +221,15 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (p.q.device != Device::cuda) return fail("tensors are not on a CUDA device");
   if (!bwd_is_sm90(p.q.device_id)) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
-  if (p.varlen()) return fail("varlen: not on the Hopper kernels yet (the generic kernel runs it)");
+  if (p.varlen()) {
+    if (!varlen_backward_enabled())
+      return fail("varlen: not on the Hopper backward yet (compiled, opt-in with STEELATTN_SM90_VARLEN_BWD=1 "
+                  "until it has run on a GPU)");
+    if (bwd_kernel_dims(p.D, p.Dv).wide) return fail("varlen: head dims above 128 are not on the Hopper backward yet");
+    if (p.deterministic) return fail("varlen: the Hopper varlen backward is not deterministic");
+    if (p.block_mask.present()) return fail("varlen with a block mask: not on the Hopper backward");
+    if (p.num_seqs >= (int64_t{1} << 24)) return fail("varlen: at most 2^24 sequences");
+  }
   if (p.block_mask.present()) {
     // The narrow kernel's Sparse variants: whole steps only (bwd_params.h), not deterministic.
     const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
@@ -239,7 +274,7 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
 namespace {
 // Deterministic mode's counters: one per dQ workspace half (2 per query block).
 int64_t dq_sem_count(const AttentionParams& p) {
-  return p.B * p.H * (row_pad(p.N) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
+  return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
 }
 
 template <class Elem>
@@ -260,6 +295,11 @@ template <class Elem>
 cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det,
                         cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(int64_t{k.n_blocks} * k.Hkv * k.B));  // bwd_tile maps it
+  if (k.cu_q != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
+    if (kd.kd == 64) return sm90::launch_bwd_varlen<64, Elem>(k, band, softcap, grid, s);
+    if (kd.kd == 96) return sm90::launch_bwd_varlen<96, Elem>(k, band, softcap, grid, s);
+    return sm90::launch_bwd_varlen<128, Elem>(k, band, softcap, grid, s);
+  }
   if (k.bm.mask != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
     if (kd.kd == 64) return sm90::launch_bwd_sparse<64, Elem>(k, band, softcap, grid, s);
     if (kd.kd == 96) return sm90::launch_bwd_sparse<96, Elem>(k, band, softcap, grid, s);
@@ -292,7 +332,7 @@ static int bwd_bh_group(const AttentionParams& p, int n_blocks) {
 
 // Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count].
 size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
-  const int64_t rows = p.B * p.H * row_pad(p.N);
+  const int64_t rows = p.B * p.H * ws_rows(p);
   return static_cast<size_t>(rows) * static_cast<size_t>(2 + bwd_kernel_dims(p.D, p.Dv).kd) * sizeof(float) +
          static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
 }
@@ -307,7 +347,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   const int BM = kd.block_m;
   const int BN = kd.wide ? 64 : sm90::kBwdBlockN;
   const int box_cols = kd.box_cols;
-  const int64_t n_pad = row_pad(p.N);
+  const int64_t n_pad = ws_rows(p);
   const int64_t rows = p.B * p.H * n_pad;
   float* lse2 = static_cast<float*>(workspace);
   float* dsum = lse2 + rows;
@@ -344,7 +384,13 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.d_store_k = static_cast<int>(p.D);
   k.d_store_v = static_cast<int>(p.Dv);
   k.deterministic = p.deterministic;
-  k.n_blocks = static_cast<int>((p.S + BN - 1) / BN);
+  // Varlen: virtual key blocks (bwd_params.h), a bound the host knows without the lengths.
+  k.n_blocks = static_cast<int>(p.varlen() ? p.S / BN + p.num_seqs : (p.S + BN - 1) / BN);
+  if (p.varlen()) {
+    k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
+    k.cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);
+    k.num_seqs = static_cast<int>(p.num_seqs);
+  }
   k.bh_group = bwd_bh_group(p, k.n_blocks);
   constexpr double kLog2e = 1.4426950408889634;
   const bool softcap = p.softcap > 0.0;
@@ -391,6 +437,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.D = static_cast<int>(p.D);
   pp.Dv = static_cast<int>(p.Dv);
   pp.n_pad = k.n_pad;
+  pp.cu_q = k.cu_q;
+  pp.num_seqs = k.num_seqs;
   pp.BM = BM;
   pp.KD = kd.kd;
   pp.scale = k.scale;

@@ -20,6 +20,11 @@ cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 gri
 template <int D, class Elem>
 cudaError_t launch_bwd_sparse(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
 
+// Defined in bwd_kernel.h; the varlen variants, instantiated for D in {64, 96, 128} x
+// {__nv_bfloat16, __half} (bwd_varlen_inst_hdim{D}_{dtype}.cu).
+template <int D, class Elem>
+cudaError_t launch_bwd_varlen(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream);
+
 // Defined in bwd_wide_kernel.h; instantiated for (KD, KDv) in {(192, 192), (256, 256),
 // (192, 128)} x {__nv_bfloat16, __half} (bwd_wide_inst_*.cu).
 template <int KD, int KDv, class Elem>

@@ -46,6 +46,14 @@ struct BwdParams {
 
   // Block-sparse calls (the narrow kernel's Sparse instantiations; block_mask.h).
   BlockMaskView bm;
+
+  // Varlen calls (the narrow kernel's Varlen instantiations; B = 1, packed [1, H, total, D]
+  // views): CTAs are virtual key blocks of 128 (varlen.h), n_blocks = total_k / 128 +
+  // num_seqs; the workspace rows of a head are virtual query rows, sequence i's from
+  // (cu_q[i] / 128 + i) * 128, n_pad = (total_q / 128 + num_seqs) * 128.
+  const int32_t* cu_q;
+  const int32_t* cu_k;
+  int num_seqs;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the

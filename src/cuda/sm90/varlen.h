@@ -21,17 +21,24 @@ struct SeqTile {
   int q0, n, k0, s;    // its first packed query row and length, first key row and length
 };
 
-// Virtual block v of a varlen call: false for a hole. A binary search over cu_q (the
-// largest i with vstart(i) <= v), by the producer thread only.
-__device__ __forceinline__ bool resolve_virtual_block(const FwdParams& p, int v, SeqTile& t) {
-  int lo = 0, hi = p.num_seqs - 1;
+// The sequence that owns virtual block v of `block` rows over offsets cu (num_seqs + 1
+// entries): the largest i with cu[i] / block + i <= v, by binary search. The backward uses
+// it for its key blocks and its workspace rows (blocks of 128, as the forward's queries).
+__device__ __forceinline__ int virtual_block_seq(const int32_t* cu, int num_seqs, int v, int block) {
+  int lo = 0, hi = num_seqs - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (__ldg(p.cu_q + mid) / kBlockM + mid <= v)
+    if (__ldg(cu + mid) / block + mid <= v)
       lo = mid;
     else
       hi = mid - 1;
   }
+  return lo;
+}
+
+// Virtual block v of a varlen call: false for a hole (the producer thread only).
+__device__ __forceinline__ bool resolve_virtual_block(const FwdParams& p, int v, SeqTile& t) {
+  const int lo = virtual_block_seq(p.cu_q, p.num_seqs, v, kBlockM);
   const int q0 = __ldg(p.cu_q + lo);
   t.seq = lo;
   t.m = v - (q0 / kBlockM + lo);
