@@ -375,12 +375,11 @@ struct Mainloop {
       PipeState<kStages> vst = st;  // V of the block whose P is pending
       st.advance();
 
-      while (n > lo) {
+      // Dense: hi - 2 down to lo (the loop as it always was). Sparse: the block the producer
+      // put in the next K stage, while the one just done was above lo.
+      for (n = Sparse ? n : hi - 2; Sparse ? n > lo : n >= lo; n = Sparse ? n : n - 1) {
         mbar_wait(&sm.k_full[st.index], st.phase);
-        if constexpr (Sparse)
-          n = *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]);  // the producer's next block
-        else
-          --n;
+        if constexpr (Sparse) n = *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]);
         mbar_wait(&sm.v_full[vst.index], vst.phase);
         turn_begin(cwg);
         gemm_qk(s, q_addr, smem_u32(sm.k[st.index]));
