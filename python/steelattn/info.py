@@ -106,6 +106,8 @@ def _features(device):
         "rope": ok(),
         "block_sparse": ok(block=True),
         "kv_cache": device is not None and _probe_kvcache(device) != "none",
+        # RoPE and the in-place append as one kernel before attention (steelattn.h kv_append).
+        "fused_rope_append": device is not None and (device == "cpu" or _ext().cuda_compiled()),
         # Serving compositions (serving.py) over the dense and KV-cache kernels.
         "shared_prefix": ok() and _probe_kvcache(device) != "none",
         "splitfuse": ok() and _probe_kvcache(device) != "none",

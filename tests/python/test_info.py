@@ -32,7 +32,7 @@ def _seed_draw(seed):
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
              sparse=False, kvcache=False, packed=False, sinks=False, rope=False, raises=False, prefix=False,
-             splitfuse=False)
+             splitfuse=False, append=False)
 FEATURE_CALLS = {
     "float32": {},
     "float16": dict(dtype=torch.float16),
@@ -55,6 +55,9 @@ FEATURE_CALLS = {
     "backward": dict(dtype=torch.bfloat16, kw=dict(causal=True), grad=True),
     "block_sparse": dict(kw=dict(causal=True), grad=True, sparse=True),
     "kv_cache": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), kvcache=True),
+    # The last 3 keys appended (identity rotation) into a cache whose rows there are garbage.
+    "fused_rope_append": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True),
+                              append=True),
     # Not implemented: the call raises NotImplementedError (no torch path).
     "varlen_dropout": dict(kw=dict(causal=True, dropout_p=0.1), varlen=True, raises=True),
     "packed_inputs": dict(kw=dict(causal=True), grad=True, packed=True),
@@ -123,6 +126,13 @@ def _run_feature_call(device, call, rng):
     elif c["rope"]:
         ones, zeros = torch.ones(S, D // 2, device=device), torch.zeros(S, D // 2, device=device)
         res = steelattn.flash_attention_rope(*inputs, ones, zeros, **kw)
+    elif c["append"]:
+        cache_k, cache_v = (t.clone() for t in inputs[1:])
+        cache_k[:, :, -3:], cache_v[:, :, -3:] = float("nan"), float("nan")
+        ones, zeros = torch.ones(S, D // 2, device=device), torch.zeros(S, D // 2, device=device)
+        res = steelattn.flash_attention_kvcache(inputs[0], cache_k, cache_v, k_new=inputs[1][:, :, -3:],
+                                                v_new=inputs[2][:, :, -3:], cache_seqlens=S - 3, rotary_cos=ones,
+                                                rotary_sin=zeros, **kw)
     elif c["kvcache"]:  # a full cache: the dense answer (bottom-right causal)
         res = steelattn.flash_attention_kvcache(*inputs, cache_seqlens=S, **kw)
     elif c["prefix"]:
