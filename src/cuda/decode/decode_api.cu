@@ -51,27 +51,7 @@ int ctas_per_sm(int dpad, TileShape t) {
   return cuda_decode::ctas_per_sm(cuda_decode::smem_bytes(dpad, t.keys, t.stages));
 }
 
-// What the path needs to know of a device, queried once per device (dispatch asks per call).
-struct DeviceLimits {
-  int major = 0, sms = 132, smem_optin = 0;
-};
-const DeviceLimits& device_limits(int device) {
-  static DeviceLimits cached[64];
-  static bool known[64] = {};
-  static DeviceLimits none;
-  if (device < 0 || device >= 64) return none;
-  if (!known[device]) {
-    DeviceLimits d;
-    if (cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) d.major = 0;
-    if (cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || d.sms <= 0)
-      d.sms = 132;
-    if (cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
-      d.smem_optin = 0;
-    cached[device] = d;
-    known[device] = true;
-  }
-  return cached[device];
-}
+using cuda_device::device_info;
 
 int64_t row_groups(const AttentionParams& p) {
   return (p.H / p.Hkv * p.N + cuda_decode::kRows - 1) / cuda_decode::kRows;
@@ -86,7 +66,7 @@ int num_splits(const AttentionParams& p) {
   const int64_t ctas = p.B * p.Hkv * row_groups(p);
   const int64_t min_keys_per_split = int64_t(t.keys) * cuda_decode::kWarps * 4;
   const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
-  const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * device_limits(p.q.device_id).sms;
+  const int64_t wave = int64_t(ctas_per_sm(dpad, t)) * std::max(1, device_info(p.q.device_id).sms);
   const int64_t want = std::max<int64_t>(1, wave / ctas);
   return int(std::clamp<int64_t>(std::min(want, by_length), 1, cuda_decode::kMaxSplits));
 }
@@ -156,7 +136,7 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
     if ((t->stride[3] != 1 && t->shape[3] > 1) || !rows_16b_aligned(*t, stride))
       return no("q, k and v need a contiguous last dim and 16-byte aligned rows");
   }
-  const DeviceLimits& dev = device_limits(p.q.device_id);
+  const cuda_device::DeviceInfo dev = device_info(p.q.device_id);
   if (dev.major < 8) return no("needs compute capability 8.0 or newer");
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
   const TileShape t = tile_shape(dpad);

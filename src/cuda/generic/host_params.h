@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/device.h"
 #include "kernel_params.h"
 #include "steelattn/detail/philox.h"
 #include "steelattn/steelattn.h"
@@ -108,24 +109,7 @@ inline KernelParams make_kernel_params(const AttentionParams& p) {
   return k;
 }
 
-// Restores the caller's current device on scope exit.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(int device) {
-    cudaGetDevice(&prev_);
-    if (prev_ != device) cudaSetDevice(device);
-  }
-  ~DeviceGuard() {
-    int cur = -1;
-    cudaGetDevice(&cur);
-    if (cur != prev_) cudaSetDevice(prev_);
-  }
-  DeviceGuard(const DeviceGuard&) = delete;
-  DeviceGuard& operator=(const DeviceGuard&) = delete;
-
- private:
-  int prev_ = 0;
-};
+using cuda_device::DeviceGuard;  // (cuda/device.h)
 
 inline Status cuda_status(const char* what, cudaError_t err) {
   return Status::Error(std::string("steelattn cuda_generic: ") + what + ": " +

@@ -121,7 +121,7 @@ Status cuda_kv_append(const KVAppendParams& p, void* stream) {
   if (rows == 0) return Status::Ok();
   constexpr int kRowsPerBlock = 8;  // 256 threads
   const dim3 grid(unsigned((rows + kRowsPerBlock - 1) / kRowsPerBlock));
-  cuda_generic::DeviceGuard guard(p.k_new.device_id);
+  cuda_device::DeviceGuard guard(p.k_new.device_id);
   const auto s = static_cast<cudaStream_t>(stream);
   switch (p.k_new.dtype) {
     case DType::bf16: kv_append_kernel<__nv_bfloat16, float><<<grid, 32 * kRowsPerBlock, 0, s>>>(a); break;

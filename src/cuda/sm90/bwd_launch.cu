@@ -342,7 +342,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (!cuda_sm90_backward_supports(p, &why)) return Status::NotImplemented(why);
   if (workspace == nullptr || reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
-  const sm90::CurrentDevice device(p.q.device_id);  // before the tensor maps are encoded
+  const cuda_device::DeviceGuard device(p.q.device_id);  // before the tensor maps are encoded
   const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
   const int BM = kd.block_m;
   const int BN = kd.wide ? 64 : sm90::kBwdBlockN;

@@ -8,9 +8,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <mutex>
 #include <string>
 
+#include "cuda/device.h"
 #include "cuda/sm90/block_mask.h"
 #include "steelattn/steelattn.h"
 
@@ -31,30 +31,6 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// Makes `dev` the current device for a launch and restores the caller's on exit. The
-// driver's tensor-map encoder needs a current context, which a thread that has made no
-// runtime call yet does not have (autograd's backward thread on its first call: encoding
-// failed with CUDA_ERROR_INVALID_CONTEXT, 201); cudaSetDevice makes the primary context
-// current (CUDA >= 12), so it is called once per thread even when `dev` is already current.
-class CurrentDevice {
- public:
-  explicit CurrentDevice(int dev) {
-    thread_local int context_ready = -1;
-    cudaGetDevice(&prev_);
-    if (prev_ != dev || context_ready != dev) cudaSetDevice(dev);
-    context_ready = dev;
-    dev_ = dev;
-  }
-  ~CurrentDevice() {
-    if (prev_ != dev_ && prev_ >= 0) cudaSetDevice(prev_);
-  }
-  CurrentDevice(const CurrentDevice&) = delete;
-  CurrentDevice& operator=(const CurrentDevice&) = delete;
-
- private:
-  int prev_ = -1, dev_ = -1;
-};
-
 // The call's block mask for a kernel whose tiles are tile_m queries x tile_n keys (the
 // launchers have checked that the block sizes are multiples of them); mask = null without one.
 inline BlockMaskView block_mask_view(const AttentionParams& p, int tile_m, int tile_n) {
@@ -71,26 +47,9 @@ inline BlockMaskView block_mask_view(const AttentionParams& p, int tile_m, int t
   return v;
 }
 
-struct DeviceInfo {
-  int major = 0, minor = 0, sms = 0;
-};
-
-inline DeviceInfo device_info(int dev) {
-  static std::mutex mu;
-  static DeviceInfo cache[64];
-  static bool known[64] = {};
-  if (dev < 0 || dev >= 64) return {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (!known[dev]) {
-    DeviceInfo d;
-    cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&d.minor, cudaDevAttrComputeCapabilityMinor, dev);
-    cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-    cache[dev] = d;
-    known[dev] = true;
-  }
-  return cache[dev];
-}
+// Device facts (cached per device) for the launchers.
+using cuda_device::DeviceInfo;
+using cuda_device::device_info;
 
 // TMA reads rows through a descriptor: base 16-byte aligned, every stride a
 // nonzero multiple of 16 bytes (a broadcast, stride-0 dim cannot be encoded).

@@ -146,7 +146,7 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   std::string why;
   if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
 
-  const sm90::CurrentDevice device(p.q.device_id);  // before the tensor maps are encoded
+  const cuda_device::DeviceGuard device(p.q.device_id);  // before the tensor maps are encoded
   FwdParams k{};
   const int kd = kernel_dim(p.D, p.Dv);
   const int block_n = block_n_for(kd);
