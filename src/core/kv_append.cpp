@@ -9,11 +9,6 @@
 namespace steelattn {
 namespace {
 
-Status same_device(const TensorRef& t, const TensorRef& ref, const char* name) {
-  if (t.device == ref.device && t.device_id == ref.device_id) return Status::Ok();
-  return Status::Invalid(std::string(name) + ": must be on k_new's device");
-}
-
 Status validate_kv_append(KVAppendParams& p) {
   const TensorRef &kn = p.k_new, &vn = p.v_new, &kc = p.k_cache, &vc = p.v_cache;
   const struct { const TensorRef* t; const char* name; } kv[] = {
@@ -23,7 +18,7 @@ Status validate_kv_append(KVAppendParams& p) {
     if (t->dtype != kn.dtype || !is_attention_dtype(t->dtype))
       return Status::Invalid(std::string(name) + ": must be float32, float16, bfloat16 or float64, as k_new");
     if (t->stride[3] != 1 && t->shape[3] > 1) return Status::Invalid(std::string(name) + ": the last dim must be contiguous");
-    Status st = same_device(*t, kn, name);
+    Status st = check_same_device(*t, kn, name, "k_new");
     if (!st.ok()) return st;
   }
   const int64_t B = kn.shape[0], Hkv = kn.shape[1], Nnew = kn.shape[2], D = kn.shape[3], Dv = vn.shape[3];
@@ -36,21 +31,12 @@ Status validate_kv_append(KVAppendParams& p) {
   const TensorRef& lens = p.seqlens;
   if (!lens.present() || lens.dtype != DType::i32 || lens.ndim != 1 || lens.shape[0] != B)
     return Status::Invalid("seqlens: must be int32 [B] with B = " + std::to_string(B));
-  Status st = same_device(lens, kn, "seqlens");
+  Status st = check_same_device(lens, kn, "seqlens", "k_new");
   if (!st.ok()) return st;
-  if (p.block_table.present() && p.kv_batch_idx.present())
-    return Status::Invalid("block_table, kv_batch_idx: give one of them");
-  if (p.block_table.present()) {
-    const TensorRef& t = p.block_table;
-    if (t.dtype != DType::i32 || t.ndim != 2 || t.shape[0] != B || (t.stride[1] != 1 && t.shape[1] > 1))
-      return Status::Invalid("block_table: must be int32 [B, max_pages] with contiguous rows, B = " + std::to_string(B));
-    if (!(st = same_device(t, kn, "block_table")).ok()) return st;
-  } else if (p.kv_batch_idx.present()) {
-    const TensorRef& t = p.kv_batch_idx;
-    if (t.dtype != DType::i32 || t.ndim != 1 || t.shape[0] != B)
-      return Status::Invalid("kv_batch_idx: must be int32 [B] with B = " + std::to_string(B));
-    if (!(st = same_device(t, kn, "kv_batch_idx")).ok()) return st;
-  } else if (kc.shape[0] != B) {
+  if (!(st = check_cache_index(p.block_table, p.kv_batch_idx, B, kn, "k_new")).ok()) return st;
+  if (p.block_table.present() && p.block_table.stride[1] != 1 && p.block_table.shape[1] > 1)
+    return Status::Invalid("block_table: rows must be contiguous");
+  if (!p.block_table.present() && !p.kv_batch_idx.present() && kc.shape[0] != B) {
     return Status::Invalid("k_cache: " + std::to_string(kc.shape[0]) + " entries, k_new has B = " + std::to_string(B));
   }
   const bool rotary = p.rotary_cos.present() || p.rotary_sin.present();
@@ -67,7 +53,7 @@ Status validate_kv_append(KVAppendParams& p) {
       if (qo.shape[i] != q.shape[i]) return Status::Invalid("q_out: must have q's shape " + shape_str(q));
     if ((q.stride[3] != 1 && q.shape[3] > 1) || (qo.stride[3] != 1 && qo.shape[3] > 1))
       return Status::Invalid("q, q_out: the last dim must be contiguous");
-    if (!(st = same_device(q, kn, "q")).ok() || !(st = same_device(qo, kn, "q_out")).ok()) return st;
+    if (!(st = check_same_device(q, kn, "q", "k_new")).ok() || !(st = check_same_device(qo, kn, "q_out", "k_new")).ok()) return st;
   }
   if (rotary) {
     const TensorRef &c = p.rotary_cos, &s = p.rotary_sin;
@@ -76,7 +62,7 @@ Status validate_kv_append(KVAppendParams& p) {
         (c.stride[1] != 1 && c.shape[1] > 1) || (s.stride[1] != 1 && s.shape[1] > 1))
       return Status::Invalid("rotary_cos, rotary_sin: must both be [max_position, rotary_dim / 2], float32 or k_new's "
                              "dtype, rows contiguous");
-    if (!(st = same_device(c, kn, "rotary_cos")).ok() || !(st = same_device(s, kn, "rotary_sin")).ok()) return st;
+    if (!(st = check_same_device(c, kn, "rotary_cos", "k_new")).ok() || !(st = check_same_device(s, kn, "rotary_sin", "k_new")).ok()) return st;
     if (p.rotary_dim == 0) p.rotary_dim = 2 * c.shape[1];
     if (p.rotary_dim < 2 || p.rotary_dim % 2 || p.rotary_dim > D || p.rotary_dim > 2 * c.shape[1])
       return Status::Invalid("rotary_dim: must be even, in [2, D] and at most twice the tables' width, got " +

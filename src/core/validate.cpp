@@ -39,11 +39,6 @@ constexpr int64_t kMaxHeadDim = 512;
 // fp32 side tensors (lse, bias, weights, slopes); float64 calls may use float64 ones.
 bool is_side_float(DType t, DType q) { return t == DType::f32 || (q == DType::f64 && t == DType::f64); }
 
-Status check_same_device(const TensorRef& t, const TensorRef& q, const char* name) {
-  if (t.device != q.device || t.device_id != q.device_id)
-    return Status::Invalid(std::string(name) + ": must be on the same device as q");
-  return Status::Ok();
-}
 
 // A [d0, d1, d2, d3] tensor whose dims may broadcast (stride 0) over `want`.
 Status check_broadcast4(const TensorRef& t, const char* name, const int64_t want[4]) {
@@ -95,20 +90,12 @@ Status validate_varlen(AttentionParams& p) {
 // block_table / kv_batch_idx (steelattn.h): their shapes, and S from the pages.
 Status validate_indirect_kv(AttentionParams& p) {
   if (!p.seqlens_k.present()) return Status::Invalid("block_table, kv_batch_idx: need seqlens_k (the used lengths)");
-  if (p.block_table.present() && p.kv_batch_idx.present())
-    return Status::Invalid("block_table, kv_batch_idx: give one of them (a paged batch maps through its block table)");
-  const TensorRef& t = p.block_table.present() ? p.block_table : p.kv_batch_idx;
-  const char* name = p.block_table.present() ? "block_table" : "kv_batch_idx";
-  const int want_dims = p.block_table.present() ? 2 : 1;
-  if (t.dtype != DType::i32 || t.ndim != want_dims || t.shape[0] != p.B)
-    return Status::Invalid(std::string(name) + ": must be int32 " + (want_dims == 2 ? "[B, max_pages]" : "[B]") +
-                           " with B = " + std::to_string(p.B) + ", got " + dtype_name(t.dtype) + " " + shape_str(t));
-  Status st = check_same_device(t, p.q, name);
+  Status st = check_cache_index(p.block_table, p.kv_batch_idx, p.B, p.q, "q");
   if (!st.ok()) return st;
   if (p.v.shape[0] != p.k.shape[0])
     return Status::Invalid("v: " + shape_str(p.v) + " must have k's " + std::to_string(p.k.shape[0]) +
                            (p.block_table.present() ? " pages" : " cache entries"));
-  if (p.block_table.present()) p.S = t.shape[1] * p.k.shape[2];  // pages [num_pages, Hkv, page_size, D]
+  if (p.block_table.present()) p.S = p.block_table.shape[1] * p.k.shape[2];  // pages [num_pages, Hkv, page_size, D]
   return Status::Ok();
 }
 
