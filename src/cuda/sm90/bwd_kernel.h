@@ -634,35 +634,29 @@ cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t strea
   return cudaGetLastError();
 }
 
-template <int D, class Elem, bool Det>
-cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
-  constexpr bool T = true, F = false;
+// Band x softcap for one (Det, Sparse, Varlen) family.
+template <int D, class Elem, bool Det, bool Sparse, bool Varlen>
+cudaError_t launch_bwd_family(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
   if (band)
-    return softcap ? launch_bwd_variant<D, Elem, T, T, Det>(p, grid, stream)
-                   : launch_bwd_variant<D, Elem, T, F, Det>(p, grid, stream);
-  return softcap ? launch_bwd_variant<D, Elem, F, T, Det>(p, grid, stream)
-                 : launch_bwd_variant<D, Elem, F, F, Det>(p, grid, stream);
+    return softcap ? launch_bwd_variant<D, Elem, true, true, Det, Sparse, Varlen>(p, grid, stream)
+                   : launch_bwd_variant<D, Elem, true, false, Det, Sparse, Varlen>(p, grid, stream);
+  return softcap ? launch_bwd_variant<D, Elem, false, true, Det, Sparse, Varlen>(p, grid, stream)
+                 : launch_bwd_variant<D, Elem, false, false, Det, Sparse, Varlen>(p, grid, stream);
 }
 
+template <int D, class Elem, bool Det>
+cudaError_t launch_bwd_det(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
+  return launch_bwd_family<D, Elem, Det, false, false>(p, band, softcap, grid, stream);
+}
 
 template <int D, class Elem>
 cudaError_t launch_bwd_sparse(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
-  constexpr bool T = true, F = false;
-  if (band)
-    return softcap ? launch_bwd_variant<D, Elem, T, T, F, T>(p, grid, stream)
-                   : launch_bwd_variant<D, Elem, T, F, F, T>(p, grid, stream);
-  return softcap ? launch_bwd_variant<D, Elem, F, T, F, T>(p, grid, stream)
-                 : launch_bwd_variant<D, Elem, F, F, F, T>(p, grid, stream);
+  return launch_bwd_family<D, Elem, false, /*Sparse=*/true, false>(p, band, softcap, grid, stream);
 }
 
 template <int D, class Elem>
 cudaError_t launch_bwd_varlen(const BwdParams& p, bool band, bool softcap, dim3 grid, cudaStream_t stream) {
-  constexpr bool T = true, F = false;
-  if (band)
-    return softcap ? launch_bwd_variant<D, Elem, T, T, F, F, T>(p, grid, stream)
-                   : launch_bwd_variant<D, Elem, T, F, F, F, T>(p, grid, stream);
-  return softcap ? launch_bwd_variant<D, Elem, F, T, F, F, T>(p, grid, stream)
-                 : launch_bwd_variant<D, Elem, F, F, F, F, T>(p, grid, stream);
+  return launch_bwd_family<D, Elem, false, false, /*Varlen=*/true>(p, band, softcap, grid, stream);
 }
 
 }  // namespace steelattn::sm90

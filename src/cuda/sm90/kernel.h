@@ -50,30 +50,14 @@ cudaError_t launch_variant(const FwdParams& p, int grid, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-template <int D, class Elem, bool Pack>
-cudaError_t launch_fwd_pack(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
-  if constexpr (!Pack) {
-    if (v.varlen) {
-      if (v.band)
-        return v.softcap ? launch_variant<D, Elem, true, true, false, false, /*Varlen=*/true>(p, grid, stream)
-                         : launch_variant<D, Elem, true, false, false, false, /*Varlen=*/true>(p, grid, stream);
-      return v.softcap ? launch_variant<D, Elem, false, true, false, false, /*Varlen=*/true>(p, grid, stream)
-                       : launch_variant<D, Elem, false, false, false, false, /*Varlen=*/true>(p, grid, stream);
-    }
-    if (v.sparse) {
-      if (v.band)
-        return v.softcap ? launch_variant<D, Elem, true, true, false, /*Sparse=*/true>(p, grid, stream)
-                         : launch_variant<D, Elem, true, false, false, /*Sparse=*/true>(p, grid, stream);
-      return v.softcap ? launch_variant<D, Elem, false, true, false, /*Sparse=*/true>(p, grid, stream)
-                       : launch_variant<D, Elem, false, false, false, /*Sparse=*/true>(p, grid, stream);
-    }
-  }
-  if (v.band) {
-    return v.softcap ? launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/true, Pack>(p, grid, stream)
-                     : launch_variant<D, Elem, /*Band=*/true, /*Softcap=*/false, Pack>(p, grid, stream);
-  }
-  return v.softcap ? launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/true, Pack>(p, grid, stream)
-                   : launch_variant<D, Elem, /*Band=*/false, /*Softcap=*/false, Pack>(p, grid, stream);
+// Band x softcap for one (Pack, Sparse, Varlen) family.
+template <int D, class Elem, bool Pack, bool Sparse, bool Varlen>
+cudaError_t launch_family(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
+  if (v.band)
+    return v.softcap ? launch_variant<D, Elem, true, true, Pack, Sparse, Varlen>(p, grid, stream)
+                     : launch_variant<D, Elem, true, false, Pack, Sparse, Varlen>(p, grid, stream);
+  return v.softcap ? launch_variant<D, Elem, false, true, Pack, Sparse, Varlen>(p, grid, stream)
+                   : launch_variant<D, Elem, false, false, Pack, Sparse, Varlen>(p, grid, stream);
 }
 
 // The runtime switches that change the inner loop (band, softcap, GQA
@@ -82,8 +66,11 @@ cudaError_t launch_fwd_pack(const FwdParams& p, const LaunchVariant& v, int grid
 // field of FwdParams.
 template <int D, class Elem>
 cudaError_t launch_fwd(const FwdParams& p, const LaunchVariant& v, int grid, cudaStream_t stream) {
-  return v.pack ? launch_fwd_pack<D, Elem, /*Pack=*/true>(p, v, grid, stream)
-                : launch_fwd_pack<D, Elem, /*Pack=*/false>(p, v, grid, stream);
+  // Packed tiles are never block-sparse or varlen (launch.cu).
+  if (v.pack) return launch_family<D, Elem, /*Pack=*/true, false, false>(p, v, grid, stream);
+  if (v.varlen) return launch_family<D, Elem, false, false, /*Varlen=*/true>(p, v, grid, stream);
+  if (v.sparse) return launch_family<D, Elem, false, /*Sparse=*/true, false>(p, v, grid, stream);
+  return launch_family<D, Elem, false, false, false>(p, v, grid, stream);
 }
 
 }  // namespace steelattn::sm90
