@@ -59,7 +59,7 @@ inline uint16_t float_to_f16(float f) {  // round to nearest even
   if (au < 0x38800000u) {                                  // subnormal or zero in f16
     if (au < 0x33000000u) return sign;
     const uint32_t man = (au & 0x7fffffu) | 0x800000u;
-    const int shift = 126 - int(au >> 23) + 14;  // 14..24
+    const int shift = 126 - int(au >> 23);  // 14..24: value = man * 2^(E - 150), f16 unit 2^-24
     uint32_t r = man >> shift;
     const uint32_t rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
     if (rem > half || (rem == half && (r & 1u))) ++r;

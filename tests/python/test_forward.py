@@ -195,3 +195,15 @@ def test_empty_inputs(device):
     k = torch.randn(1, 2, 0, 16, device=device)
     out, lse = steelattn.flash_attention(q, k, k, return_lse=True)
     assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+def test_fp16_outputs_in_the_subnormal_range(device):
+    """fp16 outputs whose values are fp16 subnormals (|x| < 6.1e-5) round like the reference
+    (the CPU float -> fp16 conversion once flushed them or turned some into large numbers)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 2, 33, 64, generator=g).to(torch.float16).to(device) for _ in range(2))
+    v = (torch.randn(1, 2, 33, 64, generator=g) * 2e-6).to(torch.float16).to(device)
+    out = steelattn.flash_attention(q, k, v)
+    ref = attention_reference(q.double(), k.double(), v.double())[0].to(torch.float16)
+    # within one fp16 unit in the last place of the subnormal range (2^-24)
+    assert (out.cpu().float() - ref.cpu().float()).abs().max().item() <= 2.0 ** -24 * 2

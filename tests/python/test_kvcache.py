@@ -264,3 +264,16 @@ def test_kv_append_checks_name_the_argument():
     with pytest.raises(ValueError, match="q, q_out: give both"):
         call(lens=torch.tensor([0, 1], dtype=torch.int32), q=torch.randn(2, 2, 1, 16), cos=cos, sin=sin)
     assert torch.equal(kc, kc0)
+
+
+def test_append_keeps_fp16_subnormals_exact(device):
+    """Appended rows are copies: every fp16 subnormal (and its negative) lands bit for bit
+    (the CPU float -> fp16 conversion once flushed or garbled subnormals)."""
+    sub = torch.arange(1, 1024, dtype=torch.int16).view(torch.float16)  # 0x0001 .. 0x03ff
+    vals = torch.cat([sub, -sub, torch.zeros(2, dtype=torch.float16)]).view(1, 1, 32, 64).to(device)
+    kc = torch.zeros(1, 1, 40, 64, dtype=torch.float16, device=device)
+    vc = kc.clone()
+    q = torch.zeros(1, 1, 1, 64, dtype=torch.float16, device=device)
+    steelattn.flash_attention_kvcache(q, kc, vc, k_new=vals, v_new=vals, cache_seqlens=[3])
+    assert torch.equal(vc[:, :, 3:35].view(torch.int16), vals.view(torch.int16))
+    assert torch.equal(kc[:, :, 3:35].view(torch.int16), vals.view(torch.int16))
