@@ -658,8 +658,8 @@ def _step_impl(q, k, v, torch_ops):
     """A whole decode step as a serving loop runs it: RoPE on q and on one new token, the
     token appended in place at the device lengths, attention over the S - 1 + 1 keys
     (flash_attention_kvcache). torch_ops: the rotation and append as torch ops
-    (STEELATTN_KV_APPEND=0) instead of the fused kv_append kernel."""
-    import os
+    (kvcache.fused_append off around the timing) instead of the fused kv_append kernel."""
+    from . import kvcache
 
     B, Hkv, S, D = k.shape
     g = torch.Generator(device=q.device).manual_seed(1)
@@ -671,17 +671,17 @@ def _step_impl(q, k, v, torch_ops):
     kc, vc = k.clone(), v.clone()
 
     def step():
-        prev = os.environ.get("STEELATTN_KV_APPEND")
-        os.environ["STEELATTN_KV_APPEND"] = "0" if torch_ops else "1"
+        return steelattn.flash_attention_kvcache(q, kc, vc, k_new=k_new, v_new=v_new, cache_seqlens=lens,
+                                                 rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+
+    @contextlib.contextmanager
+    def mode():
+        prev, kvcache.fused_append = kvcache.fused_append, not torch_ops
         try:
-            return steelattn.flash_attention_kvcache(q, kc, vc, k_new=k_new, v_new=v_new, cache_seqlens=lens,
-                                                     rotary_cos=cos, rotary_sin=sin, rotary_interleaved=False)
+            yield
         finally:
-            if prev is None:
-                os.environ.pop("STEELATTN_KV_APPEND")
-            else:
-                os.environ["STEELATTN_KV_APPEND"] = prev
-    return _Impl(step, (q, k, v))
+            kvcache.fused_append = prev
+    return _Impl(step, (q, k, v), ctx=mode)
 
 
 def bench_cuda_decode(quick=False, log=print, run=None):

@@ -31,6 +31,10 @@ from .reference import attention_reference
 
 _FN = "flash_attention_kvcache"
 
+# The fused kv_append step on (default) or the torch ops instead (STEELATTN_KV_APPEND=0 at
+# import, or set by bench --op decode around its torch-ops cells): read once, not per call.
+fused_append = os.environ.get("STEELATTN_KV_APPEND") != "0"
+
 
 # --------------------------------------------------------------------------- rotary
 
@@ -260,7 +264,7 @@ def _fused_append_ok(q, k_new, v_new, cos):
     torch.compile (an opaque call), and the rotary tables are float32 or q's dtype."""
     if _kernel is None or torch.compiler.is_compiling() or (q.is_cuda and not _CUDA_KERNELS):
         return False
-    if os.environ.get("STEELATTN_KV_APPEND") == "0":  # the torch ops, for measurements (bench --op decode)
+    if not fused_append:
         return False
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k_new, v_new)):
         return False
