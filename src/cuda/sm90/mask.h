@@ -7,8 +7,9 @@
 // the band edges or the end of the keys (S % kBlockN) run the element test.
 // Block-sparse calls (FwdParams::bm) also skip the key blocks whose mask
 // block is inactive: trim() narrows a tile's range to its first and last active
-// block and prev() steps from one active block to the next lower one. Producer
-// and consumers take the same steps, so their pipelines stay in lockstep.
+// block and prev() steps from one active block to the next lower one. Only the
+// producer walks the mask; it publishes the range and each block in shared memory
+// (mainloop.h), so the consumers cannot take other steps.
 #pragma once
 
 #include "cuda/sm90/band.h"
