@@ -289,13 +289,11 @@ WIDE_CASES = [  # (name, D, Dv, block_size, kwargs): key tiles of 112 (D192) and
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,D,Dv,bs,kw", WIDE_CASES, ids=[c[0] for c in WIDE_CASES])
-def test_hopper_sparse_wide_forward(monkeypatch, rng, dtype, name, D, Dv, bs, kw):
-    """Block masks at head dims above 128 on the Hopper forward (opt-in with
-    STEELATTN_SM90_SPARSE_WIDE=1 until it has run on a GPU): inactive blocks unread (NaN
-    there changes nothing), rows with no active block give zeros and lse = -inf."""
+def test_hopper_sparse_wide_forward(rng, dtype, name, D, Dv, bs, kw):
+    """Block masks at head dims above 128 on the Hopper forward (key tiles of 112 and 80):
+    inactive blocks unread (NaN there changes nothing), rows with no active block give zeros and lse = -inf."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper forward needs compute capability 9.0")
-    monkeypatch.setenv("STEELATTN_SM90_SPARSE_WIDE", "1")
     B, H, Hkv, N, S = 2, 4, 2, 600, 1900
     nq, nk = math.ceil(N / bs[0]), math.ceil(S / bs[1])
     blocks = torch.rand(H, nq, nk, generator=rng) < 0.6

@@ -44,12 +44,6 @@ int64_t ws_rows(const AttentionParams& p) {
   return p.varlen() ? (p.N / kRowPad + p.num_seqs) * kRowPad : row_pad(p.N);
 }
 
-// Varlen opt-in until the Hopper varlen backward has run on a GPU (STEELATTN_SM90_VARLEN_BWD=1).
-bool varlen_backward_enabled() {
-  const char* e = std::getenv("STEELATTN_SM90_VARLEN_BWD");
-  return e != nullptr && e[0] == '1';
-}
-
 // ---- preprocess / postprocess kernels ---------------------------------------
 struct PrePostParams {
   const void* out;
@@ -222,9 +216,6 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (!bwd_is_sm90(p.q.device_id)) return fail("needs a compute capability 9.0 device (H100/H200)");
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen()) {
-    if (!varlen_backward_enabled())
-      return fail("varlen: not on the Hopper backward yet (compiled, opt-in with STEELATTN_SM90_VARLEN_BWD=1 "
-                  "until it has run on a GPU)");
     if (bwd_kernel_dims(p.D, p.Dv).wide) return fail("varlen: head dims above 128 are not on the Hopper backward yet");
     if (p.deterministic) return fail("varlen: the Hopper varlen backward is not deterministic");
     if (p.block_mask.present()) return fail("varlen with a block mask: not on the Hopper backward");

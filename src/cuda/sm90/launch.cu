@@ -109,11 +109,6 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.varlen() && p.num_seqs >= (int64_t{1} << 24)) return fail("varlen: at most 2^24 sequences");
   if (p.block_mask.present()) {
     // Whole tiles only (params.h): each 128-query tile and each key block lies in one mask block.
-    // Head dims above 128 (key tiles of 112 and 80) compile but have not run on a GPU yet:
-    // opt-in with STEELATTN_SM90_SPARSE_WIDE=1 until they have.
-    const char* wide = std::getenv("STEELATTN_SM90_SPARSE_WIDE");
-    if (kernel_dim(p.D, p.Dv) > 128 && !(wide != nullptr && wide[0] == '1'))
-      return fail("block_mask: head dims above 128 are not on the Hopper kernels yet");
     const int bn = block_n_for(kernel_dim(p.D, p.Dv));
     if (p.block_q % sm90::kBlockM != 0 || p.block_k % bn != 0)
       return fail("block_mask: block sizes must be multiples of the kernel's tiles (" +
