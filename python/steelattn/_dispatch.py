@@ -13,6 +13,19 @@ _lock = threading.Lock()
 _forward: Counter = Counter()
 _backward: Counter = Counter()
 _demotions: Counter = Counter()
+_backward_sources = []  # callables returning ({path: n}, {demotion: n}) counted elsewhere, then reset
+
+
+def add_backward_source(take) -> None:
+    """Backwards counted outside Python (the C++ autograd node, _autograd.py), merged on read."""
+    _backward_sources.append(take)
+
+
+def _drain() -> None:  # under _lock
+    for take in _backward_sources:
+        paths, demotions = take()
+        _backward.update(paths)
+        _demotions.update({"backward " + d: n for d, n in demotions.items()})
 
 
 def record_forward(path: str, demoted: str = "") -> None:
@@ -60,11 +73,13 @@ def get_dispatch_stats() -> dict:
     A steelattn backward is counted when it runs; a call that goes to torch counts a
     torch forward, and a torch backward when it needs gradients."""
     with _lock:
+        _drain()
         return {"forward": dict(_forward), "backward": dict(_backward), "demotions": dict(_demotions)}
 
 
 def reset_dispatch_stats() -> None:
     with _lock:
+        _drain()
         _forward.clear()
         _backward.clear()
         _demotions.clear()

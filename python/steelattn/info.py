@@ -27,6 +27,16 @@ def is_available() -> bool:
         return False
 
 
+def _autograd_node() -> str:
+    """"c++" when training calls build their autograd node in steelattn._torch_autograd,
+    else "python: <why>" (the Python autograd.Function; _autograd.py)."""
+    try:
+        from . import _autograd
+    except ImportError as e:
+        return f"python: {e}"
+    return "c++" if _autograd.native is not None else f"python: {_autograd.native_why_not}"
+
+
 def get_device_info() -> dict:
     info = {
         "cpu": {
@@ -39,6 +49,7 @@ def get_device_info() -> dict:
         "extension": is_available(),
         "cuda_kernels_compiled": bool(is_available() and _ext().cuda_compiled()),
         "torch": torch.__version__,
+        "autograd_node": _autograd_node(),
     }
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 
+#include "python/core_api.h"
 #include "steelattn/steelattn.h"
 
 namespace nb = nanobind;
@@ -179,6 +180,98 @@ PathChoice predict_backward(const AttentionParams& p) {
 
 enum Mode { kRun = 0, kTrain = 1, kSelect = 2 };
 
+// The strings a call reports, kept per thread until that thread's next call (core_api.h).
+struct CallStrings {
+  std::string message, note, bnote;
+};
+thread_local CallStrings t_strings;
+
+void set_status(const Status& st, steelattn_call_result* r) {
+  r->status = static_cast<int32_t>(st.code);
+  t_strings.message = st.message;
+  r->message = t_strings.message.c_str();
+}
+
+// One forward: validate, select, scratch, run (core_api.h). The nanobind binding below
+// and steelattn._torch_autograd both come here.
+void core_forward(AttentionParams* p, int mode, void* stream, steelattn_alloc_fn alloc, void* alloc_ctx,
+                  steelattn_call_result* r) {
+  *r = steelattn_call_result{0, "", "none", "", "", ""};
+  Status st = validate_forward(*p);
+  if (!st.ok()) return set_status(st, r);
+  const PathChoice fwd = choose_forward_path(*p);
+  PathChoice bwd;
+  if (mode != kRun) bwd = predict_backward(*p);
+  t_strings.note = note(fwd);
+  t_strings.bnote = note(bwd);
+  r->path = path_name(fwd.path);
+  r->note = t_strings.note.c_str();
+  r->bpath = mode == kRun ? "" : path_name(bwd.path);
+  r->bnote = t_strings.bnote.c_str();
+  if (mode == kSelect) return;
+  if (fwd.path == ForwardPath::none)
+    return set_status(Status::NotImplemented("no steelattn kernel serves this call: " + fwd.why_not), r);
+  if (mode == kTrain && bwd.path == ForwardPath::none)
+    return set_status(
+        Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not), r);
+  if (const size_t need = forward_workspace_bytes(*p, fwd.path)) {  // the split-KV decode kernel's partials
+    if (alloc == nullptr || !alloc(alloc_ctx, need, &p->workspace))
+      return set_status(Status::Error("could not allocate the forward's scratch"), r);
+  }
+  set_status(run_forward(*p, fwd.path, stream), r);
+}
+
+void core_backward(AttentionParams* p, void* stream, steelattn_alloc_fn alloc, void* alloc_ctx,
+                   steelattn_call_result* r) {
+  *r = steelattn_call_result{0, "", "none", "", "", ""};
+  Status st = validate_backward(*p);
+  if (!st.ok()) return set_status(st, r);
+  const PathChoice c = choose_backward_path(*p);
+  t_strings.note = c.path == ForwardPath::none ? c.why_not : c.demoted;
+  r->path = path_name(c.path);
+  r->note = t_strings.note.c_str();
+  if (c.path == ForwardPath::none)
+    return set_status(Status::NotImplemented("no steelattn kernel computes this backward: " + c.why_not), r);
+  // The kernel's scratch comes from the caller's allocator (torch's, so CUDA graphs capture it).
+  if (const size_t need = backward_workspace_bytes(*p, c.path)) {
+    if (alloc == nullptr || !alloc(alloc_ctx, need, &p->workspace))
+      return set_status(Status::Error("could not allocate the backward's scratch"), r);
+  }
+  set_status(run_backward(*p, c.path, stream), r);
+}
+
+const steelattn_core_api g_core_api = {STEELATTN_CORE_API_VERSION, sizeof(AttentionParams), &core_forward,
+                                       &core_backward};
+
+// Scratch for the nanobind bindings: a Python allocator (torch.empty), its tensor kept here.
+// Runs with the GIL released around it; a Python error becomes the call's message.
+struct PyAlloc {
+  nb::handle fn;
+  nb::object tensor;
+  std::string error;
+};
+bool py_alloc(void* ctx, size_t bytes, TensorRef* out) {
+  auto* a = static_cast<PyAlloc*>(ctx);
+  nb::gil_scoped_acquire gil;
+  if (a->fn.is_none()) {
+    a->error = "alloc_workspace: this call needs scratch";
+    return false;
+  }
+  try {
+    a->tensor = nb::borrow(a->fn)(bytes);
+    *out = to_ref(a->tensor, "workspace");
+  } catch (const std::exception& e) {
+    a->error = std::string("alloc_workspace: ") + e.what();
+    return false;
+  }
+  return true;
+}
+
+void raise_result(const steelattn_call_result& r, const PyAlloc& a) {
+  if (!a.error.empty()) throw nb::value_error(a.error.c_str());
+  if (r.status != 0) raise(Status{static_cast<StatusCode>(r.status), r.message});
+}
+
 }  // namespace
 
 NB_MODULE(_ext, m) {
@@ -207,27 +300,14 @@ NB_MODULE(_ext, m) {
                                         cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k,
                                         block_table, kv_batch_idx);
         p.attn_weights = to_ref(attn_weights, "attn_weights");
-        Status st = validate_forward(p);
-        if (!st.ok()) raise(st);
-        const PathChoice fwd = choose_forward_path(p);
-        PathChoice bwd;
-        if (mode != kRun) bwd = predict_backward(p);
-        if (mode != kSelect) {
-          if (fwd.path == ForwardPath::none)
-            raise(Status::NotImplemented("no steelattn kernel serves this call: " + fwd.why_not));
-          if (mode == kTrain && bwd.path == ForwardPath::none)
-            raise(Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not));
-          nb::object workspace;  // the split-KV decode kernel's partial results
-          if (const size_t need = forward_workspace_bytes(p, fwd.path)) {
-            if (alloc_workspace.is_none()) throw nb::value_error("alloc_workspace: this call needs scratch");
-            workspace = nb::borrow(alloc_workspace)(need);
-            p.workspace = to_ref(workspace, "workspace");
-          }
+        PyAlloc a{alloc_workspace, {}, {}};
+        steelattn_call_result r;
+        {
           nb::gil_scoped_release release;
-          st = run_forward(p, fwd.path, reinterpret_cast<void*>(stream));
+          core_forward(&p, mode, reinterpret_cast<void*>(stream), &py_alloc, &a, &r);
         }
-        if (!st.ok()) raise(st);
-        return nb::make_tuple(path_name(fwd.path), note(fwd), mode == kRun ? "" : path_name(bwd.path), note(bwd));
+        raise_result(r, a);
+        return nb::make_tuple(r.path, r.note, r.bpath, r.bnote);
       },
       nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"), nb::arg("lse").none(),
       nb::arg("attn_weights").none(), nb::arg("bias").none(), nb::arg("bool_mask").none(),
@@ -259,23 +339,14 @@ NB_MODULE(_ext, m) {
         p.dk = to_ref(dk, "dk");
         p.dv = to_ref(dv, "dv");
         p.dbias = to_ref(dbias, "dbias");
-        Status st = validate_backward(p);
-        if (!st.ok()) raise(st);
-        const PathChoice c = choose_backward_path(p);
-        if (c.path == ForwardPath::none)
-          raise(Status::NotImplemented("no steelattn kernel computes this backward: " + c.why_not));
-        // The kernel's scratch comes from the caller's allocator (torch's, so CUDA graphs capture it).
-        nb::object workspace;
-        if (const size_t need = backward_workspace_bytes(p, c.path)) {
-          workspace = nb::borrow(alloc_workspace)(need);
-          p.workspace = to_ref(workspace, "workspace");
-        }
+        PyAlloc a{alloc_workspace, {}, {}};
+        steelattn_call_result r;
         {
           nb::gil_scoped_release release;
-          st = run_backward(p, c.path, reinterpret_cast<void*>(stream));
+          core_backward(&p, reinterpret_cast<void*>(stream), &py_alloc, &a, &r);
         }
-        if (!st.ok()) raise(st);
-        return nb::make_tuple(path_name(c.path), c.demoted);
+        raise_result(r, a);
+        return nb::make_tuple(r.path, r.note);
       },
       nb::arg("dout"), nb::arg("dlse").none(), nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("out"),
       nb::arg("lse"), nb::arg("dq"), nb::arg("dk"), nb::arg("dv"), nb::arg("dbias").none(), nb::arg("bias").none(),
@@ -331,6 +402,8 @@ NB_MODULE(_ext, m) {
       nb::arg("q_causal"), nb::arg("num_threads"), nb::arg("stream"),
       "A KV-cache step's preparation (steelattn.h kv_append): k_new / v_new into the cache at seqlens, "
       "k_new and q turned by the rotary tables; validated first, nothing written on error.");
+  m.attr("core_api") = nb::steal(PyCapsule_New(const_cast<steelattn_core_api*>(&g_core_api),
+                                                "steelattn._ext.core_api", nullptr));
   m.def("cpu_isa", &cpu_isa, "The CPU instruction set the CPU kernel dispatches to.");
   m.def("cuda_compiled", &cuda_compiled, "Whether CUDA kernels were compiled into this build.");
 }

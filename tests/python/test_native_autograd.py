@@ -1,0 +1,130 @@
+"""The training call's autograd node in C++ (steelattn._torch_autograd): built and loaded
+under the torch it was built against, and the same function as the Python
+autograd.Function it replaces (same kernels, so the same bits), gradients for q, k, v and
+bias, through lse, with varlen, block masks and KV-cache lengths; counted; switched off by
+STEELATTN_NATIVE_AUTOGRAD=0."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import steelattn
+from steelattn import _autograd, _kernel
+from steelattn._extra import Extra
+
+from conftest import DEVICES
+
+
+def test_native_node_is_loaded():
+    """Every build with torch >= 2.5 at build time has it (CMakeLists.txt), and this
+    process runs the torch it was built against."""
+    if os.environ.get("STEELATTN_NATIVE_AUTOGRAD") == "0":
+        pytest.skip("switched off")
+    assert _autograd.native is not None, _autograd.native_why_not
+    assert steelattn.get_device_info()["autograd_node"] == "c++"
+
+
+def _call(apply, q, k, v, bias, sc, extra, alibi=None, bool_mask=None, use_lse=True):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    b = bias.detach().clone().requires_grad_() if bias is not None else None
+    out, lse = apply(*leaves, alibi, b, bool_mask, sc, extra)
+    g = torch.Generator(device=q.device).manual_seed(5)
+    loss = (out * torch.randn(out.shape, generator=g, device=q.device, dtype=out.dtype)).sum()
+    if use_lse:
+        loss = loss + (lse * torch.randn(lse.shape, generator=g, device=q.device, dtype=lse.dtype)).sum()
+    if use_lse == "only":
+        loss = lse.sum()
+    wrt = leaves + ([b] if b is not None else [])
+    return [out, lse] + list(torch.autograd.grad(loss, wrt))
+
+
+CASES = {  # name -> (B, H, Hkv, N, S, D, kwargs)
+    "causal": (2, 4, 4, 37, 37, 32, {}),
+    "gqa window softcap alibi": (2, 4, 2, 50, 70, 40, {"wl": 20, "softcap": 15.0, "alibi": True}),
+    "bias with grad": (1, 2, 2, 19, 23, 16, {"bias": True}),
+    "bool mask, only lse used": (2, 2, 1, 30, 41, 24, {"bool_mask": True, "use_lse": "only"}),
+    "dropout": (1, 3, 3, 33, 33, 16, {"dropout": 0.2}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_matches_python_function(device, dtype, name):
+    if _autograd.native is None:
+        pytest.skip(_autograd.native_why_not)
+    B, H, Hkv, N, S, D, kw = CASES[name]
+    if kw.get("dropout") and device == "cuda" and dtype == torch.float64:
+        pytest.skip("no float64 CUDA kernel")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, h, n, D, generator=g, dtype=dtype).to(device) for h, n in ((H, N), (Hkv, S), (Hkv, S)))
+    side = torch.float64 if dtype == torch.float64 else torch.float32
+    bias = torch.randn(B, H, N, S, generator=g, dtype=side).to(device) if kw.get("bias") else None
+    mask = (torch.rand(B, H, N, S, generator=g) > 0.3).to(device) if kw.get("bool_mask") else None
+    alibi = torch.rand(B, H, generator=g, dtype=side).to(device) if kw.get("alibi") else None
+    sc = _kernel.scalars(D ** -0.5, kw.get("softcap", 0.0), S - N, kw.get("wl", -1), 0, kw.get("dropout", 0.0),
+                         1234, 77, False)
+    try:
+        ref = _call(_autograd.python_apply, q, k, v, bias, sc, None, alibi, mask, kw.get("use_lse", True))
+    except NotImplementedError as e:  # no kernel for this combination on this device: both refuse
+        with pytest.raises(NotImplementedError):
+            _call(_autograd.apply, q, k, v, bias, sc, None, alibi, mask, kw.get("use_lse", True))
+        pytest.skip(str(e)[:100])
+    steelattn.reset_dispatch_stats()
+    ours = _call(_autograd.apply, q, k, v, bias, sc, None, alibi, mask, kw.get("use_lse", True))
+    stats = steelattn.get_dispatch_stats()
+    assert sum(stats["forward"].values()) == 1 and sum(stats["backward"].values()) == 1, stats
+    assert "torch" not in stats["backward"], stats
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
+
+
+def test_native_varlen_block_mask_and_cache_lengths():
+    """The extras travel through the C++ node: varlen lengths, a block mask, and KV-cache
+    lengths (keys past a length get zero gradient)."""
+    if _autograd.native is None:
+        pytest.skip(_autograd.native_why_not)
+    g = torch.Generator().manual_seed(1)
+    sc = _kernel.scalars(0.2, 0.0, 0, -1, 0, 0.0, 0, 0, False)
+    lens = [5, 0, 17, 9]
+    cu = torch.tensor([0, 5, 5, 22, 31], dtype=torch.int32)
+    q, k, v = (torch.randn(1, 2, 31, 16, generator=g) for _ in range(3))
+    cases = [(q, k, v, Extra(cu_seqlens_q=cu, cu_seqlens_k=cu)),
+             (torch.randn(2, 2, 40, 16, generator=g), torch.randn(2, 2, 48, 16, generator=g),
+              torch.randn(2, 2, 48, 16, generator=g),
+              Extra(block_mask=torch.rand(2, 2, 3, 3, generator=g) > 0.4, block_q=16, block_k=16)),
+             (torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 30, 16, generator=g),
+              torch.randn(2, 2, 30, 16, generator=g), Extra(seqlens_k=torch.tensor([12, 30], dtype=torch.int32)))]
+    assert sum(lens) == 31
+    for q, k, v, extra in cases:
+        ref = _call(_autograd.python_apply, q, k, v, None, sc, extra)
+        ours = _call(_autograd.apply, q, k, v, None, sc, extra)
+        for a, b in zip(ours, ref):
+            assert torch.equal(a, b)
+        if extra.seqlens_k is not None:
+            assert torch.all(ours[3][0, :, 12:] == 0) and torch.all(ours[4][0, :, 12:] == 0)
+
+
+def test_native_double_backward_raises():
+    if _autograd.native is None:
+        pytest.skip(_autograd.native_why_not)
+    q = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
+    out = steelattn.flash_attention(q, q.detach(), q.detach(), causal=True)
+    (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # the first derivative works
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gq.sum().backward()
+
+
+def test_switched_off_uses_the_python_function():
+    code = ("import torch, steelattn; from steelattn import _autograd\n"
+            "assert _autograd.native is None, 'loaded'\n"
+            "assert 'STEELATTN_NATIVE_AUTOGRAD=0' in steelattn.get_device_info()['autograd_node']\n"
+            "q = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)\n"
+            "steelattn.flash_attention(q, q, q, causal=True).sum().backward()\n"
+            "assert steelattn.get_dispatch_stats()['backward'], 'no backward counted'\n")
+    env = dict(os.environ, STEELATTN_NATIVE_AUTOGRAD="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
