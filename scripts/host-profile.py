@@ -17,6 +17,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import steelattn
 from steelattn import _autograd, _ext, _kernel
 
+print("autograd node:", steelattn.get_device_info()["autograd_node"])
+
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 dt = torch.bfloat16 if dev == "cuda" else torch.float32
 B, H, N, D = 1, 8, 128, 64
@@ -91,13 +93,17 @@ rows = [
     ("ext.forward raw TRAIN mode", lambda: _ext.forward(q, k, v, out, lse, None, None, None, None, sc, nt, stream, 1)),
     ("_kernel.run_forward RUN", lambda: _kernel.run_forward(q, k, v, None, None, None, sc, _kernel.RUN, False)),
     ("flash_attention no grad", ours_ng),
-    ("_autograd.apply (grad)", lambda: _autograd.apply(qg, kg, vg, None, None, None, sc)),
+    ("_autograd.apply (grad, node in C++)", lambda: _autograd.apply(qg, kg, vg, None, None, None, sc, None)),
+    ("_autograd.python_apply (grad, Python)", lambda: _autograd.python_apply(qg, kg, vg, None, None, None, sc, None)),
     ("flash_attention with grad", ours),
     ("ext.backward raw, preallocated", lambda: _ext.backward(dout, None, q, k, v, out, lse, dq, dk, dv, None, None, None,
                                                              None, sc, nt, stream, ws)),
     ("_kernel.run_backward", lambda: _kernel.run_backward(dout, None, q, k, v, out, lse, None, None, None, sc, False)),
     ("Nothing fwd+bwd (engine floor)", step(lambda: Nothing.apply(qg, kg, vg)[0])),
     ("flash_attention fwd+bwd", step(ours)),
+    ("fwd+bwd, Python autograd.Function", step(lambda: _autograd.python_apply(qg, kg, vg, None, None, None, sc,
+                                                                              None)[0])),
+    ("fwd+bwd, C++ autograd node", step(lambda: _autograd.apply(qg, kg, vg, None, None, None, sc, None)[0])),
 ]
 with ctx:
     rows += [("cudnn no grad", cudnn_ng), ("cudnn with grad", cudnn), ("cudnn fwd+bwd", step(cudnn))]
