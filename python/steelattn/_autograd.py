@@ -1,9 +1,8 @@
 """Eager autograd: one extension call each way, with the autograd node in C++ when it can be.
 
-`apply` uses steelattn._torch_autograd (src/python/torch_autograd.cpp: a
+`apply` uses the node of steelattn._torch_native (src/python/torch_native.cpp: a
 torch::autograd::Function whose backward runs without Python) when that optional module
-was built against the torch running now; otherwise the Python Function below. Both make
-the same core calls; STEELATTN_NATIVE_AUTOGRAD=0 at import picks the Python one.
+is loaded (_native.py); otherwise the Python Function below. Both make the same core calls.
 
 Calls that need gradients outside torch.compile come here instead of going through the
 registered custom op (ops.py): the custom-op layer (schema checks, dispatcher, Python
@@ -15,12 +14,10 @@ sizes its workspace and runs. docs/DECISIONS.md has the numbers.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import _dispatch, _ext, _kernel
+from . import _dispatch, _kernel, _native
 
 
 class Attention(torch.autograd.Function):
@@ -59,30 +56,11 @@ python_apply = super(torch.autograd.Function, Attention).apply if hasattr(torch.
     else Attention.apply
 
 
-def _load_native():
-    """steelattn._torch_autograd bound to this process's core, or None (not built, built for
-    another torch version, or switched off): why, for get_supported_configs()."""
-    if os.environ.get("STEELATTN_NATIVE_AUTOGRAD", "1") == "0":
-        return None, "switched off (STEELATTN_NATIVE_AUTOGRAD=0)"
-    try:
-        from . import _torch_autograd as native
-    except ImportError as e:
-        return None, f"not importable ({e})"
-    if native.torch_version != torch.__version__:
-        return None, f"built against torch {native.torch_version}, running {torch.__version__}"
-    native.bind_core(_ext.core_api)
-    _dispatch.add_backward_source(native.take_backward_counts)
-    return native, ""
-
-
-native, native_why_not = _load_native()
-
-
 def apply(q, k, v, alibi, bias, bool_mask, sc, extra):
     """(out, lse) of a call that needs gradients; the forward's path is counted here, the
     backward's where it runs."""
-    if native is None:
+    if _native.native is None:
         return python_apply(q, k, v, alibi, bias, bool_mask, sc, extra)
-    out, lse, path, note = native.attention(q, k, v, alibi, bias, bool_mask, sc, extra, _kernel.debug_poison)
+    out, lse, path, note = _native.native.attention(q, k, v, alibi, bias, bool_mask, sc, extra, _kernel.debug_poison)
     _dispatch.record_forward(path, note)
     return out, lse

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from . import _dispatch, _ext
+from . import _dispatch, _ext, _native
 from ._extra import Extra
 from ._tensor import DTYPE_CODES
 from ._validate import side_dtype
@@ -76,6 +76,11 @@ def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_w
     """Allocates and fills (out, lse, weights) (lse/weights None unless wanted); counts the path.
     Varlen: out is allocated token-major ([total, H, Dv], viewed as [1, H, total, Dv]) when q
     is a token-major view, so that the caller's layout comes back contiguous."""
+    if _native.native is not None and not want_weights and mode == RUN:  # the same, allocated in C++
+        out, lse, path, note = _native.native.forward(q, k, v, alibi, bias, bool_mask, sc, extra, want_lse,
+                                                      debug_poison)
+        _dispatch.record_forward(path, note)
+        return out, lse, None
     B, H, N, _ = q.shape
     S, Dv = k.shape[2], v.shape[3]
     if token_major_out(q, extra.cu_seqlens_q if extra is not None else None):

@@ -28,13 +28,13 @@ def is_available() -> bool:
 
 
 def _autograd_node() -> str:
-    """"c++" when training calls build their autograd node in steelattn._torch_autograd,
-    else "python: <why>" (the Python autograd.Function; _autograd.py)."""
+    """"c++" when eager calls and their autograd node run in steelattn._torch_native,
+    else "python: <why>" (_ext with the Python autograd.Function; _native.py)."""
     try:
-        from . import _autograd
+        from . import _native
     except ImportError as e:
         return f"python: {e}"
-    return "c++" if _autograd.native is not None else f"python: {_autograd.native_why_not}"
+    return "c++" if _native.native is not None else f"python: {_native.why_not}"
 
 
 def get_device_info() -> dict:

@@ -1,6 +1,6 @@
 // The core's attention calls as a table of plain C functions, exported by steelattn._ext
-// in a capsule (`_ext.core_api`) and used by steelattn._torch_autograd, the optional
-// module that holds the autograd node in C++ (src/python/torch_autograd.cpp).
+// in a capsule (`_ext.core_api`) and used by steelattn._torch_native, the optional
+// module that holds the autograd node in C++ (src/python/torch_native.cpp).
 //
 // Why a table: the core (with its CUDA kernels, device caches and tensor-map caches) lives
 // once in the process, in _ext; the autograd module is built against one torch version's

@@ -193,7 +193,7 @@ void set_status(const Status& st, steelattn_call_result* r) {
 }
 
 // One forward: validate, select, scratch, run (core_api.h). The nanobind binding below
-// and steelattn._torch_autograd both come here.
+// and steelattn._torch_native both come here.
 void core_forward(AttentionParams* p, int mode, void* stream, steelattn_alloc_fn alloc, void* alloc_ctx,
                   steelattn_call_result* r) {
   *r = steelattn_call_result{0, "", "none", "", "", ""};

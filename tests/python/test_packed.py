@@ -98,12 +98,12 @@ def test_packed_inputs_are_not_copied(monkeypatch):
     """The kernels receive views of the packed storage."""
     from steelattn import _kernel
     seen = []
-    real = _kernel.forward
+    real = _kernel.run_forward
 
     def spy(q, k, v, *a, **kw):
         seen.append((q.untyped_storage().data_ptr(), k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()))
         return real(q, k, v, *a, **kw)
-    monkeypatch.setattr(_kernel, "forward", spy)
+    monkeypatch.setattr(_kernel, "run_forward", spy)
     qkv = torch.randn(2, 16, 3, 2, 32)
     steelattn.flash_attention_qkv_packed(qkv)
     assert seen and all(p == qkv.untyped_storage().data_ptr() for p in seen[0])

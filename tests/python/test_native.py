@@ -1,8 +1,8 @@
-"""The training call's autograd node in C++ (steelattn._torch_autograd): built and loaded
-under the torch it was built against, and the same function as the Python
-autograd.Function it replaces (same kernels, so the same bits), gradients for q, k, v and
-bias, through lse, with varlen, block masks and KV-cache lengths; counted; switched off by
-STEELATTN_NATIVE_AUTOGRAD=0."""
+"""The eager calls' torch-facing layer in C++ (steelattn._torch_native): built and loaded
+under the torch it was built against, and the same function as the Python paths it
+replaces (same kernels, so the same bits): the inference forward, and the training call's
+autograd node with gradients for q, k, v and bias, through lse, with varlen, block masks
+and KV-cache lengths; counted; switched off by STEELATTN_NATIVE=0."""
 import os
 import subprocess
 import sys
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import steelattn
-from steelattn import _autograd, _kernel
+from steelattn import _autograd, _kernel, _native
 from steelattn._extra import Extra
 
 from conftest import DEVICES
@@ -20,9 +20,9 @@ from conftest import DEVICES
 def test_native_node_is_loaded():
     """Every build with torch >= 2.5 at build time has it (CMakeLists.txt), and this
     process runs the torch it was built against."""
-    if os.environ.get("STEELATTN_NATIVE_AUTOGRAD") == "0":
+    if os.environ.get("STEELATTN_NATIVE") == "0":
         pytest.skip("switched off")
-    assert _autograd.native is not None, _autograd.native_why_not
+    assert _native.native is not None, _native.why_not
     assert steelattn.get_device_info()["autograd_node"] == "c++"
 
 
@@ -53,8 +53,8 @@ CASES = {  # name -> (B, H, Hkv, N, S, D, kwargs)
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("device", DEVICES)
 def test_native_matches_python_function(device, dtype, name):
-    if _autograd.native is None:
-        pytest.skip(_autograd.native_why_not)
+    if _native.native is None:
+        pytest.skip(_native.why_not)
     B, H, Hkv, N, S, D, kw = CASES[name]
     if kw.get("dropout") and device == "cuda" and dtype == torch.float64:
         pytest.skip("no float64 CUDA kernel")
@@ -85,8 +85,8 @@ def test_native_matches_python_function(device, dtype, name):
 def test_native_varlen_block_mask_and_cache_lengths():
     """The extras travel through the C++ node: varlen lengths, a block mask, and KV-cache
     lengths (keys past a length get zero gradient)."""
-    if _autograd.native is None:
-        pytest.skip(_autograd.native_why_not)
+    if _native.native is None:
+        pytest.skip(_native.why_not)
     g = torch.Generator().manual_seed(1)
     sc = _kernel.scalars(0.2, 0.0, 0, -1, 0, 0.0, 0, 0, False)
     lens = [5, 0, 17, 9]
@@ -109,8 +109,8 @@ def test_native_varlen_block_mask_and_cache_lengths():
 
 
 def test_native_double_backward_raises():
-    if _autograd.native is None:
-        pytest.skip(_autograd.native_why_not)
+    if _native.native is None:
+        pytest.skip(_native.why_not)
     q = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)
     out = steelattn.flash_attention(q, q.detach(), q.detach(), causal=True)
     (gq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)  # the first derivative works
@@ -118,13 +118,45 @@ def test_native_double_backward_raises():
         gq.sum().backward()
 
 
-def test_switched_off_uses_the_python_function():
-    code = ("import torch, steelattn; from steelattn import _autograd\n"
-            "assert _autograd.native is None, 'loaded'\n"
-            "assert 'STEELATTN_NATIVE_AUTOGRAD=0' in steelattn.get_device_info()['autograd_node']\n"
+def test_switched_off_uses_the_python_paths():
+    code = ("import torch, steelattn; from steelattn import _native\n"
+            "assert _native.native is None, 'loaded'\n"
+            "assert 'STEELATTN_NATIVE=0' in steelattn.get_device_info()['autograd_node']\n"
             "q = torch.randn(1, 2, 9, 16, dtype=torch.float64, requires_grad=True)\n"
             "steelattn.flash_attention(q, q, q, causal=True).sum().backward()\n"
-            "assert steelattn.get_dispatch_stats()['backward'], 'no backward counted'\n")
-    env = dict(os.environ, STEELATTN_NATIVE_AUTOGRAD="0")
+            "steelattn.flash_attention(q.detach(), q.detach(), q.detach())\n"
+            "s = steelattn.get_dispatch_stats(); assert sum(s['forward'].values()) == 2 and s['backward'], s\n")
+    env = dict(os.environ, STEELATTN_NATIVE="0")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("want_lse", [False, True])
+def test_native_inference_forward_matches_ext(monkeypatch, device, want_lse):
+    """The inference forward allocated in C++ gives what _ext's call gives: out, lse, the
+    token-major out of a varlen call, zeros and -inf for an empty problem; counted once."""
+    if _native.native is None:
+        pytest.skip(_native.why_not)
+    g = torch.Generator().manual_seed(2)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    sc = _kernel.scalars(0.3, 5.0, 3, 10, 0, 0.0, 0, 0, False)
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=device)
+    tok = [torch.randn(20, 4, 64, generator=g, dtype=dt).to(device) for _ in range(3)]
+    cases = [((torch.randn(2, 4, 17, 64, generator=g, dtype=dt).to(device),
+               torch.randn(2, 2, 20, 64, generator=g, dtype=dt).to(device),
+               torch.randn(2, 2, 20, 64, generator=g, dtype=dt).to(device)), None),
+             (tuple(t.permute(1, 0, 2).unsqueeze(0) for t in tok), Extra(cu_seqlens_q=cu, cu_seqlens_k=cu)),
+             ((torch.randn(1, 2, 5, 64, dtype=dt).to(device), torch.randn(1, 2, 0, 64, dtype=dt).to(device),
+               torch.randn(1, 2, 0, 64, dtype=dt).to(device)), None)]
+    for (q, k, v), extra in cases:
+        steelattn.reset_dispatch_stats()
+        ours = _kernel.run_forward(q, k, v, None, None, None, sc, _kernel.RUN, want_lse, extra=extra)
+        assert sum(steelattn.get_dispatch_stats()["forward"].values()) == 1
+        with monkeypatch.context() as m:
+            m.setattr(_native, "native", None)
+            ref = _kernel.run_forward(q, k, v, None, None, None, sc, _kernel.RUN, want_lse, extra=extra)
+        assert ours[2] is None and (ours[1] is None) == (not want_lse)
+        assert ours[0].stride() == ref[0].stride() and torch.equal(ours[0], ref[0])
+        if want_lse:
+            assert torch.equal(ours[1], ref[1])

@@ -1,20 +1,25 @@
-// steelattn._torch_autograd: the eager training call's autograd node in C++.
+// steelattn._torch_native: the torch-facing calls in C++, for eager calls.
 //
-// Why: a Python autograd.Function costs ~136 us of host time per forward + backward on the
-// H200's host even when it launches nothing (its backward runs on the autograd engine's
-// device thread and must take the GIL there); torch's own SDPA pays ~140 us for the whole
-// step. A torch::autograd::Function has no Python in its backward at all.
+// Why: the host time of a call. A Python autograd.Function costs ~136 us of host time per
+// forward + backward on the H200's host even when it launches nothing (its backward runs on
+// the autograd engine's device thread and must take the GIL there); torch's own SDPA pays
+// ~140 us for the whole step. A torch::autograd::Function has no Python in its backward at
+// all, and reading at::Tensor fields here costs nothing where _ext reads each tensor through
+// the Python C API (~0.7 us a tensor).
 //
 // This module is optional and tied to the torch it was built against (libtorch's C++ API
-// has no stable ABI): steelattn/_autograd.py loads it only when torch.__version__ is the
-// one recorded here, and uses the Python Function otherwise. It holds no kernels: every
-// call goes through the core in steelattn._ext, reached through the C table that module
-// exports (core_api.h), so the process has one copy of the core.
+// has no stable ABI): steelattn/_native.py loads it only when torch.__version__ is the one
+// recorded here; otherwise _kernel.py and _autograd.py use _ext and the Python Function.
+// It holds no kernels: every call goes through the core in steelattn._ext, reached through
+// the C table that module exports (core_api.h), so the process has one copy of the core.
 //
-// Python entry: attention(q, k, v, alibi, bias, bool_mask, scalars, extra, poison)
-//   -> (out, lse, path, note), exactly what _autograd.Attention computes; gradients for q, k,
-//   v and bias. Backward paths and demotions are counted here (the backward runs without
-//   Python) and drained into steelattn's dispatch stats by take_backward_counts().
+// Python entries (the same arguments as _kernel.run_forward / _autograd.Attention):
+//   forward(q, k, v, alibi, bias, bool_mask, scalars, extra, want_lse, poison)
+//     -> (out, lse or None, path, note): an inference call, no autograd node.
+//   attention(q, k, v, alibi, bias, bool_mask, scalars, extra, poison) -> (out, lse, path, note):
+//     a call that needs gradients (q, k, v and bias), its autograd node in C++. Backward
+//     paths and demotions are counted here (the backward runs without Python) and drained
+//     into steelattn's dispatch stats by take_backward_counts().
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -151,43 +156,56 @@ void fill_params(AttentionParams& p, const CallState& s, const Tensor& q, const 
   p.num_threads = at::get_num_threads();
 }
 
+struct ForwardResult {
+  Tensor out, lse;
+};
+
+// Allocates out (and lse) and runs the forward (mode kRun or kTrain); the path and note go
+// to t_path / t_note. Empty problems are selected, not run: zeros and lse = -inf.
+ForwardResult run_forward(const CallState& s, const Tensor& q, const Tensor& k, const Tensor& v,
+                          const std::optional<Tensor>& bias, int mode, bool want_lse) {
+  AttentionParams p;
+  fill_params(p, s, q, k, v, bias);
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), S = k.size(2), Dv = v.size(3);
+  const auto opts = q.options();
+  // Varlen: a token-major q gets a token-major out ([total, H, Dv] viewed [1, H, total, Dv]),
+  // so the caller's layout comes back contiguous (_kernel.token_major_out).
+  const bool token_major = s.extra[0].defined() && B == 1 && H > 1 && q.stride(1) < q.stride(2);
+  ForwardResult r{token_major ? at::empty({N, H, Dv}, opts).permute({1, 0, 2}).unsqueeze(0)
+                              : at::empty({B, H, N, Dv}, opts),
+                  {}};
+  if (want_lse) r.lse = at::empty({B, H, N}, opts.dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
+  if (s.poison) {
+    r.out.fill_(std::numeric_limits<double>::quiet_NaN());
+    if (want_lse) r.lse.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  p.out = ref(r.out, "out");
+  p.lse = ref(r.lse, "lse");
+  const bool empty = !(S && r.out.numel());
+  TorchAlloc alloc{q.device(), {}};
+  steelattn_call_result c;
+  g_core->forward(&p, empty ? kSelect : mode, current_stream(q), &torch_alloc, &alloc, &c);
+  if (c.status != 0) throw_status(c);
+  if (empty) {  // nothing to compute: the core validated and selected, the result is known
+    const bool none = std::string(c.path) == "none";
+    const bool no_bwd = mode == kTrain && std::string(c.bpath) == "none";
+    TORCH_CHECK_NOT_IMPLEMENTED(!none && !no_bwd, none ? c.note : c.bnote);
+    r.out.zero_();
+    if (want_lse) r.lse.fill_(-std::numeric_limits<double>::infinity());
+  }
+  t_path = c.path;
+  t_note = c.note;
+  return r;
+}
+
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const std::optional<Tensor>& bias, c10::intrusive_ptr<CallState> state) {
-    const CallState& s = *state;
-    AttentionParams p;
-    fill_params(p, s, q, k, v, bias);
-    const int64_t B = q.size(0), H = q.size(1), N = q.size(2), S = k.size(2), Dv = v.size(3);
-    const auto opts = q.options();
-    // Varlen: a token-major q gets a token-major out ([total, H, Dv] viewed [1, H, total, Dv]),
-    // so the caller's layout comes back contiguous (_kernel.token_major_out).
-    const bool token_major = s.extra[0].defined() && B == 1 && H > 1 && q.stride(1) < q.stride(2);
-    Tensor out = token_major ? at::empty({N, H, Dv}, opts).permute({1, 0, 2}).unsqueeze(0)
-                             : at::empty({B, H, N, Dv}, opts);
-    Tensor lse = at::empty({B, H, N}, opts.dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat));
-    if (s.poison) {
-      out.fill_(std::numeric_limits<double>::quiet_NaN());
-      lse.fill_(std::numeric_limits<double>::quiet_NaN());
-    }
-    p.out = ref(out, "out");
-    p.lse = ref(lse, "lse");
-    const bool empty = !(S && out.numel());
-    TorchAlloc alloc{q.device(), {}};
-    steelattn_call_result r;
-    g_core->forward(&p, empty ? kSelect : kTrain, current_stream(q), &torch_alloc, &alloc, &r);
-    if (r.status != 0) throw_status(r);
-    if (empty) {  // nothing to compute: the core validated and selected, the result is known
-      const bool none = std::string(r.path) == "none";
-      TORCH_CHECK_NOT_IMPLEMENTED(!none && std::string(r.bpath) != "none", none ? r.note : r.bnote);
-      out.zero_();
-      lse.fill_(-std::numeric_limits<double>::infinity());
-    }
-    t_path = r.path;
-    t_note = r.note;
-    ctx->save_for_backward({q, k, v, out, lse, bias ? *bias : Tensor()});
-    ctx->saved_data["state"] = c10::IValue::make_capsule(state);
+    ForwardResult r = run_forward(*state, q, k, v, bias, kTrain, true);
+    ctx->save_for_backward({q, k, v, r.out, r.lse, bias ? *bias : Tensor()});
+    ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
     ctx->set_materialize_grads(false);  // an unused lse gets an undefined gradient, not zeros
-    return {out, lse};
+    return {r.out, r.lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -270,17 +288,18 @@ int64_t as_int(PyObject* o) {
   return i;
 }
 
-PyObject* attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 9, "attention: expected 9 arguments, got ", nargs);
+// Parses (q, k, v, alibi, bias, bool_mask, scalars, extra) into the call's state.
+struct Parsed {
+  const Tensor *q, *k, *v;
+  std::optional<Tensor> bias;
+  c10::intrusive_ptr<CallState> state;
+};
+Parsed parse(PyObject* const* args) {
   for (int i = 0; i < 3; ++i) TORCH_CHECK_TYPE(is_tensor(args[i]), "q, k, v: expected torch.Tensor");
-  const Tensor& q = THPVariable_Unpack(args[0]);
-  const Tensor& k = THPVariable_Unpack(args[1]);
-  const Tensor& v = THPVariable_Unpack(args[2]);
-  auto state = c10::make_intrusive<CallState>();
-  CallState& s = *state;
+  Parsed r{&THPVariable_Unpack(args[0]), &THPVariable_Unpack(args[1]), &THPVariable_Unpack(args[2]),
+           opt_tensor(args[4], "bias"), c10::make_intrusive<CallState>()};
+  CallState& s = *r.state;
   s.alibi = opt_tensor(args[3], "alibi_slopes");
-  const std::optional<Tensor> bias = opt_tensor(args[4], "bias");
   s.bool_mask = opt_tensor(args[5], "bool_mask");
   PyObject* sc = args[6];
   TORCH_CHECK_TYPE(PyTuple_Check(sc) && PyTuple_GET_SIZE(sc) == kNumScalars, "scalars: expected 9 values");
@@ -313,15 +332,41 @@ PyObject* attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     b.kv_batch_idx = ref(s.extra[7], names[7]);
     s.has_seqlens_k = s.extra[5].defined();
   }
-  s.poison = PyObject_IsTrue(args[8]) == 1;
+  return r;
+}
+
+PyObject* result(Tensor out, Tensor lse) {
+  PyObject* o = THPVariable_Wrap(std::move(out));
+  PyObject* l = lse.defined() ? THPVariable_Wrap(std::move(lse)) : (Py_INCREF(Py_None), Py_None);
+  return Py_BuildValue("(NNss)", o, l, t_path.c_str(), t_note.c_str());
+}
+
+PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 10, "forward: expected 10 arguments, got ", nargs);
+  Parsed a = parse(args);
+  a.state->poison = PyObject_IsTrue(args[9]) == 1;
+  const bool want_lse = PyObject_IsTrue(args[8]) == 1;
+  ForwardResult r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    r = run_forward(*a.state, *a.q, *a.k, *a.v, a.bias, kRun, want_lse);
+  }
+  return result(std::move(r.out), std::move(r.lse));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 9, "attention: expected 9 arguments, got ", nargs);
+  Parsed a = parse(args);
+  a.state->poison = PyObject_IsTrue(args[8]) == 1;
   variable_list res;
   {
     pybind11::gil_scoped_release no_gil;
-    res = AttentionFunction::apply(q, k, v, bias, state);
+    res = AttentionFunction::apply(*a.q, *a.k, *a.v, a.bias, a.state);
   }
-  PyObject* out = THPVariable_Wrap(std::move(res[0]));
-  PyObject* lse = THPVariable_Wrap(std::move(res[1]));
-  return Py_BuildValue("(NNss)", out, lse, t_path.c_str(), t_note.c_str());
+  return result(std::move(res[0]), std::move(res[1]));
   END_HANDLE_TH_ERRORS
 }
 
@@ -352,7 +397,7 @@ PyObject* bind_core(PyObject*, PyObject* capsule) {
   auto* api = static_cast<const steelattn_core_api*>(PyCapsule_GetPointer(capsule, "steelattn._ext.core_api"));
   if (!api) return nullptr;
   if (api->version != STEELATTN_CORE_API_VERSION || api->params_bytes != sizeof(AttentionParams)) {
-    PyErr_SetString(PyExc_ImportError, "steelattn._torch_autograd: built for another steelattn._ext");
+    PyErr_SetString(PyExc_ImportError, "steelattn._torch_native: built for another steelattn._ext");
     return nullptr;
   }
   g_core = api;
@@ -360,6 +405,9 @@ PyObject* bind_core(PyObject*, PyObject* capsule) {
 }
 
 PyMethodDef g_methods[] = {
+    {"forward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&forward)), METH_FASTCALL,
+     "forward(q, k, v, alibi, bias, bool_mask, scalars, extra, want_lse, poison) -> (out, lse or None, path, "
+     "note): an inference call (no autograd node)."},
     {"attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention)), METH_FASTCALL,
      "attention(q, k, v, alibi, bias, bool_mask, scalars, extra, poison) -> (out, lse, path, note): one "
      "differentiable attention call whose autograd node is C++ (gradients for q, k, v and bias)."},
@@ -368,13 +416,14 @@ PyMethodDef g_methods[] = {
     {"bind_core", &bind_core, METH_O, "Bind to steelattn._ext.core_api (once, at import)."},
     {nullptr, nullptr, 0, nullptr}};
 
-PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "_torch_autograd",
-                        "steelattn's training-call autograd node in C++ (optional; tied to one torch version)", -1,
+PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "_torch_native",
+                        "steelattn's eager calls and their autograd node in C++ (optional; tied to one torch version)",
+                        -1,
                         g_methods};
 
 }  // namespace
 
-PyMODINIT_FUNC PyInit__torch_autograd() {
+PyMODINIT_FUNC PyInit__torch_native() {
   PyObject* m = PyModule_Create(&g_module);
   if (m) PyModule_AddStringConstant(m, "torch_version", STEELATTN_TORCH_VERSION);
   return m;
