@@ -17,9 +17,10 @@ from . import _dispatch, _validate
 from ._extra import Extra
 
 try:  # the compiled extension (and, with it, the registered torch.library ops)
-    from . import _autograd, _kernel, ops
+    from . import _autograd, _kernel, _native, ops
 except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
-    _autograd = _kernel = ops = None
+    _autograd = _kernel = _native = ops = None
+_NATIVE = _native.native if _native is not None else None  # steelattn._torch_native, or None
 from .reference import attention_reference
 
 # A module constant, so torch.compile reads it without tracing into the extension.
@@ -115,6 +116,35 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     return out, lse if return_lse else None, None
 
 
+def _fast(q, k, v, scale, diag_offset, wr, return_lse, deterministic):
+    """The common eager call (scale and causal only, backend "auto") straight to the C++
+    layer, where the core validates it: ~5 us of host time less than the full path. None
+    when the call is not served there as given (bad arguments, no kernel, torch.func
+    transforms): the full path then raises the argument's error or falls back, as it would
+    have. Tracing never comes here (the registered op must be traced)."""
+    if torch.compiler.is_compiling() or _transforms_active():
+        return None
+    try:
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        elif type(scale) is not float or not math.isfinite(scale):  # noqa: E721 - ints etc. take the full path
+            return None
+        if diag_offset is None:
+            diag_offset = k.shape[-2] - q.shape[-2]
+        if deterministic is None:
+            deterministic = torch.are_deterministic_algorithms_enabled()
+        sc = (scale, 0.0, diag_offset, -1, wr, 0.0, 0, 0, bool(deterministic))  # _kernel.scalars order
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            out, lse, path, note = _NATIVE.attention(q, k, v, None, None, None, sc, None, _kernel.debug_poison)
+        else:
+            out, lse, path, note = _NATIVE.forward(q, k, v, None, None, None, sc, None, return_lse,
+                                                   _kernel.debug_poison)
+    except Exception:  # noqa: BLE001 - the full path redoes the call and raises what it should
+        return None
+    _dispatch.record_forward(path, note)
+    return out, lse
+
+
 def _cuda_kvcache_refusal(q, v, grad):
     """Why no CUDA kernel takes a call with KV-cache lengths (None when the decode kernel
     does: fp16/bf16, head dims multiples of 8 up to 256, forward only), decided before
@@ -178,6 +208,11 @@ def flash_attention(q, k, v, scale=None, causal=False, softcap=0.0, dropout_p=0.
     with return_attn_weights also the softmax probabilities [B, H, N, S] (before
     dropout, in q's dtype). A row with no visible key gives zeros and lse = -inf.
     """
+    if (_NATIVE is not None and backend == "auto" and not softcap and not dropout_p and window_size is None
+            and alibi_slopes is None and attn_bias is None and not return_attn_weights and sinks is None):
+        r = _fast(q, k, v, scale, None, 0 if causal else -1, return_lse, deterministic)
+        if r is not None:
+            return r if return_lse else r[0]
     fn = "flash_attention"
     B, H, N, D, S = _validate.check_qkv(fn, _QKV, q, k, v)
     scale, softcap, wl, wr = _validate.score_args(fn, D, scale, softcap, window_size, causal, dropout_p)
@@ -262,6 +297,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     [..., H, N, D]; leading dims are treated as batch. One difference: a row whose
     mask hides every key gives zeros here, not NaN.
     """
+    if (_NATIVE is not None and backend == "auto" and attn_mask is None and not dropout_p and generator is None
+            and type(query) is torch.Tensor and type(key) is torch.Tensor and query.dim() == key.dim() == 4
+            and (enable_gqa or query.shape[1] == key.shape[1])):
+        # torch's causal is top-left aligned: diagonal offset 0
+        r = _fast(query, key, value, scale, 0, 0 if is_causal else -1, False, None)
+        if r is not None:
+            return r[0]
     fn = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):

@@ -298,6 +298,9 @@ Parsed parse(PyObject* const* args) {
   for (int i = 0; i < 3; ++i) TORCH_CHECK_TYPE(is_tensor(args[i]), "q, k, v: expected torch.Tensor");
   Parsed r{&THPVariable_Unpack(args[0]), &THPVariable_Unpack(args[1]), &THPVariable_Unpack(args[2]),
            opt_tensor(args[4], "bias"), c10::make_intrusive<CallState>()};
+  // Outputs take q's dtype: refuse others before allocating (the core checks the rest).
+  TORCH_CHECK_TYPE(at::isFloatingType(r.q->scalar_type()) && r.q->scalar_type() != at::kFloat8_e4m3fn,
+                   "q: expected a float tensor, got ", r.q->scalar_type());
   CallState& s = *r.state;
   s.alibi = opt_tensor(args[3], "alibi_slopes");
   s.bool_mask = opt_tensor(args[5], "bool_mask");

@@ -160,3 +160,45 @@ def test_native_inference_forward_matches_ext(monkeypatch, device, want_lse):
         assert ours[0].stride() == ref[0].stride() and torch.equal(ours[0], ref[0])
         if want_lse:
             assert torch.equal(ours[1], ref[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("entry", ["flash_attention", "sdpa"])
+def test_fast_path_matches_full_path(monkeypatch, device, entry):
+    """The common call (scale / causal only) goes straight to the C++ layer; the full Python
+    path gives the same bits, forward and gradients, and both count one forward (and one
+    backward). Calls the fast path cannot take as given still get the full path's errors."""
+    from steelattn import api
+    if _native.native is None:
+        pytest.skip(_native.why_not)
+    g = torch.Generator().manual_seed(4)
+    dt = torch.bfloat16 if device == "cuda" else torch.float64
+    q = torch.randn(2, 4, 19, 64, generator=g, dtype=dt).to(device)
+    k, v = (torch.randn(2, 2 if entry == "flash_attention" else 4, 23, 64, generator=g, dtype=dt).to(device)
+            for _ in range(2))
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        steelattn.reset_dispatch_stats()
+        if entry == "flash_attention":
+            out, lse = steelattn.flash_attention(*leaves, causal=True, scale=0.3, return_lse=True)
+            loss = out.sum() + lse.sum()
+        else:
+            out = steelattn.scaled_dot_product_attention(*leaves, is_causal=True)
+            loss = out.square().sum()
+        grads = torch.autograd.grad(loss, leaves)
+        stats = steelattn.get_dispatch_stats()
+        assert sum(stats["forward"].values()) == 1 and sum(stats["backward"].values()) == 1, stats
+        with torch.no_grad():
+            fwd = steelattn.flash_attention(q, k, v) if entry == "flash_attention" else \
+                steelattn.scaled_dot_product_attention(q, k, v)
+        return [out, *grads, fwd]
+
+    fast = run()
+    monkeypatch.setattr(api, "_NATIVE", None)
+    full = run()
+    for a, b in zip(fast, full):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="flash_attention: k heads|multiple of k heads"):
+        steelattn.flash_attention(q, k[:, :1].expand(2, 3, 23, 64), v[:, :1].expand(2, 3, 23, 64))
