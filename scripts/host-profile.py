@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import steelattn
-from steelattn import _autograd, _ext, _kernel
+from steelattn import _autograd, _ext, _kernel, _native
 
 print("autograd node:", steelattn.get_device_info()["autograd_node"])
 
@@ -92,6 +92,8 @@ rows = [
     ("ext.forward raw, preallocated", lambda: _ext.forward(q, k, v, out, lse, None, None, None, None, sc, nt, stream, 0)),
     ("ext.forward raw TRAIN mode", lambda: _ext.forward(q, k, v, out, lse, None, None, None, None, sc, nt, stream, 1)),
     ("_kernel.run_forward RUN", lambda: _kernel.run_forward(q, k, v, None, None, None, sc, _kernel.RUN, False)),
+    ("_native.forward (C++ alloc, no grad)", lambda: _native.native.forward(q, k, v, None, None, None, sc, None,
+                                                                            False, False)),
     ("flash_attention no grad", ours_ng),
     ("_autograd.apply (grad, node in C++)", lambda: _autograd.apply(qg, kg, vg, None, None, None, sc, None)),
     ("_autograd.python_apply (grad, Python)", lambda: _autograd.python_apply(qg, kg, vg, None, None, None, sc, None)),
