@@ -109,6 +109,10 @@ struct AttentionParams {
   // kv_batch_idx (int32 [B]): k and v are [Bc, Hkv, S, D] caches and entry b reads
   // cache kv_batch_idx[b]. The indices are not checked on the device.
   TensorRef block_table, kv_batch_idx;
+  // With seqlens_k: key splits per (batch entry, KV head) for the CUDA split-KV decode
+  // kernel (clamped to its 128); 0 lets it choose from the shape. Results do not depend on
+  // it beyond fp32 rounding of the merge. The CPU kernels split by threads.
+  int32_t num_splits = 0;
 
   // Block-sparse mask: bool [B, H, NQ, NK] (broadcast through zero strides), NQ =
   // ceil(N / block_q), NK = ceil(S / block_k). Key j is hidden from query i when block

@@ -118,9 +118,10 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     in each entry's cache: an int, a list or an int32 [B] tensor (None: the caches are
     full, nothing is appended). k_new/v_new [B, Hkv, Nnew, D] are written in place.
     rotary_cos/sin [max_position, rotary_dim / 2] turn q and k_new (rotary_interleaved:
-    GPT-J pairs, else NeoX halves). num_splits is accepted for FlashAttention
-    compatibility; the kernels always choose the split themselves (other values are not
-    followed yet, and results do not depend on the split). `sinks` (float [H]): a per-head logit in every
+    GPT-J pairs, else NeoX halves). num_splits > 0 sets the CUDA decode kernel's key
+    splits per (entry, KV head), at most 128 (0: chosen from batch x heads x capacity so
+    one wave fills the GPU); results do not depend on it beyond the fp32 rounding of the
+    merge. The CPU kernels split by threads and ignore it. `sinks` (float [H]): a per-head logit in every
     row's denominator, as in flash_attention. Returns out [B, H, Nq, Dv] (and lse [B, H, Nq]).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -252,7 +253,8 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
         direct = (k_cache.permute(0, 2, 1, 3), v_cache.permute(0, 2, 1, 3), dict(block_table=block_table))
     elif q.is_cuda and slot is not None:
         direct = (k_cache, v_cache, dict(kv_batch_idx=cache_batch_idx))
-    out, lse = _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse or sinks is not None)
+    out, lse = _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse or sinks is not None,
+                       num_splits)
     if sinks is not None:
         out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     return (out, lse) if return_lse else out
@@ -292,10 +294,11 @@ def flash_attention_paged(q, k_pages, v_pages, block_table, seq_lens, *, scale=N
                                    alibi_slopes=alibi_slopes, return_lse=return_lse)
 
 
-def _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse):
+def _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse, num_splits=0):
     """q [B, H, N, D] against the cache, entry b using its first used[b] keys. dense_kv()
     gives k/v as [B, Hkv, Smax, D] (a gather for pages and cache slots); direct is
-    (k, v, Extra fields) for a kernel that reads pages or slots in place, or None."""
+    (k, v, Extra fields) for a kernel that reads pages or slots in place, or None.
+    num_splits: the CUDA decode kernel's key splits (0: its choice)."""
     def fallback(rng):  # torch, one entry at a time (reads the lengths: a host sync on CUDA)
         k, v = dense_kv()
         outs, lses = [], []
@@ -312,5 +315,5 @@ def _attend(q, dense_kv, direct, used, scale, softcap, alibi, wl, wr, return_lse
     out, lse, _ = _run(_FN, q, k, v, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=None,
                        diag_offset=0, wl=wl, wr=wr, dropout_p=0.0, generator=None, return_lse=return_lse,
                        return_weights=False, backend="auto", torch_fallback=fallback, deterministic=False,
-                       extra=Extra(seqlens_k=used.to(torch.int32), **fields))
+                       extra=Extra(seqlens_k=used.to(torch.int32), num_splits=num_splits, **fields))
     return out, lse

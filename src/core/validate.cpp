@@ -150,6 +150,7 @@ Status validate_forward(AttentionParams& p) {
   if (!(p.dropout_p >= 0.0f && p.dropout_p < 1.0f)) return Status::Invalid("dropout_p: must be in [0, 1)");
   if (p.window_left < -1 || p.window_right < -1)
     return Status::Invalid("window_size: each side must be -1 (unbounded) or >= 0");
+  if (p.num_splits < 0) return Status::Invalid("num_splits: must be >= 0 (0: chosen by the kernel)");
 
   if (p.lse.present()) {
     if (!is_side_float(p.lse.dtype, p.q.dtype) || p.lse.ndim != 3 || p.lse.shape[0] != p.B || p.lse.shape[1] != p.H ||

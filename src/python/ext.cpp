@@ -131,7 +131,7 @@ AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle
                             nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars,
                             int num_threads, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k,
                             nb::handle block_mask, int64_t block_q, int64_t block_k, nb::handle seqlens_k,
-                            nb::handle block_table, nb::handle kv_batch_idx) {
+                            nb::handle block_table, nb::handle kv_batch_idx, int num_splits) {
   if (scalars.size() != 9) throw nb::value_error("scalars: expected 9 values");
   AttentionParams p;
   p.q = to_ref(q, "q");
@@ -150,6 +150,7 @@ AttentionParams make_params(nb::handle q, nb::handle k, nb::handle v, nb::handle
   p.seqlens_k = to_ref(seqlens_k, "seqlens_k");
   p.block_table = to_ref(block_table, "block_table");
   p.kv_batch_idx = to_ref(kv_batch_idx, "kv_batch_idx");
+  p.num_splits = num_splits;
   p.scale = nb::cast<double>(scalars[0]);
   p.softcap = nb::cast<double>(scalars[1]);
   p.diag_offset = nb::cast<int64_t>(scalars[2]);
@@ -295,10 +296,10 @@ NB_MODULE(_ext, m) {
          nb::handle bias, nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads,
          uintptr_t stream, int mode, nb::handle alloc_workspace, nb::handle cu_seqlens_q,
          nb::handle cu_seqlens_k, nb::handle block_mask, int64_t block_q, int64_t block_k, nb::handle seqlens_k,
-         nb::handle block_table, nb::handle kv_batch_idx) {
+         nb::handle block_table, nb::handle kv_batch_idx, int num_splits) {
         AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads,
                                         cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k,
-                                        block_table, kv_batch_idx);
+                                        block_table, kv_batch_idx, num_splits);
         p.attn_weights = to_ref(attn_weights, "attn_weights");
         PyAlloc a{alloc_workspace, {}, {}};
         steelattn_call_result r;
@@ -317,6 +318,7 @@ NB_MODULE(_ext, m) {
       nb::arg("block_mask").none() = nb::none(), nb::arg("block_q") = 0, nb::arg("block_k") = 0,
       nb::arg("seqlens_k").none() = nb::none(),
       nb::arg("block_table").none() = nb::none(), nb::arg("kv_batch_idx").none() = nb::none(),
+      nb::arg("num_splits") = 0,
       "One attention forward: validate, select, run; a kernel that needs scratch gets it from "
       "alloc_workspace(nbytes). mode 0 runs; 1 runs for training (selects the backward too "
       "and refuses, writing nothing, when no kernel computes it); 2 only selects. Returns (path, note, "
@@ -329,10 +331,11 @@ NB_MODULE(_ext, m) {
          nb::handle lse, nb::handle dq, nb::handle dk, nb::handle dv, nb::handle dbias, nb::handle bias,
          nb::handle bool_mask, nb::handle alibi_slopes, nb::tuple scalars, int num_threads, uintptr_t stream,
          nb::handle alloc_workspace, nb::handle cu_seqlens_q, nb::handle cu_seqlens_k, nb::handle block_mask,
-         int64_t block_q, int64_t block_k, nb::handle seqlens_k, nb::handle block_table, nb::handle kv_batch_idx) {
+         int64_t block_q, int64_t block_k, nb::handle seqlens_k, nb::handle block_table, nb::handle kv_batch_idx,
+         int num_splits) {
         AttentionParams p = make_params(q, k, v, out, lse, bias, bool_mask, alibi_slopes, scalars, num_threads,
                                         cu_seqlens_q, cu_seqlens_k, block_mask, block_q, block_k, seqlens_k,
-                                        block_table, kv_batch_idx);
+                                        block_table, kv_batch_idx, num_splits);
         p.dout = to_ref(dout, "dout");
         p.dlse = to_ref(dlse, "dlse");
         p.dq = to_ref(dq, "dq");
@@ -355,6 +358,7 @@ NB_MODULE(_ext, m) {
       nb::arg("cu_seqlens_k").none() = nb::none(), nb::arg("block_mask").none() = nb::none(), nb::arg("block_q") = 0,
       nb::arg("block_k") = 0, nb::arg("seqlens_k").none() = nb::none(),
       nb::arg("block_table").none() = nb::none(), nb::arg("kv_batch_idx").none() = nb::none(),
+      nb::arg("num_splits") = 0,
       "Gradients dq, dk, dv (and dbias) of one attention call: validate, select, run. A kernel that needs "
       "scratch gets it from alloc_workspace(nbytes) (a 1-d uint8 tensor). Returns (path, demoted).");
 

@@ -54,7 +54,7 @@ const steelattn_core_api* g_core = nullptr;  // from steelattn._ext.core_api, se
 
 enum Mode { kRun = 0, kTrain = 1, kSelect = 2 };
 constexpr int kNumScalars = 9;  // _kernel.scalars order
-constexpr int kNumExtra = 8;    // _extra.Extra order
+constexpr int kNumExtra = 9;    // _extra.Extra order
 
 // ---- tensors -> TensorRef -----------------------------------------------------------
 steelattn::DType dtype_code(at::ScalarType t, const char* name) {
@@ -106,7 +106,7 @@ void* current_stream(const Tensor& q) {
 struct CallState : torch::CustomClassHolder {
   AttentionParams base;  // the scalars and the extras' TensorRefs
   std::optional<Tensor> alibi, bool_mask;
-  Tensor extra[kNumExtra];  // cu_seqlens_q/k, block_mask, -, -, seqlens_k, block_table, kv_batch_idx
+  Tensor extra[kNumExtra];  // cu_seqlens_q/k, block_mask, -, -, seqlens_k, block_table, kv_batch_idx, -
   bool poison = false;
   bool has_seqlens_k = false;
 };
@@ -319,10 +319,10 @@ Parsed parse(PyObject* const* args) {
   PyObject* ex = args[7];
   if (ex != Py_None) {
     TORCH_CHECK_TYPE(PyTuple_Check(ex) && PyTuple_GET_SIZE(ex) == kNumExtra, "extra: expected an _extra.Extra");
-    static const char* names[kNumExtra] = {"cu_seqlens_q", "cu_seqlens_k", "block_mask", "block_q",
-                                           "block_k",      "seqlens_k",    "block_table", "kv_batch_idx"};
+    static const char* names[kNumExtra] = {"cu_seqlens_q", "cu_seqlens_k", "block_mask",   "block_q",   "block_k",
+                                           "seqlens_k",    "block_table",  "kv_batch_idx", "num_splits"};
     for (int i = 0; i < kNumExtra; ++i) {
-      if (i == 3 || i == 4) continue;
+      if (i == 3 || i == 4 || i == 8) continue;  // ints
       if (auto t = opt_tensor(PyTuple_GET_ITEM(ex, i), names[i])) s.extra[i] = *t;
     }
     b.cu_seqlens_q = ref(s.extra[0], names[0]);
@@ -333,6 +333,7 @@ Parsed parse(PyObject* const* args) {
     b.seqlens_k = ref(s.extra[5], names[5]);
     b.block_table = ref(s.extra[6], names[6]);
     b.kv_batch_idx = ref(s.extra[7], names[7]);
+    b.num_splits = static_cast<int32_t>(as_int(PyTuple_GET_ITEM(ex, 8)));
     s.has_seqlens_k = s.extra[5].defined();
   }
   return r;

@@ -277,3 +277,38 @@ def test_append_keeps_fp16_subnormals_exact(device):
     steelattn.flash_attention_kvcache(q, kc, vc, k_new=vals, v_new=vals, cache_seqlens=[3])
     assert torch.equal(vc[:, :, 3:35].view(torch.int16), vals.view(torch.int16))
     assert torch.equal(kc[:, :, 3:35].view(torch.int16), vals.view(torch.int16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device")])])
+def test_num_splits(device, rng):
+    """num_splits > 0 sets the CUDA decode kernel's key splits (its fp32 partials are the
+    workspace: none for one split, splits x B x H x (Dv + 1) floats otherwise, seen in the
+    allocator's peak); every value gives the reference's result; the CPU ignores it;
+    negative values are refused naming the argument."""
+    B, H, Hkv, S, D = 2, 16, 4, 5000, 128
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    q = randn(B, H, 1, D, dtype=dt, device=device, generator=rng)
+    k = randn(B, Hkv, S, D, dtype=dt, device=device, generator=rng)
+    v = randn(B, Hkv, S, D, dtype=dt, device=device, generator=rng)
+    lens = torch.tensor([4999, 1234], dtype=torch.int32, device=device)
+    ref = torch.cat([attention_reference(q[b:b + 1].double().cpu(), k[b:b + 1, :, :n].double().cpu(),
+                                         v[b:b + 1, :, :n].double().cpu())[0] for b, n in enumerate(lens.tolist())])
+    peaks = {}
+    for splits in (0, 1, 3, 64, 500):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        steelattn.reset_dispatch_stats()
+        out = steelattn.flash_attention_kvcache(q, k, v, cache_seqlens=lens, causal=False, num_splits=splits)
+        if device == "cuda":
+            peaks[splits] = torch.cuda.max_memory_allocated() - base
+            assert steelattn.get_dispatch_stats()["forward"] == {"cuda_decode": 1}
+        assert_close(out.cpu(), ref, dt)
+    if device == "cuda":
+        part = B * H * (D + 1) * 4  # one split's partial outputs and lse, bytes
+        assert peaks[64] - peaks[1] >= 63 * part and peaks[500] - peaks[64] >= 63 * part  # 500 clamps to 128
+        assert peaks[3] - peaks[1] < 3 * part + 4096
+    with pytest.raises(ValueError, match="num_splits"):
+        steelattn.flash_attention_kvcache(q, k, v, cache_seqlens=lens, num_splits=-1)

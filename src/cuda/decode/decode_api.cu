@@ -59,8 +59,9 @@ int64_t row_groups(const AttentionParams& p) {
 
 // Key splits: as many as fill one wave of resident CTAs (every CTA then has the same work
 // and they finish together), each split keeping every warp busy for a few tiles; the
-// capacity S stands in for the lengths, which live on the device.
+// capacity S stands in for the lengths, which live on the device. A caller's num_splits wins.
 int num_splits(const AttentionParams& p) {
+  if (p.num_splits > 0) return std::min(p.num_splits, cuda_decode::kMaxSplits);
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
   const TileShape t = tile_shape(dpad);
   const int64_t ctas = p.B * p.Hkv * row_groups(p);
