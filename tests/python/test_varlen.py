@@ -305,3 +305,20 @@ def test_varlen_opcheck_and_compile():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         for a, b in zip(grads, ref_g):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_token_major_output_gradient_is_a_view(rng):
+    """A token-major call's out (and lse) reach the kernel's outputs through views whose
+    gradients are views too: no select in between, whose gradient would be a zero-filled
+    copy of the whole output (0.13 ms of a 1 ms step on the H200 bench)."""
+    lens = [5, 0, 9]
+    q, k, v = (randn(14, 4, 32, dtype=torch.float32, device="cpu", generator=rng).requires_grad_() for _ in range(3))
+    cu = cu_of(lens, "cpu")
+    out, lse = steelattn.flash_attention_varlen(q, k, v, cu, cu, causal=True, return_lse=True)
+    for t in (out, lse):
+        names, fn = [], t.grad_fn
+        while fn is not None and not fn.next_functions == ():
+            names.append(type(fn).__name__)
+            nxt = [f for f, _ in fn.next_functions if f is not None and "AccumulateGrad" not in type(f).__name__]
+            fn = nxt[0] if len(nxt) == 1 else None
+        assert names and not any("Select" in n for n in names), names
