@@ -90,10 +90,70 @@ def test_left_padded_batch_generation_qwen():
         b = ours(ids, attention_mask=mask).logits
     torch.testing.assert_close(b[0, 5:], a[0, 5:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(b[1], a[1], rtol=1e-4, atol=1e-4)
+    st.reset_stats()
     ga = eager.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     gb = ours.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0)
     assert torch.equal(ga, gb)
-    assert st.get_stats()["calls"].get("mask tensor"), st.get_stats()
+    # the prefill as one varlen call (2 layers), the decode steps with the mask
+    calls = st.get_stats()["calls"]
+    assert calls.get("padded (varlen)") == 2 and calls.get("mask tensor"), calls
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_padded_batch_runs_as_varlen(name, side):
+    """A padded batch's forward and training step run as one varlen call per layer (each
+    row's tokens and its padding as separate sequences), sliding-window layers included:
+    logits at the real positions and the gradients match eager's."""
+    eager, ours = _pair(name)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(1, 97, (3, 13), generator=g)
+    mask = torch.ones_like(ids)
+    pads = {0: 4, 2: 9}  # row 1 unpadded
+    for r, p in pads.items():
+        cols = slice(0, p) if side == "left" else slice(13 - p, 13)
+        mask[r, cols] = 0
+        ids[r, cols] = 0
+    real = mask.bool()
+    st.reset_stats()
+    with torch.no_grad():
+        a = eager(ids, attention_mask=mask).logits
+        b = ours(ids, attention_mask=mask).logits
+    torch.testing.assert_close(b[real], a[real], rtol=1e-4, atol=1e-4)
+    assert st.get_stats()["calls"] == {"padded (varlen)": 2}, st.get_stats()
+    assert "torch" not in st.get_stats()["dispatch"]["forward"], st.get_stats()
+    # no loss term predicted from a padding position (its output is undefined: eager's is the
+    # mean over every key, ours attention over the padding): the first real token of a
+    # left-padded row gets no label
+    labels = ids.masked_fill(~real, -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(~real[:, :-1], -100)
+    grads = []
+    for m in (eager, ours):
+        m.train()
+        m.zero_grad()
+        m(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        m.eval()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_padded_varlen_refuses_other_masks():
+    """Only causal (and the layer's window) over one block of real tokens per row becomes a
+    varlen call; a mask with a hole, a missing diagonal or a wider window stays a mask."""
+    B, N = 2, 9
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None]
+    causal = (j <= i).expand(B, 1, N, N).clone()
+    causal[0, :, :, :3] = False  # row 0: 3 left pads
+    assert st.padded_varlen(causal, B, N, None) is not None
+    assert st.padded_varlen(causal.clone(), B, N, 4) is None  # the mask has no window of 4
+    holed = causal.clone()
+    holed[1, :, :, 5] = False  # a padding token in the middle
+    assert st.padded_varlen(holed, B, N, None) is None
+    full = torch.ones(B, 1, N, N, dtype=torch.bool)  # not causal
+    assert st.padded_varlen(full, B, N, None) is None
+    cu = st.padded_varlen(causal, B, N, None)
+    assert cu.tolist() == [0, 3, 9, 9, 18, 18]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -10,7 +10,10 @@ causal masks, sliding windows and padding are built exactly as for "sdpa", never
 dropped). Where that builder can skip the mask (no padding, a causal or windowed pattern
 the kernel knows), the call runs mask-free on the fastest kernel with causal / window
 from the layer (a sliding window never forces a mask); where it returns a mask (padding,
-a static cache's empty slots), the mask goes to the kernel as a boolean attn_bias.
+a static cache's empty slots), the mask goes to the kernel as a boolean attn_bias, except
+for a padded batch's prefill or training step (queries = keys): when the mask is exactly
+causal (and the layer's window) over each row's contiguous block of real tokens, the batch
+runs as one varlen call with two sequences per row, its padding and its tokens (padded_varlen).
 Packed sequences (transformers' `cu_seq_lens_q/k` kwargs, as DataCollatorWithFlattening
 gives them) run as one varlen call, without a mask. Softcap (Gemma-2), sinks (`s_aux`,
 gpt-oss), GQA and dropout are passed through. HF's sliding_window=W is a window of W - 1
@@ -29,6 +32,46 @@ NAME = "steelattn"
 _log = logging.getLogger("steelattn.transformers")
 _calls = collections.Counter()
 _state = {"verbose": False, "seen": set()}
+_padded = collections.OrderedDict()  # id(mask) -> (mask, window, cu or None): padded_varlen's findings
+
+
+def padded_varlen(mask, B, N, window):
+    """cu_seqlens (int32 [2B + 2], on the mask's device) that turn a padded batch into one
+    varlen call, or None. Row b's real tokens must be one block [p_b, e_b) (left or right
+    padding) and the mask, on every real query row, exactly causal (and the window: keys
+    within window - 1 to the left, HF's sliding_window) over that block; the padding
+    around it becomes its own sequences (their outputs are ignored downstream, as the masked
+    rows' are under sdpa). One host sync per mask: transformers passes the same mask object
+    to every layer of a forward, so the finding is kept for it (the last 8 masks)."""
+    key = id(mask)
+    hit = _padded.get(key)
+    if hit is not None and hit[0] is mask and hit[1] == window and hit[3] == mask._version:
+        return hit[2]
+    m = mask[:, 0, :, :N]
+    i = torch.arange(N, device=mask.device).view(1, N, 1)
+    j = torch.arange(N, device=mask.device).view(1, 1, N)
+    real = torch.diagonal(m, dim1=1, dim2=2)  # [B, N]: a real token's query sees its own key
+    count = real.sum(dim=1)
+    start = torch.where(count > 0, real.int().argmax(dim=1), torch.zeros_like(count))
+    end = (start + count).view(B, 1, 1)
+    start = start.view(B, 1, 1)
+    in_block = (j >= start) & (j < end)
+    want = in_block & (j <= i)
+    if window is not None:
+        want &= i - j <= window - 1
+    rows = (i >= start) & (i < end)  # real query rows; padding rows are not checked
+    ok = bool(torch.all((m == want) | ~rows) & torch.all(real == in_block[:, 0, :]) & (count > 0).all())
+    cu = None
+    if ok and mask.size(1) == 1:
+        s, e = start.view(B), end.view(B)
+        base = torch.arange(B, device=mask.device) * N
+        # per row: [bN, bN + s) padding before, [bN + s, bN + e) tokens, [bN + e, (b+1)N) padding after
+        cuts = torch.stack([base + s, base + e], dim=1).view(-1)
+        cu = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), B * N)]).to(torch.int32)
+    _padded[key] = (mask, window, cu, mask._version)
+    while len(_padded) > 8:
+        _padded.popitem(last=False)
+    return cu
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -42,12 +85,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if s_aux is not None:
         kw["sinks"] = s_aux
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    win = sliding_window if is_causal else None  # HF's window: sliding_window - 1 keys to the left
     packed = cu_q is not None and cu_k is not None and query.size(0) == 1 and not kw["dropout_p"]
     if packed:  # sequences packed into one row (DataCollatorWithFlattening): varlen, no mask
         how = "packed (varlen)"
         kw["causal"] = bool(is_causal)
         if sliding_window is not None and is_causal:
             kw["window_size"] = (int(sliding_window) - 1, 0)
+    elif (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and query.size(2) == key.size(2)
+          and attention_mask.size(-2) == query.size(2) and attention_mask.size(-1) >= key.size(2)
+          and not kw["dropout_p"] and not torch.compiler.is_compiling()
+          and not (query.is_cuda and torch.cuda.is_current_stream_capturing())  # padded_varlen reads the mask
+          and (cu := padded_varlen(attention_mask, query.size(0), query.size(2), win)) is not None):
+        how = "padded (varlen)"
     elif attention_mask is None:
         how = "mask-free"
         kw["causal"] = bool(is_causal)
@@ -70,6 +120,14 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if packed:
         out = steelattn.flash_attention_varlen(query, key, value, cu_q.to(torch.int32), cu_k.to(torch.int32),
                                                kwargs.get("max_length_q"), kwargs.get("max_length_k"), **kw)
+    elif how == "padded (varlen)":
+        B, H, N, _ = query.shape
+        kw["causal"] = True
+        if win is not None:
+            kw["window_size"] = (int(win) - 1, 0)
+        tok = [t.transpose(1, 2).reshape(B * N, t.size(1), t.size(3)) for t in (query, key, value)]
+        out = steelattn.flash_attention_varlen(*tok, cu, cu, **kw)
+        return out.view(B, N, H, out.size(-1)), None
     else:
         out = steelattn.flash_attention(query, key, value, **kw)
     return out.transpose(1, 2).contiguous(), None
@@ -133,7 +191,7 @@ def _mask_interface():
 
 
 def get_stats():
-    """{"calls": {"mask-free": n, "mask tensor": n, "packed (varlen)": n}, "dispatch":
+    """{"calls": {"mask-free": n, "mask tensor": n, "packed (varlen)": n, "padded (varlen)": n}, "dispatch":
     steelattn.get_dispatch_stats()}: how the layers called in, and which kernels ran (with
     every demotion and its reason)."""
     return {"calls": dict(_calls), "dispatch": steelattn.get_dispatch_stats()}
@@ -170,10 +228,11 @@ def check_model_compatibility(config):
             max_tokens = 16 // (heads // kv)  # the split-KV kernel takes up to 16 query rows per KV head
             if head_dim <= 256 and head_dim % 8 == 0 and max_tokens >= 1:
                 kernel += f" (prefill, training); cuda_decode for steps of up to {max_tokens} tokens"
-            path = f"{kernel}; mask-free without padding, a boolean attn_bias (generic kernel) with padding " \
-                   "or a static cache"
+            path = f"{kernel}; mask-free without padding, one varlen call for a padded prefill or training " \
+                   "step, a boolean attn_bias (generic kernel) for padded decode steps or a static cache"
         else:
-            path = "cpu; mask-free without padding, a boolean attn_bias with padding or a static cache"
+            path = "cpu; mask-free without padding, one varlen call for a padded prefill or training step, a " \
+                   "boolean attn_bias for padded decode steps or a static cache"
         layers.append({"layer": i, "type": t, "heads": heads, "kv_heads": kv, "head_dim": head_dim,
                        "path": path, "notes": notes})
     return layers
