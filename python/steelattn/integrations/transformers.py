@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import weakref
 
 import torch
 
@@ -32,7 +33,7 @@ NAME = "steelattn"
 _log = logging.getLogger("steelattn.transformers")
 _calls = collections.Counter()
 _state = {"verbose": False, "seen": set()}
-_padded = collections.OrderedDict()  # id(mask) -> (mask, window, cu or None): padded_varlen's findings
+_padded = collections.OrderedDict()  # id(mask) -> (weakref, window, cu or None, version): padded_varlen's findings
 
 
 def padded_varlen(mask, B, N, window):
@@ -45,22 +46,28 @@ def padded_varlen(mask, B, N, window):
     to every layer of a forward, so the finding is kept for it (the last 8 masks)."""
     key = id(mask)
     hit = _padded.get(key)
-    if hit is not None and hit[0] is mask and hit[1] == window and hit[3] == mask._version:
+    if hit is not None and hit[0]() is mask and hit[1] == window and hit[3] == mask._version:
         return hit[2]
     m = mask[:, 0, :, :N]
-    i = torch.arange(N, device=mask.device).view(1, N, 1)
-    j = torch.arange(N, device=mask.device).view(1, 1, N)
+    dev = mask.device
     real = torch.diagonal(m, dim1=1, dim2=2)  # [B, N]: a real token's query sees its own key
     count = real.sum(dim=1)
-    start = torch.where(count > 0, real.int().argmax(dim=1), torch.zeros_like(count))
-    end = (start + count).view(B, 1, 1)
-    start = start.view(B, 1, 1)
-    in_block = (j >= start) & (j < end)
-    want = in_block & (j <= i)
-    if window is not None:
-        want &= i - j <= window - 1
-    rows = (i >= start) & (i < end)  # real query rows; padding rows are not checked
-    ok = bool(torch.all((m == want) | ~rows) & torch.all(real == in_block[:, 0, :]) & (count > 0).all())
+    start = torch.where(count > 0, real.int().argmax(dim=1), torch.zeros_like(count)).view(B, 1, 1)
+    end = start + count.view(B, 1, 1)
+    j = torch.arange(N, device=dev).view(1, 1, N)
+    in_block = (j >= start) & (j < end)  # [B, 1, N]
+    ok = torch.all(real == in_block[:, 0, :]) & torch.all(count > 0)
+    # the rows in chunks, so the temporaries stay small beside the mask (the check runs on
+    # the device; one read at the end)
+    rows_per = max(1, (1 << 24) // max(1, B * N))
+    for r0 in range(0, N, rows_per):
+        i = torch.arange(r0, min(N, r0 + rows_per), device=dev).view(1, -1, 1)
+        want = in_block & (j <= i)
+        if window is not None:
+            want &= i - j <= window - 1
+        real_rows = (i >= start) & (i < end)  # padding rows are not checked
+        ok &= torch.all((m[:, r0:r0 + rows_per] == want) | ~real_rows)
+    ok = bool(ok)
     cu = None
     if ok and mask.size(1) == 1:
         s, e = start.view(B), end.view(B)
@@ -68,7 +75,7 @@ def padded_varlen(mask, B, N, window):
         # per row: [bN, bN + s) padding before, [bN + s, bN + e) tokens, [bN + e, (b+1)N) padding after
         cuts = torch.stack([base + s, base + e], dim=1).view(-1)
         cu = torch.cat([cuts.new_zeros(1), cuts, cuts.new_full((1,), B * N)]).to(torch.int32)
-    _padded[key] = (mask, window, cu, mask._version)
+    _padded[key] = (weakref.ref(mask), window, cu, mask._version)  # weak: the masks are freed as usual
     while len(_padded) > 8:
         _padded.popitem(last=False)
     return cu
