@@ -138,9 +138,11 @@ def test_padded_batch_runs_as_varlen(name, side):
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-3, atol=1e-4, msg=n)
 
 
-def test_padded_varlen_refuses_other_masks():
+@pytest.mark.parametrize("chunk", [1 << 24, 5], ids=["one chunk", "rows in chunks"])
+def test_padded_varlen_refuses_other_masks(monkeypatch, chunk):
     """Only causal (and the layer's window) over one block of real tokens per row becomes a
-    varlen call; a mask with a hole, a missing diagonal or a wider window stays a mask."""
+    varlen call; a mask with a hole, a stray key or a wider window stays a mask."""
+    monkeypatch.setattr(st, "_CHECK_ELEMS", chunk)
     B, N = 2, 9
     i, j = torch.arange(N)[:, None], torch.arange(N)[None]
     causal = (j <= i).expand(B, 1, N, N).clone()
@@ -152,6 +154,10 @@ def test_padded_varlen_refuses_other_masks():
     assert st.padded_varlen(holed, B, N, None) is None
     full = torch.ones(B, 1, N, N, dtype=torch.bool)  # not causal
     assert st.padded_varlen(full, B, N, None) is None
+    stray = causal.clone()
+    stray[1, 0, 8, 8] = True
+    stray[1, 0, 7, 8] = True  # the last query row's chunk is fine, row 7 sees a future key
+    assert st.padded_varlen(stray, B, N, None) is None
     cu = st.padded_varlen(causal, B, N, None)
     assert cu.tolist() == [0, 3, 9, 9, 18, 18]
 

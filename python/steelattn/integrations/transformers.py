@@ -33,6 +33,7 @@ NAME = "steelattn"
 _log = logging.getLogger("steelattn.transformers")
 _calls = collections.Counter()
 _state = {"verbose": False, "seen": set()}
+_CHECK_ELEMS = 1 << 24  # mask elements padded_varlen compares at a time
 _padded = collections.OrderedDict()  # id(mask) -> (weakref, window, cu or None, version): padded_varlen's findings
 
 
@@ -59,7 +60,7 @@ def padded_varlen(mask, B, N, window):
     ok = torch.all(real == in_block[:, 0, :]) & torch.all(count > 0)
     # the rows in chunks, so the temporaries stay small beside the mask (the check runs on
     # the device; one read at the end)
-    rows_per = max(1, (1 << 24) // max(1, B * N))
+    rows_per = max(1, _CHECK_ELEMS // max(1, B * N))
     for r0 in range(0, N, rows_per):
         i = torch.arange(r0, min(N, r0 + rows_per), device=dev).view(1, -1, 1)
         want = in_block & (j <= i)
