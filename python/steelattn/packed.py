@@ -12,6 +12,10 @@ and for the varlen forms [total, 3, H, D] or flat [total, (H + 2*Hkv)*D]. KV-pac
 for token-major, [B, H, N, Dv] for head-first, [B, N, H*Dv] for flat ([total, H, Dv] /
 [total, H*Dv] for varlen). Every other keyword goes to flash_attention /
 flash_attention_varlen unchanged.
+
+The views are taken with unbind / split, not indexing: their gradients assemble the packed
+gradient in one allocation (a stack or a cat), where an index's gradient zero-fills a
+packed-size tensor per piece and then adds them up.
 """
 from __future__ import annotations
 
@@ -41,12 +45,8 @@ def _split_flat(fn, name, x, parts, num_heads, num_kv_heads):
     if width % (H + 2 * Hkv):
         raise ValueError(f"{fn}: {name}'s last dim {width} is not a multiple of H + 2*Hkv = {H + 2 * Hkv}")
     D = width // (H + 2 * Hkv)
-    pieces = []
-    start = 0
-    for heads in ([H] if parts == 3 else []) + [Hkv, Hkv]:
-        pieces.append(x[..., start:start + heads * D].unflatten(-1, (heads, D)))
-        start += heads * D
-    return pieces
+    heads = ([H] if parts == 3 else []) + [Hkv, Hkv]
+    return [p.unflatten(-1, (h, D)) for p, h in zip(x.split([h * D for h in heads], dim=-1), heads)]
 
 
 def flash_attention_qkv_packed(qkv, *, num_heads=None, num_kv_heads=None, layout=None, **kwargs):
@@ -72,12 +72,11 @@ def flash_attention_qkv_packed(qkv, *, num_heads=None, num_kv_heads=None, layout
     if layout == "bn3hd" or (layout is None and qkv.size(2) == 3):
         if qkv.size(2) != 3:
             raise ValueError(f"{fn}: qkv in layout bn3hd must be [B, N, 3, H, D], got {tuple(qkv.shape)}")
-        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
         return _map_out(flash_attention(q, k, v, **kwargs), lambda o: o.transpose(1, 2))
     if qkv.size(3) != 3:
         raise ValueError(f"{fn}: qkv must be [B, N, 3, H, D] or [B, H, N, 3, D], got {tuple(qkv.shape)}")
-    q, k, v = (qkv[:, :, :, i] for i in range(3))
-    return flash_attention(q, k, v, **kwargs)
+    return flash_attention(*qkv.unbind(3), **kwargs)
 
 
 def flash_attention_kv_packed(q, kv, *, num_kv_heads=None, **kwargs):
@@ -103,10 +102,10 @@ def flash_attention_kv_packed(q, kv, *, num_kv_heads=None, **kwargs):
         res = flash_attention(q4.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
         return _map_out(res, lambda o: o.transpose(1, 2).flatten(2))
     if kv.dim() == 5 and kv.size(2) == 2 and q.dim() == 4:  # token-major
-        k, v = (kv[:, :, i].transpose(1, 2) for i in range(2))
+        k, v = (t.transpose(1, 2) for t in kv.unbind(2))
         return _map_out(flash_attention(q.transpose(1, 2), k, v, **kwargs), lambda o: o.transpose(1, 2))
     if kv.dim() == 5 and kv.size(3) == 2 and q.dim() == 4:  # head-first
-        return flash_attention(q, kv[:, :, :, 0], kv[:, :, :, 1], **kwargs)
+        return flash_attention(q, *kv.unbind(3), **kwargs)
     raise ValueError(f"{fn}: kv must be [B, S, 2, Hkv, D], [B, Hkv, S, 2, D] or [B, S, 2*Hkv*D] (with a q of the "
                      f"matching layout), got q {tuple(q.shape)}, kv {tuple(kv.shape)}")
 
@@ -128,8 +127,7 @@ def flash_attention_varlen_qkv_packed(qkv, cu_seqlens, max_seqlen=None, *, num_h
                         lambda o: o.flatten(1))
     if qkv.dim() != 4 or qkv.size(1) != 3:
         raise ValueError(f"{fn}: qkv must be [total, 3, H, D] or [total, (H + 2*Hkv)*D], got {tuple(qkv.shape)}")
-    return flash_attention_varlen(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
-                                  **kwargs)
+    return flash_attention_varlen(*qkv.unbind(1), cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 
 def flash_attention_varlen_kv_packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
@@ -151,8 +149,7 @@ def flash_attention_varlen_kv_packed(q, kv, cu_seqlens_q, cu_seqlens_k, max_seql
         return _map_out(res, lambda o: o.flatten(1))
     if kv.dim() != 4 or kv.size(1) != 2:
         raise ValueError(f"{fn}: kv must be [total_k, 2, Hkv, D] or [total_k, 2*Hkv*D], got {tuple(kv.shape)}")
-    return flash_attention_varlen(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                  **kwargs)
+    return flash_attention_varlen(q, *kv.unbind(1), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs)
 
 
 def _map_out(res, f):
