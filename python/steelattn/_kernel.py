@@ -131,6 +131,10 @@ def kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q
               interleaved, q_causal):
     """steelattn.h kv_append: k_new / v_new into the caches at lens (int32 [B]), k_new and q
     (into q_out) turned by the rotary tables; validated first, nothing written on error."""
+    if _native.native is not None:  # the same call, tensors read in C++
+        _native.native.kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q, q_out, cos, sin,
+                                 rotary_dim, interleaved, q_causal)
+        return
     _ext.kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q, q_out, cos, sin, rotary_dim,
                    interleaved, q_causal, torch.get_num_threads(), _stream(k_new))
 

@@ -34,7 +34,7 @@ struct steelattn_call_result {
   const char* bnote;
 };
 
-enum { STEELATTN_CORE_API_VERSION = 1 };
+enum { STEELATTN_CORE_API_VERSION = 2 };
 
 struct steelattn_core_api {
   uint32_t version;       // STEELATTN_CORE_API_VERSION
@@ -47,6 +47,8 @@ struct steelattn_core_api {
   // validate the gradients, select, allocate scratch, run.
   void (*backward)(steelattn::AttentionParams* p, void* stream, steelattn_alloc_fn alloc, void* alloc_ctx,
                    steelattn_call_result* r);
+  // steelattn::kv_append (validated first, nothing written on error); only status / message.
+  void (*kv_append)(steelattn::KVAppendParams* p, void* stream, steelattn_call_result* r);
 };
 
 }  // extern "C"

@@ -241,8 +241,13 @@ void core_backward(AttentionParams* p, void* stream, steelattn_alloc_fn alloc, v
   set_status(run_backward(*p, c.path, stream), r);
 }
 
+void core_kv_append(KVAppendParams* p, void* stream, steelattn_call_result* r) {
+  *r = steelattn_call_result{0, "", "", "", "", ""};
+  set_status(kv_append(*p, stream), r);
+}
+
 const steelattn_core_api g_core_api = {STEELATTN_CORE_API_VERSION, sizeof(AttentionParams), &core_forward,
-                                       &core_backward};
+                                       &core_backward, &core_kv_append};
 
 // Scratch for the nanobind bindings: a Python allocator (torch.empty), its tensor kept here.
 // Runs with the GIL released around it; a Python error becomes the call's message.

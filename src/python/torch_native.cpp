@@ -20,6 +20,7 @@
 //     a call that needs gradients (q, k, v and bias), its autograd node in C++. Backward
 //     paths and demotions are counted here (the backward runs without Python) and drained
 //     into steelattn's dispatch stats by take_backward_counts().
+//   kv_append(...): a KV-cache step's append and RoPE, _kernel.kv_append's arguments.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -374,6 +375,34 @@ PyObject* attention(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// kv_append(k_new, v_new, k_cache, v_cache, seqlens, block_table, kv_batch_idx, q, q_out, cos, sin,
+//           rotary_dim, interleaved, q_causal): _kernel.kv_append's arguments.
+PyObject* kv_append(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 14, "kv_append: expected 14 arguments, got ", nargs);
+  static const char* names[11] = {"k_new", "v_new",   "k_cache", "v_cache", "seqlens",   "block_table",
+                                  "kv_batch_idx", "q", "q_out",   "rotary_cos", "rotary_sin"};
+  std::optional<Tensor> t[11];
+  for (int i = 0; i < 11; ++i) t[i] = opt_tensor(args[i], names[i]);
+  TORCH_CHECK_TYPE(t[0].has_value(), "k_new: expected a torch.Tensor");
+  steelattn::KVAppendParams p;
+  TensorRef* refs[11] = {&p.k_new, &p.v_new, &p.k_cache, &p.v_cache, &p.seqlens, &p.block_table,
+                         &p.kv_batch_idx, &p.q, &p.q_out, &p.rotary_cos, &p.rotary_sin};
+  for (int i = 0; i < 11; ++i) *refs[i] = ref(t[i], names[i]);
+  p.rotary_dim = as_int(args[11]);
+  p.interleaved = PyObject_IsTrue(args[12]) == 1;
+  p.q_causal = PyObject_IsTrue(args[13]) == 1;
+  p.num_threads = at::get_num_threads();
+  steelattn_call_result r;
+  {
+    pybind11::gil_scoped_release no_gil;
+    g_core->kv_append(&p, current_stream(*t[0]), &r);
+  }
+  if (r.status != 0) throw_status(r);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 PyObject* take_backward_counts(PyObject*, PyObject*) {
   HANDLE_TH_ERRORS
   std::map<std::string, int64_t> paths, demotions;
@@ -415,6 +444,9 @@ PyMethodDef g_methods[] = {
     {"attention", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&attention)), METH_FASTCALL,
      "attention(q, k, v, alibi, bias, bool_mask, scalars, extra, poison) -> (out, lse, path, note): one "
      "differentiable attention call whose autograd node is C++ (gradients for q, k, v and bias)."},
+    {"kv_append", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&kv_append)), METH_FASTCALL,
+     "kv_append(k_new, v_new, k_cache, v_cache, seqlens, block_table, kv_batch_idx, q, q_out, cos, sin, "
+     "rotary_dim, interleaved, q_causal): a KV-cache step's append and RoPE (steelattn.h kv_append)."},
     {"take_backward_counts", &take_backward_counts, METH_NOARGS,
      "({path: n}, {demotion: n}) of the backwards run since the last call, and reset."},
     {"bind_core", &bind_core, METH_O, "Bind to steelattn._ext.core_api (once, at import)."},

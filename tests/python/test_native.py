@@ -202,3 +202,40 @@ def test_fast_path_matches_full_path(monkeypatch, device, entry):
     monkeypatch.undo()
     with pytest.raises(ValueError, match="flash_attention: k heads|multiple of k heads"):
         steelattn.flash_attention(q, k[:, :1].expand(2, 3, 23, 64), v[:, :1].expand(2, 3, 23, 64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_native_kv_append_matches_ext(monkeypatch, device, paged):
+    """The KV-cache step's append and RoPE through the C++ layer writes what _ext's call
+    writes (caches and the rotated q), and refuses bad input the same way."""
+    if _native.native is None:
+        pytest.skip(_native.why_not)
+    g = torch.Generator().manual_seed(6)
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    B, H, Hkv, D, Nnew = 2, 4, 2, 64, 3
+    k_new, v_new = (torch.randn(B, Hkv, Nnew, D, generator=g, dtype=dt).to(device) for _ in range(2))
+    q = torch.randn(B, H, Nnew, D, generator=g, dtype=dt).to(device)
+    ang = torch.rand(64, D // 2, generator=g)
+    cos, sin = ang.cos().to(device), ang.sin().to(device)
+    lens = torch.tensor([4, 28], dtype=torch.int32, device=device)
+    if paged:
+        table = torch.tensor([[2, 0], [1, 3]], dtype=torch.int32, device=device)
+        cache = [torch.randn(4, Hkv, 16, D, generator=g, dtype=dt).to(device) for _ in range(2)]  # [pages, Hkv, page, D]
+    else:
+        table = None
+        cache = [torch.randn(B, Hkv, 40, D, generator=g, dtype=dt).to(device) for _ in range(2)]
+    results = []
+    for use_native in (True, False):
+        kc, vc = (c.clone() for c in cache)
+        q_out = torch.empty_like(q)
+        with monkeypatch.context() as m:
+            if not use_native:
+                m.setattr(_native, "native", None)
+            _kernel.kv_append(k_new, v_new, kc, vc, lens, table, None, q, q_out, cos, sin, D, True, True)
+            with pytest.raises(ValueError, match="seqlens"):
+                _kernel.kv_append(k_new, v_new, kc, vc, lens.long(), table, None, q, q_out, cos, sin, D, True, True)
+        results.append((kc, vc, q_out))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], cache[0])  # something was written
