@@ -239,3 +239,41 @@ def test_native_kv_append_matches_ext(monkeypatch, device, paged):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert not torch.equal(results[0][0], cache[0])  # something was written
+
+
+def test_native_calls_from_several_threads():
+    """Forward and backward from four Python threads at once (the C++ layer releases the
+    GIL, so the core runs concurrently): every thread gets the single-threaded result, and
+    the backward counts add up."""
+    import threading
+    if _native.native is None:
+        pytest.skip(_native.why_not)
+    g = torch.Generator().manual_seed(8)
+    inputs = [[torch.randn(1, 2, 40, 32, generator=g, dtype=torch.float64) for _ in range(3)] for _ in range(4)]
+
+    def grads(q, k, v):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = steelattn.flash_attention(*leaves, causal=True)
+        return [out.detach()] + list(torch.autograd.grad(out.square().sum(), leaves))
+
+    want = [grads(*x) for x in inputs]
+    steelattn.reset_dispatch_stats()
+    got, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            for _ in range(10):
+                got[i] = grads(*inputs[i])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for a, b in zip(got, want):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    stats = steelattn.get_dispatch_stats()
+    assert sum(stats["forward"].values()) == 40 and sum(stats["backward"].values()) == 40, stats
