@@ -47,12 +47,17 @@ def _check_cu(name, cu, device, total):
     # Host-readable: checked here (device tensors would need a sync; under torch.compile the
     # values are data the graph does not see, and the core checks them when it runs).
     if cu.device.type == "cpu" and not torch.compiler.is_compiling():
-        if int(cu[0]) != 0:
-            raise ValueError(f"{_FN}: {name} must start at 0, got {int(cu[0])}")
-        if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        if cu.numel() <= 256:  # as a list: ~2 us, where the tensor ops below cost ~14 us a call
+            c = cu.tolist()
+            first, last, ordered = c[0], c[-1], all(a <= b for a, b in zip(c, c[1:]))
+        else:
+            first, last, ordered = int(cu[0]), int(cu[-1]), not bool((cu[1:] < cu[:-1]).any())
+        if first != 0:
+            raise ValueError(f"{_FN}: {name} must start at 0, got {first}")
+        if not ordered:
             raise ValueError(f"{_FN}: {name} must be non-decreasing")
-        if int(cu[-1]) != total:
-            raise ValueError(f"{_FN}: {name}[-1] must equal the number of packed tokens ({total}), got {int(cu[-1])}")
+        if last != total:
+            raise ValueError(f"{_FN}: {name}[-1] must equal the number of packed tokens ({total}), got {last}")
 
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,

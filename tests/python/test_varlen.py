@@ -247,6 +247,11 @@ def test_varlen_cuda_graph_replays_with_new_lengths():
     (lambda cq, ck: (torch.tensor([1, 3, 5, 9], dtype=torch.int32), ck), "cu_seqlens_q must start at 0"),
     (lambda cq, ck: (cq, torch.tensor([0, 2, 4, 7], dtype=torch.int32)), r"cu_seqlens_k\[-1\] must equal"),
     (lambda cq, ck: (cq.reshape(2, 2), ck), "cu_seqlens_q must be 1-d"),
+    # more than 256 entries: checked with tensor ops instead of a list
+    (lambda cq, ck: (torch.tensor([0] * 150 + [5, 3] + [9] * 150, dtype=torch.int32),
+                     torch.tensor([0] * 151 + [4] * 150 + [8], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
+    (lambda cq, ck: (torch.tensor([0] * 151 + [4] * 150 + [9], dtype=torch.int32),
+                     torch.tensor([0] * 151 + [4] * 150 + [7], dtype=torch.int32)), r"cu_seqlens_k\[-1\] must equal"),
 ])
 def test_varlen_bad_input_names_the_argument(bad, match):
     q, k, v = torch.randn(9, 2, 16), torch.randn(8, 2, 16), torch.randn(8, 2, 16)
