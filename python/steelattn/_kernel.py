@@ -107,8 +107,8 @@ def run_forward(q, k, v, alibi, bias, bool_mask, sc, mode, want_lse=True, want_w
 def run_backward(dout, dlse, q, k, v, out, lse, alibi, bias, bool_mask, sc, want_dbias, extra=None):
     """(dq, dk, dv, dbias) in one extension call (dbias None unless wanted); counts the path.
     Gradients take their inputs' layouts (empty_like), as the registered op's fake says."""
-    if dout.size(-1) > 1 and dout.stride(-1) != 1:
-        dout = dout.contiguous()  # e.g. the expanded ones of out.sum().backward()
+    if dout.size(-1) > 1 and dout.stride(-1) != 1:  # e.g. the expanded ones of out.sum().backward();
+        dout = dout.clone(memory_format=torch.contiguous_format)  # clone: an empty tensor "is contiguous" as is
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if debug_poison:
         for t in (dq, dk, dv):

@@ -216,7 +216,9 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     const Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
     const std::optional<Tensor> bias = saved[5].defined() ? std::optional<Tensor>(saved[5]) : std::nullopt;
     Tensor dout = grads[0].defined() ? grads[0] : at::zeros_like(out);  // only lse was used
-    if (dout.size(-1) > 1 && dout.stride(-1) != 1) dout = dout.contiguous();  // e.g. out.sum()'s expanded ones
+    // e.g. out.sum()'s expanded ones; clone, not contiguous(): an empty tensor counts as
+    // contiguous whatever its strides
+    if (dout.size(-1) > 1 && dout.stride(-1) != 1) dout = dout.clone(at::MemoryFormat::Contiguous);
     Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
     if (s.poison)
       for (Tensor* t : {&dq, &dk, &dv}) t->fill_(std::numeric_limits<double>::quiet_NaN());

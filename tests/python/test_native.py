@@ -277,3 +277,16 @@ def test_native_calls_from_several_threads():
             assert torch.equal(x, y)
     stats = steelattn.get_dispatch_stats()
     assert sum(stats["forward"].values()) == 40 and sum(stats["backward"].values()) == 40, stats
+
+
+def test_native_training_call_on_an_empty_problem():
+    """No keys (or no queries): the C++ node returns zeros and lse = -inf without running a
+    kernel, and its gradients are zeros (what the Python Function gives)."""
+    if _native.native is None:
+        pytest.skip(_native.why_not)
+    for nq, nk in ((5, 0), (0, 7)):
+        ins = [torch.randn(1, 2, n, 16, dtype=torch.float64, requires_grad=True) for n in (nq, nk, nk)]
+        out, lse = steelattn.flash_attention(*ins, causal=True, return_lse=True)
+        assert out.shape == (1, 2, nq, 16) and torch.all(out == 0) and torch.all(lse == -float("inf"))
+        grads = torch.autograd.grad(out.sum(), ins)
+        assert all(g.shape == t.shape and torch.all(g == 0) for g, t in zip(grads, ins))
