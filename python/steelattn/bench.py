@@ -20,7 +20,11 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
           loop, a synchronize at its end, warm-up first; the median of interleaved rounds.
           Cases "fwd" (no grad), "fwd_grad" (inputs require grad), "fwd_bwd"
           (out.backward(dout) with a preallocated dout, grads reset to None each step as
-          zero_grad(set_to_none=True) does). Rows {"op": "host", "case", "impl", "us"}.
+          zero_grad(set_to_none=True) does), "decode_step" (one new token appended to a
+          [1, 2, 4096, 64] cache at length 1000 and one query of 8 heads attending to it:
+          flash_attention_kvcache with the length on the device; SDPA peers write the
+          token with an indexed copy and attend to the first 1001 keys).
+          Rows {"op": "host", "case", "impl", "us"}.
   decode  (CUDA) 1 and 16 queries against a GQA 32/8 KV cache, GB/s of K and V read.
   varlen  64 random-length sequences (bench_features.py), forward and training step,
           against torch's varlen_attn and FA4's varlen when they import.
@@ -72,7 +76,8 @@ WINDOW, WINDOW_D = 512, 128  # causal sliding window cells
 WINDOW_N, WINDOW_N_QUICK = (4096, 8192, 16384), (16384,)
 MORE_D = (80, 160)  # full run only, at N 4k: head dims models also use
 HOST_SHAPE = dict(B=1, H=8, N=128, D=64)
-HOST_CASES = ("fwd", "fwd_grad", "fwd_bwd")
+HOST_CASES = ("fwd", "fwd_grad", "fwd_bwd", "decode_step")
+HOST_DECODE = dict(Hkv=2, S=4096, L=1000)  # decode_step: the cache (H from HOST_SHAPE) and its used length
 OPS = ("host", "fwd", "bwd", "decode", "varlen", "sparse", "e2e")
 
 
@@ -326,6 +331,26 @@ def _make_impl(name, q, k, v, causal, window=None, dout=None, backend="steel"):
     raise ValueError(f"unknown impl {name}")
 
 
+def _host_decode_impl(name, dev, dtype, g):
+    """The host bench's decode_step for `name` (None: that peer has no such call)."""
+    B, H, D = HOST_SHAPE["B"], HOST_SHAPE["H"], HOST_SHAPE["D"]
+    Hkv, S, L = HOST_DECODE["Hkv"], HOST_DECODE["S"], HOST_DECODE["L"]
+    q = _randn((B, H, 1, D), dev, dtype, g)
+    kc, vc = (_randn((B, Hkv, S, D), dev, dtype, g) for _ in range(2))
+    kn, vn = (_randn((B, Hkv, 1, D), dev, dtype, g) for _ in range(2))
+    if name == "steelattn":
+        lens = torch.full((B,), L, dtype=torch.int32, device=dev)
+        return _Impl(lambda: steelattn.flash_attention_kvcache(q, kc, vc, k_new=kn, v_new=vn, cache_seqlens=lens),
+                     ())
+    if name in ("cudnn", "fa2", "torch-cpu"):
+        def step():
+            kc[:, :, L:L + 1] = kn
+            vc[:, :, L:L + 1] = vn
+            return F.scaled_dot_product_attention(q, kc[:, :, :L + 1], vc[:, :, :L + 1], enable_gqa=True)
+        return _Impl(step, (), None, (lambda: _sdpa_ctx(name)) if name != "torch-cpu" else contextlib.nullcontext)
+    return None
+
+
 def _time_fwd(impl, timer):
     with impl.ctx():
         return timer(impl.fwd)
@@ -373,12 +398,15 @@ def bench_host(device="cpu", quick=False, log=print, run=None):
     jobs = []
     for name in names:
         for case in HOST_CASES:
-            q, k, v = (t.detach().clone().requires_grad_(case != "fwd") for t in base)
+            q, k, v = (t.detach().clone().requires_grad_(case not in ("fwd", "decode_step")) for t in base)
             try:
-                impl = _make_impl(name, q, k, v, causal=True, dout=dout, backend=None)  # the default path users get
+                impl = _host_decode_impl(name, dev, dtype, g) if case == "decode_step" else \
+                    _make_impl(name, q, k, v, causal=True, dout=dout, backend=None)  # the default path users get
             except Exception as e:
                 log(f"  host {name} unavailable: {type(e).__name__}: {str(e)[:200]}")
                 break
+            if impl is None:
+                continue
             if case == "fwd_bwd":
                 def step(impl=impl):
                     for t in impl.inputs:
@@ -427,7 +455,11 @@ def bench_host(device="cpu", quick=False, log=print, run=None):
         if not j["times"]:
             continue
         us = statistics.median(j["times"])
-        row = _row("host", _DTNAME[dtype], B, H, H, N, N, D, True, None, j["name"], us / 1e3, None)
+        if j["case"] == "decode_step":  # one query against the cache's used keys
+            row = _row("host", _DTNAME[dtype], B, H, HOST_DECODE["Hkv"], 1, HOST_DECODE["L"] + 1, D, False, None,
+                       j["name"], us / 1e3, None)
+        else:
+            row = _row("host", _DTNAME[dtype], B, H, H, N, N, D, True, None, j["name"], us / 1e3, None)
         row.update(case=j["case"], us=round(us, 2), calls=j["n"], rounds=len(j["times"]))
         if j["path"] is not None:
             row["path"] = j["path"]
