@@ -14,6 +14,10 @@
 //   Ot[e][r]  = alpha[r] * Ot + V_tile^T . P^T  (gemm, A = V read transposed)
 // No horizontal reductions, and only Q is ever repacked. Tiles entirely outside
 // the band mask are never visited; element masking runs only on edge tiles.
+// Decode-shaped tasks (a quarter of the lanes or fewer: 1-4 packed rows on AVX-512, 1-2
+// on AVX2, e.g. MHA decode) would waste most of each FMA that way; they compute each
+// score as a dot product along D and each output row as vectors along Dv (row_scores,
+// row_pv), with St, the masks and the softmax unchanged.
 //
 // Everything here has internal linkage (anonymous namespace): each ISA
 // translation unit is compiled with its own -m flags, and shared inline
@@ -96,6 +100,63 @@ void pack_transposed(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t n
   }
 }
 
+// Packs rows of a [B, H, N, D]-like tensor row-major: dst[r][d] = x[b, h_r, i_r, d] * mul.
+template <class T>
+void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t width, T mul, T* dst) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const char* row = elem_ptr(t, b, ri.h[r], ri.i[r]);
+    for (int64_t d = 0; d < width; ++d) dst[r * width + d] = load_elem<T>(row, t.dtype, d) * mul;
+  }
+}
+
+// Decode-shaped scores: St[j][r] = q_r . k_j (q rows row-major [nrows][D], k rows at stride
+// ks), one dot product along D each; the lanes past nrows get 0 as the GEMM's zero Q gives.
+template <class Isa, class T = typename Isa::T>
+void row_scores(int64_t nk, int64_t nrows, int64_t lanes, int64_t D, const T* kt, int64_t ks, const T* q, T* st,
+                int64_t ld) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  const int64_t dv = D / W * W;
+  for (int64_t j = 0; j < nk; ++j) {
+    const T* k = kt + j * ks;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const T* qr = q + r * D;
+      V acc = Isa::zero();
+      for (int64_t d = 0; d < dv; d += W) acc = Isa::fma(Isa::load(qr + d), Isa::load(k + d), acc);
+      T x = Isa::hsum(acc);
+      for (int64_t d = dv; d < D; ++d) x += qr[d] * k[d];
+      st[j * ld + r] = x;
+    }
+    for (int64_t r = nrows; r < lanes; ++r) st[j * ld + r] = T(0);
+  }
+}
+
+// Decode-shaped output update: O[r] = alpha[r] * O[r] + sum_j P[j][r] * V[j] (O rows
+// row-major [nrows][Dv], vectors along Dv).
+template <class Isa, class T = typename Isa::T>
+void row_pv(int64_t nk, int64_t nrows, int64_t Dv, const T* vt, int64_t vs, const T* st, int64_t ld, const T* alpha,
+            T* o) {
+  using V = typename Isa::V;
+  constexpr int W = Isa::W;
+  const int64_t ev = Dv / W * W;
+  for (int64_t r = 0; r < nrows; ++r) {
+    T* orow = o + r * Dv;
+    const V a = Isa::set1(alpha[r]);
+    for (int64_t e = 0; e < ev; e += W) Isa::store(orow + e, Isa::mul(a, Isa::load(orow + e)));
+    for (int64_t e = ev; e < Dv; ++e) orow[e] *= alpha[r];
+  }
+  for (int64_t j = 0; j < nk; ++j) {
+    const T* v = vt + j * vs;
+    for (int64_t r = 0; r < nrows; ++r) {
+      T* orow = o + r * Dv;
+      const T pj = st[j * ld + r];
+      const V pv = Isa::set1(pj);
+      for (int64_t e = 0; e < ev; e += W) Isa::store(orow + e, Isa::fma(pv, Isa::load(v + e), Isa::load(orow + e)));
+      for (int64_t e = ev; e < Dv; ++e) orow[e] += pj * v[e];
+    }
+  }
+}
+
 // Packs bf16 q rows in pairs along d: dst[((d / 2) * ld + r) * 2 + d % 2] = q[b, h_r, i_r, d]
 // (raw bf16 bits), zero in padding lanes; D is even.
 inline void pack_bf16_pairs(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t ld,
@@ -159,6 +220,10 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   const int64_t nrows = std::min(kBlockRows, s.rows - r_begin);
   const int64_t lanes = round_up(nrows, W);
   constexpr int64_t ld = kBlockRows;
+  // Decode-shaped (see the top): rows as dot products and output rows, not on the lanes.
+  // Q and O are then row-major in Qt's and Ot's space; bf16 pair products are not used.
+  const bool rowwise = nrows * 4 <= W;
+  const bool bf16_dot = s.bf16_dot && !rowwise;
 
   // Scratch (floats): Qt [D][ld] | St [Bk][ld] | Ot [Dv][ld] | m, l, alpha [ld] | K tile | V tile.
   const int64_t n_qt = s.D * ld, n_st = kBlockKeys * ld, n_o = s.Dv * ld;
@@ -182,7 +247,8 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   const int64_t i_lo = ri.i[0], i_hi = ri.i[nrows - 1];
   // With bf16 pair dot products Q stays unscaled bf16, packed in pairs (in Qt's space).
   uint16_t* qpairs = reinterpret_cast<uint16_t*>(qt);
-  if (s.bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, s.D, qpairs);
+  if (rowwise) pack_rows(p.q, b, ri, nrows, s.D, T(s.q_scale), qt);
+  else if (bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, s.D, qpairs);
   else pack_transposed(p.q, b, ri, nrows, ld, s.D, T(s.q_scale), qt);
   std::fill(m, m + ld, neg_inf<T>());
   std::fill(l, l + ld, T(0));
@@ -196,7 +262,7 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   // Scores of one tile in log2 units, masked and modified.
   auto scores = [&](int64_t k0, int64_t nk, bool block_test = false) {
     if constexpr (Isa::kBf16Dot) {
-      if (s.bf16_dot) {
+      if (bf16_dot) {
         const int64_t ks = p.k.stride[2];
         gemm_bf16<Isa>(nk, lanes, s.D, reinterpret_cast<const uint16_t*>(kbase) + k0 * ks, ks, qpairs, ld, st, ld);
         const typename Isa::V qs = Isa::set1(T(s.q_scale));
@@ -204,10 +270,11 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
           for (int64_t c = 0; c < lanes; c += W) Isa::store(st + j * ld + c, Isa::mul(qs, Isa::load(st + j * ld + c)));
       }
     }
-    if (!s.bf16_dot) {
+    if (!bf16_dot) {
       int64_t ks;
       const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
-      gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
+      if (rowwise) row_scores<Isa>(nk, nrows, lanes, s.D, kt, ks, qt, st, ld);
+      else gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
     }
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
     if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld, static_cast<T*>(nullptr), block_test);
@@ -224,14 +291,16 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
     if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, T(s.drop_scale));
     int64_t vs;
     const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
-    gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
+    if (rowwise) row_pv<Isa>(nk, nrows, s.Dv, vt, vs, st, ld, alpha, ot);
+    else gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
   }
 
   // Epilogue: normalise, write O and LSE (natural log).
   for (int64_t r = 0; r < nrows; ++r) {
     const T inv = l[r] > T(0) ? T(1) / l[r] : T(0);
     char* orow = const_cast<char*>(elem_ptr(p.out, b, ri.h[r], ri.i[r]));
-    for (int64_t e = 0; e < s.Dv; ++e) store_elem(orow, p.out.dtype, e, ot[e * ld + r] * inv);
+    for (int64_t e = 0; e < s.Dv; ++e)
+      store_elem(orow, p.out.dtype, e, (rowwise ? ot[r * s.Dv + e] : ot[e * ld + r]) * inv);
     if (p.lse.present())
       store_elem(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r]),
                  l[r] > T(0) ? (m[r] + std::log2(l[r])) * T(kLn2) : neg_inf<T>());

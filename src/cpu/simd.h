@@ -92,6 +92,7 @@ struct ScalarT {
   static V sub(V a, V b) { return a - b; }
   static V max(V a, V b) { return a > b ? a : b; }
   static V exp2(V x) { return std::exp2(x); }
+  static T hsum(V a) { return a; }
   static void load_bf16_row(const uint16_t* s, T* d, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(s[i]);
   }

@@ -75,3 +75,55 @@ def test_split_kvcache_entries(many_threads, rng):
         else:
             assert_close(out[b:b + 1], ref, torch.bfloat16)
             assert_lse_close(lse[b:b + 1], ref_lse, torch.bfloat16)
+
+
+ROWWISE = [  # (H, Hkv, N, D, Dv): packed rows per KV head = H / Hkv * N, at most 4
+    (6, 6, 1, 64, 64), (4, 2, 1, 40, 24), (4, 1, 1, 7, 9), (2, 2, 2, 80, 80), (8, 2, 1, 128, 64),
+]
+ROW_MODS = {"none": {}, "causal window": dict(causal=True, window_size=(300, 0)),
+            "softcap alibi": dict(softcap=12.0, alibi=True), "bool mask": dict(mask=True), "bias": dict(bias=True),
+            "dropout": dict(dropout_p=0.3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mod", list(ROW_MODS))
+@pytest.mark.parametrize("H,Hkv,N,D,Dv", ROWWISE)
+def test_decode_rows_as_dot_products(rng, dtype, mod, H, Hkv, N, D, Dv):
+    """Decode-shaped tasks (1-4 packed rows: a quarter of the lanes or fewer) score each key
+    as a dot product along D and update each output row along Dv (flash_fwd_impl.h); against
+    the float64 reference with every modifier, head dims that are not multiples of the
+    vector width, LSE and the attention weights. The CI machines run it at their widest ISA;
+    STEELATTN_CPU_ISA=avx2 makes 1-2 rows take the path there too."""
+    B, S = 2, 700
+    q = randn(B, H, N, D, dtype=dtype, device="cpu", generator=rng)
+    k = randn(B, Hkv, S, D, dtype=dtype, device="cpu", generator=rng)
+    v = randn(B, Hkv, S, Dv, dtype=dtype, device="cpu", generator=rng)
+    kw = dict(ROW_MODS[mod])
+    ref_kw = dict(diag_offset=S - N, window_left=-1, window_right=-1)
+    if kw.get("causal"):
+        ref_kw.update(window_left=kw["window_size"][0], window_right=0)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = ref_kw["alibi_slopes"] = torch.rand(H) * 0.05
+    if "softcap" in kw:
+        ref_kw["softcap"] = kw["softcap"]
+    if kw.pop("mask", False):
+        m = torch.rand(B, H, N, S, generator=rng) > 0.4
+        kw["attn_bias"] = ref_kw["bool_mask"] = m
+    if kw.pop("bias", False):
+        bias = torch.randn(B, 1, N, S, generator=rng)
+        kw["attn_bias"], ref_kw["bias"] = bias, bias.expand(B, H, N, S)
+    p = kw.get("dropout_p", 0.0)
+    if p:
+        gen = torch.Generator().manual_seed(11)
+        kw["generator"] = gen
+        seed, offset = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(11),
+                                     dtype=torch.int64).tolist()
+        ref_kw.update(dropout_p=p, dropout_keep=steelattn.api.dropout_keep_mask(B, H, N, S, p, seed, offset))
+    out, lse, w = steelattn.flash_attention(q, k, v, return_lse=True, return_attn_weights=not p, **kw) if not p \
+        else (*steelattn.flash_attention(q, k, v, return_lse=True, **kw), None)
+    ref, ref_lse, ref_w = attention_reference(q, k, v, **ref_kw)
+    assert_close(out, ref, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    if w is not None:
+        assert_close(w.double(), ref_w, dtype)
+    assert "torch" not in steelattn.get_dispatch_stats()["forward"]
