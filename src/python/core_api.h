@@ -36,6 +36,10 @@ struct steelattn_call_result {
 
 enum { STEELATTN_CORE_API_VERSION = 2 };
 
+// A forward's mode: run; run for training (the backward must have a kernel too, or nothing
+// runs); select only (_kernel.RUN / TRAIN / SELECT).
+enum steelattn_forward_mode { STEELATTN_RUN = 0, STEELATTN_TRAIN = 1, STEELATTN_SELECT = 2 };
+
 struct steelattn_core_api {
   uint32_t version;       // STEELATTN_CORE_API_VERSION
   uint32_t params_bytes;  // sizeof(steelattn::AttentionParams) on the exporting side

@@ -179,8 +179,6 @@ PathChoice predict_backward(const AttentionParams& p) {
   return choose_backward_path(b);
 }
 
-enum Mode { kRun = 0, kTrain = 1, kSelect = 2 };
-
 // The strings a call reports, kept per thread until that thread's next call (core_api.h).
 struct CallStrings {
   std::string message, note, bnote;
@@ -202,17 +200,17 @@ void core_forward(AttentionParams* p, int mode, void* stream, steelattn_alloc_fn
   if (!st.ok()) return set_status(st, r);
   const PathChoice fwd = choose_forward_path(*p);
   PathChoice bwd;
-  if (mode != kRun) bwd = predict_backward(*p);
+  if (mode != STEELATTN_RUN) bwd = predict_backward(*p);
   t_strings.note = note(fwd);
   t_strings.bnote = note(bwd);
   r->path = path_name(fwd.path);
   r->note = t_strings.note.c_str();
-  r->bpath = mode == kRun ? "" : path_name(bwd.path);
+  r->bpath = mode == STEELATTN_RUN ? "" : path_name(bwd.path);
   r->bnote = t_strings.bnote.c_str();
-  if (mode == kSelect) return;
+  if (mode == STEELATTN_SELECT) return;
   if (fwd.path == ForwardPath::none)
     return set_status(Status::NotImplemented("no steelattn kernel serves this call: " + fwd.why_not), r);
-  if (mode == kTrain && bwd.path == ForwardPath::none)
+  if (mode == STEELATTN_TRAIN && bwd.path == ForwardPath::none)
     return set_status(
         Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not), r);
   if (const size_t need = forward_workspace_bytes(*p, fwd.path)) {  // the split-KV decode kernel's partials
@@ -228,7 +226,7 @@ void core_backward(AttentionParams* p, void* stream, steelattn_alloc_fn alloc, v
   Status st = validate_backward(*p);
   if (!st.ok()) return set_status(st, r);
   const PathChoice c = choose_backward_path(*p);
-  t_strings.note = c.path == ForwardPath::none ? c.why_not : c.demoted;
+  t_strings.note = note(c);
   r->path = path_name(c.path);
   r->note = t_strings.note.c_str();
   if (c.path == ForwardPath::none)

@@ -53,7 +53,6 @@ using torch::autograd::variable_list;
 
 const steelattn_core_api* g_core = nullptr;  // from steelattn._ext.core_api, set at import
 
-enum Mode { kRun = 0, kTrain = 1, kSelect = 2 };
 constexpr int kNumScalars = 9;  // _kernel.scalars order
 constexpr int kNumExtra = 9;    // _extra.Extra order
 
@@ -161,8 +160,8 @@ struct ForwardResult {
   Tensor out, lse;
 };
 
-// Allocates out (and lse) and runs the forward (mode kRun or kTrain); the path and note go
-// to t_path / t_note. Empty problems are selected, not run: zeros and lse = -inf.
+// Allocates out (and lse) and runs the forward (STEELATTN_RUN or STEELATTN_TRAIN); the path
+// and note go to t_path / t_note. Empty problems are selected, not run: zeros and lse = -inf.
 ForwardResult run_forward(const CallState& s, const Tensor& q, const Tensor& k, const Tensor& v,
                           const std::optional<Tensor>& bias, int mode, bool want_lse) {
   AttentionParams p;
@@ -185,11 +184,11 @@ ForwardResult run_forward(const CallState& s, const Tensor& q, const Tensor& k, 
   const bool empty = !(S && r.out.numel());
   TorchAlloc alloc{q.device(), {}};
   steelattn_call_result c;
-  g_core->forward(&p, empty ? kSelect : mode, current_stream(q), &torch_alloc, &alloc, &c);
+  g_core->forward(&p, empty ? STEELATTN_SELECT : mode, current_stream(q), &torch_alloc, &alloc, &c);
   if (c.status != 0) throw_status(c);
   if (empty) {  // nothing to compute: the core validated and selected, the result is known
     const bool none = std::string(c.path) == "none";
-    const bool no_bwd = mode == kTrain && std::string(c.bpath) == "none";
+    const bool no_bwd = mode == STEELATTN_TRAIN && std::string(c.bpath) == "none";
     TORCH_CHECK_NOT_IMPLEMENTED(!none && !no_bwd, none ? c.note : c.bnote);
     r.out.zero_();
     if (want_lse) r.lse.fill_(-std::numeric_limits<double>::infinity());
@@ -202,7 +201,7 @@ ForwardResult run_forward(const CallState& s, const Tensor& q, const Tensor& k, 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const std::optional<Tensor>& bias, c10::intrusive_ptr<CallState> state) {
-    ForwardResult r = run_forward(*state, q, k, v, bias, kTrain, true);
+    ForwardResult r = run_forward(*state, q, k, v, bias, STEELATTN_TRAIN, true);
     ctx->save_for_backward({q, k, v, r.out, r.lse, bias ? *bias : Tensor()});
     ctx->saved_data["state"] = c10::IValue::make_capsule(std::move(state));
     ctx->set_materialize_grads(false);  // an unused lse gets an undefined gradient, not zeros
@@ -357,7 +356,7 @@ PyObject* forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   ForwardResult r;
   {
     pybind11::gil_scoped_release no_gil;
-    r = run_forward(*a.state, *a.q, *a.k, *a.v, a.bias, kRun, want_lse);
+    r = run_forward(*a.state, *a.q, *a.k, *a.v, a.bias, STEELATTN_RUN, want_lse);
   }
   return result(std::move(r.out), std::move(r.lse));
   END_HANDLE_TH_ERRORS
