@@ -21,8 +21,8 @@ _TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.2e-2}
 # (name, B, H, Hkv, N, S, D, Dv, dtype, kwargs, cuda kernel, grad). The CUDA kernel a check
 # must run on: "sm90" the Hopper kernels (bf16/fp16, head dims multiples of 8 in 64..256,
 # no bias/mask/dropout) on an sm_90 GPU, cuda_generic on other GPUs; "generic" the generic
-# kernel; "decode" the split-KV decode kernel (at most 16 query rows per KV head), forward
-# only. On the CPU every call runs on the CPU kernel of the machine's ISA.
+# kernel; "decode" the split-KV decode kernel (at most 16 query rows per KV head; 64 at
+# small batch x KV heads), forward only. On the CPU every call runs on the CPU kernel of the machine's ISA.
 _CHECKS = [
     ("full fp32", 2, 4, 4, 257, 257, 64, 64, torch.float32, {}, "generic", False),
     ("causal bf16 N!=S", 1, 8, 8, 300, 1000, 128, 128, torch.bfloat16, {"causal": True}, "sm90", False),

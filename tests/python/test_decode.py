@@ -24,9 +24,10 @@ def _ran():
     return {k: v for k, v in steelattn.get_dispatch_stats().items() if v}
 
 
-# (H, Hkv, N): query rows per KV head G * N from 1 to 16 (dense calls with more rows go to
-# the prefill kernels; calls with cache lengths take any number, tested below)
-SHAPES = [(32, 8, 1), (8, 8, 1), (6, 1, 2), (16, 4, 4), (4, 2, 5)]
+# (H, Hkv, N): query rows per KV head G * N from 1 to 16, and 48 (four row groups, taken
+# while batch x KV heads <= SMs / 8: 8 here; dense calls with more rows go to the prefill
+# kernels; calls with cache lengths take any number, tested below)
+SHAPES = [(32, 8, 1), (8, 8, 1), (6, 1, 2), (16, 4, 4), (4, 2, 5), (16, 4, 12)]
 HEAD_DIMS = [(64, 64), (128, 128), (256, 256), (80, 80), (192, 128)]
 MODS = {"none": {}, "causal": {"causal": True}, "window": {"window_size": (33, 0)},
         "softcap_alibi": {"softcap": 20.0, "alibi": True}}

@@ -46,8 +46,11 @@ def run_case(D, Dv, dtype, *, B=1, H=4, Hkv=2, N=150, S=190, causal=False, windo
     dlse = torch.randn(lse.shape, generator=g).cuda() if use_lse else None
     torch.autograd.backward([out, lse] if use_lse else [out], [dout, dlse] if use_lse else [dout])
     stats = steelattn.get_dispatch_stats()
-    # decode-shaped calls (at most 16 query rows per KV head) take the split-KV forward
-    assert _paths(stats, "forward") == ({"cuda_decode"} if H // Hkv * N <= 16 else {"cuda_sm90"}), stats
+    # decode-shaped calls (at most 16 query rows per KV head, or 64 when batch x KV heads is
+    # at most an eighth of the SMs) take the split-KV forward
+    rows, sms = H // Hkv * N, torch.cuda.get_device_properties(0).multi_processor_count
+    decode = rows <= 16 or (rows <= 64 and B * Hkv * 8 <= sms)
+    assert _paths(stats, "forward") == ({"cuda_decode"} if decode else {"cuda_sm90"}), stats
     assert _paths(stats, "backward") == {"cuda_sm90"}, stats
 
     wl, wr = window if window is not None else (-1, -1)

@@ -233,7 +233,8 @@ def check_model_compatibility(config):
             notes.append("sinks (rescale by lse)")
         if cuda:
             kernel = ("cuda_sm90" if 64 <= head_dim <= 256 and head_dim % 8 == 0 else "cuda_generic")
-            max_tokens = 16 // (heads // kv)  # the split-KV kernel takes up to 16 query rows per KV head
+            # the split-KV kernel takes up to 16 query rows per KV head (64 at small batch x KV heads)
+            max_tokens = 16 // (heads // kv)
             if head_dim <= 256 and head_dim % 8 == 0 and max_tokens >= 1:
                 kernel += f" (prefill, training); cuda_decode for steps of up to {max_tokens} tokens"
             path = f"{kernel}; mask-free without padding, one varlen call for a padded prefill or training " \

@@ -21,10 +21,14 @@ using cuda_generic::DeviceGuard;
 using cuda_generic::rows_16b_aligned;
 using cuda_generic::strides3;
 
-// Query rows per KV head up to which a dense call is decode-shaped: one row group (at 64
-// rows, four row groups re-reading K/V ran at a fifth of the Hopper kernel's speed).
+// Query rows per KV head up to which a dense call is decode-shaped: one row group always;
+// up to four (64 rows: 16 queries of a 4-head group) while the Hopper kernel, one CTA per
+// (batch entry, KV head) here, would leave most SMs idle (B x Hkv <= SMs / 8). Measured at
+// 16 queries, H32/8 D128, S32k (NOTES.md): the split decode kernel 120 / 209 / 403 / 801 us
+// at B 1 / 2 / 4 / 8 against the Hopper kernel's 409 / 408 / 409 / 413.
 // Calls with cache lengths (seqlens_k) are served at any size: no other CUDA kernel takes them.
 constexpr int64_t kMaxDenseRows = 16;
+constexpr int64_t kMaxDenseRowsFewHeads = 64;
 
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
@@ -72,6 +76,34 @@ int num_splits(const AttentionParams& p) {
   return int(std::clamp<int64_t>(std::min(want, by_length), 1, cuda_decode::kMaxSplits));
 }
 
+// Both kernels go out with programmatic dependent launch on sm_90+ (each starts while the
+// kernel before it drains and waits on the device for its results; decode_kernel.cuh), so
+// the combine kernel does not pay a launch gap after the split kernel, nor the split kernel
+// after the append before it. STEELATTN_DECODE_PDL=0 turns it off (for measurements).
+bool use_pdl(int device) {
+  static const bool env_on = [] {
+    const char* e = std::getenv("STEELATTN_DECODE_PDL");
+    return !(e && std::string(e) == "0");
+  }();
+  return env_on && device_info(device).major >= 9;
+}
+
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel* fn, int64_t grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
+                          const DecodeParams& k) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(unsigned(grid));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, fn, k);
+}
+
 template <typename T, int kDPad, int kKeys, int kStages, bool kPaged>
 Status launch_variant(const DecodeParams& k, cudaStream_t stream, int device) {
   using C = cuda_decode::Cfg<kDPad, kKeys, kStages>;
@@ -82,14 +114,13 @@ Status launch_variant(const DecodeParams& k, cudaStream_t stream, int device) {
     if (err != cudaSuccess) return cuda_status("decode: cudaFuncSetAttribute", err);
     attr_set[device] = true;
   }
+  const bool pdl = use_pdl(device);
   const int64_t grid = int64_t(k.B) * k.Hkv * k.num_splits * k.row_groups;
-  fn<<<dim3(unsigned(grid)), cuda_decode::kThreads, C::kSmemBytes, stream>>>(k);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch_kernel(fn, grid, cuda_decode::kThreads, C::kSmemBytes, stream, pdl, k);
   if (err != cudaSuccess) return cuda_status("decode split kernel launch", err);
   if (k.num_splits > 1) {
     const int64_t cells = int64_t(k.B) * k.H * k.N;
-    cuda_decode::decode_combine_kernel<T><<<dim3(unsigned((cells + 3) / 4)), 128, 0, stream>>>(k);
-    err = cudaGetLastError();
+    err = launch_kernel(cuda_decode::decode_combine_kernel<T>, cells, cuda_decode::kCombineThreads, 0, stream, pdl, k);
     if (err != cudaSuccess) return cuda_status("decode combine kernel launch", err);
   }
   return Status::Ok();
@@ -121,9 +152,13 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
   if (p.q.device != Device::cuda) return no("tensors are not on a CUDA device");
   if (p.q.dtype != DType::f16 && p.q.dtype != DType::bf16) return no("dtype must be bf16 or fp16");
   const int64_t rows = p.H / std::max<int64_t>(p.Hkv, 1) * p.N;
-  if (!p.seqlens_k.present() && rows > kMaxDenseRows)
-    return no(std::to_string(rows) + " query rows per KV head (decode-shaped calls have at most " +
-              std::to_string(kMaxDenseRows) + ")");
+  if (!p.seqlens_k.present() && rows > kMaxDenseRows) {
+    const bool few_heads = p.B * p.Hkv * 8 <= std::max(1, device_info(p.q.device_id).sms);
+    if (rows > kMaxDenseRowsFewHeads || !few_heads)
+      return no(std::to_string(rows) + " query rows per KV head (decode-shaped calls have at most " +
+                std::to_string(kMaxDenseRows) + ", or " + std::to_string(kMaxDenseRowsFewHeads) +
+                " when batch x KV heads <= SMs / 8)");
+  }
   if (p.varlen() || p.block_mask.present() || p.bias.present() || p.attn_weights.present() || p.dropout_p > 0.0f)
     return no("no varlen, block_mask, bias, attention weights or dropout");
   if (p.D > 256 || p.Dv > 256 || p.D % 8 || p.Dv % 8) return no("head dims must be multiples of 8, at most 256");

@@ -68,6 +68,21 @@ __device__ __forceinline__ void cp_async_16_zfill(void* smem, const void* gmem, 
                "r"(src_bytes));
 }
 
+// Programmatic dependent launch (sm_90+; no-ops before): a kernel launched with the
+// programmatic-serialization attribute starts while the previous kernel of the stream
+// finishes and waits here, before its first read of that kernel's results, for it to
+// complete and its writes to be visible. launch_dependents lets the next such kernel start.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 // Paged caches: the page of key row `lane` of a tile, looked up by lane `lane` (< kKeys) one
 // tile ahead of its load so the block-table read's latency hides behind a tile of math; the
 // loader shuffles it (and the row in the page) to the lanes that copy the row.
@@ -123,6 +138,10 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T* sW = sQ + kRows * kLd + warp * C::kWarpElems;  // this warp's stages
 
+  // The combine kernel may start now (it waits for this grid's end); nothing is read before
+  // the previous kernel of the stream (an append into the cache, say) has finished.
+  allow_next_grid();
+  wait_for_previous_grid();
   // blockIdx.x -> (row group, split, hk, b): the row groups of one key range run side by side
   // and share its K/V through L2.
   int bid = blockIdx.x;
@@ -410,49 +429,69 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 }
 
 // out[b, h, i] = sum over splits of exp(lse_s - lse) * out_s, lse = logsumexp(lse_s);
-// one warp per (b, h, i) row. The split weights go to shared memory once; then each lane
-// sums four columns over the splits with independent float4 loads (a chain of dependent
-// loads per column made this kernel as slow as the split kernel at batch 1). A row no split
-// saw gives zeros and -inf.
+// one CTA per (b, h, i) row. Thread s reads split s's LSE and the weights go to shared
+// memory; then warp w sums splits w, w + 4, ... with independent float4 loads (all of a
+// warp's splits in flight at once: a chain of dependent loads per column made an earlier
+// version as slow as the split kernel at batch 1), and the four warps' sums are added in
+// shared memory. A row no split saw gives zeros and -inf.
+constexpr int kCombineThreads = 128;
+constexpr int kCombineWarps = kCombineThreads / 32;
 template <typename T>
-__global__ void __launch_bounds__(128) decode_combine_kernel(const DecodeParams p) {
-  __shared__ float weights[4][kMaxSplits];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t cell = int64_t(blockIdx.x) * 4 + warp;
-  const int64_t cells = int64_t(p.B) * p.H * p.N;
-  if (cell >= cells) return;
-  const int64_t stride = cells;  // between splits
-  float m = -INFINITY;
-  for (int s = lane; s < p.num_splits; s += 32) m = fmaxf(m, p.part_lse[s * stride + cell]);
+__global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p) {
+  static_assert(kMaxSplits <= kCombineThreads, "one split's LSE per thread");
+  __shared__ float weights[kMaxSplits];
+  __shared__ float red[kCombineWarps];
+  __shared__ __align__(16) float partial[kCombineWarps][256];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t cell = blockIdx.x;
+  const int64_t stride = int64_t(p.B) * p.H * p.N;  // between splits
+  wait_for_previous_grid();
+
+  const float lse_s = tid < p.num_splits ? p.part_lse[tid * stride + cell] : -INFINITY;
+  float m = lse_s;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) red[warp] = m;
+  __syncthreads();
+  m = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
   const float m_use = m == -INFINITY ? 0.0f : m;
-  float sum = 0.0f;
-  for (int s = lane; s < p.num_splits; s += 32) {
-    const float w = exp2f((p.part_lse[s * stride + cell] - m_use) * kLog2e);
-    weights[warp][s] = w;
-    sum += w;
-  }
+  const float w = tid < p.num_splits ? exp2f((lse_s - m_use) * kLog2e) : 0.0f;
+  if (tid < kMaxSplits) weights[tid] = w;
+  float sum = w;
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  __syncwarp();
+  __syncthreads();  // every warp has read red[] as maxima
+  if (lane == 0) red[warp] = sum;
+  __syncthreads();
+  sum = red[0] + red[1] + red[2] + red[3];
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+
+  // Lane columns lane * 4 and 128 + lane * 4 (Dv <= 256, Dv % 8 == 0: whole float4s).
+  float4 acc[2] = {make_float4(0.0f, 0.0f, 0.0f, 0.0f), make_float4(0.0f, 0.0f, 0.0f, 0.0f)};
+#pragma unroll 4
+  for (int s = warp; s < p.num_splits; s += kCombineWarps) {
+    const float ws = weights[s];
+    const float* src = p.part_out + (s * stride + cell) * p.Dv;
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int col = c * 128 + lane * 4;
+      if (col < p.Dv) {
+        const float4 x = __ldg(reinterpret_cast<const float4*>(src + col));
+        acc[c].x += ws * x.x, acc[c].y += ws * x.y, acc[c].z += ws * x.z, acc[c].w += ws * x.w;
+      }
+    }
+  }
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int col = c * 128 + lane * 4;
+    if (col < p.Dv) *reinterpret_cast<float4*>(&partial[warp][col]) = acc[c];
+  }
+  __syncthreads();
   const int i = int(cell % p.N), h = int(cell / p.N % p.H), b = int(cell / p.N / p.H);
   T* out = static_cast<T*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] + i * p.out_stride[2];
-  for (int col = lane * 4; col < p.Dv; col += 128) {  // Dv % 8 == 0: whole float4s
-    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#pragma unroll 8
-    for (int s = 0; s < p.num_splits; ++s) {
-      const float w = weights[warp][s];
-      const float4 x = __ldg(reinterpret_cast<const float4*>(p.part_out + (s * stride + cell) * p.Dv + col));
-      acc.x += w * x.x, acc.y += w * x.y, acc.z += w * x.z, acc.w += w * x.w;
-    }
-    out[col] = Elem<T>::from_float(acc.x * inv);
-    out[col + 1] = Elem<T>::from_float(acc.y * inv);
-    out[col + 2] = Elem<T>::from_float(acc.z * inv);
-    out[col + 3] = Elem<T>::from_float(acc.w * inv);
-  }
-  if (lane == 0 && p.lse)
+  for (int col = tid; col < p.Dv; col += kCombineThreads)
+    out[col] = Elem<T>::from_float((partial[0][col] + partial[1][col] + partial[2][col] + partial[3][col]) * inv);
+  if (tid == 0 && p.lse)
     p.lse[b * p.lse_stride[0] + h * p.lse_stride[1] + i * p.lse_stride[2]] = sum > 0.0f ? m_use + logf(sum) : -INFINITY;
 }
 
