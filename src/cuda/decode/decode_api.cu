@@ -88,16 +88,6 @@ bool use_pdl(int device) {
   return env_on && device_info(device).major >= 9;
 }
 
-// K/V tiles by bulk copies (sm_90+; decode_kernel.cuh). STEELATTN_DECODE_BULK=0 keeps the
-// 16-byte cp.async loader (for measurements).
-bool use_bulk_loads(int device) {
-  static const bool env_on = [] {
-    const char* e = std::getenv("STEELATTN_DECODE_BULK");
-    return !(e && std::string(e) == "0");
-  }();
-  return env_on && device_info(device).major >= 9;
-}
-
 template <typename Kernel>
 cudaError_t launch_kernel(Kernel* fn, int64_t grid, int threads, size_t smem, cudaStream_t stream, bool pdl,
                           const DecodeParams& k) {
@@ -233,7 +223,6 @@ Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stre
   k.rows = k.group * k.N;
   k.row_groups = int32_t(row_groups(p));
   k.num_splits = num_splits(p);
-  k.bulk_loads = use_bulk_loads(p.q.device_id);
   k.scale = float(p.scale);
   k.softcap = float(p.softcap);
   if (p.alibi_slopes.present()) {

@@ -13,7 +13,6 @@
 #include <cstdint>
 
 #include "cuda/generic/mma_sm80.cuh"
-#include "cuda/sm90/ptx.h"
 #include "decode_params.h"
 
 namespace steelattn::cuda_decode {
@@ -35,11 +34,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
 constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
 
-// Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles, then each
-// warp's stage mbarriers), and how many CTAs fit on an SM beside the per-CTA reserve; the
-// host picks splits from the same numbers.
+// Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles), and how many
+// CTAs fit on an SM beside the per-CTA reserve; the host picks splits from the same numbers.
 constexpr size_t smem_bytes(int dpad, int keys, int stages) {
-  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * (dpad + kPad)) + kWarps * stages * 8;
+  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * (dpad + kPad));
 }
 constexpr int ctas_per_sm(size_t smem) {
   return int(kSmemPerSm / (smem + 1024)) < 1 ? 1 : int(kSmemPerSm / (smem + 1024)) > 4 ? 4
@@ -59,8 +57,7 @@ struct Cfg {
   static constexpr size_t kSmemBytes = smem_bytes(kDPad, kKeys, kStages);
   static constexpr int kCtasPerSm = ctas_per_sm(kSmemBytes);
   static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
-  static constexpr size_t kBarOffset = size_t(2) * (kRows * kLd + kWarps * kWarpElems);  // 8-byte aligned
-  static_assert(kSmemBytes == kBarOffset + kWarps * kStages * 8, "the layout the kernel indexes");
+  static_assert(kSmemBytes == size_t(2) * (kRows * kLd + kWarps * kWarpElems), "the layout the kernel indexes");
   // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
   static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
 };
@@ -126,48 +123,6 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p
   }
 }
 
-// The same tile by bulk copies (sm_90+): one cp.async.bulk per K row and per V row, spread
-// over the lanes, completing on the stage's mbarrier, in place of 16-byte cp.async per lane
-// per chunk (ncu at B8 S32k: a third of that loader's L2 requests were extra hits, and L2,
-// not DRAM, was the busiest unit). Rows past n_end are zeroed by the lanes; columns past
-// D / Dv were zeroed once at the start and no copy writes them.
-template <typename T, typename C, bool kPaged>
-__device__ __forceinline__ void bulk_load_kv_tile(T* sK, T* sV, uint64_t* bar, const DecodeParams& p, int b,
-                                                  int entry, int hk, int n0, int n_end, int lane, int lane_page) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int valid = min(C::kKeys, n_end - n0);
-  if (valid < C::kKeys) {
-    constexpr int kChunks = C::kLd / 8;
-    for (int idx = lane; idx < (C::kKeys - valid) * kChunks; idx += 32) {
-      const int r = valid + idx / kChunks, c = idx % kChunks;
-      *reinterpret_cast<uint4*>(sK + r * C::kLd + c * 8) = make_uint4(0, 0, 0, 0);
-      *reinterpret_cast<uint4*>(sV + r * C::kLd + c * 8) = make_uint4(0, 0, 0, 0);
-    }
-  }
-  if (lane == 0) sm90::mbar_arrive_expect_tx(bar, uint32_t(valid * (p.D + p.Dv) * int(sizeof(T))));
-  __syncwarp();
-  sm90::fence_proxy_async();  // this warp's reads and zero stores of the stage come before the copies
-  const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
-#pragma unroll
-  for (int idx = lane; idx < 2 * C::kKeys; idx += 32) {
-    const int r = idx % C::kKeys;
-    const bool is_v = idx >= C::kKeys;
-    int64_t off;
-    const int64_t* st = is_v ? p.v_stride : p.k_stride;
-    if constexpr (kPaged) {
-      const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
-      off = page * st[0] + hk * st[1] + row * st[2];
-    } else {
-      off = int64_t(entry) * st[0] + hk * st[1] + int64_t(n0 + r) * st[2];
-    }
-    if (r < valid) {
-      const T* src = static_cast<const T*>(is_v ? p.v : p.k) + off;
-      sm90::bulk_load_1d((is_v ? sV : sK) + r * C::kLd, src, uint32_t((is_v ? p.Dv : p.D) * int(sizeof(T))), bar);
-    }
-  }
-#endif
-}
-
 // kPaged: K/V rows are found through p.block_table (a separate instantiation, so the dense
 // kernel keeps its registers).
 template <typename T, int kDPad, int kKeys, int kStages, bool kPaged>
@@ -182,12 +137,6 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   T* sQ = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   T* sW = sQ + kRows * kLd + warp * C::kWarpElems;  // this warp's stages
-  uint64_t* bars = reinterpret_cast<uint64_t*>(smem_raw + C::kBarOffset) + warp * kStages;  // bulk loads' stages
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const bool bulk = p.bulk_loads;
-#else
-  constexpr bool bulk = false;
-#endif
 
   // The combine kernel may start now (it waits for this grid's end); nothing is read before
   // the previous kernel of the stream (an append into the cache, say) has finished.
@@ -284,37 +233,10 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   auto stage = [&](int t) { return sW + (t % kStages) * C::kStageElems; };
   // Paged: the page of the next tile to load, fetched a tile ahead (see page_of).
   auto page_ahead = [&](int t) { return page_of<kPaged>(p, b, t < my_tiles ? tile_n0(t) + lane : n_end, n_end); };
-  auto load = [&](int t, int lane_page) {
-    T* sK = stage(t);
-    if (bulk)
-      bulk_load_kv_tile<T, C, kPaged>(sK, sK + kKeys * kLd, &bars[t % kStages], p, b, entry, hk, tile_n0(t), n_end,
-                                      lane, lane_page);
-    else
-      load_kv_tile<T, C, kPaged>(sK, sK + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane, lane_page);
-  };
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bulk) {
-    // Bulk copies write columns [0, D) / [0, Dv) only: the padding columns up to kDPad stay
-    // zero from here on (Q's are zero too, and P.V's past Dv are never stored).
-    if (p.D < kDPad || p.Dv < kDPad) {
-      constexpr int kPadChunks = kDPad / 8;
-      for (int idx = lane; idx < kStages * 2 * kKeys * kPadChunks; idx += 32) {
-        const int row = idx / kPadChunks, c = idx % kPadChunks;  // row over the stages' K and V rows
-        const bool is_v = (row / kKeys) % 2 == 1;
-        if (c * 8 >= (is_v ? p.Dv : p.D))
-          *reinterpret_cast<uint4*>(sW + row * kLd + c * 8) = make_uint4(0, 0, 0, 0);
-      }
-    }
-    if (lane == 0) {
-      for (int st = 0; st < kStages; ++st) sm90::mbar_init(&bars[st], 1);
-      sm90::fence_barrier_init();
-    }
-    __syncwarp();
-  }
-#endif
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
-    if (t < my_tiles) load(t, page_ahead(t));
+    if (t < my_tiles)
+      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t));
     cp_async_commit();
   }
   int next_page = page_ahead(kStages - 1);
@@ -343,13 +265,11 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   for (int t = 0; t < my_tiles; ++t) {
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
-      if (tn < my_tiles) load(tn, next_page);
+      if (tn < my_tiles)
+        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page);
       cp_async_commit();
       next_page = page_ahead(tn + 1);
     }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bulk) sm90::mbar_wait(&bars[t % kStages], uint32_t(t / kStages) & 1u);
-#endif
     cp_async_wait<kStages - 1>();
     __syncwarp();
     const T* sK = stage(t);

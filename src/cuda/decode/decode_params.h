@@ -35,7 +35,6 @@ struct DecodeParams {
   int32_t rows;        // group * N query rows per KV head
   int32_t row_groups;  // ceil(rows / 16)
   int32_t num_splits;  // key splits per (b, hkv); 1 writes out directly
-  bool bulk_loads;     // sm_90+: K/V rows by bulk copies on mbarriers (else 16-byte cp.async)
 
   float scale;
   float softcap;       // <= 0: off
