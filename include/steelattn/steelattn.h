@@ -67,6 +67,13 @@ struct AttentionParams {
   float dropout_p = 0.0f;
   uint64_t dropout_seed = 0;
   uint64_t dropout_offset = 0;
+  // The grid the draws are keyed in: score (b, h, i, j) of this call is element
+  // (b + dropout_b0, h, i + dropout_i0, j + dropout_j0) of a [*, H, dropout_N, dropout_S]
+  // grid (dropout_N / dropout_S < 0: N / S). Callers leave the defaults; a varlen call's
+  // sequences are pieces of its packed [1, H, total_q, total_k] grid this way, so no two
+  // sequences draw the same numbers.
+  int64_t dropout_b0 = 0, dropout_i0 = 0, dropout_j0 = 0;
+  int64_t dropout_N = -1, dropout_S = -1;
 
   // Backward only (attention_backward). dout [B, H, N, Dv] is the gradient of
   // out; q, k, v, out and lse are the forward's (lse required). dq, dk, dv have
@@ -199,9 +206,12 @@ size_t backward_workspace_bytes(const AttentionParams& p, ForwardPath path);
 Status attention_backward(AttentionParams& p, void* stream = nullptr, ForwardPath* taken = nullptr);
 
 // The dropout keep-mask the kernels use, materialised as bytes [B, H, N, S]
-// (for tests and for users who need to reproduce a training step).
+// (for tests and for users who need to reproduce a training step). With a frame
+// (AttentionParams::dropout_i0 ...): rows i0 .. i0 + N and columns j0 .. j0 + S of a
+// [B, H, N_total, S_total] grid, e.g. one sequence of a varlen call.
 Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p,
-                         uint64_t seed, uint64_t offset);
+                         uint64_t seed, uint64_t offset, int64_t i0 = 0, int64_t j0 = 0,
+                         int64_t N_total = -1, int64_t S_total = -1);
 
 // A KV-cache step's preparation, one launch on CUDA: k_new / v_new [B, Hkv, Nnew, D / Dv]
 // written into the cache at rows seqlens[b] .. seqlens[b] + Nnew - 1 (int32 [B], read on

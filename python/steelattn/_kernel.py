@@ -139,8 +139,9 @@ def kv_append(k_new, v_new, k_cache, v_cache, lens, block_table, kv_batch_idx, q
                    interleaved, q_causal, torch.get_num_threads(), _stream(k_new))
 
 
-def dropout_keep_mask(B, H, N, S, p, seed, offset):
+def dropout_keep_mask(B, H, N, S, p, seed, offset, frame=None):
+    """frame: (i0, j0, N_total, S_total), rows and columns of a larger grid (a varlen sequence)."""
     out = torch.empty(B, H, N, S, dtype=torch.uint8)
     if out.numel():
-        _ext.dropout_keep_mask(out.data_ptr(), B, H, N, S, float(p), seed, offset)
+        _ext.dropout_keep_mask(out.data_ptr(), B, H, N, S, float(p), seed, offset, *(frame or (0, 0, -1, -1)))
     return out.bool()

@@ -109,7 +109,7 @@ def _features(device):
         "head_dim_1_to_512": all(ok(D=d, dtype=torch.float32) for d in (1, 7, 80, 512)),
         "backward": device is not None and _probe(device)[1] != "none",
         "varlen": device is not None and _probe_varlen(device) != "none",
-        # Not implemented: flash_attention_varlen(dropout_p > 0) raises NotImplementedError.
+        # Dropout keyed in the packed grid (flash_attention_varlen's docstring).
         "varlen_dropout": device is not None and _probe_varlen(device, dropout=0.1) != "none",
         # Compositions over the dense kernels (views, a rescale by lse, a rotation before the call).
         "packed_inputs": ok(nonc=True),

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate
+from . import _validate, api
 from ._extra import Extra
-from .api import _run, check_sinks, with_sinks
+from .api import _dropout_seed, _run, check_sinks, with_sinks
 from .reference import attention_reference
 
 _FN = "flash_attention_varlen"
@@ -62,7 +62,8 @@ def _check_cu(name, cu, device, total):
 
 def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, *,
                            scale=None, causal=False, window_size=None, softcap=0.0, alibi_slopes=None,
-                           dropout_p=0.0, return_lse=False, deterministic=None, backend="auto", sinks=None):
+                           dropout_p=0.0, return_lse=False, deterministic=None, backend="auto", sinks=None,
+                           generator=None):
     """Attention over a batch of sequences of different lengths, packed without padding.
 
     q [total_q, H, D], k [total_k, Hkv, D], v [total_k, Hkv, Dv] (or [1, H, total, D]
@@ -76,6 +77,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     lse = -inf. `max_seqlen_q` / `max_seqlen_k` are accepted for FlashAttention
     compatibility and never change results. `sinks` (float [H]): a per-head logit in every
     row's denominator, as in flash_attention. Differentiable in q, k, v (and sinks).
+    `dropout_p` drops probabilities as flash_attention does (seeded from torch's RNG or
+    `generator`); the draws are keyed in the packed [1, H, total_q, total_k] grid, so
+    sequence b's keep-mask is dropout_keep_mask(1, H, total_q, total_k, ...)[..., q0:q1,
+    k0:k1] with (q0, q1) and (k0, k1) its rows of the packed tensors.
 
     Returns out in q's layout ([total_q, H, Dv] or [1, H, total_q, Dv]); with return_lse
     also lse [H, total_q] (fp32, natural log).
@@ -99,8 +104,6 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         if m is not None and (not isinstance(m, int) or m < 0):
             raise ValueError(f"{_FN}: {name} must be a non-negative int or None, got {m!r}")
     scale, softcap, wl, wr = _validate.score_args(_FN, D, scale, softcap, window_size, causal, dropout_p)
-    if dropout_p > 0:
-        raise NotImplementedError(f"{_FN}: dropout with varlen is not implemented yet")
     alibi = _validate.check_alibi(_FN, alibi_slopes, q4, num_seqs, H) if alibi_slopes is not None else None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -108,13 +111,15 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     extra = Extra(cu_seqlens_q, cu_seqlens_k)
 
     def fallback(rng):  # torch, one sequence at a time (reads the lengths: a host sync on CUDA)
+        if dropout_p > 0 and rng is None:
+            rng = _dropout_seed(generator)
         return _varlen_reference(q4, k4, v4, cu, scale=scale, softcap=softcap, alibi=alibi, wl=wl, wr=wr,
-                                 token_major=token_major)
+                                 token_major=token_major, dropout_p=dropout_p, rng=rng)
 
     if sinks is not None:
         check_sinks(_FN, sinks, q4, H)
     out, lse, _ = _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse or sinks is not None,
-                              backend, fallback, bool(deterministic))
+                              backend, fallback, bool(deterministic), dropout_p, generator)
     if sinks is not None:  # lse [1, H, total], out [1, H, total, Dv] (a token-major view when q was)
         out, lse, _ = with_sinks(out, lse, None, sinks.view(1, H, 1))
     if out.dim() == 4 and token_major:
@@ -127,25 +132,34 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     return out
 
 
-def _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse, backend, fallback, deterministic):
+def _run_varlen(q4, k4, v4, extra, scale, softcap, alibi, wl, wr, return_lse, backend, fallback, deterministic,
+                dropout_p=0.0, generator=None):
     return _run(_FN, q4, k4, v4, scale=scale, softcap=softcap, alibi=alibi, bias=None, bool_mask=None, diag_offset=0,
-                wl=wl, wr=wr, dropout_p=0.0, generator=None, return_lse=return_lse, return_weights=False,
+                wl=wl, wr=wr, dropout_p=dropout_p, generator=generator, return_lse=return_lse, return_weights=False,
                 backend=backend, torch_fallback=fallback, deterministic=deterministic, extra=extra)
 
 
-def _varlen_reference(q4, k4, v4, cu, *, scale, softcap, alibi, wl, wr, token_major, compute_dtype=None):
-    """The varlen definition with torch ops, one sequence at a time (differentiable).
+def _varlen_reference(q4, k4, v4, cu, *, scale, softcap, alibi, wl, wr, token_major, compute_dtype=None,
+                      dropout_p=0.0, rng=None):
+    """The varlen definition with torch ops, one sequence at a time (differentiable); with
+    dropout, each sequence's piece of the packed grid's keep-mask for rng = (seed, offset).
     Returns (out [1, H, total_q, Dv], lse [1, H, total_q], None)."""
     cq, ck = (c.tolist() for c in cu)
     dt = compute_dtype or _validate.side_dtype(q4)
+    H, total_q, total_k = q4.size(1), q4.size(2), k4.size(2)
     outs, lses = [], []
     for b in range(len(cq) - 1):
         qs, ks = q4[:, :, cq[b]:cq[b + 1]], k4[:, :, ck[b]:ck[b + 1]]
         vs = v4[:, :, ck[b]:ck[b + 1]]
         n, s = qs.size(2), ks.size(2)
+        keep = None
+        if dropout_p > 0:
+            keep = api._kernel.dropout_keep_mask(1, H, n, s, dropout_p, rng[0], rng[1],
+                                             frame=(cq[b], ck[b], total_q, total_k)).to(q4.device)
         o, lse, _ = attention_reference(qs, ks, vs, scale=scale, softcap=softcap,
                                         alibi_slopes=None if alibi is None else alibi[b:b + 1],
-                                        diag_offset=s - n, window_left=wl, window_right=wr, compute_dtype=dt)
+                                        diag_offset=s - n, window_left=wl, window_right=wr, compute_dtype=dt,
+                                        dropout_keep=keep, dropout_p=dropout_p)
         outs.append(o.to(q4.dtype))
         lses.append(lse)
     if not outs:

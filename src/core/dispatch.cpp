@@ -202,11 +202,20 @@ Status attention_backward(AttentionParams& p, void* stream, ForwardPath* taken) 
 }
 
 Status dropout_keep_mask(uint8_t* out, int64_t B, int64_t H, int64_t N, int64_t S, float p, uint64_t seed,
-                         uint64_t offset) {
+                         uint64_t offset, int64_t i0, int64_t j0, int64_t N_total, int64_t S_total) {
   if (!(p >= 0.0f && p < 1.0f)) return Status::Invalid("dropout_p: must be in [0, 1)");
+  if (N_total < 0) N_total = N;
+  if (S_total < 0) S_total = S;
+  if (i0 < 0 || j0 < 0 || i0 + N > N_total || j0 + S > S_total)
+    return Status::Invalid("dropout_keep_mask: the frame must hold rows i0 .. i0 + N and columns j0 .. j0 + S");
   const uint32_t thr = detail::dropout_threshold24(p);
-  const uint64_t total = uint64_t(B * H * N * S);
-  for (uint64_t idx = 0; idx < total; ++idx) out[idx] = detail::dropout_keep(idx, seed, offset, thr) ? 1 : 0;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < N; ++i) {
+        const uint64_t row = detail::dropout_index(b, h, i0 + i, j0, H, N_total, S_total);
+        uint8_t* o = out + ((b * H + h) * N + i) * S;
+        for (int64_t j = 0; j < S; ++j) o[j] = detail::dropout_keep(row + uint64_t(j), seed, offset, thr) ? 1 : 0;
+      }
   return Status::Ok();
 }
 

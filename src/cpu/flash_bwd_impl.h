@@ -174,7 +174,7 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
         for (int64_t j = 0; j < nk; ++j)
           for (int64_t r = 0; r < lanes; ++r) {
             const bool keep =
-                r < nrows && detail::dropout_keep(detail::dropout_index(b, ri.h[r], ri.i[r], k0 + j, p.H, p.N, p.S),
+                r < nrows && detail::dropout_keep(detail::dropout_index_in_frame(p, b, ri.h[r], ri.i[r], k0 + j),
                                                   p.dropout_seed, p.dropout_offset, ctx.drop_threshold);
             const T z = keep ? T(ctx.drop_scale) : T(0);
             pd[j * ld + r] = st[j * ld + r] * z;

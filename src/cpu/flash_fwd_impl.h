@@ -198,7 +198,7 @@ void apply_dropout(const AttentionParams& p, const RowInfo& ri, int64_t b, int64
                    T* st, int64_t ld, uint32_t threshold, T scale) {
   for (int64_t j = 0; j < nk; ++j)
     for (int64_t r = 0; r < nrows; ++r) {
-      const uint64_t idx = detail::dropout_index(b, ri.h[r], ri.i[r], k0 + j, p.H, p.N, p.S);
+      const uint64_t idx = detail::dropout_index_in_frame(p, b, ri.h[r], ri.i[r], k0 + j);
       T& x = st[j * ld + r];
       x = detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset, threshold) ? x * scale : T(0);
     }

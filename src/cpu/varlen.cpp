@@ -32,6 +32,9 @@ std::vector<AttentionParams> split_cache_entries(const AttentionParams& p) {
     s.B = 1;
     s.S = static_cast<const int32_t*>(p.seqlens_k.data)[b * p.seqlens_k.stride[0]];
     s.diag_offset = p.diag_offset + s.S - s.N;
+    s.dropout_b0 = p.dropout_b0 + b;  // draws keyed in the call's [B, H, N, S] grid
+    s.dropout_N = p.dropout_N < 0 ? p.N : p.dropout_N;
+    s.dropout_S = p.dropout_S < 0 ? p.S : p.dropout_S;
     for (TensorRef* t : {&s.q, &s.k, &s.v, &s.out, &s.lse, &s.dout, &s.dq, &s.dk, &s.dv, &s.dlse, &s.alibi_slopes}) {
       if (!t->present()) continue;
       t->data = static_cast<char*>(t->data) + b * t->stride[0] * dtype_size(t->dtype);
@@ -57,6 +60,10 @@ std::vector<AttentionParams> split_sequences(const AttentionParams& p) {
     s.N = entry(p.cu_seqlens_q, b + 1) - q0;
     s.S = entry(p.cu_seqlens_k, b + 1) - k0;
     s.diag_offset = p.diag_offset + s.S - s.N;  // bottom-right within the sequence
+    s.dropout_i0 = p.dropout_i0 + q0;  // draws keyed in the packed [1, H, total_q, total_k] grid
+    s.dropout_j0 = p.dropout_j0 + k0;
+    s.dropout_N = p.dropout_N < 0 ? p.N : p.dropout_N;
+    s.dropout_S = p.dropout_S < 0 ? p.S : p.dropout_S;
     for (TensorRef* t : {&s.q, &s.out, &s.lse, &s.dout, &s.dq, &s.dlse}) narrow_rows(*t, q0, s.N);
     for (TensorRef* t : {&s.k, &s.v, &s.dk, &s.dv}) narrow_rows(*t, k0, s.S);
     if (s.alibi_slopes.present()) {

@@ -367,12 +367,16 @@ NB_MODULE(_ext, m) {
 
   m.def(
       "dropout_keep_mask",
-      [](uintptr_t out, int64_t B, int64_t H, int64_t N, int64_t S, float p, uint64_t seed, uint64_t offset) {
-        Status st = dropout_keep_mask(reinterpret_cast<uint8_t*>(out), B, H, N, S, p, seed, offset);
+      [](uintptr_t out, int64_t B, int64_t H, int64_t N, int64_t S, float p, uint64_t seed, uint64_t offset,
+         int64_t i0, int64_t j0, int64_t N_total, int64_t S_total) {
+        Status st = dropout_keep_mask(reinterpret_cast<uint8_t*>(out), B, H, N, S, p, seed, offset, i0, j0, N_total,
+                                      S_total);
         if (!st.ok()) raise(st);
       },
       nb::arg("out"), nb::arg("B"), nb::arg("H"), nb::arg("N"), nb::arg("S"), nb::arg("p"), nb::arg("seed"),
-      nb::arg("offset"), "Fill a contiguous uint8 [B, H, N, S] buffer with the kernels' dropout keep-mask.");
+      nb::arg("offset"), nb::arg("i0") = 0, nb::arg("j0") = 0, nb::arg("N_total") = -1, nb::arg("S_total") = -1,
+      "Fill a contiguous uint8 [B, H, N, S] buffer with the kernels' dropout keep-mask (rows i0.., columns j0.. "
+      "of a [B, H, N_total, S_total] grid).");
 
   m.def(
       "kv_append",

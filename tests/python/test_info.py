@@ -31,7 +31,7 @@ def _seed_draw(seed):
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
-             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, raises=False, prefix=False,
+             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, prefix=False,
              splitfuse=False, append=False)
 FEATURE_CALLS = {
     "float32": {},
@@ -58,8 +58,8 @@ FEATURE_CALLS = {
     # The last 3 keys appended (identity rotation) into a cache whose rows there are garbage.
     "fused_rope_append": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True),
                               append=True),
-    # Not implemented: the call raises NotImplementedError (no torch path).
-    "varlen_dropout": dict(kw=dict(causal=True, dropout_p=0.1), varlen=True, raises=True),
+    "varlen_dropout": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 30, 50, 64, 64), kw=dict(causal=True, dropout_p=0.1),
+                           grad=True, varlen=True),
     "packed_inputs": dict(kw=dict(causal=True), grad=True, packed=True),
     # Identity sinks (-inf) and identity rotations: the dense answer, through the composed path.
     "sinks": dict(kw=dict(causal=True), grad=True, sinks=True),
@@ -100,6 +100,9 @@ def _run_feature_call(device, call, rng):
     if kw.get("dropout_p"):
         kw["generator"] = torch.Generator().manual_seed(5)
         ref_kw["dropout_keep"] = steelattn.dropout_keep_mask(B, H, N, S, kw["dropout_p"], *_seed_draw(5))
+        if c["varlen"]:  # varlen draws in the packed [1, H, B*N, B*S] grid: sequence b's piece of it
+            packed = steelattn.dropout_keep_mask(1, H, B * N, B * S, kw["dropout_p"], *_seed_draw(5))[0]
+            ref_kw["dropout_keep"] = torch.stack([packed[:, b * N:(b + 1) * N, b * S:(b + 1) * S] for b in range(B)])
         ref_kw["dropout_p"] = kw["dropout_p"]
     ref_kw = {n: t.cpu() if isinstance(t, torch.Tensor) else t for n, t in ref_kw.items()}
     tol = TOL.get(dtype, 1e-10)
@@ -111,8 +114,6 @@ def _run_feature_call(device, call, rng):
     steelattn.reset_dispatch_stats()
     inputs = [t.detach().requires_grad_() for t in (q, k, v)] if c["grad"] else [q, k, v]
     second = None  # a second output that must equal the reference too
-    if c["raises"]:
-        return None
     if c["varlen"]:  # the B sequences packed token-major: [B*N, H, D]
         pack = lambda t: t.permute(0, 2, 1, 3).reshape(-1, t.size(1), t.size(3))  # noqa: E731
         cu = lambda n: torch.arange(0, (B + 1) * n, n, dtype=torch.int32, device=device)  # noqa: E731
@@ -181,12 +182,6 @@ def test_feature_report_matches_what_runs(device, feature, rng):
     claimed = cfg["features"][feature]
     calls = FEATURE_CALLS[feature]
     for call in calls if isinstance(calls, list) else [calls]:
-        if call.get("raises") and not claimed:  # not implemented: a clear error, nothing computed
-            inputs = [randn(2 * 40, 4, 64, dtype=torch.float32, device=device, generator=rng) for _ in range(3)]
-            cu = torch.tensor([0, 40, 80], dtype=torch.int32, device=device)
-            with pytest.raises(NotImplementedError, match="not implemented"):
-                steelattn.flash_attention_varlen(*inputs, cu, cu, **call["kw"])
-            continue
         stats = _run_feature_call(device, call, rng)
         if claimed:  # the compositions make two kernel calls (prefix + suffix, prefill + decode)
             calls_made = 2 if feature in ("shared_prefix", "splitfuse") else 1
@@ -207,7 +202,7 @@ def test_supported_configs_cpu_paths():
     assert set(cfg["paths"].values()) == {f"cpu_{isa}"}
     assert set(cfg["backward_paths"].values()) == {f"cpu_{isa}"}
     missing = {f for f, on in cfg["features"].items() if not on}
-    assert missing == {"varlen_dropout"}, cfg["features"]  # the one CPU gap, raised as NotImplementedError
+    assert not missing, cfg["features"]
 
 
 def test_supported_configs_all_devices():

@@ -29,10 +29,13 @@ def reference(q, k, v, lq, lk, **kw):
         alibi = kw.get("alibi")  # [H], or [num_seqs, H]: one row per sequence
         if alibi is not None and alibi.dim() == 2:
             alibi = alibi[i:i + 1]
+        keep = kw.get("keep")  # dropout: the packed grid's keep-mask [1, H, total_q, total_k]
         o, lse, _ = attention_reference(qs, ks, vs, scale=kw.get("scale"), softcap=kw.get("softcap", 0.0),
                                         alibi_slopes=None if alibi is None else alibi.double(),
                                         diag_offset=s - n, window_left=kw.get("wl", -1),
-                                        window_right=kw.get("wr", -1))
+                                        window_right=kw.get("wr", -1),
+                                        dropout_keep=None if keep is None else keep[:, :, q0:q0 + n, k0:k0 + s],
+                                        dropout_p=kw.get("dropout_p", 0.0))
         outs.append(o[0].permute(1, 0, 2))
         lses.append(lse[0])
         q0, k0 = q0 + n, k0 + s
@@ -260,14 +263,60 @@ def test_varlen_bad_input_names_the_argument(bad, match):
         steelattn.flash_attention_varlen(q, k, v, *bad(cq, ck))
 
 
-def test_varlen_bad_layout_and_dropout():
+def test_varlen_bad_layout():
     cq = torch.tensor([0, 4], dtype=torch.int32)
     with pytest.raises(ValueError, match="q must be"):
         steelattn.flash_attention_varlen(torch.randn(2, 2, 2, 4, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8),
                                          cq, cq)
-    with pytest.raises(NotImplementedError, match="dropout"):
-        steelattn.flash_attention_varlen(torch.randn(4, 2, 8), torch.randn(4, 2, 8), torch.randn(4, 2, 8), cq, cq,
-                                         dropout_p=0.1)
+
+
+def _seed_of(generator_seed):
+    """The (seed, offset) a call draws from torch.Generator().manual_seed(generator_seed)."""
+    d = torch.randint(0, 2**62, (2,), generator=torch.Generator().manual_seed(generator_seed), dtype=torch.int64)
+    return int(d[0]), int(d[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kw", [{"causal": True}, {"window_size": (9, 3), "softcap": 20.0}], ids=["causal", "window"])
+def test_varlen_dropout_matches_reference_with_packed_mask(device, rng, dtype, kw):
+    """Dropout draws in the packed [1, H, total_q, total_k] grid: the kernel applies exactly
+    that grid's pieces, forward and backward (float32 on CUDA takes the torch path, which
+    draws the same pieces)."""
+    p, H, Hkv, D = 0.3, 4, 2, 32
+    lq = random_lengths(rng, 4) + [0, 1]
+    lk = random_lengths(rng, 4) + [2, 1]
+    q = randn(sum(lq), H, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    k = randn(sum(lk), Hkv, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    v = randn(sum(lk), Hkv, D, dtype=dtype, device=device, generator=rng).requires_grad_()
+    cq, ck = cu_of(lq, device), cu_of(lk, device)
+    out, lse = steelattn.flash_attention_varlen(q, k, v, cq, ck, dropout_p=p, return_lse=True,
+                                                generator=torch.Generator().manual_seed(77), **kw)
+    keep = steelattn.dropout_keep_mask(1, H, sum(lq), sum(lk), p, *_seed_of(77))
+    wl, wr = kw.get("window_size", (-1, 0 if kw.get("causal") else -1))
+    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, ref_lse = reference(rq, rk, rv, lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr, keep=keep,
+                             dropout_p=p)
+    assert_close(out.detach(), ref.detach(), dtype)
+    assert_lse_close(lse.detach(), ref_lse.detach(), dtype)  # the pre-dropout normaliser
+    dout = randn(*out.shape, dtype=dtype, device=device, generator=rng)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a, b, dtype, what=what, tol=3 * TOL[dtype])
+
+
+def test_varlen_dropout_sequences_draw_apart(device, rng):
+    """Two copies of one sequence in a batch get different keep-masks (keyed by packed
+    position), and the torch path draws the same ones as the kernels."""
+    n, H, D = 24, 2, 16
+    q1, k1, v1 = (randn(n, H, D, dtype=torch.float32, device=device, generator=rng) for _ in range(3))
+    q, k, v = (torch.cat([t, t]) for t in (q1, k1, v1))
+    cu = cu_of([n, n], device)
+    out = steelattn.flash_attention_varlen(q, k, v, cu, cu, dropout_p=0.5, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(out[:n], out[n:])
+    ref = steelattn.flash_attention_varlen(q, k, v, cu, cu, dropout_p=0.5, generator=torch.Generator().manual_seed(3),
+                                           backend="torch")
+    assert_close(out, ref.double(), torch.float32)
 
 
 def test_varlen_torch_path_matches(rng):

@@ -43,6 +43,14 @@ STEELATTN_HD uint64_t dropout_index(int64_t b, int64_t h, int64_t i, int64_t j, 
   return uint64_t(((b * H + h) * N + i) * S + j);
 }
 
+// dropout_index for score (b, h, i, j) of a call whose draws are keyed in a larger grid
+// (AttentionParams::dropout_b0 ... dropout_S; a KernelParams carries the same fields).
+template <class P>
+STEELATTN_HD uint64_t dropout_index_in_frame(const P& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return dropout_index(b + p.dropout_b0, h, i + p.dropout_i0, j + p.dropout_j0, p.H,
+                       p.dropout_N < 0 ? p.N : p.dropout_N, p.dropout_S < 0 ? p.S : p.dropout_S);
+}
+
 // Four consecutive indices share one Philox block: lane = idx % 4.
 // Returns the 24-bit uniform draw scaled to [0, 2^24).
 STEELATTN_HD uint32_t dropout_draw24(uint64_t idx, uint64_t seed, uint64_t offset) {

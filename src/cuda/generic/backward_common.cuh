@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(256) bwd_delta_stash_kernel(const BwdParams bp
 // Dropout multiplier Z of element (b, h, i, j): 1/(1-p) when kept, 0 when dropped.
 __device__ __forceinline__ float dropout_z(const KernelParams& p, int64_t b, int64_t h, int64_t i,
                                            int64_t j) {
-  const uint64_t idx = detail::dropout_index(b, h, i, j, p.H, p.N, p.S);
+  const uint64_t idx = detail::dropout_index_in_frame(p, b, h, i, j);
   return detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset, p.dropout_threshold24)
              ? p.dropout_scale
              : 0.0f;

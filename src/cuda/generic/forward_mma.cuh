@@ -94,7 +94,7 @@ __device__ __forceinline__ void apply_dropout(float (&s)[mma_cfg::kBlockN / 8][4
       if (s[nt][e] == 0.0f) continue;  // masked or underflowed: nothing to draw
       const RowCtx& r = e < 2 ? r0 : r1;
       const int64_t j = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-      const uint64_t idx = detail::dropout_index(r.b, r.h, r.i, j, p.H, p.N, p.S);
+      const uint64_t idx = detail::dropout_index_in_frame(p, r.b, r.h, r.i, j);
       if (!detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset, p.dropout_threshold24))
         s[nt][e] = 0.0f;
     }

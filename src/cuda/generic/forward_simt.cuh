@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(simt_cfg::kThreads) forward_simt_kernel(const 
         row_sum[r] += pr;
         if (p.dropout && pr != 0.0f) {
           const uint64_t idx =
-              detail::dropout_index(b, h, rc[r].i, n0 + tx + 16 * c, p.H, p.N, p.S);
+              detail::dropout_index_in_frame(p, b, h, rc[r].i, n0 + tx + 16 * c);
           if (!detail::dropout_keep(idx, p.dropout_seed, p.dropout_offset,
                                     p.dropout_threshold24))
             pr = 0.0f;

@@ -47,8 +47,7 @@ bool cuda_generic_supports(const AttentionParams& p, std::string* why_not) {
     return no("cuda_generic: B, H, N and S must each fit in int32");
   if (p.block_mask.present()) return no("cuda_generic: block_mask: only the Hopper forward takes block masks");
   if (p.seqlens_k.present()) return no("cuda_generic: seqlens_k (KV-cache lengths) is not on the CUDA kernels yet");
-  if (p.varlen() && (p.dropout_p > 0.0f || p.attn_weights.present()))
-    return no("cuda_generic: varlen calls take no dropout or attention weights");
+  if (p.varlen() && p.attn_weights.present()) return no("cuda_generic: varlen calls take no attention weights");
   if (p.varlen() && (p.q.dtype == DType::f32 || p.D > 256 || p.Dv > 256))
     return no("cuda_generic: varlen runs on the tensor-core kernels only (fp16/bf16, head dims <= 256)");
   int major = 0;

@@ -98,6 +98,11 @@ inline KernelParams make_kernel_params(const AttentionParams& p) {
   k.dropout_scale = p.dropout_p < 1.0f ? 1.0f / (1.0f - p.dropout_p) : 0.0f;
   k.dropout_seed = p.dropout_seed;
   k.dropout_offset = p.dropout_offset;
+  k.dropout_b0 = p.dropout_b0;
+  k.dropout_i0 = p.dropout_i0;
+  k.dropout_j0 = p.dropout_j0;
+  k.dropout_N = p.dropout_N < 0 ? p.N : p.dropout_N;
+  k.dropout_S = p.dropout_S < 0 ? p.S : p.dropout_S;
 
   k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);
   k.cu_k = static_cast<const int32_t*>(p.cu_seqlens_k.data);

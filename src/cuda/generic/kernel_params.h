@@ -51,6 +51,9 @@ struct KernelParams {
   float dropout_scale;
   uint64_t dropout_seed;
   uint64_t dropout_offset;
+  // The grid draws are keyed in (AttentionParams::dropout_b0 ...); varlen.cuh moves
+  // dropout_i0 / dropout_j0 to the CTA's sequence.
+  int64_t dropout_b0, dropout_i0, dropout_j0, dropout_N, dropout_S;
 
   // Work decomposition: blockIdx.x -> (q tile, Dv chunk, h, b).
   int32_t num_q_tiles;

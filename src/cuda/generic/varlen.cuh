@@ -40,6 +40,8 @@ __device__ inline void narrow_to_sequence(KernelParams& p, int s) {
   p.out = static_cast<T*>(p.out) + q0 * p.out_stride[2];
   if (p.lse) p.lse += q0 * p.lse_stride[2];
   if (p.alibi) p.alibi += s * p.alibi_stride[0];
+  p.dropout_i0 += q0;  // draws stay keyed in the packed grid (dropout_N, _S: the totals)
+  p.dropout_j0 += k0;
   p.diag_offset += sk - n;
   p.N = n;
   p.S = sk;
