@@ -17,6 +17,7 @@
 
 namespace steelattn::cuda_decode {
 
+using cuda_generic::cp_async_16;
 using cuda_generic::cp_async_commit;
 using cuda_generic::cp_async_wait;
 using cuda_generic::acc_as_a_fragment;
@@ -91,11 +92,42 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
   return kPaged && j < n_end ? __ldg(p.block_table + b * p.bt_stride + j / p.page_size) : 0;
 }
 
+// A whole dense warp tile at D = Dv = kDPad: each lane copies one 16-byte chunk of every
+// (32 / chunks per row)-th row from a pointer it steps by rows, no per-chunk index math or
+// predicates (ncu at B8 S32k: ~700 instructions per tile per warp, the warps' own chains
+// at 7 cycles per instruction taking the whole kernel time).
+template <typename T, typename C>
+__device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
+                                                  int lane) {
+  constexpr int kChunks = (C::kLd - kPad) / 8;
+  constexpr int kRowsPerStep = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0, "whole rows per warp step");
+  const int r0 = lane / kChunks, c = lane % kChunks;
+  const T* gk = static_cast<const T*>(p.k) + int64_t(entry) * p.k_stride[0] + hk * p.k_stride[1] +
+                int64_t(n0 + r0) * p.k_stride[2] + c * 8;
+  const T* gv = static_cast<const T*>(p.v) + int64_t(entry) * p.v_stride[0] + hk * p.v_stride[1] +
+                int64_t(n0 + r0) * p.v_stride[2] + c * 8;
+  const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
+  T* sk = sK + r0 * C::kLd + c * 8;
+  T* sv = sV + r0 * C::kLd + c * 8;
+#pragma unroll
+  for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
+    cp_async_16(sk + it * kRowsPerStep * C::kLd, gk);
+    cp_async_16(sv + it * kRowsPerStep * C::kLd, gv);
+    gk += k_step;
+    gv += v_step;
+  }
+}
+
 // One warp tile of K and V (kKeys keys from n0; keys >= n_end and columns >= D / Dv zero).
 // `lane_page`: page_of key n0 + lane (paged caches only).
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
                                              int n0, int n_end, int lane, int lane_page) {
+  if constexpr (!kPaged) {
+    if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad)  // warp-uniform
+      return load_full_kv_tile<T, C>(sK, sV, p, entry, hk, n0, lane);
+  }
   constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
   static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
@@ -333,14 +365,23 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     for (int r = 0; r < 2; ++r) {
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
       tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-      const float m_use = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // exp2(-inf - 0) = 0, not NaN
-      const float alpha = exp2f(row_max[r] - m_use);
-      row_max[r] = tile_max[r];
-      row_sum[r] *= alpha;
-      neg_max[r] = -m_use;
-#pragma unroll
-      for (int nt = 0; nt < kNtO; ++nt) o[nt][2 * r] *= alpha, o[nt][2 * r + 1] *= alpha;
     }
+    // Rescale O and the sums only when some row's maximum moved (after the first few tiles
+    // it rarely does): otherwise alpha is exactly 1 (or 0 times zeros for rows that have seen
+    // nothing yet), and 2 x kNtO x 2 multiplies per tile are saved.
+    if (__any_sync(0xffffffffu, tile_max[0] != row_max[0] || tile_max[1] != row_max[1])) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float m_use = tile_max[r] == -INFINITY ? 0.0f : tile_max[r];  // exp2(-inf - 0) = 0, not NaN
+        const float alpha = exp2f(row_max[r] - m_use);
+        row_max[r] = tile_max[r];
+        row_sum[r] *= alpha;
+#pragma unroll
+        for (int nt = 0; nt < kNtO; ++nt) o[nt][2 * r] *= alpha, o[nt][2 * r + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) neg_max[r] = row_max[r] == -INFINITY ? 0.0f : -row_max[r];
 #pragma unroll
     for (int nt = 0; nt < kNtS; ++nt) {
 #pragma unroll
