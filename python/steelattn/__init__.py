@@ -13,7 +13,8 @@ from .packed import (flash_attention_kv_packed, flash_attention_qkv_packed, flas
 from .cache import InferenceContext, PagedKVCache
 from .kvcache import flash_attention_kvcache, flash_attention_paged, merge_attention_states
 from .rope import flash_attention_rope, make_rope_3d_tables
-from .serving import flash_attention_shared_prefix, flash_attention_splitfuse, make_shared_prefix_cache
+from .serving import (flash_attention_shared_prefix, flash_attention_speculative_verify, flash_attention_splitfuse,
+                      make_shared_prefix_cache)
 from .sparse import flash_attention_sparse
 from .varlen import flash_attention_varlen
 from .masks import (make_adaptive_window_mask, make_axial_spatial_mask, make_axial_temporal_mask,
@@ -31,7 +32,7 @@ __all__ = [
     "flash_attention_kv_packed", "flash_attention_varlen_qkv_packed", "flash_attention_varlen_kv_packed",
     "flash_attention_sparse", "flash_attention_kvcache", "flash_attention_paged", "merge_attention_states",
     "PagedKVCache", "InferenceContext", "flash_attention_rope", "make_rope_3d_tables", "make_shared_prefix_cache",
-    "flash_attention_shared_prefix", "flash_attention_splitfuse",
+    "flash_attention_shared_prefix", "flash_attention_splitfuse", "flash_attention_speculative_verify",
 ]
 __all__ += [  # mask builders (masks.py)
     "make_adaptive_window_mask", "make_axial_spatial_mask", "make_axial_temporal_mask", "make_causal_block_mask",

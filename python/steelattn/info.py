@@ -122,6 +122,7 @@ def _features(device):
         # Serving compositions (serving.py) over the dense and KV-cache kernels.
         "shared_prefix": ok() and _probe_kvcache(device) != "none",
         "splitfuse": ok() and _probe_kvcache(device) != "none",
+        "speculative_verify": ok(),  # the seed's helper over the dense kernels
     }
 
 

@@ -1,6 +1,7 @@
 """Serving compositions over the kernels: a prompt prefix shared by many requests
-(make_shared_prefix_cache, flash_attention_shared_prefix) and prefill and decode tokens in
-one call (flash_attention_splitfuse).
+(make_shared_prefix_cache, flash_attention_shared_prefix), prefill and decode tokens in
+one call (flash_attention_splitfuse), and the seed's draft-verification helper
+(flash_attention_speculative_verify).
 
 Shared prefix (cascade attention). B requests that start with the same P-token prefix
 keep its K/V once, [1, Hkv, P, D], and their own suffixes in a KV cache. Each request's
@@ -77,3 +78,42 @@ def flash_attention_splitfuse(q_prefill, k_prefill, v_prefill, q_decode, k_cache
                                          block_table=block_table, scale=scale, causal=causal, softcap=softcap,
                                          window_size=window_size)
     return out_prefill, out_decode
+
+
+_SV = "flash_attention_speculative_verify"
+
+
+def flash_attention_speculative_verify(q_target, k_cache, v_cache, draft_ids, *, scale=None, causal=True,
+                                       temperature=1.0, cache_seqlens=None, block_table=None):
+    """The seed's verification helper, with its semantics: the draft positions' queries
+    q_target [B, H, N_draft, D] attend to the cache (causal bottom-right: the drafts are the
+    cache's last N_draft tokens; with cache_seqlens / block_table, to each entry's used keys
+    through flash_attention_kvcache), and
+
+        target_logprobs[b, i] = log_softmax(out[b, :, i, :].mean(heads) / temperature)[draft_ids[b, i]]
+
+    over the value dim. This is the seed's *proxy*, not the model's probability of the
+    draft token: an attention call has no LM head, so real acceptance needs the logits of
+    the model (project the layer's output through the rest of the model). draft_ids:
+    integer [B, N_draft] in [0, Dv) (checked: one host read on CUDA; the seed clamps them).
+    Returns (out [B, H, N_draft, Dv], lse [B, H, N_draft], target_logprobs float32
+    [B, N_draft])."""
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"{_SV}: temperature must be a positive number, got {temperature!r}")
+    if not isinstance(draft_ids, torch.Tensor) or draft_ids.dtype.is_floating_point or draft_ids.dtype == torch.bool:
+        raise TypeError(f"{_SV}: draft_ids must be an integer tensor [B, N_draft]")
+    if q_target.dim() != 4 or draft_ids.shape != (q_target.size(0), q_target.size(2)):
+        raise ValueError(f"{_SV}: draft_ids must be [B, N_draft] = {tuple(q_target.shape[0:3:2])}, got "
+                         f"{tuple(draft_ids.shape)}")
+    if cache_seqlens is None and block_table is None:
+        out, lse = flash_attention(q_target, k_cache, v_cache, scale=scale, causal=causal, return_lse=True)
+    else:
+        out, lse = flash_attention_kvcache(q_target, k_cache, v_cache, cache_seqlens=cache_seqlens,
+                                           block_table=block_table, scale=scale, causal=causal, return_lse=True)
+    Dv = out.size(-1)
+    if draft_ids.numel() and not bool(((draft_ids >= 0) & (draft_ids < Dv)).all()):
+        raise ValueError(f"{_SV}: draft_ids must lie in [0, {Dv}) (the value dim the proxy indexes)")
+    logits = out.float().mean(dim=1) / temperature  # [B, N_draft, Dv]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    target = logprobs.gather(-1, draft_ids.to(device=out.device, dtype=torch.int64).unsqueeze(-1)).squeeze(-1)
+    return out, lse, target

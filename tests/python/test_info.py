@@ -31,7 +31,7 @@ def _seed_draw(seed):
 # "grad" runs the backward too; "nonc" views [B, N, H, D] storage as [B, H, N, D]; "varlen"
 # packs the B sequences token-major and calls flash_attention_varlen.
 _BASE = dict(dtype=torch.float32, shape=(2, 4, 4, 40, 40, 64, 64), kw={}, grad=False, nonc=False, varlen=False,
-             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, prefix=False,
+             sparse=False, kvcache=False, packed=False, sinks=False, rope=False, prefix=False, spec=False,
              splitfuse=False, append=False)
 FEATURE_CALLS = {
     "float32": {},
@@ -68,6 +68,8 @@ FEATURE_CALLS = {
                    varlen=True),
     # One prefix shared by the batch, each entry's suffix in a cache: the dense answer.
     "shared_prefix": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), prefix=True),
+    # The seed's draft-verification helper: its attention part is the causal dense answer.
+    "speculative_verify": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), spec=True),
     # The same call as prefill and as decode against a full cache: the dense answer twice.
     "splitfuse": dict(dtype=torch.bfloat16, shape=(2, 4, 2, 3, 40, 64, 64), kw=dict(causal=True), splitfuse=True),
 }
@@ -139,6 +141,9 @@ def _run_feature_call(device, call, rng):
     elif c["prefix"]:
         res = steelattn.flash_attention_shared_prefix(q, k[:1, :, :P], v[:1, :, :P], k[:, :, P:], v[:, :, P:],
                                                       cache_seqlens=S - P, **kw)
+    elif c["spec"]:
+        res = steelattn.flash_attention_speculative_verify(*inputs, torch.zeros(B, N, dtype=torch.int64,
+                                                                                 device=device), **kw)
     elif c["splitfuse"]:
         res, second = steelattn.flash_attention_splitfuse(q, k, v, q, k, v, cache_seqlens=S, **kw)
     elif c["sparse"]:  # every block active (blocks of 16): the dense answer

@@ -88,3 +88,37 @@ def test_splitfuse_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="head"):  # the prefill part's heads do not divide
         steelattn.flash_attention_splitfuse(qp, torch.randn(1, 3, 5, 32), torch.randn(1, 3, 5, 32), qd, kc, kc,
                                             cache_seqlens=3)
+
+
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "lengths"])
+def test_speculative_verify_is_the_seeds_proxy(device, rng, paged):
+    """out / lse are the drafts' causal attention over the cache; target_logprobs is the
+    seed's proxy, log_softmax over the value dim of the head-mean output at draft_ids,
+    checked against the float64 reference."""
+    dt = torch.bfloat16 if device == "cuda" else torch.float32
+    B, H, Hkv, Nd, S, D, T = 2, 8, 2, 4, 90, 64, 0.7
+    q = randn(B, H, Nd, D, dtype=dt, device=device, generator=rng)
+    k = randn(B, Hkv, S, D, dtype=dt, device=device, generator=rng)
+    v = randn(B, Hkv, S, D, dtype=dt, device=device, generator=rng)
+    ids = torch.randint(0, D, (B, Nd), generator=rng).to(device)
+    kw = dict(cache_seqlens=S) if paged else {}
+    out, lse, logp = steelattn.flash_attention_speculative_verify(q, k, v, ids, temperature=T, **kw)
+    ref, ref_lse, _ = attention_reference(q.cpu().double(), k.cpu().double(), v.cpu().double(), diag_offset=S - Nd,
+                                          window_right=0)
+    assert_close(out, ref, dt)
+    assert_lse_close(lse, ref_lse, dt)
+    ref_logp = torch.log_softmax(ref.mean(dim=1) / T, dim=-1).gather(-1, ids.cpu().long().unsqueeze(-1)).squeeze(-1)
+    assert logp.dtype == torch.float32 and logp.shape == (B, Nd)
+    assert_close(logp, ref_logp, dt, what="target_logprobs")
+
+
+def test_speculative_verify_bad_input_names_the_argument():
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 20, 16)
+    with pytest.raises(ValueError, match="draft_ids"):  # out of the value dim
+        steelattn.flash_attention_speculative_verify(q, k, k, torch.tensor([[0, 16, 1]]))
+    with pytest.raises(ValueError, match="draft_ids"):  # wrong shape
+        steelattn.flash_attention_speculative_verify(q, k, k, torch.tensor([[0, 1]]))
+    with pytest.raises(TypeError, match="draft_ids"):
+        steelattn.flash_attention_speculative_verify(q, k, k, torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="temperature"):
+        steelattn.flash_attention_speculative_verify(q, k, k, torch.zeros(1, 3, dtype=torch.int64), temperature=0)
