@@ -25,7 +25,9 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
           flash_attention_kvcache with the length on the device; SDPA peers write the
           token with an indexed copy and attend to the first 1001 keys).
           Rows {"op": "host", "case", "impl", "us"}.
-  decode  (CUDA) 1 and 16 queries against a GQA 32/8 KV cache, GB/s of K and V read.
+  decode  (CUDA) 1 and 16 queries against a GQA 32/8 KV cache at issue 10's (B, S) cells,
+          GB/s of K and V read; paged pools (rows with "page_size"); a fused serving step;
+          a 32-layer decode step captured in a CUDA graph against SDPA's (bench_cuda_decode).
   varlen  64 random-length sequences (bench_features.py), forward and training step,
           against torch's varlen_attn and FA4's varlen when they import.
   sparse  a video locality block mask and a causal window of 1024 (bench_features.py),
@@ -681,6 +683,7 @@ def _paged_impl(q, k, v, page):
     table = torch.randperm(B * P, generator=g).view(B, P).to(device=q.device, dtype=torch.int32)
     perm_k, perm_v = torch.empty_like(pool_k), torch.empty_like(pool_v)  # page table[b, p] holds page b * P + p
     perm_k[table.view(-1).long()], perm_v[table.view(-1).long()] = pool_k, pool_v
+    del pool_k, pool_v
     lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
     return _Impl(lambda: steelattn.flash_attention_kvcache(q, perm_k, perm_v, block_table=table, cache_seqlens=lens,
                                                            causal=False), (q, k, v))
@@ -716,48 +719,135 @@ def _step_impl(q, k, v, torch_ops):
     return _Impl(step, (q, k, v), ctx=mode)
 
 
-def bench_cuda_decode(quick=False, log=print, run=None):
-    """Decode: one (or a few) new queries against a long GQA KV cache; memory bound, so
-    reported as GB/s of K and V read (B=1 and 8, H=32, Hkv=8, D=128, bf16). With one query,
-    also the same cache as shuffled pages of 16 and 64 tokens (steelattn-paged16/64), and a
-    whole serving step with RoPE and the append of one token, fused (steelattn-step) and
-    with the rotation and append as torch ops (steelattn-step-torch-ops)."""
-    run = run or _Run("cuda", log=log)
+# Issue 10's decode cells: (B, S) with one query token, and with 16; --quick keeps the first
+# of each. Paged pools at these page sizes. The 32-layer step: B, S and layers.
+DECODE_CELLS = ((1, 32768), (8, 16384), (8, 32768), (64, 4096), (128, 2048))
+DECODE_CELLS_16 = ((8, 32768),)
+DECODE_PAGES = (16, 64)
+DECODE_LAYERS = dict(B=8, S=4096, layers=32)
+
+
+def _layers_step_impl(q, caches, k_new, v_new, lens, torch_ops):
+    """One decode step of a `len(caches)`-layer model's attention, as a serving loop under
+    CUDA graphs runs it: per layer, the new token appended into the layer's static cache
+    at the device lengths and one query attending to it. steelattn: flash_attention_kvcache
+    (fused append, lengths on the device). torch_ops: an indexed copy at the lengths and
+    SDPA over the static cache with a boolean mask of the used keys (what transformers'
+    static cache does), torch choosing the SDPA backend."""
+    B = q.size(0)
+    if not torch_ops:
+        def step():
+            for kc, vc in caches:
+                out = steelattn.flash_attention_kvcache(q, kc, vc, k_new=k_new, v_new=v_new, cache_seqlens=lens)
+            return out
+        return step
+    S = caches[0][0].size(2)
+    rows, pos = torch.arange(B, device=q.device), lens.long()
+    mask = (torch.arange(S, device=q.device)[None] <= pos[:, None])[:, None, None, :]  # [B, 1, 1, S]
+
+    def step():
+        for kc, vc in caches:
+            kc[rows, :, pos] = k_new[:, :, 0]
+            vc[rows, :, pos] = v_new[:, :, 0]
+            out = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=True)
+        return out
+    return step
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (warmed up on a side stream first); returns the replay."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def bench_cuda_decode(quick=False, log=print, run=None, device=None, timer=None, cells=None, cells16=None,
+                      layers=None):
+    """Decode: one (or 16) new queries against a long GQA KV cache (H=32, Hkv=8, D=128,
+    bf16); memory bound, so reported as GB/s of K and V read, at issue 10's (B, S) cells.
+    With one query also the same cache as shuffled pages (impl "steelattn-paged", rows with
+    "page_size"), and a whole serving step with RoPE and the append of one token, fused
+    (steelattn-step) and with the rotation and append as torch ops (steelattn-step-torch-ops).
+    Last, a 32-layer decode step captured in a CUDA graph (B8 S4k), steelattn against torch's
+    SDPA with an indexed append and a mask ("steelattn-32layer-graph", "sdpa-32layer-graph";
+    GB/s over all layers' K and V). device / timer / cells / layers: for a CPU smoke test."""
+    dev, timer = device or _CUDA, timer or time_cuda
+    cuda = torch.device(dev).type == "cuda"
+    run = run or _Run("cuda" if cuda else "cpu", log=log)
     n0 = len(run.rows)
     H, Hkv, D = 32, 8, 128
-    for B, S, N in itertools.product((1, 8), (4096,) if quick else (4096, 32768), (1, 16)):
+    cells = cells or (DECODE_CELLS[:1] if quick else DECODE_CELLS)
+    cells16 = cells16 if cells16 is not None else DECODE_CELLS_16
+    dtype = torch.bfloat16
+    for (B, S), N in [(c, 1) for c in cells] + [(c, 16) for c in cells16]:
         if run.out_of_time():
             continue
-        g = torch.Generator(device=_CUDA).manual_seed(0)
-        q = _randn((B, H, N, D), _CUDA, torch.bfloat16, g)
-        k, v = (_randn((B, Hkv, S, D), _CUDA, torch.bfloat16, g) for _ in range(2))
+        g = torch.Generator(device=dev).manual_seed(0)
+        q = _randn((B, H, N, D), dev, dtype, g)
+        k, v = (_randn((B, Hkv, S, D), dev, dtype, g) for _ in range(2))
         kv_bytes = 2 * B * Hkv * S * D * 2
-        # No mask: with N << S the causal band hides at most N-1 keys, and torch's SDPA
-        # would align it top-left, a different function.
         res = {}
-        extra = ["steelattn-paged16", "steelattn-paged64", "steelattn-step", "steelattn-step-torch-ops"]
-        for name in _peers() + (extra if N == 1 else []):
+        names = [(n, None) for n in (_peers() if cuda else ["steelattn"])]
+        if N == 1:
+            names += [("steelattn-paged", p) for p in DECODE_PAGES] + [("steelattn-step", None),
+                                                                       ("steelattn-step-torch-ops", None)]
+        for name, page in names:
+            label = name + (str(page) if page else "")
             try:
-                if "paged" in name:
-                    impl = _paged_impl(q, k, v, int(name[15:]))
+                if page:
+                    impl = _paged_impl(q, k, v, page)
                 elif "step" in name:
                     impl = _step_impl(q, k, v, torch_ops=name.endswith("torch-ops"))
                 else:
                     impl = _make_impl(name, q, k, v, causal=False)
                 _stats_reset()
-                res[name] = _time_fwd(impl, time_cuda)
+                res[label] = _time_fwd(impl, timer)
                 path = _stats_read() if name == "steelattn" else None
             except Exception as e:
-                log(f"  decode {name} failed at N={N} S={S}: {type(e).__name__}: {str(e)[:160]}")
+                log(f"  decode {label} failed at B={B} N={N} S={S}: {type(e).__name__}: {str(e)[:160]}")
                 continue
-            row = _row("decode", "bf16", B, H, Hkv, N, S, D, False, None, name, res[name], None)
-            row["gbps"] = round(kv_bytes / res[name] / 1e6, 1)
+            finally:
+                impl = None
+            row = _row("decode", "bf16", B, H, Hkv, N, S, D, False, None, name, res[label], None)
+            row["gbps"] = round(kv_bytes / res[label] / 1e6, 1)
+            row["page_size"] = page
             if path is not None:
                 row["path"] = path
             run.add(row)
         parts = "  ".join(f"{n} {kv_bytes / t / 1e6:7.1f}" for n, t in res.items())
         log(f"  decode B={B} N={N:2d} S={S:5d}  GB/s: {parts}")
         run.flush()
+        del q, k, v
+        gc.collect()
+    lay = layers or DECODE_LAYERS
+    if cuda and not run.out_of_time():
+        B, S, L = lay["B"], lay["S"], lay["layers"]
+        g = torch.Generator(device=dev).manual_seed(2)
+        q = _randn((B, H, 1, D), dev, dtype, g)
+        k_new, v_new = (_randn((B, Hkv, 1, D), dev, dtype, g) for _ in range(2))
+        caches = [tuple(_randn((B, Hkv, S, D), dev, dtype, g) for _ in range(2)) for _ in range(L)]
+        lens = torch.full((B,), S - 1, dtype=torch.int32, device=dev)  # tokens already in each cache
+        kv_bytes = L * 2 * B * Hkv * S * D * 2
+        for name, torch_ops in (("steelattn-32layer-graph", False), ("sdpa-32layer-graph", True)):
+            try:
+                ms = timer(_graphed(_layers_step_impl(q, caches, k_new, v_new, lens, torch_ops)))
+            except Exception as e:
+                log(f"  decode {name} failed: {type(e).__name__}: {str(e)[:160]}")
+                continue
+            row = _row("decode", "bf16", B, H, Hkv, 1, S, D, False, None, name, ms, None)
+            row.update(gbps=round(kv_bytes / ms / 1e6, 1), page_size=None, layers=L)
+            run.add(row)
+            log(f"  decode {name} B={B} S={S} x{L} layers: {ms:.3f} ms ({kv_bytes / ms / 1e6:.0f} GB/s)")
+        run.flush()
+        del caches
+        gc.collect()
     return run.rows[n0:]
 
 
@@ -852,7 +942,8 @@ def to_markdown(result):
         oprows = [r for r in dense if r["op"] == op]
         keys = _ordered((r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"], r["window"])
                         for r in oprows)
-        impls = _ordered(r["impl"] for r in oprows)
+        col = lambda r: r["impl"] + (str(r["page_size"]) if r.get("page_size") else "")  # noqa: E731
+        impls = _ordered(col(r) for r in oprows)
         if "steelattn" in impls:
             impls = ["steelattn"] + [i for i in impls if i != "steelattn"]
         anchors = [i for i in impls if i != "steelattn"]
@@ -863,7 +954,7 @@ def to_markdown(result):
         lines += [f"## {op}", "", hdr, "|" + "---|" * (7 + len(impls) + len(anchors) + has_path)]
         for key in keys:
             dt, B, H, Hkv, N, S, D, causal, window = key
-            by = {r["impl"]: r for r in oprows
+            by = {col(r): r for r in oprows
                   if (r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"], r["window"]) == key}
 
             def cell(r):

@@ -26,3 +26,28 @@ def test_host_rows(tmp_path):
     step = next(r for r in rows if r["impl"] == "steelattn" and r["case"] == "decode_step")
     assert step["N"] == 1 and step["S"] == bench.HOST_DECODE["L"] + 1 and step["us"] > 0
     assert "cpu_" in str(step["path"]), step
+
+
+def test_decode_rows_and_layer_step_on_cpu():
+    """bench_cuda_decode's cells, paged rows and steps run end to end on tiny CPU cells in
+    the documented format, and the 32-layer step's two variants compute the same
+    attention (the torch one: indexed append + masked SDPA over the static cache)."""
+    import torch
+
+    once = lambda fn: (fn(), 1.0)[1]  # noqa: E731  (no timing: a smoke run)
+    rows = bench.bench_cuda_decode(device="cpu", timer=once, cells=((2, 128),), cells16=((1, 64),),
+                                   log=lambda *a: None)
+    impls = {(r["impl"], r["page_size"], r["N"]) for r in rows}
+    for page in bench.DECODE_PAGES:
+        assert ("steelattn-paged", page, 1) in impls, impls
+    assert {("steelattn", None, 1), ("steelattn", None, 16), ("steelattn-step", None, 1)} <= impls, impls
+    assert all(r["op"] == "decode" and r["gbps"] > 0 for r in rows)
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D = 2, 4, 2, 40, 16
+    q = torch.randn(B, H, 1, D, generator=g)
+    kn, vn = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)
+    caches = [(torch.randn(B, Hkv, S, D, generator=g), torch.randn(B, Hkv, S, D, generator=g)) for _ in range(2)]
+    lens = torch.tensor([5, 30], dtype=torch.int32)
+    outs = [bench._layers_step_impl(q, [(k.clone(), v.clone()) for k, v in caches], kn, vn, lens, t)()
+            for t in (False, True)]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
