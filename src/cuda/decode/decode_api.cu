@@ -33,8 +33,9 @@ constexpr int64_t kMaxDenseRowsFewHeads = 64;
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
 // Tile shapes (keys per warp tile, stages) per padded head dim. The default is the measured
-// best (docs/benchmarks/NOTES.md); STEELATTN_DECODE_TILE=32x2|16x2|16x3 overrides it at
-// D = 128 for measurements.
+// best (docs/benchmarks/NOTES.md); STEELATTN_DECODE_TILE=32x2|32x3|16x2|16x3 overrides it
+// at D = 128 for measurements (32x2 led on the long cells, the next to try is 32x3: one CTA
+// per SM with two tiles per warp in flight).
 struct TileShape {
   int keys, stages;
 };
@@ -45,6 +46,7 @@ TileShape tile_shape(int dpad) {
     const char* env = std::getenv("STEELATTN_DECODE_TILE");
     const std::string e = env ? env : "";
     if (e == "32x2") return TileShape{32, 2};
+    if (e == "32x3") return TileShape{32, 3};
     if (e == "16x3") return TileShape{16, 3};
     return TileShape{16, 2};
   }();
@@ -137,6 +139,7 @@ Status launch_dtype(const DecodeParams& k, int dpad, cudaStream_t stream, int de
   const TileShape t = tile_shape(dpad);
   if (dpad == 64) return launch<T, 64, 32, 2>(k, stream, device);
   if (dpad == 256) return launch<T, 256, 16, 2>(k, stream, device);
+  if (t.keys == 32 && t.stages == 3) return launch<T, 128, 32, 3>(k, stream, device);
   if (t.keys == 32) return launch<T, 128, 32, 2>(k, stream, device);
   if (t.stages == 3) return launch<T, 128, 16, 3>(k, stream, device);
   return launch<T, 128, 16, 2>(k, stream, device);
