@@ -19,20 +19,7 @@ H, Hkv, D = 32, 8, 128
 quick = "--quick" in sys.argv
 env = {k: v for k, v in os.environ.items() if k.startswith("STEELATTN_DECODE")}
 print(f"settings: {env or 'defaults'}")
-
-
-def graphed(fn):
-    """fn captured in a CUDA graph; returns the replay."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+graphed = bench._graphed  # fn captured in a CUDA graph; returns the replay
 
 
 def us(fn, rep=200):
