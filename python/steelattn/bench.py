@@ -878,7 +878,7 @@ def _host_markdown(rows):
              "| impl | " + " | ".join(HOST_CASES) + " | steelattn path |", "|---|" + "---|" * (len(HOST_CASES) + 1)]
     for impl, cases in by.items():
         cells = [f"{cases[c]['us']:.1f}" if c in cases else "-" for c in HOST_CASES]
-        path = _fmt_path(next((cases[c].get("path") for c in reversed(HOST_CASES)  # fwd_bwd's: both passes
+        path = _fmt_path(next((cases[c].get("path") for c in ("fwd_bwd", "fwd_grad", "fwd")  # both passes
                                if c in cases and cases[c].get("path")), None)) if impl.startswith("steelattn") else ""
         lines.append(f"| {impl} | " + " | ".join(cells) + f" | {path} |")
     anchor = "cudnn" if "cudnn" in by else ("torch-cpu" if "torch-cpu" in by else None)
