@@ -42,6 +42,8 @@ def test_dense_decode_matches_reference(dtype, H, Hkv, N, S, D, Dv, mod):
     if S == 20000 and (D, Dv) not in ((128, 128), (256, 256)):
         pytest.skip("long caches at two head dims keep the suite short")
     B = 2
+    if H // Hkv * N > 16 and B * Hkv * 8 > torch.cuda.get_device_properties(0).multi_processor_count:
+        pytest.skip("more than 16 rows per KV head go to the prefill kernels on a GPU with this few SMs")
     q, k, v = _inputs(B, H, Hkv, N, S, D, Dv, dtype, seed=S * 7 + D + N)
     kw = dict(MODS[mod])
     alibi = None
