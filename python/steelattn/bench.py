@@ -672,21 +672,43 @@ def bench_cuda_bwd(quick=False, log=print, run=None):
     return run.rows[n0:]
 
 
-def _paged_impl(q, k, v, page):
-    """The same cache as shuffled pages of a pool [num_pages, page, Hkv, D] read through a
-    block table (flash_attention_kvcache), for the paged-vs-dense comparison."""
+def _paged_pool(k, v, page):
+    """The cache k, v [B, Hkv, S, D] as shuffled pages of a pool [num_pages, page, Hkv, D]:
+    (k_pool, v_pool, block_table int32 [B, S / page], lengths int32 [B])."""
     B, Hkv, S, D = k.shape
     P = S // page
     pool_k, pool_v = (t.view(B, Hkv, P, page, t.size(3)).permute(0, 2, 3, 1, 4).reshape(B * P, page, Hkv, t.size(3))
                       .contiguous() for t in (k, v))
     g = torch.Generator().manual_seed(page)
-    table = torch.randperm(B * P, generator=g).view(B, P).to(device=q.device, dtype=torch.int32)
+    table = torch.randperm(B * P, generator=g).view(B, P).to(device=k.device, dtype=torch.int32)
     perm_k, perm_v = torch.empty_like(pool_k), torch.empty_like(pool_v)  # page table[b, p] holds page b * P + p
     perm_k[table.view(-1).long()], perm_v[table.view(-1).long()] = pool_k, pool_v
-    del pool_k, pool_v
-    lens = torch.full((B,), S, dtype=torch.int32, device=q.device)
-    return _Impl(lambda: steelattn.flash_attention_kvcache(q, perm_k, perm_v, block_table=table, cache_seqlens=lens,
+    return perm_k, perm_v, table, torch.full((B,), S, dtype=torch.int32, device=k.device)
+
+
+def _paged_impl(q, k, v, page):
+    """The same cache read through a block table (flash_attention_kvcache), for the
+    paged-vs-dense comparison."""
+    pk, pv, table, lens = _paged_pool(k, v, page)
+    return _Impl(lambda: steelattn.flash_attention_kvcache(q, pk, pv, block_table=table, cache_seqlens=lens,
                                                            causal=False), (q, k, v))
+
+
+def _fa4_paged_impl(q, k, v, page):
+    """FA4's varlen call over the same pages (page_table, seqused_k), one query per
+    sequence; raises when FA4 does not import or refuses the call."""
+    from flash_attn.cute.interface import flash_attn_varlen_func
+
+    B, H, N, D = q.shape
+    pk, pv, table, lens = _paged_pool(k, v, page)
+    qt = q.transpose(1, 2).reshape(B * N, H, D).contiguous()
+    cu_q = torch.arange(0, (B + 1) * N, N, dtype=torch.int32, device=q.device)
+
+    def fwd():
+        out = flash_attn_varlen_func(qt, pk, pv, cu_seqlens_q=cu_q, max_seqlen_q=N, seqused_k=lens, page_table=table,
+                                     causal=False)
+        return out[0] if isinstance(out, (tuple, list)) else out
+    return _Impl(fwd, (qt, pk, pv))
 
 
 def _step_impl(q, k, v, torch_ops):
@@ -773,8 +795,9 @@ def bench_cuda_decode(quick=False, log=print, run=None, device=None, timer=None,
     """Decode: one (or 16) new queries against a long GQA KV cache (H=32, Hkv=8, D=128,
     bf16); memory bound, so reported as GB/s of K and V read, at issue 10's (B, S) cells.
     With one query also the same cache as shuffled pages (impl "steelattn-paged", rows with
-    "page_size"), and a whole serving step with RoPE and the append of one token, fused
-    (steelattn-step) and with the rotation and append as torch ops (steelattn-step-torch-ops).
+    "page_size"; "fa4-paged" when FA4 imports), and a whole serving step with RoPE and the
+    append of one token, fused (steelattn-step) and with the rotation and append as torch
+    ops (steelattn-step-torch-ops).
     Last, a 32-layer decode step captured in a CUDA graph (B8 S4k), steelattn against torch's
     SDPA with an indexed append and a mask ("steelattn-32layer-graph", "sdpa-32layer-graph";
     GB/s over all layers' K and V). device / timer / cells / layers: for a CPU smoke test."""
@@ -798,11 +821,13 @@ def bench_cuda_decode(quick=False, log=print, run=None, device=None, timer=None,
         if N == 1:
             names += [("steelattn-paged", p) for p in DECODE_PAGES] + [("steelattn-step", None),
                                                                        ("steelattn-step-torch-ops", None)]
+            if cuda and fa4_func():
+                names += [("fa4-paged", p) for p in DECODE_PAGES]
         for name, page in names:
             label = name + (str(page) if page else "")
             try:
                 if page:
-                    impl = _paged_impl(q, k, v, page)
+                    impl = (_fa4_paged_impl if name == "fa4-paged" else _paged_impl)(q, k, v, page)
                 elif "step" in name:
                     impl = _step_impl(q, k, v, torch_ops=name.endswith("torch-ops"))
                 else:
