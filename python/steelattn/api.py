@@ -38,9 +38,11 @@ def _dropout_seed(generator):
     return draws[0], draws[1]
 
 
-def dropout_keep_mask(B, H, N, S, p, seed, offset):
-    """The bool [B, H, N, S] keep-mask the kernels apply for (p, seed, offset)."""
-    return _kernel.dropout_keep_mask(B, H, N, S, p, seed, offset)
+def dropout_keep_mask(B, H, N, S, p, seed, offset, frame=None):
+    """The bool [B, H, N, S] keep-mask the kernels apply for (p, seed, offset). frame =
+    (i0, j0, N_total, S_total): rows i0.. and columns j0.. of a [B, H, N_total, S_total]
+    grid instead, e.g. one sequence's piece of a varlen call's packed grid."""
+    return _kernel.dropout_keep_mask(B, H, N, S, p, seed, offset, frame)
 
 
 def _run(fn, q, k, v, *, scale, softcap, alibi, bias, bool_mask, diag_offset, wl, wr,
@@ -135,14 +137,11 @@ def _fast(q, k, v, scale, diag_offset, wr, return_lse, deterministic):
             deterministic = torch.are_deterministic_algorithms_enabled()
         sc = (scale, 0.0, diag_offset, -1, wr, 0.0, 0, 0, bool(deterministic))  # _kernel.scalars order
         if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            out, lse, path, note = _NATIVE.attention(q, k, v, None, None, None, sc, None, _kernel.debug_poison)
-        else:
-            out, lse, path, note = _NATIVE.forward(q, k, v, None, None, None, sc, None, return_lse,
-                                                   _kernel.debug_poison)
+            return _autograd.apply(q, k, v, None, None, None, sc, None)
+        out, lse, _ = _kernel.run_forward(q, k, v, None, None, None, sc, _kernel.RUN, return_lse)
+        return out, lse
     except Exception:  # noqa: BLE001 - the full path redoes the call and raises what it should
         return None
-    _dispatch.record_forward(path, note)
-    return out, lse
 
 
 def _cuda_kvcache_refusal(q, v, grad):

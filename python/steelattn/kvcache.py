@@ -121,8 +121,9 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
     GPT-J pairs, else NeoX halves). num_splits > 0 sets the CUDA decode kernel's key
     splits per (entry, KV head), at most 128 (0: chosen from batch x heads x capacity so
     one wave fills the GPU); results do not depend on it beyond the fp32 rounding of the
-    merge. The CPU kernels split by threads and ignore it. `sinks` (float [H]): a per-head logit in every
-    row's denominator, as in flash_attention. Returns out [B, H, Nq, Dv] (and lse [B, H, Nq]).
+    merge. The CPU kernels split by threads and ignore it. `sinks` (float [H]): a per-head
+    logit in every row's denominator, as in flash_attention. Returns out [B, H, Nq, Dv]
+    (and lse [B, H, Nq]).
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"{_FN}: q must be a [B, H, Nq, D] tensor")

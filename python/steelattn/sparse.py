@@ -5,8 +5,9 @@ block_mask[..., qb, kb] is True; causal, windows and the other modifiers still a
 by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
 (never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper kernels skip
 inactive blocks when the block sizes are multiples of their tiles (128 x 128 at head dims
-up to 128, forward and backward; 128 x 560 covers the forward's 112 and 80 key tiles at head dims
-192 and 256, whose backward is not on those kernels yet; the backward is not deterministic). Other CUDA calls run as dense steelattn calls with the block mask as a
+up to 128, forward and backward; 128 x 560 covers the forward's 112 and 80 key tiles at
+head dims 192 and 256, whose backward is not on those kernels yet; the backward is not
+deterministic). Other CUDA calls run as dense steelattn calls with the block mask as a
 token mask, in query chunks (dense_chunks: every tile computed, noted in the dispatch stats
 with the kernels' reason), or on the torch path with dropout, or ALiBi off the Hopper tiles.
 A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _validate, api
+from . import _validate
 from ._extra import Extra
-from .api import _dropout_seed, _run, check_sinks, with_sinks
+from .api import _dropout_seed, _run, check_sinks, dropout_keep_mask, with_sinks
 from .reference import attention_reference
 
 _FN = "flash_attention_varlen"
@@ -154,8 +154,8 @@ def _varlen_reference(q4, k4, v4, cu, *, scale, softcap, alibi, wl, wr, token_ma
         n, s = qs.size(2), ks.size(2)
         keep = None
         if dropout_p > 0:
-            keep = api._kernel.dropout_keep_mask(1, H, n, s, dropout_p, rng[0], rng[1],
-                                             frame=(cq[b], ck[b], total_q, total_k)).to(q4.device)
+            keep = dropout_keep_mask(1, H, n, s, dropout_p, rng[0], rng[1],
+                                     frame=(cq[b], ck[b], total_q, total_k)).to(q4.device)
         o, lse, _ = attention_reference(qs, ks, vs, scale=scale, softcap=softcap,
                                         alibi_slopes=None if alibi is None else alibi[b:b + 1],
                                         diag_offset=s - n, window_left=wl, window_right=wr, compute_dtype=dt,

@@ -94,23 +94,20 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         kw["sinks"] = s_aux
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     win = sliding_window if is_causal else None  # HF's window: sliding_window - 1 keys to the left
+    window = (int(win) - 1, 0) if win is not None else None
     packed = cu_q is not None and cu_k is not None and query.size(0) == 1 and not kw["dropout_p"]
     if packed:  # sequences packed into one row (DataCollatorWithFlattening): varlen, no mask
         how = "packed (varlen)"
-        kw["causal"] = bool(is_causal)
-        if sliding_window is not None and is_causal:
-            kw["window_size"] = (int(sliding_window) - 1, 0)
-    elif (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and query.size(2) == key.size(2)
-          and attention_mask.size(-2) == query.size(2) and attention_mask.size(-1) >= key.size(2)
+        kw.update(causal=bool(is_causal), window_size=window)
+    elif (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+          and query.size(2) == key.size(2) and attention_mask.size(-2) == query.size(2) and attention_mask.size(-1) >= key.size(2)
           and not kw["dropout_p"] and not torch.compiler.is_compiling()
           and not (query.is_cuda and torch.cuda.is_current_stream_capturing())  # padded_varlen reads the mask
           and (cu := padded_varlen(attention_mask, query.size(0), query.size(2), win)) is not None):
         how = "padded (varlen)"
     elif attention_mask is None:
         how = "mask-free"
-        kw["causal"] = bool(is_causal)
-        if sliding_window is not None and is_causal:
-            kw["window_size"] = (int(sliding_window) - 1, 0)
+        kw.update(causal=bool(is_causal), window_size=window)
     else:
         how = "mask tensor"
         mask = attention_mask
@@ -120,7 +117,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     _calls[how] += 1
     if _state["verbose"]:
         sig = (how, tuple(query.shape[1:2]) + tuple(key.shape[1:2]), query.dtype, str(query.device), "sinks" in kw,
-               kw["softcap"] > 0, "window_size" in kw)
+               kw["softcap"] > 0, kw.get("window_size") is not None)
         if sig not in _state["seen"]:
             _state["seen"].add(sig)
             _log.warning("steelattn attention: %s, H %d / Hkv %d, %s on %s, sinks %s, softcap %s, window %s", how,
@@ -130,9 +127,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                                kwargs.get("max_length_q"), kwargs.get("max_length_k"), **kw)
     elif how == "padded (varlen)":
         B, H, N, _ = query.shape
-        kw["causal"] = True
-        if win is not None:
-            kw["window_size"] = (int(win) - 1, 0)
+        kw.update(causal=True, window_size=window)
         tok = [t.transpose(1, 2).reshape(B * N, t.size(1), t.size(3)) for t in (query, key, value)]
         out = steelattn.flash_attention_varlen(*tok, cu, cu, **kw)
         return out.view(B, N, H, out.size(-1)), None
