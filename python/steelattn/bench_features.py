@@ -112,26 +112,29 @@ def bench_sparse(device="cpu", quick=False, log=print, run=None):
     else:
         H, D, dt, frames, side = 4, 64, torch.float32, 4, 16
     N = frames * side * side
-    cases = {"video": video_block_mask(frames, side, side, device=device),
-             "window 1024": steelattn.make_sliding_window_mask(N, 1024 if device == "cuda" else 256, causal=True,
-                                                               device=device)}
+    # (block mask, block size): "video 64" is the same locality at 64 x 64 blocks, off the
+    # Hopper kernels' 128 x 128 tiles (partly active tiles are masked per 16 x 16 cell).
+    cases = {"video": (video_block_mask(frames, side, side, device=device), 128),
+             "video 64": (video_block_mask(frames, side, side, block=64, device=device), 64),
+             "window 1024": (steelattn.make_sliding_window_mask(N, 1024 if device == "cuda" else 256, causal=True,
+                                                                device=device), 128)}
     timer = _b.time_cuda if device == "cuda" else _b.time_cpu
     g = torch.Generator(device=device).manual_seed(2)
     base = [_b._randn((1, H, N, D), device, dt, g) for _ in range(3)]
     dout = _b._randn((1, H, N, D), device, dt, g)
-    for case, blocks in cases.items():
+    for case, (blocks, bs) in cases.items():
         causal = case.startswith("window")
-        token = steelattn.sparse.token_mask(blocks, 128, 128, N, N)
+        token = steelattn.sparse.token_mask(blocks, bs, bs, N, N)
         if causal:
             token = token & torch.ones(N, N, dtype=torch.bool, device=device).tril()
         pairs = int(token.sum())
         fl = 4 * H * D * pairs
-        impls = {"steelattn": lambda q, k, v, b=blocks, c=causal: steelattn.flash_attention_sparse(
-            q, k, v, b, block_size=128, causal=c),
+        impls = {"steelattn": lambda q, k, v, b=blocks, c=causal, bs=bs: steelattn.flash_attention_sparse(
+            q, k, v, b, block_size=bs, causal=c),
             "steelattn-dense": lambda q, k, v, c=causal: steelattn.flash_attention(q, k, v, causal=c)}
         if device == "cuda":
             try:
-                flex = _flex_block_fn(blocks, causal, N)
+                flex = _flex_block_fn(blocks, causal, N, bs)
                 impls["flex"] = flex
             except Exception as e:
                 log(f"  sparse {case}: FlexAttention unavailable: {type(e).__name__}: {str(e)[:160]}")
@@ -161,15 +164,16 @@ def bench_sparse(device="cpu", quick=False, log=print, run=None):
     return run.rows[n0:]
 
 
-def _flex_block_fn(blocks, causal, N):
-    """FlexAttention (compiled) with `blocks` (128 x 128) as its BlockMask."""
+def _flex_block_fn(blocks, causal, N, bs=128):
+    """FlexAttention (compiled) with `blocks` (bs x bs blocks) as its BlockMask (Flex's own
+    blocks are 128 x 128: at other sizes its mask_mod decides inside partial blocks)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     _b._flex_fns(N, False, None)  # compiles flex_attention once, raises the recompile limits
     dev = blocks.device
 
     def mask_mod(b, h, qi, ki):
-        keep = blocks[qi // 128, ki // 128]
+        keep = blocks[qi // bs, ki // bs]
         return keep & (qi >= ki) if causal else keep
     bm = create_block_mask(mask_mod, None, None, N, N, device=dev)
     return lambda q, k, v: _b._flex_compiled(q, k, v, block_mask=bm)

@@ -3,13 +3,13 @@
 Query block qb = i // block_size[0] sees key block kb = j // block_size[1] only where
 block_mask[..., qb, kb] is True; causal, windows and the other modifiers still apply token
 by token inside active blocks. The kernels skip key tiles whose blocks are all inactive
-(never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper kernels skip
-inactive blocks when the block sizes are multiples of their tiles (128 x 128 at head dims
-up to 128, forward and backward; 128 x 560 covers the forward's 112 and 80 key tiles at
-head dims 192 and 256, whose backward is not on those kernels yet; the backward is not
-deterministic). Other CUDA calls run as dense steelattn calls with the block mask as a
+(never loaded, forward and backward). CPU: the CPU kernels. CUDA: the Hopper kernels, at
+any block size (head dims 64 to 128 forward and backward, 192 and 256 forward only; not
+deterministic in the backward): a tile that mixes active and inactive blocks tests the mask
+per 16 x 16 cell. Other CUDA calls run as dense steelattn calls with the block mask as a
 token mask, in query chunks (dense_chunks: every tile computed, noted in the dispatch stats
-with the kernels' reason), or on the torch path with dropout, or ALiBi off the Hopper tiles.
+with the kernels' reason), or on the torch path with dropout or with ALiBi off the Hopper
+kernels.
 A FlexAttention BlockMask is accepted too (steelattn.masks builds plain ones).
 """
 from __future__ import annotations
@@ -103,9 +103,8 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     if torch.compiler.is_compiling():
         why = "traced by torch.compile (the registered op takes no CUDA block masks yet)"
     elif q.is_cuda and backend != "torch" and not dropout_p and token is None:
-        # The Hopper kernels take block masks at tile-multiple block sizes (training calls
-        # need the backward's tiles too). The core refuses, writing nothing, when it
-        # cannot serve the call.
+        # The Hopper kernels take block masks (training calls need the Hopper backward too).
+        # The core refuses, writing nothing, when it cannot serve the call.
         try:
             out, lse, _ = _run_sparse(q, k, v, extra, None, scale, softcap, alibi, S - N, wl, wr, 0.0, generator,
                                       return_lse, "steel", None, bool(deterministic))

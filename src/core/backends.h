@@ -21,7 +21,10 @@ Status cpu_kv_append(const KVAppendParams& p);
 #if defined(STEELATTN_WITH_CUDA)
 // Hopper wgmma + TMA kernel: true when it serves this call on this device.
 bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not);
-Status cuda_sm90_forward(const AttentionParams& p, void* stream);
+// Needs cuda_sm90_forward_workspace_bytes(p) bytes of device scratch (nonzero only for block
+// masks whose block sizes are not whole kernel tiles).
+size_t cuda_sm90_forward_workspace_bytes(const AttentionParams& p);
+Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream);
 // Generic mma.sync kernel (sm_80+): true when it serves this call on this device.
 bool cuda_generic_supports(const AttentionParams& p, std::string* why_not);
 Status cuda_generic_forward(const AttentionParams& p, void* stream);

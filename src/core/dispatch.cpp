@@ -132,7 +132,7 @@ Status run_forward(const AttentionParams& p, ForwardPath path, void* stream) {
     case ForwardPath::cpu_avx2: return cpu_forward(p, CpuIsa::avx2);
     case ForwardPath::cpu_scalar: return cpu_forward(p, CpuIsa::scalar);
 #if defined(STEELATTN_WITH_CUDA)
-    case ForwardPath::cuda_sm90: return cuda_sm90_forward(p, stream);
+    case ForwardPath::cuda_sm90: return cuda_sm90_forward(p, p.workspace.data, stream);
     case ForwardPath::cuda_generic: return cuda_generic_forward(p, stream);
     case ForwardPath::cuda_decode: return cuda_decode_forward(p, p.workspace.data, stream);
 #endif
@@ -152,6 +152,7 @@ Status attention_forward(AttentionParams& p, void* stream, ForwardPath* taken) {
 size_t forward_workspace_bytes(const AttentionParams& p, ForwardPath path) {
 #if defined(STEELATTN_WITH_CUDA)
   if (path == ForwardPath::cuda_decode) return cuda_decode_workspace_bytes(p);
+  if (path == ForwardPath::cuda_sm90) return cuda_sm90_forward_workspace_bytes(p);
 #endif
   (void)p, (void)path;
   return 0;

@@ -68,7 +68,7 @@ int sm90_forward(int dtype, int device_id, void* q, const int64_t* q_shape, cons
     return 1;
   }
   if (check_only) return 0;
-  const Status st = cuda_sm90_forward(p, stream);
+  const Status st = cuda_sm90_forward(p, nullptr, stream);
   if (!st.ok()) {
     g_error = st.message;
     return 2;

@@ -70,12 +70,11 @@ def test_sparse_matches_token_mask_reference(device, rng, dtype, name, B, H, Hkv
 
 
 def _on_hopper_sparse(dtype, D, bs, Dv=None):
-    """Whether a CUDA block-sparse call runs on the Hopper kernels: an H100/H200, fp16/bf16,
-    head dims up to 128, block sizes that are multiples of 128 (src/cuda/sm90/launch.cu,
-    bwd_launch.cu)."""
+    """Whether a CUDA block-sparse training call runs on the Hopper kernels: an H100/H200,
+    fp16/bf16, head dims in [64, 128], any block size (src/cuda/sm90/launch.cu, bwd_launch.cu;
+    sizes that are not whole tiles through the per-tile state of block_mask_tiles.cu)."""
     return (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and
-            dtype in (torch.float16, torch.bfloat16) and max(D, Dv or D) <= 128 and
-            bs[0] % 128 == 0 and bs[1] % 128 == 0)
+            dtype in (torch.float16, torch.bfloat16) and 64 <= min(D, Dv or D) and max(D, Dv or D) <= 128)
 
 
 def test_inactive_blocks_are_never_read(rng):
@@ -203,6 +202,12 @@ HOPPER_CASES = [  # (name, B, H, Hkv, N, S, D, Dv, block_size, mask dims, kwargs
     ("per-batch 128x256 window softcap alibi", 2, 4, 1, 520, 900, 128, 128, (128, 256), 4,
      {"window_size": (300, 40), "softcap": 20.0, "alibi": True}),
     ("dv 96 full", 1, 2, 2, 129, 1000, 64, 96, (128, 128), 2, {}),
+    # Block sizes that are not whole tiles: partly active tiles test the mask per 16 x 16 cell.
+    ("off-tile 2d 64 d64", 2, 4, 4, 300, 400, 64, 64, (64, 64), 2, {}),
+    ("off-tile per-head 48x80 causal gqa d128", 1, 6, 2, 700, 650, 128, 128, (48, 80), 3, {"causal": True}),
+    ("off-tile per-batch 16x32 window softcap alibi d96", 2, 4, 1, 260, 400, 96, 96, (16, 32), 4,
+     {"window_size": (150, 30), "softcap": 20.0, "alibi": True}),
+    ("off-tile 192x144 d128 full", 1, 3, 3, 500, 1000, 128, 128, (192, 144), 3, {}),
 ]
 
 
@@ -219,7 +224,7 @@ def test_hopper_sparse(rng, grad, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims,
     check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
 
 
-def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
+def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw, tile_n=128):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper forward needs compute capability 9.0")
     kw = dict(kw)
@@ -228,12 +233,17 @@ def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
     blocks = torch.rand(shape, generator=rng) < 0.5
     blocks.view(-1, nq, nk)[:, 1, :] = False  # query block 1 sees nothing
     blocks.view(-1, nq, nk)[..., -1] = False  # the last key block is never read: NaN there
+    # Keys of the last block from the first key-tile boundary on (tile_n: the kernels' key
+    # tiles at this head dim): a tile there holds only inactive blocks, so it is never loaded.
+    # (Keys of inactive blocks in partly active tiles are loaded and masked: finite here.)
+    nan0 = ((nk - 1) * bs[1] + tile_n - 1) // tile_n * tile_n
+    assert nan0 < S, "the case must leave a never-loaded key tile"
     q = randn(B, H, N, D, dtype=dtype, device="cuda", generator=rng)
     k = randn(B, Hkv, S, D, dtype=dtype, device="cuda", generator=rng)
     v = randn(B, Hkv, S, Dv, dtype=dtype, device="cuda", generator=rng)
     k_nan, v_nan = k.clone(), v.clone()
-    k_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
-    v_nan[:, :, (nk - 1) * bs[1]:] = float("nan")
+    k_nan[:, :, nan0:] = float("nan")
+    v_nan[:, :, nan0:] = float("nan")
     alibi = torch.rand(B, H, generator=rng).cuda() if kw.pop("alibi", False) else None
     for t in (q, k_nan, v_nan):
         t.requires_grad_(grad)
@@ -264,28 +274,45 @@ def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw):
             assert_close(a.cpu(), b, dtype, what=what, tol=3 * TOL[dtype])
         for t in grads[1:]:
             assert torch.all(t[:, :, (nk - 1) * bs[1]:] == 0)
+    return stats
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_sparse_off_the_hopper_tiles_is_noted(rng):
-    """Block sizes that are not multiples of the Hopper tiles, and training calls, run as dense
-    calls with a token mask, and the note says why."""
-    q, k, v = (randn(1, 2, 200, 64, dtype=torch.bfloat16, device="cuda", generator=rng) for _ in range(3))
-    blocks = (torch.rand(4, 4, generator=rng) < 0.5).cuda()
+def test_sparse_off_tile_sizes_skip_inactive_tiles(rng):
+    """Block sizes that are not whole tiles: a 128-key tile whose 64-key blocks are all
+    inactive is never loaded (NaN there changes nothing), forward and backward; the call is
+    neither demoted nor noted."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need compute capability 9.0")
+    q, k, v = (randn(1, 2, 512, 64, dtype=torch.bfloat16, device="cuda", generator=rng) for _ in range(3))
+    blocks = torch.ones(8, 8, dtype=torch.bool)
+    blocks[:, 2:4] = False  # keys 128..255: one whole key tile
+    blocks[1, 5] = False    # a partly active tile
+    blocks = blocks.cuda()
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:, :, 128:256] = float("nan")
+    v_nan[:, :, 128:256] = float("nan")
+    for t in (q, k_nan, v_nan):
+        t.requires_grad_()
     steelattn.reset_dispatch_stats()
-    out = steelattn.flash_attention_sparse(q, k, v, blocks, block_size=64)
-    notes = steelattn.get_dispatch_stats()["demotions"]
-    assert any("dense kernel with a token mask" in r and "multiples of the kernel's tiles" in r for r in notes), notes
-    ref = steelattn.flash_attention_sparse(q.cpu().float(), k.cpu().float(), v.cpu().float(), blocks.cpu(),
+    out = steelattn.flash_attention_sparse(q, k_nan, v_nan, blocks, block_size=64)
+    dq, dk, dv = torch.autograd.grad(out, (q, k_nan, v_nan), torch.ones_like(out))
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+    assert not stats["demotions"], stats
+    ref = steelattn.flash_attention_sparse(q.detach().cpu().float(), k.cpu().float(), v.cpu().float(), blocks.cpu(),
                                            block_size=64)
-    assert_close(out.cpu(), ref.double(), torch.bfloat16)
+    assert_close(out.detach().cpu(), ref.double(), torch.bfloat16)
+    assert torch.isfinite(dq).all() and torch.all(dk[:, :, 128:256] == 0) and torch.all(dv[:, :, 128:256] == 0)
 
 
 WIDE_CASES = [  # (name, D, Dv, block_size, kwargs): key tiles of 112 (D192) and 80 (D256)
     ("d192 causal", 192, 192, (128, 560), {"causal": True}),
     ("d256 window softcap", 256, 256, (256, 560), {"window_size": (700, 30), "softcap": 15.0}),
     ("d192 dv128", 192, 128, (128, 560), {}),
+    ("d256 off-tile 64x96 causal", 256, 256, (64, 96), {"causal": True}),
+    ("d192 off-tile 32x160", 192, 192, (32, 160), {}),
 ]
 
 
@@ -297,4 +324,4 @@ def test_hopper_sparse_wide_forward(rng, dtype, name, D, Dv, bs, kw):
     """Block masks at head dims above 128 on the Hopper forward (key tiles of 112 and 80),
     checked as test_hopper_sparse checks the narrow ones (training calls at these head dims
     run as dense calls with a token mask: no Hopper backward takes block masks there)."""
-    check_hopper_sparse(rng, False, dtype, 2, 4, 2, 600, 1900, D, Dv, bs, 3, kw)
+    check_hopper_sparse(rng, False, dtype, 2, 4, 2, 600, 1900, D, Dv, bs, 3, kw, tile_n=112 if D == 192 else 80)

@@ -374,7 +374,28 @@ struct BwdMainloop {
           m = m_of_step(p, it % nm, m_lo, m_hi);
         }
         const float slope = p.alibi ? p.alibi[g.alibi_row(b) * p.alibi_sb + h * p.alibi_sh] : 0.f;
-        const bool masked = needs_mask(p, g, m, n_block);
+        const bool band_masked = needs_mask(p, g, m, n_block);
+        // Off-tile block masks (block_mask.h): on a step the launcher marked partly active,
+        // bit j of bkeep says whether this thread's keys see queries m*BM + 16j .. +15 (its
+        // two keys lie in one 16-key group; block sizes are multiples of 16).
+        uint32_t bkeep = ~0u;
+        bool block_masked = false;
+        if constexpr (Sparse) {
+          const BlockMaskView& bm = p.bm;
+          if (bm.elem != nullptr &&
+              __ldg(bm.mask + b * bm.sb + h * bm.sh + m * bm.sq + n_block * bm.sk) == kTilePartial) {
+            block_masked = true;
+            bkeep = 0;
+            const int c = key0 / bm.bk;
+            const uint8_t* col = bm.elem + b * bm.esb + h * bm.esh + c * bm.esk;
+            if (c < bm.nk) {
+#pragma unroll
+              for (int j = 0; j < BM / 16; ++j)
+                if (__ldg(col + min((m * BM + 16 * j) / bm.bq, bm.nq - 1) * bm.esq)) bkeep |= 1u << j;
+            }
+          }
+        }
+        const bool masked = band_masked || block_masked;
         const int q0 = m * BM + qlane;  // query of column 0 of this thread
         const uint32_t q_addr = smem_u32(sm.q[st.index]);
         const uint32_t do_addr = smem_u32(sm.dout[st.index]);
@@ -396,7 +417,10 @@ struct BwdMainloop {
           for (int r = 0; r < 2; ++r) {
             const int key = key0 + 8 * r;
             if (key >= g.S(p)) continue;  // no query sees it: empty range
-            band(p, g).query_range_from(key, q0, q_lo[r], q_hi[r]);
+            if (Sparse && !band_masked)
+              q_lo[r] = 0, q_hi[r] = BM;  // only the block mask tests this step
+            else
+              band(p, g).query_range_from(key, q0, q_lo[r], q_hi[r]);
           }
         }
         // kAlibi / kMasked: std::true_type / false_type from with_flags().
@@ -421,6 +445,9 @@ struct BwdMainloop {
             } else {
               const int r = (e >> 1) & 1, c = 8 * (e >> 2) + (e & 1);
               if (c < q_lo[r] || c > q_hi[r]) y = 0.f;
+            }
+            if constexpr (Sparse) {
+              if (!((bkeep >> (e >> 3)) & 1u)) y = 0.f;  // e >> 3: the element's 16-query group
             }
           }
           return y;

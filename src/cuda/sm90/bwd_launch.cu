@@ -239,14 +239,11 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
     if (p.num_seqs >= (int64_t{1} << 24)) return fail("varlen: at most 2^24 sequences");
   }
   if (p.block_mask.present()) {
-    // The narrow kernel's Sparse variants: whole steps only (bwd_params.h), not deterministic.
+    // The narrow kernel's Sparse variants, not deterministic. Block sizes that are not whole
+    // steps run on a per-step state the launcher derives (block_mask.h).
     const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
     if (kd.wide) return fail("block_mask: head dims above 128 are not on the block-sparse backward yet");
     if (p.deterministic) return fail("block_mask: the block-sparse backward is not deterministic");
-    if (p.block_q % kd.block_m != 0 || p.block_k % sm90::kBwdBlockN != 0)
-      return fail("block_mask: block sizes must be multiples of the backward's tiles (" +
-                  std::to_string(kd.block_m) + ", " + std::to_string(sm90::kBwdBlockN) + "), got (" +
-                  std::to_string(p.block_q) + ", " + std::to_string(p.block_k) + ")");
   }
   if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   for (const TensorRef* t : {&p.k, &p.v, &p.out, &p.dout, &p.dq, &p.dk, &p.dv})
@@ -338,11 +335,23 @@ static int bwd_bh_group(const AttentionParams& p, int n_blocks) {
   return static_cast<int>(std::clamp<int64_t>(sms / std::max(1, n_blocks), 1, bh));
 }
 
-// Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count].
-size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
+// Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count]
+// | (16-byte aligned) a block mask's per-step state, when its block sizes are not whole steps.
+static size_t bwd_block_mask_offset(const AttentionParams& p) {
   const int64_t rows = p.B * p.H * ws_rows(p);
-  return static_cast<size_t>(rows) * static_cast<size_t>(2 + bwd_kernel_dims(p.D, p.Dv).kd) * sizeof(float) +
-         static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
+  const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(2 + bwd_kernel_dims(p.D, p.Dv).kd) *
+                           sizeof(float) +
+                       static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
+  return (bytes + 15) / 16 * 16;
+}
+
+static size_t bwd_block_mask_bytes(const AttentionParams& p) {
+  const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
+  return sm90::block_mask_tile_bytes(p, kd.block_m, kd.wide ? 64 : sm90::kBwdBlockN);
+}
+
+size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
+  return bwd_block_mask_offset(p) + bwd_block_mask_bytes(p);
 }
 
 Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* stream) {
@@ -381,7 +390,9 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
-  k.bm = sm90::block_mask_view(p, BM, BN);
+  uint8_t* bm_scratch = bwd_block_mask_bytes(p) ? static_cast<uint8_t*>(workspace) + bwd_block_mask_offset(p) : nullptr;
+  if (Status st = sm90::block_mask_view(p, BM, BN, bm_scratch, static_cast<cudaStream_t>(stream), &k.bm); !st.ok())
+    return st;
   k.B = static_cast<int>(p.B);
   k.H = static_cast<int>(p.H);
   k.Hkv = static_cast<int>(p.Hkv);

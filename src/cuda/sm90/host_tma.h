@@ -31,21 +31,13 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// The call's block mask for a kernel whose tiles are tile_m queries x tile_n keys (the
-// launchers have checked that the block sizes are multiples of them); mask = null without one.
-inline BlockMaskView block_mask_view(const AttentionParams& p, int tile_m, int tile_n) {
-  BlockMaskView v{};
-  if (!p.block_mask.present()) return v;
-  const TensorRef& m = p.block_mask;
-  v.mask = static_cast<const uint8_t*>(m.data);
-  v.sb = m.shape[0] == 1 ? 0 : m.stride[0];
-  v.sh = m.shape[1] == 1 ? 0 : m.stride[1];
-  v.sq = m.stride[2];
-  v.sk = m.stride[3];
-  v.q_tiles = static_cast<int>(p.block_q / tile_m);
-  v.k_tiles = static_cast<int>(p.block_k / tile_n);
-  return v;
-}
+// The call's block mask for a kernel whose tiles are tile_m queries x tile_n keys
+// (block_mask.h); mask = null without one. Block sizes that are not whole tiles need
+// block_mask_tile_bytes(...) bytes of device scratch for the per-tile state, which a small
+// kernel on `stream` fills (block_mask_tiles.cu).
+size_t block_mask_tile_bytes(const AttentionParams& p, int tile_m, int tile_n);
+Status block_mask_view(const AttentionParams& p, int tile_m, int tile_n, void* scratch, cudaStream_t stream,
+                       BlockMaskView* view);
 
 // Device facts (cached per device) for the launchers.
 using cuda_device::DeviceInfo;

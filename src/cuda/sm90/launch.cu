@@ -107,14 +107,8 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   if (p.q.dtype != DType::bf16 && p.q.dtype != DType::f16) return fail("dtype must be bf16 or fp16");
   if (p.varlen() && p.block_mask.present()) return fail("varlen with a block mask: not on the Hopper kernels");
   if (p.varlen() && p.num_seqs >= (int64_t{1} << 24)) return fail("varlen: at most 2^24 sequences");
-  if (p.block_mask.present()) {
-    // Whole tiles only (params.h): each 128-query tile and each key block lies in one mask block.
-    const int bn = block_n_for(kernel_dim(p.D, p.Dv));
-    if (p.block_q % sm90::kBlockM != 0 || p.block_k % bn != 0)
-      return fail("block_mask: block sizes must be multiples of the kernel's tiles (" +
-                  std::to_string(sm90::kBlockM) + ", " + std::to_string(bn) + ") at this head dim, got (" +
-                  std::to_string(p.block_q) + ", " + std::to_string(p.block_k) + ")");
-  }
+  // Block masks at any block size (multiples of 16, validated before): sizes that are not
+  // whole tiles run on a per-tile state the launcher derives (block_mask.h).
   if (p.seqlens_k.present()) return fail("seqlens_k (KV-cache lengths): not on the CUDA kernels yet");
   if (p.k.dtype != p.q.dtype || p.v.dtype != p.q.dtype || p.out.dtype != p.q.dtype)
     return fail("q, k, v and out must share one dtype");
@@ -140,7 +134,11 @@ bool cuda_sm90_supports(const AttentionParams& p, std::string* why_not) {
   return true;
 }
 
-Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
+size_t cuda_sm90_forward_workspace_bytes(const AttentionParams& p) {
+  return sm90::block_mask_tile_bytes(p, sm90::kBlockM, block_n_for(kernel_dim(p.D, p.Dv)));
+}
+
+Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream) {
   std::string why;
   if (!cuda_sm90_supports(p, &why)) return Status::NotImplemented(why);
 
@@ -170,7 +168,9 @@ Status cuda_sm90_forward(const AttentionParams& p, void* stream) {
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_stride_b = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_stride_h = p.alibi_slopes.stride[1];
-  k.bm = sm90::block_mask_view(p, sm90::kBlockM, block_n);
+  if (Status st = sm90::block_mask_view(p, sm90::kBlockM, block_n, workspace, static_cast<cudaStream_t>(stream), &k.bm);
+      !st.ok())
+    return st;
 
   if (p.varlen()) {  // params.h: B = 1, N and S are the packed totals
     k.cu_q = static_cast<const int32_t*>(p.cu_seqlens_q.data);

@@ -256,6 +256,25 @@ struct Mainloop {
       mod.template apply<Masked>(s, row0, col0, mask);
   }
 
+  // Off-tile block masks (block_mask.h): on a tile the launcher marked partly active, the
+  // scores of inactive mask blocks -> -inf. A thread's two rows lie in one 16-row group and
+  // each pair of its 8-column chunks in one 16-column group, and block sizes are multiples
+  // of 16, so it reads one mask byte per 16 columns. Rows past N read the last mask row.
+  template <int M>
+  __device__ static __forceinline__ void block_mask_elements(const FwdParams& p, float (&s)[M], int b, int h, int row0,
+                                                             int col_first) {
+    const BlockMaskView& bm = p.bm;
+    const uint8_t* row = bm.elem + b * bm.esb + h * bm.esh + min(row0 / bm.bq, bm.nq - 1) * bm.esq;
+#pragma unroll
+    for (int g = 0; g < M / 8; ++g) {
+      const int c = (col_first + 16 * g) / bm.bk;
+      if (c >= bm.nk || !__ldg(row + c * bm.esk)) {
+#pragma unroll
+        for (int e = 8 * g; e < 8 * g + 8; ++e) s[e] = -INFINITY;
+      }
+    }
+  }
+
   __device__ static __forceinline__ Epi make_epilogue(const FwdParams& p, const TileCoord& tc, int row0,
                                                       const int (&qrow)[2], const int (&qhead)[2], int lane) {
     if constexpr (Pack)
@@ -306,9 +325,12 @@ struct Mainloop {
         }
       }
       int lo, hi;
+      // Off-tile block masks: this tile row's state bytes (block_mask.h), null otherwise.
+      const uint8_t* part_row = nullptr;
       if constexpr (Sparse) {
         lo = *reinterpret_cast<volatile int*>(&sm.tile_lo[qi]);
         hi = *reinterpret_cast<volatile int*>(&sm.tile_hi[qi]);
+        if (p.bm.elem != nullptr) part_row = Mask::mask_row(p, tc.b, tc.h, tc.m_block);
       } else {
         mask.block_range(mb, lo, hi);
       }
@@ -329,6 +351,7 @@ struct Mainloop {
       }
       OnlineSoftmax<kNS> softmax(p.log2_factor);
       const int col_lane = 2 * (lane % 4);
+      auto partial = [&](int nb) { return Sparse && part_row != nullptr && __ldg(part_row + nb * p.bm.sk) == kTilePartial; };
 
       float o[kNO];
 #pragma unroll
@@ -353,6 +376,7 @@ struct Mainloop {
           warp_release(&sm.k_empty[st.index]);
           if (n == lo) warp_release(q_empty);
           modify<true>(mod, sh, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+          if (partial(n)) block_mask_elements(p, sh, tc.b, tc.h, row0, n * kBlockN);
           softmax.step(sh, corr);
 #pragma unroll
           for (int i = kNS / 2; i < kNS; ++i) s[i] = 0.f;
@@ -369,6 +393,7 @@ struct Mainloop {
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
           modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+        if (partial(n)) block_mask_elements(p, s, tc.b, tc.h, row0, n * kBlockN);
         softmax.step(s, corr);
       }
       pack_p(s, pf);
@@ -393,6 +418,7 @@ struct Mainloop {
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
           modify<false>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
+        if (partial(n)) block_mask_elements(p, s, tc.b, tc.h, row0, n * kBlockN);
         softmax.step(s, corr);
         wgmma_wait<0>();
         fence_regs(o);

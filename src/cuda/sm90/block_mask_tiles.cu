@@ -1,0 +1,106 @@
+// Block masks for the Hopper kernels (block_mask.h): the view of a mask whose blocks are
+// whole kernel tiles, and for other block sizes the per-tile state (inactive / all active /
+// partly active) that the kernels walk instead, computed on the device by one small kernel
+// per call (no host sync: the mask stays where it is).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda/sm90/block_mask.h"
+#include "cuda/sm90/host_tma.h"
+
+namespace steelattn::sm90 {
+namespace {
+
+struct TileStateArgs {
+  const uint8_t* mask;  // the caller's [B, H, nq, nk] block mask
+  int64_t sb, sh, sq, sk;
+  int bq, bk, N, S, tile_m, tile_n;
+  int Hm, MT, NT;  // tile-state map [Bm, Hm, MT, NT], contiguous
+  int64_t total;
+  uint8_t* out;
+};
+
+// One thread per tile: the mask blocks its rows x columns overlap (inside N x S).
+__global__ void tile_state_kernel(const TileStateArgs a) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.total) return;
+  const int nt = int(idx % a.NT);
+  const int64_t bh_m = idx / a.NT;
+  const int mt = int(bh_m % a.MT);
+  const int64_t bh = bh_m / a.MT;
+  const int h = int(bh % a.Hm);
+  const int64_t b = bh / a.Hm;
+  const int q_last = min(a.N, (mt + 1) * a.tile_m) - 1, k_last = min(a.S, (nt + 1) * a.tile_n) - 1;
+  const uint8_t* base = a.mask + b * a.sb + h * a.sh;
+  bool any = false, all = true;
+  for (int r = mt * a.tile_m / a.bq; r <= q_last / a.bq; ++r)
+    for (int c = nt * a.tile_n / a.bk; c <= k_last / a.bk; ++c) {
+      const bool on = base[r * a.sq + c * a.sk] != 0;
+      any |= on;
+      all &= on;
+    }
+  a.out[idx] = any ? (all ? 1 : kTilePartial) : 0;
+}
+
+bool whole_tiles(const AttentionParams& p, int tile_m, int tile_n) {
+  return p.block_q % tile_m == 0 && p.block_k % tile_n == 0;
+}
+
+// The mask's own batch / head extents (1 where it is broadcast).
+int64_t mask_batches(const TensorRef& m) { return m.shape[0] == 1 || m.stride[0] == 0 ? 1 : m.shape[0]; }
+int64_t mask_heads(const TensorRef& m) { return m.shape[1] == 1 || m.stride[1] == 0 ? 1 : m.shape[1]; }
+
+int64_t tiles_of(int64_t n, int tile) { return (n + tile - 1) / tile; }
+
+}  // namespace
+
+size_t block_mask_tile_bytes(const AttentionParams& p, int tile_m, int tile_n) {
+  if (!p.block_mask.present() || whole_tiles(p, tile_m, tile_n)) return 0;
+  const int64_t cells = mask_batches(p.block_mask) * mask_heads(p.block_mask) * tiles_of(p.N, tile_m) *
+                        tiles_of(p.S, tile_n);
+  return static_cast<size_t>((cells + 15) / 16 * 16);
+}
+
+Status block_mask_view(const AttentionParams& p, int tile_m, int tile_n, void* scratch, cudaStream_t stream,
+                       BlockMaskView* view) {
+  BlockMaskView& v = *view;
+  v = BlockMaskView{};
+  if (!p.block_mask.present()) return Status::Ok();
+  const TensorRef& m = p.block_mask;
+  const int64_t sb = mask_batches(m) == 1 ? 0 : m.stride[0], sh = mask_heads(m) == 1 ? 0 : m.stride[1];
+  if (whole_tiles(p, tile_m, tile_n)) {
+    v.mask = static_cast<const uint8_t*>(m.data);
+    v.sb = sb, v.sh = sh, v.sq = m.stride[2], v.sk = m.stride[3];
+    v.q_tiles = static_cast<int>(p.block_q / tile_m);
+    v.k_tiles = static_cast<int>(p.block_k / tile_n);
+    return Status::Ok();
+  }
+  if (scratch == nullptr) return Status::Invalid("sm90: the block mask's tile state needs a workspace");
+  const int64_t Bm = mask_batches(m), Hm = mask_heads(m), MT = tiles_of(p.N, tile_m), NT = tiles_of(p.S, tile_n);
+  TileStateArgs a{};
+  a.mask = static_cast<const uint8_t*>(m.data);
+  a.sb = sb, a.sh = sh, a.sq = m.stride[2], a.sk = m.stride[3];
+  a.bq = static_cast<int>(p.block_q), a.bk = static_cast<int>(p.block_k);
+  a.N = static_cast<int>(p.N), a.S = static_cast<int>(p.S), a.tile_m = tile_m, a.tile_n = tile_n;
+  a.Hm = static_cast<int>(Hm), a.MT = static_cast<int>(MT), a.NT = static_cast<int>(NT);
+  a.total = Bm * Hm * MT * NT;
+  a.out = static_cast<uint8_t*>(scratch);
+  constexpr int kThreads = 256;
+  tile_state_kernel<<<static_cast<unsigned>((a.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Error(std::string("sm90: block-mask tile state: ") + cudaGetErrorString(err));
+
+  v.mask = a.out;
+  v.sb = Bm == 1 ? 0 : Hm * MT * NT, v.sh = Hm == 1 ? 0 : MT * NT, v.sq = NT, v.sk = 1;
+  v.q_tiles = v.k_tiles = 1;
+  v.elem = a.mask;
+  v.esb = sb, v.esh = sh, v.esq = m.stride[2], v.esk = m.stride[3];
+  v.bq = a.bq, v.bk = a.bk;
+  v.nq = static_cast<int>(m.shape[2]), v.nk = static_cast<int>(m.shape[3]);
+  return Status::Ok();
+}
+
+}  // namespace steelattn::sm90
