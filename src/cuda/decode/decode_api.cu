@@ -32,35 +32,45 @@ constexpr int64_t kMaxDenseRowsFewHeads = 64;
 
 int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
-// Tile shapes (keys per warp tile, stages) per padded head dim. The default is the measured
-// best (docs/benchmarks/NOTES.md); STEELATTN_DECODE_TILE=32x2|32x3|16x2|16x3 overrides it
-// at D = 128 for measurements (32x2 led on the long cells, the next to try is 32x3: one CTA
-// per SM with two tiles per warp in flight).
+// Tile shapes (keys per warp tile, stages) per padded head dim, from measurements
+// (docs/benchmarks/NOTES.md, H200, H32/8 D128 bf16). At D = 128, 32-key warp tiles (one
+// CTA of 4 warps per SM) read dense caches 2-13% faster than 16-key tiles (3 CTAs per SM)
+// from batch 1 to 64 (B x KV heads up to 512 CTAs), and 6% slower at B128 S2k (1024
+// CTAs); paged pools keep 16-key tiles (a 16-token page splits a 32-key tile: 4-11%
+// slower there). STEELATTN_DECODE_TILE=32x2|32x3|16x2|16x3 forces one (measurements).
 struct TileShape {
   int keys, stages;
 };
-TileShape tile_shape(int dpad) {
-  if (dpad == 64) return {32, 2};
-  if (dpad == 256) return {16, 2};
-  static const TileShape chosen = [] {
-    const char* env = std::getenv("STEELATTN_DECODE_TILE");
-    const std::string e = env ? env : "";
-    if (e == "32x2") return TileShape{32, 2};
-    if (e == "32x3") return TileShape{32, 3};
-    if (e == "16x3") return TileShape{16, 3};
-    return TileShape{16, 2};
-  }();
-  return chosen;
-}
-
-int ctas_per_sm(int dpad, TileShape t) {
-  return cuda_decode::ctas_per_sm(cuda_decode::smem_bytes(dpad, t.keys, t.stages));
-}
 
 using cuda_device::device_info;
 
 int64_t row_groups(const AttentionParams& p) {
   return (p.H / p.Hkv * p.N + cuda_decode::kRows - 1) / cuda_decode::kRows;
+}
+
+TileShape tile_shape(const AttentionParams& p) {
+  const int dpad = head_dim_pad(std::max(p.D, p.Dv));
+  if (dpad == 64) return {32, 2};
+  if (dpad == 256) return {16, 2};
+  static const TileShape forced = [] {
+    const char* env = std::getenv("STEELATTN_DECODE_TILE");
+    const std::string e = env ? env : "";
+    if (e == "32x2") return TileShape{32, 2};
+    if (e == "32x3") return TileShape{32, 3};
+    if (e == "16x3") return TileShape{16, 3};
+    if (e == "16x2") return TileShape{16, 2};
+    return TileShape{0, 0};
+  }();
+  if (forced.keys) return forced;
+  const cuda_device::DeviceInfo dev = device_info(p.q.device_id);
+  const bool wide_fits = size_t(dev.smem_optin) >= cuda_decode::smem_bytes(128, 32, 2);
+  if (!p.block_table.present() && wide_fits && p.B * p.Hkv * row_groups(p) <= 4 * int64_t(std::max(1, dev.sms)))
+    return {32, 2};
+  return {16, 2};
+}
+
+int ctas_per_sm(int dpad, TileShape t) {
+  return cuda_decode::ctas_per_sm(cuda_decode::smem_bytes(dpad, t.keys, t.stages));
 }
 
 // Key splits: as many as fill one wave of resident CTAs (every CTA then has the same work
@@ -69,7 +79,7 @@ int64_t row_groups(const AttentionParams& p) {
 int num_splits(const AttentionParams& p) {
   if (p.num_splits > 0) return std::min(p.num_splits, cuda_decode::kMaxSplits);
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
-  const TileShape t = tile_shape(dpad);
+  const TileShape t = tile_shape(p);
   const int64_t ctas = p.B * p.Hkv * row_groups(p);
   const int64_t min_keys_per_split = int64_t(t.keys) * cuda_decode::kWarps * 4;
   const int64_t by_length = std::max<int64_t>(1, p.S / min_keys_per_split);
@@ -135,8 +145,7 @@ Status launch(const DecodeParams& k, cudaStream_t stream, int device) {
 }
 
 template <typename T>
-Status launch_dtype(const DecodeParams& k, int dpad, cudaStream_t stream, int device) {
-  const TileShape t = tile_shape(dpad);
+Status launch_dtype(const DecodeParams& k, int dpad, TileShape t, cudaStream_t stream, int device) {
   if (dpad == 64) return launch<T, 64, 32, 2>(k, stream, device);
   if (dpad == 256) return launch<T, 256, 16, 2>(k, stream, device);
   if (t.keys == 32 && t.stages == 3) return launch<T, 128, 32, 3>(k, stream, device);
@@ -178,7 +187,7 @@ bool cuda_decode_supports(const AttentionParams& p, std::string* why_not) {
   const cuda_device::DeviceInfo dev = device_info(p.q.device_id);
   if (dev.major < 8) return no("needs compute capability 8.0 or newer");
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
-  const TileShape t = tile_shape(dpad);
+  const TileShape t = tile_shape(p);
   const size_t need = cuda_decode::smem_bytes(dpad, t.keys, t.stages);
   if (size_t(dev.smem_optin) < need)  // e.g. about 99 KB on sm_86 / sm_89, where D = 256 does not fit
     return no("needs " + std::to_string(need) + " bytes of shared memory per block at this head dim, the device has " +
@@ -254,8 +263,9 @@ Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stre
   }
   const int dpad = head_dim_pad(std::max(p.D, p.Dv));
   const auto cu_stream = static_cast<cudaStream_t>(stream);
-  if (p.q.dtype == DType::bf16) return launch_dtype<__nv_bfloat16>(k, dpad, cu_stream, p.q.device_id);
-  return launch_dtype<__half>(k, dpad, cu_stream, p.q.device_id);
+  const TileShape t = tile_shape(p);
+  if (p.q.dtype == DType::bf16) return launch_dtype<__nv_bfloat16>(k, dpad, t, cu_stream, p.q.device_id);
+  return launch_dtype<__half>(k, dpad, t, cu_stream, p.q.device_id);
 }
 
 }  // namespace steelattn
