@@ -965,8 +965,10 @@ def to_markdown(result):
     for op in [o for o in ("fwd", "bwd", "fwd_bwd", "decode") if o in present] + \
             [o for o in present if o not in ("fwd", "bwd", "fwd_bwd", "decode")]:
         oprows = [r for r in dense if r["op"] == op]
-        keys = _ordered((r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"], r["window"])
-                        for r in oprows)
+        # Rows with a "case" (varlen, sparse: masks of one shape) are keyed and labelled by it.
+        rkey = lambda r: (r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"],  # noqa: E731
+                          r["window"], r.get("case"))
+        keys = _ordered(rkey(r) for r in oprows)
         col = lambda r: r["impl"] + (str(r["page_size"]) if r.get("page_size") else "")  # noqa: E731
         impls = _ordered(col(r) for r in oprows)
         if "steelattn" in impls:
@@ -978,9 +980,8 @@ def to_markdown(result):
         hdr += "".join(f" | vs {a}" for a in anchors) + (" | steelattn path" if has_path else "") + " |"
         lines += [f"## {op}", "", hdr, "|" + "---|" * (7 + len(impls) + len(anchors) + has_path)]
         for key in keys:
-            dt, B, H, Hkv, N, S, D, causal, window = key
-            by = {col(r): r for r in oprows
-                  if (r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"], r["window"]) == key}
+            dt, B, H, Hkv, N, S, D, causal, window, case = key
+            by = {col(r): r for r in oprows if rkey(r) == key}
 
             def cell(r):
                 if r["tflops"] is not None:
@@ -994,7 +995,8 @@ def to_markdown(result):
             cells = [cell(by[i]) if i in by else "-" for i in impls]
             ours = by.get("steelattn")
             ratios = [f"{by[a]['ms'] / ours['ms']:.2f}x" if a in by and ours and ours["ms"] > 0 else "-" for a in anchors]
-            line = f"| {dt} | {B} | {H}/{Hkv} | {N} | {S} | {D} | {_mask_name(causal, window)} | " + " | ".join(cells)
+            line = f"| {dt} | {B} | {H}/{Hkv} | {N} | {S} | {D} | {_mask_name(causal, window) + (f': {case}' if case else '')} | " + \
+                " | ".join(cells)
             line += "".join(f" | {x}" for x in ratios)
             if has_path:
                 line += f" | {_fmt_path(ours.get('path')) if ours else '-'}"
