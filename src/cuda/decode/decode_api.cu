@@ -64,7 +64,7 @@ TileShape tile_shape(const AttentionParams& p) {
   if (forced.keys) return forced;
   const cuda_device::DeviceInfo dev = device_info(p.q.device_id);
   const bool wide_fits = size_t(dev.smem_optin) >= cuda_decode::smem_bytes(128, 32, 2);
-  if (!p.block_table.present() && wide_fits && p.B * p.Hkv * row_groups(p) <= 4 * int64_t(std::max(1, dev.sms)))
+  if (wide_fits && p.B * p.Hkv * row_groups(p) <= 4 * int64_t(std::max(1, dev.sms)))
     return {32, 2};
   return {16, 2};
 }

@@ -119,20 +119,46 @@ __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodePara
   }
 }
 
+// A whole paged warp tile at D = Dv = kDPad: the dense loader's lane layout, with each
+// step's row found through the page and in-page row that lane r (key n0 + r) holds. No
+// predicates: with one CTA per SM (32-key tiles) the general loader's per-chunk index math
+// and zero-fill selects made paged reads 4-11% slower than 16-key tiles (NOTES.md).
+template <typename T, typename C>
+__device__ __forceinline__ void load_full_paged_kv_tile(T* sK, T* sV, const DecodeParams& p, int hk, int lane,
+                                                        int lane_page, int lane_row) {
+  constexpr int kChunks = (C::kLd - kPad) / 8;
+  constexpr int kRowsPerStep = 32 / kChunks;
+  static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0 && C::kKeys <= 32, "whole rows per warp step");
+  const int r0 = lane / kChunks, c = lane % kChunks;
+  const T* gk = static_cast<const T*>(p.k) + hk * p.k_stride[1] + c * 8;
+  const T* gv = static_cast<const T*>(p.v) + hk * p.v_stride[1] + c * 8;
+  T* sk = sK + r0 * C::kLd + c * 8;
+  T* sv = sV + r0 * C::kLd + c * 8;
+#pragma unroll
+  for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
+    const int r = r0 + it * kRowsPerStep;
+    const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
+    cp_async_16(sk + it * kRowsPerStep * C::kLd, gk + page * p.k_stride[0] + row * p.k_stride[2]);
+    cp_async_16(sv + it * kRowsPerStep * C::kLd, gv + page * p.v_stride[0] + row * p.v_stride[2]);
+  }
+}
+
 // One warp tile of K and V (kKeys keys from n0; keys >= n_end and columns >= D / Dv zero).
 // `lane_page`: page_of key n0 + lane (paged caches only).
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
                                              int n0, int n_end, int lane, int lane_page) {
-  if constexpr (!kPaged) {
-    if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad)  // warp-uniform
+  const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
+  if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad) {  // warp-uniform
+    if constexpr (kPaged)
+      return load_full_paged_kv_tile<T, C>(sK, sV, p, hk, lane, lane_page, lane_row);
+    else
       return load_full_kv_tile<T, C>(sK, sV, p, entry, hk, n0, lane);
   }
   constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
   static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
   const T* gv = static_cast<const T*>(p.v);
-  const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
 #pragma unroll 4
   for (int idx = lane; idx < C::kKeys * kChunks; idx += 32) {
     const int r = idx / kChunks, c = idx % kChunks;
