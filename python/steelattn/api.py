@@ -21,6 +21,7 @@ try:  # the compiled extension (and, with it, the registered torch.library ops)
 except ImportError:  # pragma: no cover - broken install: everything goes to torch, counted
     _autograd = _kernel = _native = ops = None
 _NATIVE = _native.native if _native is not None else None  # steelattn._torch_native, or None
+from ._tensor import DEVICE_CODES, DTYPE_CODES, fake
 from .reference import attention_reference
 
 # A module constant, so torch.compile reads it without tracing into the extension.
@@ -102,7 +103,9 @@ def _run_op(fn, q, k, v, scale, softcap, alibi, bias, bool_mask, diag_offset, wl
     reason = ("extension not built" if _kernel is None else
               "return_attn_weights is not traced as an op" if return_weights else
               "this build has no CUDA kernels" if q.is_cuda and not _CUDA_KERNELS else
-              "block masks are not on the CUDA kernels yet" if q.is_cuda and extra.block_mask is not None else
+              _block_mask_refusal(q, k, v, alibi, extra, scale, softcap, diag_offset, wl, wr, dropout_p,
+                                  deterministic, grad)
+              if q.is_cuda and extra.block_mask is not None else
               _cuda_kvcache_refusal(q, v, grad) if q.is_cuda and extra.seqlens_k is not None else
               "varlen on CUDA runs on the tensor-core kernels only" if (
                   q.is_cuda and extra.cu_seqlens_q is not None and (q.dtype == torch.float32 or max(
@@ -142,6 +145,44 @@ def _fast(q, k, v, scale, diag_offset, wr, return_lse, deterministic):
         return out, lse
     except Exception:  # noqa: BLE001 - the full path redoes the call and raises what it should
         return None
+
+
+def _describe(t):
+    """t as a selection probe's tensor description (_tensor.fake), from the metadata that the
+    FakeTensors torch.compile traces have: shape, strides, dtype, device. The pointer is an
+    aligned dummy (a storage offset cannot be read while tracing): a compiled block-sparse
+    call on a view whose data is not 16-byte aligned raises NotImplementedError naming the
+    tensor when the graph runs (eager calls fall back to dense calls with a token mask)."""
+    return (64, DTYPE_CODES[t.dtype], DEVICE_CODES[t.device.type], t.device.index or 0,
+            tuple(int(n) for n in t.shape), tuple(int(n) for n in t.stride()))
+
+
+@torch.compiler.assume_constant_result
+def _select(q, k, v, out, lse, alibi, sc, extra):
+    """(forward path, its note, backward path, its note) the core would choose for a call of
+    these tensor descriptions; nothing runs. Under torch.compile it is evaluated once while
+    tracing, and the graph keeps its result as a constant."""
+    return tuple(_kernel._ext.forward(q, k, v, out, lse, None, None, None, alibi, sc, 1, 0, _kernel.SELECT, None,
+                                      *extra))
+
+
+def _block_mask_refusal(q, k, v, alibi, extra, scale, softcap, diag_offset, wl, wr, dropout_p, deterministic, grad):
+    """Why no kernel takes a block-sparse call (None when one does, and one computes its
+    gradients when it needs them; on CUDA that is the Hopper kernels), decided before tracing
+    by the core's own selection on the call's shapes, strides and dtypes."""
+    B, H, N, _ = q.shape
+    dev, index = q.device.type, q.device.index or 0
+    sc = _kernel.scalars(scale, softcap, diag_offset, wl, wr, dropout_p, 0, 0, deterministic)
+    out = fake((B, H, N, v.size(3)), q.dtype, dev, index)
+    lse = fake((B, H, N), _validate.side_dtype(q), dev, index)
+    ext = tuple(extra._replace(block_mask=_describe(extra.block_mask)))  # plain constants for _select
+    path, note, bpath, bnote = _select(_describe(q), _describe(k), _describe(v), out, lse,
+                                       None if alibi is None else _describe(alibi), sc, ext)
+    if path == "none":
+        return note or "no kernel takes this block mask"
+    if grad and bpath == "none":
+        return bnote or "no backward kernel takes this block mask"
+    return None
 
 
 def _cuda_kvcache_refusal(q, v, grad):

@@ -100,11 +100,10 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
         deterministic = torch.are_deterministic_algorithms_enabled()
     extra = Extra(block_mask=bm, block_q=bq, block_k=bk)
     why = "a FlexAttention BlockMask with partial blocks (token rule)" if token is not None else None
-    if torch.compiler.is_compiling():
-        why = "traced by torch.compile (the registered op takes no CUDA block masks yet)"
-    elif q.is_cuda and backend != "torch" and not dropout_p and token is None:
+    if q.is_cuda and backend != "torch" and not dropout_p and token is None:
         # The Hopper kernels take block masks (training calls need the Hopper backward too).
-        # The core refuses, writing nothing, when it cannot serve the call.
+        # The core refuses, writing nothing, when it cannot serve the call; under
+        # torch.compile the same selection decides while tracing (api._block_mask_refusal).
         try:
             out, lse, _ = _run_sparse(q, k, v, extra, None, scale, softcap, alibi, S - N, wl, wr, 0.0, generator,
                                       return_lse, "steel", None, bool(deterministic))

@@ -172,6 +172,33 @@ def test_sparse_opcheck_and_compile():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_block_mask_selection_while_tracing():
+    """Under torch.compile the kernels' selection for a block-sparse call runs once while
+    tracing (api._block_mask_refusal, on shapes, strides and dtypes): no graph break, and a
+    reason string where no kernel takes the call (a CUDA description on a machine or build
+    without the Hopper kernels)."""
+    from steelattn import api
+    from steelattn._extra import Extra
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(3))
+    ex = Extra(block_mask=(torch.rand(1, 2, 5, 5, generator=g) < 0.6), block_q=16, block_k=16)
+    args = (None, ex, 0.25, 0.0, 0, -1, 0, 0.0, False, True)
+    assert api._block_mask_refusal(q, k, v, *args) is None  # the CPU kernels take it, gradients too
+
+    def f(q, k, v):
+        return q * (2.0 if api._block_mask_refusal(q, k, v, *args) is None else 3.0)
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v), 2 * q)
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)):
+        from steelattn._tensor import fake
+        cuda = [fake(tuple(t.shape), torch.bfloat16, "cuda") for t in (q, k, v)]
+        out, lse = fake((1, 2, 70, 16), torch.bfloat16, "cuda"), fake((1, 2, 70), torch.float32, "cuda")
+        bm = fake((1, 2, 5, 5), torch.bool, "cuda")
+        path, note, _, _ = api._select(*cuda, out, lse, None, (0.25, 0.0, 0, -1, 0, 0.0, 0, 0, False),
+                                       tuple(ex._replace(block_mask=bm)))
+        assert path == "none" and note
+
+
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3)])
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (40, 10), "softcap": 10.0}])
 def test_dense_chunks_equal_the_sparse_call(rng, lead, kw):
@@ -305,6 +332,35 @@ def test_sparse_off_tile_sizes_skip_inactive_tiles(rng):
                                            block_size=64)
     assert_close(out.detach().cpu(), ref.double(), torch.bfloat16)
     assert torch.isfinite(dq).all() and torch.all(dk[:, :, 128:256] == 0) and torch.all(dv[:, :, 128:256] == 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("bs", [(128, 128), (64, 48)])
+def test_hopper_sparse_under_compile(rng, bs):
+    """torch.compile(fullgraph=True) of a block-sparse training call runs the Hopper kernels
+    (the selection made while tracing), forward and backward, with the eager result."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need compute capability 9.0")
+    q, k, v = (randn(2, 4, 300, 64, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()
+               for _ in range(3))
+    blocks = (torch.rand(4, -(-300 // bs[0]), -(-300 // bs[1]), generator=rng) < 0.6).cuda()
+
+    def f(q, k, v):
+        return steelattn.flash_attention_sparse(q, k, v, blocks, block_size=bs, causal=True)
+    ref = f(q, k, v)
+    ref_g = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(q, k, v)  # compile
+    steelattn.reset_dispatch_stats()
+    out = compiled(q, k, v)
+    g = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+    assert_close(out.float(), ref.double(), torch.bfloat16)
+    for a, b in zip(g, ref_g):
+        assert_close(a.float(), b.double(), torch.bfloat16, what="grad", tol=3 * TOL[torch.bfloat16])
 
 
 WIDE_CASES = [  # (name, D, Dv, block_size, kwargs): key tiles of 112 (D192) and 80 (D256)
