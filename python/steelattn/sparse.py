@@ -32,10 +32,47 @@ def _block_size(block_size):
     return bs
 
 
+def _band_cells(token, N, S):
+    """(cells, (wl, wr)) when a token mask [b, h, N, S] is exactly a mask of 16 x 16 cells
+    intersected with a band at the bottom-right diagonal (none, causal, or a causal window),
+    which the kernels take as a block mask and a band, with no token mask; else None."""
+    b, h = token.shape[:2]
+    nq, nk = -(-N // 16), -(-S // 16)
+    padded = token.new_zeros(b, h, nq * 16, nk * 16)
+    padded[..., :N, :S] = token
+    cells = padded.view(b, h, nq, 16, nk, 16).any(5).any(3)
+    blocks = cells.repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :N, :S]
+    i = torch.arange(N, device=token.device).view(-1, 1) + (S - N)  # each query's diagonal key
+    j = torch.arange(S, device=token.device).view(1, -1)
+    candidates = [(-1, -1), (-1, 0)]
+    seen = token.any(-1)
+    if bool(seen.any()):  # a causal window: the widest reach to the left of any row
+        first = token.to(torch.uint8).argmax(-1)  # each row's first visible key
+        candidates.append((int((i.view(-1) - first)[seen].max()), 0))
+    for wl, wr in candidates:
+        keep = blocks
+        if wr >= 0:
+            keep = keep & (j <= i + wr)
+        if wl >= 0:
+            keep = keep & (j >= i - wl)
+        if torch.equal(keep, token):
+            return cells, (wl, wr)
+    return None
+
+
+def _intersect(wl, wr, band):
+    """The window (wl, wr) narrowed to `band` (-1: unbounded on that side)."""
+    pick = lambda a, b: b if a < 0 else a if b < 0 else min(a, b)  # noqa: E731
+    return pick(wl, band[0]), pick(wr, band[1])
+
+
 def _from_flex(bm, B, H, N, S, device):
-    """(block mask [B', H', NQ, NK] bool, (bq, bk), token mask or None) of a FlexAttention
-    BlockMask. Partial blocks are where its mask_mod decides token by token: the mask_mod
-    is evaluated into a token mask for them (full blocks need none)."""
+    """(block mask [B', H', NQ, NK] bool, (bq, bk), token mask or None, band or None) of a
+    FlexAttention BlockMask. Partial blocks are where its mask_mod decides token by token:
+    the mask_mod is evaluated into a token mask for them (full blocks need none). When that
+    token mask is 16 x 16 cells cut by a band (causal, a causal window: the common mask_mods),
+    it becomes a block mask of 16 x 16 blocks and the band (_band_cells), which the Hopper
+    kernels take; other token masks stay token masks."""
     bq, bk = (bm.BLOCK_SIZE, bm.BLOCK_SIZE) if isinstance(bm.BLOCK_SIZE, int) else tuple(bm.BLOCK_SIZE)
     _block_size((bq, bk))
     nq, nk = math.ceil(N / bq), math.ceil(S / bk)
@@ -48,7 +85,10 @@ def _from_flex(bm, B, H, N, S, device):
     if partial:
         from torch.nn.attention.flex_attention import create_mask
         token = create_mask(bm.mask_mod, dense.size(0), dense.size(1), N, S, device=device).to(torch.bool)
-    return dense, (bq, bk), token
+        fit = _band_cells(token, N, S)
+        if fit is not None:
+            return fit[0], (16, 16), None, fit[1]
+    return dense, (bq, bk), token, None
 
 
 def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=None, causal=False,
@@ -70,9 +110,9 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
     torch.Size([1, 2, 300, 64])
     """
     B, H, N, D, S = _validate.check_qkv(_FN, ("q", "k", "v"), q, k, v)
-    token = None
+    token = band = None
     if type(block_mask).__name__ == "BlockMask" and hasattr(block_mask, "to_dense"):
-        block_mask, (bq, bk), token = _from_flex(block_mask, B, H, N, S, q.device)
+        block_mask, (bq, bk), token, band = _from_flex(block_mask, B, H, N, S, q.device)
     else:
         bq, bk = _block_size(block_size)
         if not isinstance(block_mask, torch.Tensor):
@@ -95,6 +135,8 @@ def flash_attention_sparse(q, k, v, block_mask, *, block_size=(128, 128), scale=
         token = token.expand(B, H, N, S)
 
     scale, softcap, wl, wr = _validate.score_args(_FN, D, scale, softcap, window_size, causal, dropout_p)
+    if band is not None:  # a BlockMask's mask_mod read as a band (_from_flex)
+        wl, wr = _intersect(wl, wr, band)
     alibi = _validate.check_alibi(_FN, alibi_slopes, q, B, H) if alibi_slopes is not None else None
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()

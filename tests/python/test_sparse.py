@@ -124,6 +124,41 @@ def test_flex_block_mask(rng):
     assert_close(out, ref, torch.float32)
 
 
+FLEX_BANDS = [  # (name, mask_mod builder(N), band the conversion should find or None)
+    ("causal", lambda N: lambda b, h, qi, ki: qi >= ki, (-1, 0)),
+    ("window 100", lambda N: lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= 100), (100, 0)),
+    ("documents of 64, causal", lambda N: lambda b, h, qi, ki: (qi >= ki) & (qi // 64 == ki // 64), (-1, 0)),
+    ("documents of 48", lambda N: lambda b, h, qi, ki: qi // 48 == ki // 48, (-1, -1)),
+    ("documents of 70, causal", lambda N: lambda b, h, qi, ki: (qi >= ki) & (qi // 70 == ki // 70), None),
+]
+
+
+@pytest.mark.parametrize("name,mod,band", FLEX_BANDS, ids=[c[0] for c in FLEX_BANDS])
+def test_flex_block_mask_as_cells_and_band(rng, name, mod, band):
+    """A BlockMask whose mask_mod is 16 x 16 cells cut by a band (causal, a causal window,
+    16-aligned documents) becomes a 16 x 16 block mask plus that band, with no token mask
+    (what the Hopper kernels take); others keep the token mask. Both match the reference."""
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    from steelattn.sparse import _from_flex
+    N, D = 300, 32
+    mask_mod = mod(N)
+    bm = fa.create_block_mask(mask_mod, None, None, N, N, device="cpu", BLOCK_SIZE=128)
+    blocks, bs, token, found = _from_flex(bm, 2, 2, N, N, "cpu")
+    assert found == band and (token is None) == (band is not None)
+    if band is not None:
+        assert bs == (16, 16) and blocks.shape[-2:] == (-(-N // 16), -(-N // 16))
+    q, k, v = (randn(2, 2, N, D, dtype=torch.float32, device="cpu", generator=rng).requires_grad_() for _ in range(3))
+    out = steelattn.flash_attention_sparse(q, k, v, bm)
+    i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
+    keep = mask_mod(None, None, i, j)
+    r, ref, _ = reference(q, k, v, keep.expand(2, 2, N, N))
+    assert_close(out.detach(), ref.detach(), torch.float32)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), r)
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, torch.float32, what="grad", tol=3 * TOL[torch.float32])
+
+
 def test_sparse_bad_input():
     q = k = v = torch.randn(1, 2, 100, 32)
     with pytest.raises(ValueError, match="block_size"):
@@ -358,6 +393,31 @@ def test_hopper_sparse_under_compile(rng, bs):
     g = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     stats = steelattn.get_dispatch_stats()
     assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+    assert_close(out.float(), ref.double(), torch.bfloat16)
+    for a, b in zip(g, ref_g):
+        assert_close(a.float(), b.double(), torch.bfloat16, what="grad", tol=3 * TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_hopper_flex_causal_block_mask(rng):
+    """A FlexAttention BlockMask with a causal mask_mod (partial diagonal blocks) runs on the
+    Hopper kernels as 16 x 16 cells and the causal band, forward and backward."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need compute capability 9.0")
+    fa = pytest.importorskip("torch.nn.attention.flex_attention")
+    N = 500
+    bm = fa.create_block_mask(lambda b, h, qi, ki: (qi >= ki) & (qi - ki <= 200), None, None, N, N, device="cuda")
+    q, k, v = (randn(2, 4, N, 128, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()
+               for _ in range(3))
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_sparse(q, k, v, bm)
+    g = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    stats = steelattn.get_dispatch_stats()
+    assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
+    assert not stats["demotions"], stats
+    ref = steelattn.flash_attention(q, k, v, causal=True, window_size=(200, 0))
+    ref_g = torch.autograd.grad(ref.float().square().sum(), (q, k, v))
     assert_close(out.float(), ref.double(), torch.bfloat16)
     for a, b in zip(g, ref_g):
         assert_close(a.float(), b.double(), torch.bfloat16, what="grad", tol=3 * TOL[torch.bfloat16])
