@@ -145,6 +145,8 @@ def test_flex_block_mask_as_cells_and_band(rng, name, mod, band):
     bm = fa.create_block_mask(mask_mod, None, None, N, N, device="cpu", BLOCK_SIZE=128)
     blocks, bs, token, found = _from_flex(bm, 2, 2, N, N, "cpu")
     assert found == band and (token is None) == (band is not None)
+    from steelattn.sparse import _from_flex_cached  # the conversion runs once per BlockMask and shape
+    assert _from_flex_cached(bm, 2, 2, N, N, "cpu") is _from_flex_cached(bm, 2, 2, N, N, "cpu")
     if band is not None:
         assert bs == (16, 16) and blocks.shape[-2:] == (-(-N // 16), -(-N // 16))
     q, k, v = (randn(2, 2, N, D, dtype=torch.float32, device="cpu", generator=rng).requires_grad_() for _ in range(3))
