@@ -351,7 +351,9 @@ struct Mainloop {
       }
       OnlineSoftmax<kNS> softmax(p.log2_factor);
       const int col_lane = 2 * (lane % 4);
-      auto partial = [&](int nb) { return Sparse && part_row != nullptr && __ldg(part_row + nb * p.bm.sk) == kTilePartial; };
+      auto partial = [&](int nb) {
+        return Sparse && part_row != nullptr && __ldg(part_row + nb * p.bm.sk) == kTilePartial;
+      };
 
       float o[kNO];
 #pragma unroll
