@@ -226,7 +226,7 @@ def flash_attention_kvcache(q, k_cache, v_cache, *, k_new=None, v_new=None, cach
                           rotary_sin if rotary else None, rd if rotary else 0, bool(rotary_interleaved), bool(causal))
         if rotary:
             q = q_rot
-    base = None if prepared else lens.long()
+    base = lens.long() if (rotary or Nnew) and not prepared else None  # the torch-op append's positions
     if rotary and not prepared:
         qpos = base[:, None] + (torch.arange(Nq, device=q.device)[None] if causal else 0)
         q = apply_rotary(q, rotary_cos, rotary_sin, qpos.expand(B, Nq), rotary_interleaved, rd)
