@@ -130,6 +130,9 @@ FLEX_BANDS = [  # (name, mask_mod builder(N), band the conversion should find or
     ("documents of 64, causal", lambda N: lambda b, h, qi, ki: (qi >= ki) & (qi // 64 == ki // 64), (-1, 0)),
     ("documents of 48", lambda N: lambda b, h, qi, ki: qi // 48 == ki // 48, (-1, -1)),
     ("documents of 70, causal", lambda N: lambda b, h, qi, ki: (qi >= ki) & (qi // 70 == ki // 70), None),
+    # S = N + 100: causal at the bottom-right diagonal (steelattn's) fits; top-left does not
+    ("bottom-right causal, S > N", lambda N: lambda b, h, qi, ki: ki <= qi + 100, (-1, 0)),
+    ("top-left causal, S > N", lambda N: lambda b, h, qi, ki: ki <= qi, None),
 ]
 
 
@@ -141,19 +144,21 @@ def test_flex_block_mask_as_cells_and_band(rng, name, mod, band):
     fa = pytest.importorskip("torch.nn.attention.flex_attention")
     from steelattn.sparse import _from_flex
     N, D = 300, 32
+    S = N + 100 if "S > N" in name else N
     mask_mod = mod(N)
-    bm = fa.create_block_mask(mask_mod, None, None, N, N, device="cpu", BLOCK_SIZE=128)
-    blocks, bs, token, found = _from_flex(bm, 2, 2, N, N, "cpu")
+    bm = fa.create_block_mask(mask_mod, None, None, N, S, device="cpu", BLOCK_SIZE=128)
+    blocks, bs, token, found = _from_flex(bm, 2, 2, N, S, "cpu")
     assert found == band and (token is None) == (band is not None)
     from steelattn.sparse import _from_flex_cached  # the conversion runs once per BlockMask and shape
-    assert _from_flex_cached(bm, 2, 2, N, N, "cpu") is _from_flex_cached(bm, 2, 2, N, N, "cpu")
+    assert _from_flex_cached(bm, 2, 2, N, S, "cpu") is _from_flex_cached(bm, 2, 2, N, S, "cpu")
     if band is not None:
-        assert bs == (16, 16) and blocks.shape[-2:] == (-(-N // 16), -(-N // 16))
-    q, k, v = (randn(2, 2, N, D, dtype=torch.float32, device="cpu", generator=rng).requires_grad_() for _ in range(3))
+        assert bs == (16, 16) and blocks.shape[-2:] == (-(-N // 16), -(-S // 16))
+    q, k, v = (randn(2, 2, n, D, dtype=torch.float32, device="cpu", generator=rng).requires_grad_()
+               for n in (N, S, S))
     out = steelattn.flash_attention_sparse(q, k, v, bm)
-    i, j = torch.arange(N).view(-1, 1), torch.arange(N).view(1, -1)
+    i, j = torch.arange(N).view(-1, 1), torch.arange(S).view(1, -1)
     keep = mask_mod(None, None, i, j)
-    r, ref, _ = reference(q, k, v, keep.expand(2, 2, N, N))
+    r, ref, _ = reference(q, k, v, keep.expand(2, 2, N, S))
     assert_close(out.detach(), ref.detach(), torch.float32)
     g = torch.autograd.grad(out.sum(), (q, k, v))
     g_ref = torch.autograd.grad(ref.sum(), r)
