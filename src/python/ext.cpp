@@ -213,7 +213,8 @@ void core_forward(AttentionParams* p, int mode, void* stream, steelattn_alloc_fn
   if (mode == STEELATTN_TRAIN && bwd.path == ForwardPath::none)
     return set_status(
         Status::NotImplemented("no steelattn kernel computes the gradients of this call: " + bwd.why_not), r);
-  if (const size_t need = forward_workspace_bytes(*p, fwd.path)) {  // the split-KV decode kernel's partials
+  // scratch: the split-KV decode kernel's partials, a block mask's per-tile state
+  if (const size_t need = forward_workspace_bytes(*p, fwd.path)) {
     if (alloc == nullptr || !alloc(alloc_ctx, need, &p->workspace))
       return set_status(Status::Error("could not allocate the forward's scratch"), r);
   }

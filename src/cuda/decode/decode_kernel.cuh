@@ -92,54 +92,41 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
   return kPaged && j < n_end ? __ldg(p.block_table + b * p.bt_stride + j / p.page_size) : 0;
 }
 
-// A whole dense warp tile at D = Dv = kDPad: each lane copies one 16-byte chunk of every
-// (32 / chunks per row)-th row from a pointer it steps by rows, no per-chunk index math or
-// predicates (ncu at B8 S32k: ~700 instructions per tile per warp, the warps' own chains
-// at 7 cycles per instruction taking the whole kernel time).
-template <typename T, typename C>
+// A whole warp tile at D = Dv = kDPad: each lane copies one 16-byte chunk of every
+// (32 / chunks per row)-th row, with no per-chunk index math or predicates (ncu at B8 S32k:
+// ~700 instructions per tile per warp, the warps' own chains at 7 cycles per instruction
+// taking the whole kernel time). Dense: from a pointer stepped by rows. Paged: each row
+// through the page and in-page row that lane r (key n0 + r) holds (with the general
+// loader's index math and zero-fill selects, 32-key paged tiles were 4-11% slower).
+template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
-                                                  int lane) {
-  constexpr int kChunks = (C::kLd - kPad) / 8;
-  constexpr int kRowsPerStep = 32 / kChunks;
-  static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0, "whole rows per warp step");
-  const int r0 = lane / kChunks, c = lane % kChunks;
-  const T* gk = static_cast<const T*>(p.k) + int64_t(entry) * p.k_stride[0] + hk * p.k_stride[1] +
-                int64_t(n0 + r0) * p.k_stride[2] + c * 8;
-  const T* gv = static_cast<const T*>(p.v) + int64_t(entry) * p.v_stride[0] + hk * p.v_stride[1] +
-                int64_t(n0 + r0) * p.v_stride[2] + c * 8;
-  const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
-  T* sk = sK + r0 * C::kLd + c * 8;
-  T* sv = sV + r0 * C::kLd + c * 8;
-#pragma unroll
-  for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
-    cp_async_16(sk + it * kRowsPerStep * C::kLd, gk);
-    cp_async_16(sv + it * kRowsPerStep * C::kLd, gv);
-    gk += k_step;
-    gv += v_step;
-  }
-}
-
-// A whole paged warp tile at D = Dv = kDPad: the dense loader's lane layout, with each
-// step's row found through the page and in-page row that lane r (key n0 + r) holds. No
-// predicates: with one CTA per SM (32-key tiles) the general loader's per-chunk index math
-// and zero-fill selects made paged reads 4-11% slower than 16-key tiles (NOTES.md).
-template <typename T, typename C>
-__device__ __forceinline__ void load_full_paged_kv_tile(T* sK, T* sV, const DecodeParams& p, int hk, int lane,
-                                                        int lane_page, int lane_row) {
+                                                  int lane, int lane_page, int lane_row) {
   constexpr int kChunks = (C::kLd - kPad) / 8;
   constexpr int kRowsPerStep = 32 / kChunks;
   static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0 && C::kKeys <= 32, "whole rows per warp step");
   const int r0 = lane / kChunks, c = lane % kChunks;
   const T* gk = static_cast<const T*>(p.k) + hk * p.k_stride[1] + c * 8;
   const T* gv = static_cast<const T*>(p.v) + hk * p.v_stride[1] + c * 8;
+  if constexpr (!kPaged) {
+    gk += int64_t(entry) * p.k_stride[0] + int64_t(n0 + r0) * p.k_stride[2];
+    gv += int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2];
+  }
+  const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
   T* sk = sK + r0 * C::kLd + c * 8;
   T* sv = sV + r0 * C::kLd + c * 8;
 #pragma unroll
   for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
-    const int r = r0 + it * kRowsPerStep;
-    const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
-    cp_async_16(sk + it * kRowsPerStep * C::kLd, gk + page * p.k_stride[0] + row * p.k_stride[2]);
-    cp_async_16(sv + it * kRowsPerStep * C::kLd, gv + page * p.v_stride[0] + row * p.v_stride[2]);
+    if constexpr (kPaged) {
+      const int r = r0 + it * kRowsPerStep;
+      const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
+      cp_async_16(sk + it * kRowsPerStep * C::kLd, gk + page * p.k_stride[0] + row * p.k_stride[2]);
+      cp_async_16(sv + it * kRowsPerStep * C::kLd, gv + page * p.v_stride[0] + row * p.v_stride[2]);
+    } else {
+      cp_async_16(sk + it * kRowsPerStep * C::kLd, gk);
+      cp_async_16(sv + it * kRowsPerStep * C::kLd, gv);
+      gk += k_step;
+      gv += v_step;
+    }
   }
 }
 
@@ -149,12 +136,8 @@ template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
                                              int n0, int n_end, int lane, int lane_page) {
   const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
-  if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad) {  // warp-uniform
-    if constexpr (kPaged)
-      return load_full_paged_kv_tile<T, C>(sK, sV, p, hk, lane, lane_page, lane_row);
-    else
-      return load_full_kv_tile<T, C>(sK, sV, p, entry, hk, n0, lane);
-  }
+  if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad)  // warp-uniform
+    return load_full_kv_tile<T, C, kPaged>(sK, sV, p, entry, hk, n0, lane, lane_page, lane_row);
   constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
   static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
@@ -506,6 +489,7 @@ constexpr int kCombineWarps = kCombineThreads / 32;
 template <typename T>
 __global__ void __launch_bounds__(kCombineThreads) decode_combine_kernel(const DecodeParams p) {
   static_assert(kMaxSplits <= kCombineThreads, "one split's LSE per thread");
+  static_assert(kCombineWarps == 4, "the cross-warp sums below name four warps");
   __shared__ float weights[kMaxSplits];
   __shared__ float red[kCombineWarps];
   __shared__ __align__(16) float partial[kCombineWarps][256];

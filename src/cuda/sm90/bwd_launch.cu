@@ -345,13 +345,9 @@ static size_t bwd_block_mask_offset(const AttentionParams& p) {
   return (bytes + 15) / 16 * 16;
 }
 
-static size_t bwd_block_mask_bytes(const AttentionParams& p) {
-  const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
-  return sm90::block_mask_tile_bytes(p, kd.block_m, kd.wide ? 64 : sm90::kBwdBlockN);
-}
-
 size_t cuda_sm90_backward_workspace_bytes(const AttentionParams& p) {
-  return bwd_block_mask_offset(p) + bwd_block_mask_bytes(p);
+  const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
+  return bwd_block_mask_offset(p) + sm90::block_mask_tile_bytes(p, kd.block_m, kd.wide ? 64 : sm90::kBwdBlockN);
 }
 
 Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* stream) {
@@ -390,7 +386,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
-  uint8_t* bm_scratch = bwd_block_mask_bytes(p) ? static_cast<uint8_t*>(workspace) + bwd_block_mask_offset(p) : nullptr;
+  // (block_mask_view writes there only when the block sizes are not whole steps)
+  uint8_t* bm_scratch = static_cast<uint8_t*>(workspace) + bwd_block_mask_offset(p);
   if (Status st = sm90::block_mask_view(p, BM, BN, bm_scratch, static_cast<cudaStream_t>(stream), &k.bm); !st.ok())
     return st;
   k.B = static_cast<int>(p.B);
