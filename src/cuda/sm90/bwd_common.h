@@ -79,13 +79,14 @@ __device__ __forceinline__ void store_key_rows(Elem* base, int64_t row_stride, i
   }
 }
 
-// Tile lin's (key block, KV head, batch). Heads go in groups of p.bh_group; inside a
+// The CTA's (key block, KV head, batch). Heads go in groups of p.bh_group; inside a
 // group the key blocks go in order, each for all the group's heads, so a causal key
 // block 0 (the one with the most query blocks) starts before any key block 1 of the
-// group: the grid ends on short tiles (longest first) while a group's Q/dO stays in L2
+// group: the grid ends on short CTAs (longest first) while a group's Q/dO stays in L2
 // across its key blocks. bh_group = 1 is plain key-block-fastest order. A head's key
 // blocks still start in increasing order, which the deterministic dQ chain relies on.
-__device__ __forceinline__ void bwd_tile(const BwdParams& p, int lin, int& n_block, int& hkv, int& b) {
+__device__ __forceinline__ void bwd_tile(const BwdParams& p, int& n_block, int& hkv, int& b) {
+  const int lin = static_cast<int>(blockIdx.x);
   const int per_group = p.bh_group * p.n_blocks;
   const int g = lin / per_group, r = lin - g * per_group;
   const int gsize = min(p.bh_group, p.Hkv * p.B - g * p.bh_group);

@@ -1,8 +1,4 @@
-// sm90 backward main kernel: a tile is a (key block of 128, batch, kv head); the grid
-// is one CTA per SM (at most one per tile), each walking tiles lin = blockIdx.x +
-// i * gridDim.x, so the next tile's K/V load and first Q/dO stages run under this
-// tile's dK/dV stores instead of behind a new CTA's launch (a CTA per tile paid
-// ~2.9 steps of fixed cost per tile against cuDNN's 1.6: NOTES-sm90-bwd.md).
+// sm90 backward main kernel: one CTA per (key block of 128, batch, kv head).
 // K and V stay in smem; dK and dV accumulate in fp32 registers over every
 // query block of every query head of the GQA group (so no atomics for them);
 // Q, dO, lse2 and dsum of each query block stream in through a 2-stage TMA
@@ -153,7 +149,6 @@ struct BwdMainloop {
 
   __device__ static void init_barriers(Smem& sm) {
     mbar_init(&sm.kv_full, 1);
-    mbar_init(&sm.kv_empty, kConsumerWarps);
 #pragma unroll
     for (int i = 0; i < kBwdStages; ++i) {
       mbar_init(&sm.full[i], 1);
@@ -184,12 +179,11 @@ struct BwdMainloop {
   }
 
   // ---------------------------------------------------------------- producer
-  // kv_phase: parity of this CTA's K/V loads so far (the consumers' last GEMM on the
-  // previous tile's K/V frees kv_empty).
-  __device__ static void load_kv(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv,
-                                 uint32_t& kv_phase) {
-    mbar_wait(&sm.kv_empty, kv_phase ^ 1);
-    kv_phase ^= 1;
+  __device__ static void load_kv(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
+    prefetch_tensor_map(&p.tma_q);
+    prefetch_tensor_map(&p.tma_do);
+    prefetch_tensor_map(&p.tma_k);
+    prefetch_tensor_map(&p.tma_v);
     mbar_arrive_expect_tx(&sm.kv_full, kKVBytes);
 #pragma unroll
     for (int c = 0; c < D / CB; ++c) {
@@ -215,13 +209,13 @@ struct BwdMainloop {
     bulk_load_1d(sm.dsum[st.index], p.dsum + row, BM * 4, bar);
   }
 
-  __device__ static void produce_sparse(const BwdParams& p, const Seq& g0, Smem& sm, int n_block, int b, int hkv,
-                                        PipeState<kBwdStages>& st, uint32_t& kv_phase) {
+  __device__ static void produce_sparse(const BwdParams& p, const Seq& g0, Smem& sm, int n_block, int b, int hkv) {
     int m_lo, m_hi;
     m_range(p, g0, n_block, m_lo, m_hi);
     int g = 0, m = m_lo;
     bool more = m_lo < m_hi && next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
-    if (more) load_kv(p, g0, sm, n_block, b, hkv, kv_phase);  // a key block no active step reads is never loaded
+    if (more) load_kv(p, g0, sm, n_block, b, hkv);  // a key block no active step reads is never loaded
+    PipeState<kBwdStages> st;
     for (; more; st.advance()) {
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
       *reinterpret_cast<volatile int*>(&sm.step_g[st.index]) = g;
@@ -233,14 +227,11 @@ struct BwdMainloop {
     mbar_wait(&sm.empty[st.index], st.phase ^ 1);
     *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = -1;  // no more steps
     mbar_arrive(&sm.full[st.index]);
-    st.advance();  // the consumers release the end mark's stage too
   }
 
-  // One tile's loads; st and kv_phase carry over from the CTA's previous tiles.
-  __device__ static void produce(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv,
-                                 PipeState<kBwdStages>& st, uint32_t& kv_phase) {
+  __device__ static void produce(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
     if constexpr (Sparse) {
-      produce_sparse(p, g, sm, n_block, b, hkv, st, kv_phase);
+      produce_sparse(p, g, sm, n_block, b, hkv);
       return;
     }
     int m_lo, m_hi;
@@ -248,7 +239,8 @@ struct BwdMainloop {
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
     if (iters <= 0) return;
-    load_kv(p, g, sm, n_block, b, hkv, kv_phase);
+    load_kv(p, g, sm, n_block, b, hkv);
+    PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
@@ -266,12 +258,12 @@ struct BwdMainloop {
   // bumps the counters once the adds are complete. Key block n only waits for
   // n - 1 of the same (b, kv head), which has a lower block index, so it was
   // launched earlier: no deadlock.
-  __device__ static void write_dq(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv,
-                                  uint32_t& phase) {
+  __device__ static void write_dq(const BwdParams& p, const Seq& g, Smem& sm, int n_block, int b, int hkv) {
     int m_lo, m_hi;
     m_range(p, g, n_block, m_lo, m_hi);
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
+    uint32_t phase = 0;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
       const int m = m_of_step(p, it % nm, m_lo, m_hi);
@@ -331,16 +323,7 @@ struct BwdMainloop {
       Wgmma<kDqCols, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 16 * SW) >> 4), kk > 0);
   }
 
-  // What a consumer warpgroup carries from one tile to the next.
-  struct ConsumerState {
-    PipeState<kBwdStages> st;  // the Q/dO ring
-    uint32_t kv_phase = 0;     // parity of kv_full
-    uint32_t ds_buf = 0;       // dS^T buffer of the next step (alternates every step, across tiles)
-    uint32_t dq_phase = 0;     // deterministic: parity of this warpgroup's dq_full / dq_empty
-  };
-
-  __device__ static void consume(const BwdParams& p, const Seq& g, Smem& sm, int w, int n_block, int b, int hkv,
-                                 ConsumerState& cs) {
+  __device__ static void consume(const BwdParams& p, const Seq& g, Smem& sm, int w, int n_block, int b, int hkv) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
     int m_lo, m_hi;
@@ -354,25 +337,21 @@ struct BwdMainloop {
 #pragma unroll
     for (int i = 0; i < kNA; ++i) dv[i] = dk[i] = 0.f;
 
-    PipeState<kBwdStages>& st = cs.st;
     bool any = iters > 0;
     if constexpr (Sparse) {  // the producer's first step, or its end mark
-      mbar_wait(&sm.full[st.index], st.phase);
-      any = *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) >= 0;
-      if (!any) {
-        warp_release(&sm.empty[st.index]);
-        st.advance();
-      }
+      mbar_wait(&sm.full[0], 0);
+      any = *reinterpret_cast<volatile int*>(&sm.step_m[0]) >= 0;
     }
     if (any) {
-      mbar_wait(&sm.kv_full, cs.kv_phase);
-      cs.kv_phase ^= 1;
+      mbar_wait(&sm.kv_full, 0);
       const uint32_t k_addr = smem_u32(sm.k) + w * 64 * SW;
       const uint32_t v_addr = smem_u32(sm.v) + w * 64 * SW;
       // dQ part of this warpgroup: BM 128 -> rows w*64, all D cols; BM 64 -> all rows,
       // cols w*64.. (K's columns from there).
       const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w * kDqCols / CB : 0) * BN * SW;
       constexpr float kLog2e = 1.4426950408889634f;
+      PipeState<kBwdStages> st;
+      uint32_t dq_phase = 0;  // deterministic: parity of this warpgroup's dq_full / dq_empty
       float s[kNS], dp[kNS];
       // S^T = K Q^T and dP^T = V dO^T of the step in `stage` (two commit groups).
       auto issue_sdp = [&](const PipeState<kBwdStages>& stage) {
@@ -388,11 +367,7 @@ struct BwdMainloop {
         if constexpr (Sparse) {
           mbar_wait(&sm.full[st.index], st.phase);
           m = *reinterpret_cast<volatile int*>(&sm.step_m[st.index]);
-          if (m < 0) {  // the end mark: its stage goes back to the producer
-            warp_release(&sm.empty[st.index]);
-            st.advance();
-            break;
-          }
+          if (m < 0) break;
           h = hkv * p.group + *reinterpret_cast<volatile int*>(&sm.step_g[st.index]);
         } else {
           h = hkv * p.group + it / nm;
@@ -568,10 +543,10 @@ struct BwdMainloop {
           gemm_rs(dv, pf, do_addr);
           wgmma_commit();
         }
-        // dS^T [keys][queries] into buffer ds_buf: rows w*64 + 16*warp + lane/4 (+8),
+        // dS^T [keys][queries] into buffer it&1: rows w*64 + 16*warp + lane/4 (+8),
         // 2 queries per 32-bit store, 128B swizzle (16 B chunk ^= row % 8).
         {
-          uint8_t* ds_tile = reinterpret_cast<uint8_t*>(sm.ds[cs.ds_buf]);
+          uint8_t* ds_tile = reinterpret_cast<uint8_t*>(sm.ds[it & 1]);
 #pragma unroll
           for (int jb = 0; jb < BM / 8; ++jb) {
 #pragma unroll
@@ -592,8 +567,7 @@ struct BwdMainloop {
         // slower than RS (NOTES-sm90-bwd.md).
         float dq[kDqCols / 2];
         wgmma_fence();
-        gemm_dq(dq, smem_u32(sm.ds[cs.ds_buf]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
-        cs.ds_buf ^= 1;
+        gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
         wgmma_commit();
         gemm_rs(dk, dsf, q_addr);
         wgmma_commit();
@@ -611,10 +585,10 @@ struct BwdMainloop {
         };
         if constexpr (Det) {
           // For the writer thread (write_dq), once it has read the previous one.
-          mbar_wait(&sm.dq_empty[w], cs.dq_phase ^ 1);
+          mbar_wait(&sm.dq_empty[w], dq_phase ^ 1);
           stage_dq();
           warp_release(&sm.dq_full[w]);
-          cs.dq_phase ^= 1;
+          dq_phase ^= 1;
         } else {
           // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
           // async copy).
@@ -633,7 +607,7 @@ struct BwdMainloop {
         warp_release(&sm.empty[st.index]);
         st.advance();
       }
-      warp_release(&sm.kv_empty);  // every GEMM on this tile's K/V is done: the next tile's may load
+      if (!Det && tid == 0) tma_store_wait_all();  // smem must outlive the last reduce
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.
@@ -657,49 +631,22 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
                                                     ~static_cast<uintptr_t>(1023));
   if (threadIdx.x == 0) ML::init_barriers(sm);
   __syncthreads();
-  // Calls f(n_block, hkv, b, seq) for each of this CTA's tiles; varlen holes (virtual key
-  // blocks past their sequence) are skipped by every role alike.
-  auto for_each_tile = [&](auto&& f) {
-    const int tiles = p.n_blocks * p.Hkv * p.B;
-    for (int lin = blockIdx.x; lin < tiles; lin += gridDim.x) {
-      int n_block, hkv, b;
-      bwd_tile(p, lin, n_block, hkv, b);
-      typename ML::Seq g{};
-      if constexpr (Varlen) {
-        if (!resolve_key_block(p, n_block, g)) continue;
-      }
-      f(n_block, hkv, b, g);
-    }
-  };
+  int n_block, hkv, b;
+  bwd_tile(p, n_block, hkv, b);
+  typename ML::Seq g{};
+  if constexpr (Varlen) {
+    if (!resolve_key_block(p, n_block, g)) return;  // a hole: no keys, no loads, nothing to store
+  }
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
-    if (threadIdx.x == 0) {
-      prefetch_tensor_map(&p.tma_q);
-      prefetch_tensor_map(&p.tma_do);
-      prefetch_tensor_map(&p.tma_k);
-      prefetch_tensor_map(&p.tma_v);
-      PipeState<kBwdStages> st;
-      uint32_t kv_phase = 0;
-      for_each_tile([&](int n_block, int hkv, int b, const typename ML::Seq& g) {
-        ML::produce(p, g, sm, n_block, b, hkv, st, kv_phase);
-      });
-    }
+    if (threadIdx.x == 0) ML::produce(p, g, sm, n_block, b, hkv);
     if constexpr (Det) {
-      if (threadIdx.x == 32) {
-        uint32_t phase = 0;
-        for_each_tile([&](int n_block, int hkv, int b, const typename ML::Seq& g) {
-          ML::write_dq(p, g, sm, n_block, b, hkv, phase);
-        });
-      }
+      if (threadIdx.x == 32) ML::write_dq(p, g, sm, n_block, b, hkv);
     }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();
-    typename ML::ConsumerState cs;
-    for_each_tile([&](int n_block, int hkv, int b, const typename ML::Seq& g) {
-      ML::consume(p, g, sm, warpgroup - 1, n_block, b, hkv, cs);
-    });
-    if (!Det && threadIdx.x % 128 == 0) tma_store_wait_read();  // smem must outlive the last reduce's read
+    ML::consume(p, g, sm, warpgroup - 1, n_block, b, hkv);
   }
 #endif
 }

@@ -297,24 +297,22 @@ cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
 }
 
 template <class Elem>
-cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det, int sms,
+cudaError_t launch_main(const BwdParams& k, const BwdKernelDims& kd, bool band, bool softcap, bool det,
                         cudaStream_t s) {
-  const int64_t tiles = int64_t{k.n_blocks} * k.Hkv * k.B;  // bwd_tile maps them
-  const dim3 grid(static_cast<unsigned>(tiles));                         // wide kernel: a CTA per tile
-  const dim3 persistent(static_cast<unsigned>(std::min<int64_t>(tiles, sms)));  // narrow: a CTA per SM
+  const dim3 grid(static_cast<unsigned>(int64_t{k.n_blocks} * k.Hkv * k.B));  // bwd_tile maps it
   if (k.cu_q != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
-    if (kd.kd == 64) return sm90::launch_bwd_varlen<64, Elem>(k, band, softcap, persistent, s);
-    if (kd.kd == 96) return sm90::launch_bwd_varlen<96, Elem>(k, band, softcap, persistent, s);
-    return sm90::launch_bwd_varlen<128, Elem>(k, band, softcap, persistent, s);
+    if (kd.kd == 64) return sm90::launch_bwd_varlen<64, Elem>(k, band, softcap, grid, s);
+    if (kd.kd == 96) return sm90::launch_bwd_varlen<96, Elem>(k, band, softcap, grid, s);
+    return sm90::launch_bwd_varlen<128, Elem>(k, band, softcap, grid, s);
   }
   if (k.bm.mask != nullptr) {  // narrow head dims only (cuda_sm90_backward_supports)
-    if (kd.kd == 64) return sm90::launch_bwd_sparse<64, Elem>(k, band, softcap, persistent, s);
-    if (kd.kd == 96) return sm90::launch_bwd_sparse<96, Elem>(k, band, softcap, persistent, s);
-    return sm90::launch_bwd_sparse<128, Elem>(k, band, softcap, persistent, s);
+    if (kd.kd == 64) return sm90::launch_bwd_sparse<64, Elem>(k, band, softcap, grid, s);
+    if (kd.kd == 96) return sm90::launch_bwd_sparse<96, Elem>(k, band, softcap, grid, s);
+    return sm90::launch_bwd_sparse<128, Elem>(k, band, softcap, grid, s);
   }
-  if (kd.kd == 64) return sm90::launch_bwd<64, Elem>(k, band, softcap, det, persistent, s);
-  if (kd.kd == 96) return sm90::launch_bwd<96, Elem>(k, band, softcap, det, persistent, s);
-  if (kd.kd == 128) return sm90::launch_bwd<128, Elem>(k, band, softcap, det, persistent, s);
+  if (kd.kd == 64) return sm90::launch_bwd<64, Elem>(k, band, softcap, det, grid, s);
+  if (kd.kd == 96) return sm90::launch_bwd<96, Elem>(k, band, softcap, det, grid, s);
+  if (kd.kd == 128) return sm90::launch_bwd<128, Elem>(k, band, softcap, det, grid, s);
   if (kd.kd == 256) return sm90::launch_bwd_wide<256, 256, Elem>(k, grid, s);
   if (kd.kdv == 128) return sm90::launch_bwd_wide<192, 128, Elem>(k, grid, s);
   return sm90::launch_bwd_wide<192, 192, Elem>(k, grid, s);
@@ -468,10 +466,9 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   cudaError_t err = cudaSuccess;
   if (p.deterministic) err = cudaMemsetAsync(dq_sem, 0, static_cast<size_t>(dq_sem_count(p)) * sizeof(int), s);
   if (err == cudaSuccess) err = bf16 ? launch_pre<__nv_bfloat16>(pp, rows, s) : launch_pre<__half>(pp, rows, s);
-  const int sms = std::max(1, sm90::device_info(p.q.device_id).sms);
   if (err == cudaSuccess)
-    err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, sms, s)
-               : launch_main<__half>(k, kd, band, softcap, p.deterministic, sms, s);
+    err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
+               : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
   if (err == cudaSuccess) {
     const int64_t groups = rows * kd.kd / 4;  // the whole workspace, 16 bytes per thread
     const unsigned post_blocks = static_cast<unsigned>((groups + 255) / 256);

@@ -33,8 +33,7 @@ struct BwdParams {
   int64_t alibi_sb, alibi_sh;
 
   int B, H, Hkv, N, S, group, n_pad;
-  int n_blocks;  // key blocks per head: n_blocks * Hkv * B tiles (bwd_tile; the narrow kernel's CTAs
-                 // walk them with a stride of gridDim.x, the wide kernel has a CTA per tile)
+  int n_blocks;  // key blocks per head (the grid is n_blocks * Hkv * B CTAs, see bwd_tile)
   int bh_group;  // (batch, KV head) pairs per launch-order group (bwd_tile)
   int d_store_k, d_store_v;  // real head dims of q/k and v (< the kernel's when zero-padded)
   bool deterministic;        // wide kernel only (the narrow one takes it as a template argument)
@@ -108,7 +107,7 @@ struct BwdSmem {
   alignas(1024) float dq[kBwdConsumerWGs][64 * 64];  // dQ quarters on their way to the bulk reduce
   alignas(16) float lse2[kBwdStages][BM];
   alignas(16) float dsum[kBwdStages][BM];
-  uint64_t kv_full, kv_empty;  // K/V of the CTA's current tile; free once its last GEMM is done
+  uint64_t kv_full;
   uint64_t full[kBwdStages], empty[kBwdStages];
   uint64_t dq_full[kBwdConsumerWGs], dq_empty[kBwdConsumerWGs];  // deterministic: consumers <-> dQ writer
   // Block-sparse: the step in each stage, (head in the group, query block; -1 = no more

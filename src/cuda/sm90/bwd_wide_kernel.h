@@ -368,7 +368,7 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_wide_kernel(const __grid_c
   if (threadIdx.x == 0) ML::init_barriers(sm);
   __syncthreads();
   int n_block, hkv, b;
-  bwd_tile(p, static_cast<int>(blockIdx.x), n_block, hkv, b);
+  bwd_tile(p, n_block, hkv, b);
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     setmaxnreg_dec<kBwdProducerRegs>();
