@@ -607,7 +607,8 @@ struct BwdMainloop {
         warp_release(&sm.empty[st.index]);
         st.advance();
       }
-      if (!Det && tid == 0) tma_store_wait_all();  // smem must outlive the last reduce
+      // smem must outlive the last reduce's read (its adds land before the grid completes)
+      if (!Det && tid == 0) tma_store_wait_read();
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.
