@@ -108,6 +108,7 @@ struct BwdMainloop {
   // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64).
   static constexpr bool kPackedPForDs = D == 64 && !Softcap;
   static constexpr bool kOverlapDv = D >= 96 || kPackedPForDs;
+  static constexpr bool kPreloadLse = BM == 64;
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
   static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
@@ -403,6 +404,13 @@ struct BwdMainloop {
         const float* dsum_s = sm.dsum[st.index];
 
         issue_sdp(st);
+        // BM 64: this step's lse2 in registers while S^T is awaited (loaded where the
+        // exponent needs it, each load's latency was a short-scoreboard stall).
+        float2 l2v[kPreloadLse ? BM / 8 : 1];
+        if constexpr (kPreloadLse) {
+#pragma unroll
+          for (int jb = 0; jb < BM / 8; ++jb) l2v[jb] = ld_shared_f2(lse_s + 8 * jb + qlane);
+        }
         wgmma_wait<1>();
         fence_regs(s);
 
@@ -459,7 +467,7 @@ struct BwdMainloop {
           with_flags(alibi, masked, [&](auto kAlibi, auto kMasked) {
 #pragma unroll
             for (int jb = 0; jb < BM / 8; ++jb) {
-              const float2 l2 = ld_shared_f2(lse_s + 8 * jb + qlane);
+              const float2 l2 = kPreloadLse ? l2v[kPreloadLse ? jb : 0] : ld_shared_f2(lse_s + 8 * jb + qlane);
 #pragma unroll
               for (int r = 0; r < 2; ++r) {
                 float pr[2];
@@ -546,14 +554,14 @@ struct BwdMainloop {
         // dS^T [keys][queries] into buffer it&1: rows w*64 + 16*warp + lane/4 (+8),
         // 2 queries per 32-bit store, 128B swizzle (16 B chunk ^= row % 8).
         {
-          uint8_t* ds_tile = reinterpret_cast<uint8_t*>(sm.ds[it & 1]);
+          const uint32_t ds_tile = smem_u32(sm.ds[it & 1]);
 #pragma unroll
           for (int jb = 0; jb < BM / 8; ++jb) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const int row = w * 64 + 16 * warp + lane / 4 + 8 * r;
               const int off = (jb / 8) * BN * 128 + row * 128 + (((jb % 8) ^ (row % 8)) << 4) + 4 * (lane % 4);
-              *reinterpret_cast<uint32_t*>(ds_tile + off) = dsf[2 * jb + r];
+              st_shared_u32(ds_tile + off, dsf[2 * jb + r]);
             }
           }
         }
@@ -577,10 +585,10 @@ struct BwdMainloop {
 
         // dQ quarter -> smem in the workspace block's (accumulator-order) layout.
         auto stage_dq = [&] {
-          float4* dq_s = reinterpret_cast<float4*>(sm.dq[w]);
+          const uint32_t dq_s = smem_u32(sm.dq[w]) + 16 * tid;
 #pragma unroll
           for (int jb = 0; jb < kDqCols / 8; ++jb)
-            dq_s[jb * 128 + tid] = make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]);
+            st_shared_f4(dq_s + jb * 128 * 16, make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]));
           fence_proxy_async();
         };
         if constexpr (Det) {

@@ -310,16 +310,16 @@ struct BwdWideMainloop {
         // buffer it&1: rows 16*warp + lane/4 (+8), 2 queries per 32-bit store,
         // 128B swizzle (16 B chunk ^= row % 8): 8 rows x 4 lanes hit 32 banks.
         {
-          uint8_t* pt_tile = reinterpret_cast<uint8_t*>(sm.pt[it & 1]);
-          uint8_t* ds_tile = reinterpret_cast<uint8_t*>(sm.dst[it & 1]);
+          const uint32_t pt_tile = smem_u32(sm.pt[it & 1]);
+          const uint32_t ds_tile = smem_u32(sm.dst[it & 1]);
 #pragma unroll
           for (int jb = 0; jb < kNS / 4; ++jb) {
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
               const int row = 16 * warp + lane / 4 + 8 * r;
               const int off = row * 128 + (((w * (kQH / 8) + jb) ^ (row % 8)) << 4) + 4 * (lane % 4);
-              *reinterpret_cast<uint32_t*>(pt_tile + off) = pf[2 * jb + r];
-              *reinterpret_cast<uint32_t*>(ds_tile + off) = dsf[2 * jb + r];
+              st_shared_u32(pt_tile + off, pf[2 * jb + r]);
+              st_shared_u32(ds_tile + off, dsf[2 * jb + r]);
             }
           }
         }

@@ -188,6 +188,18 @@ __device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+// Stores to shared memory with st.shared, at a shared-window address (smem_u32). A
+// plain store through the kernels' realigned smem struct compiles to a generic ST.E,
+// which goes through the global LSU queue (lg throttle) and which the following proxy
+// fence waits for on the long scoreboard (ncu on the D128 backward: 12% of the stall
+// samples, NOTES-sm90-bwd.md).
+__device__ __forceinline__ void st_shared_u32(uint32_t addr, uint32_t v) {
+  asm volatile("st.shared.u32 [%0], %1;" ::"r"(addr), "r"(v));
+}
+__device__ __forceinline__ void st_shared_f4(uint32_t addr, float4 v) {
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w));
+}
+
 // Two floats from shared memory with ld.shared (a plain dereference of a smem
 // struct's float* can compile to a generic LD).
 __device__ __forceinline__ float2 ld_shared_f2(const float* p) {
