@@ -1,0 +1,32 @@
+"""The backward kernels alone (pre + main + post, torch.profiler sums, us per training step)
+on a few cells, for A/B runs of two builds (PYTHONPATH picks the build) or launch orders
+(STEELATTN_BWD_GROUP). Usage (GPU machine): python3 scripts/bwd-cells.py"""
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import steelattn
+
+CELLS = [(128, 16384, True), (128, 16384, False), (64, 16384, True), (128, 4096, True), (256, 16384, True),
+         (128, 1024, False)]
+REPS = 5
+print(steelattn.__file__)
+for D, N, causal in CELLS:
+    H = 2048 // D
+    B = 16384 // N
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    step = lambda: torch.autograd.grad(steelattn.flash_attention(q, k, v, causal=causal), (q, k, v), dout)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(REPS):
+            step()
+        torch.cuda.synchronize()
+    t = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA and "steelattn" in e.name and "fwd_kernel" not in e.name:
+            t["main" if "bwd_kernel" in e.name or "bwd_wide" in e.name else "pre+post"] += e.device_time / REPS
+    print(f"D{D} N{N} {'causal' if causal else 'full'}: " + ", ".join(f"{n} {x:.1f}" for n, x in sorted(t.items())))
