@@ -117,6 +117,22 @@ def test_deterministic_bit_identical(D, Dv, causal):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("D,Dv", [(64, 64), (96, 96), (128, 128), (128, 96)])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_dkv_store_paths_agree(D, Dv, layout, monkeypatch):
+    """The D <= 128 kernel stores dK / dV by bulk copies of rows staged in shared memory when
+    the rows are 16-byte aligned (every tensor torch allocates here), from registers
+    otherwise: both right, and the same bits (STEELATTN_SM90_DKV_BULK=0 forces the second).
+    Ragged key tail, GQA, causal."""
+    grads = []
+    for bulk in ("1", "0"):
+        monkeypatch.setenv("STEELATTN_SM90_DKV_BULK", bulk)
+        grads.append(run_case(D, Dv, torch.bfloat16, B=2, H=4, Hkv=2, N=150, S=333, causal=True, layout=layout,
+                              seed=7)[1])
+    for a, b in zip(grads[0][1:], grads[1][1:]):
+        assert torch.equal(a, b)
+
+
 def test_longer_sequences_wide():
     """Several key blocks and query blocks per CTA, GQA and a window, at D 256."""
     run_case(256, 256, torch.bfloat16, B=2, H=4, Hkv=2, N=700, S=900, window=(300, 10))

@@ -37,6 +37,7 @@ struct BwdParams {
   int bh_group;  // (batch, KV head) pairs per launch-order group (bwd_tile)
   int d_store_k, d_store_v;  // real head dims of q/k and v (< the kernel's when zero-padded)
   bool deterministic;        // wide kernel only (the narrow one takes it as a template argument)
+  bool dkv_bulk;             // narrow kernel: dK / dV rows 16-byte aligned, stored by bulk copies (bwd_kernel.h)
   bool softcap_on;           // wide kernel only
   float scale;        // s = scale * q.k
   float scale_log2;   // scale * log2(e)
@@ -66,6 +67,7 @@ constexpr int kBwdProducerRegs = 24;
 constexpr int kBwdConsumerRegs = 240;
 constexpr int kBwdDsBarrier = 1;  // named barrier: both WGs' dS tile written
 constexpr int kBwdDqBarrier = 2;  // + warpgroup: its dQ quarter staged in smem
+constexpr int kBwdEpilogueBarrier = 2 + kBwdConsumerWGs;  // both warpgroups done with the mainloop's smem
 
 // dQ accumulation: each consumer warpgroup owns one half of a query block's dQ,
 // [64 rows x KD cols] (narrow D64, BM 128: rows wg*64..) or [BM rows x KD/2 cols]

@@ -158,6 +158,15 @@ __device__ __forceinline__ void bulk_load_1d(void* dst, const void* src, uint32_
       : "memory");
 }
 
+// `bytes` (a multiple of 16, both ends 16-byte aligned) smem -> global, asynchronous
+// (bulk group: tma_store_commit / tma_store_wait_read).
+__device__ __forceinline__ void bulk_store_1d(void* dst, uint32_t src_smem, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
+                   reinterpret_cast<uint64_t>(__cvta_generic_to_global(dst))),
+               "r"(src_smem), "r"(bytes)
+               : "memory");
+}
+
 // dst[i] += src[i] over `bytes` of fp32, smem -> global, asynchronous (bulk group).
 __device__ __forceinline__ void bulk_reduce_add_f32(float* dst, const void* src, uint32_t bytes) {
   asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;" ::"l"(
