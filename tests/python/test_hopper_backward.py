@@ -117,16 +117,18 @@ def test_deterministic_bit_identical(D, Dv, causal):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("D,Dv", [(64, 64), (96, 96), (128, 128), (128, 96)])
+@pytest.mark.parametrize("D,Dv", [(64, 64), (96, 96), (128, 128), (128, 96), (192, 192), (256, 256), (192, 128)])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_dkv_store_paths_agree(D, Dv, layout, monkeypatch):
-    """The D <= 128 kernel stores dK / dV by bulk copies of rows staged in shared memory when
+    """The backward kernels store dK / dV by bulk copies of rows staged in shared memory when
     the rows are 16-byte aligned (every tensor torch allocates here), from registers
-    otherwise: both right, and the same bits (STEELATTN_SM90_DKV_BULK=0 forces the second).
+    otherwise: both right, and the same bits (STEELATTN_SM90_DKV_BULK=0 forces the second;
+    the wide kernel's staged epilogue is opt-in, STEELATTN_SM90_WIDE_DKV_BULK=1).
     Ragged key tail, GQA, causal."""
     grads = []
     for bulk in ("1", "0"):
         monkeypatch.setenv("STEELATTN_SM90_DKV_BULK", bulk)
+        monkeypatch.setenv("STEELATTN_SM90_WIDE_DKV_BULK", bulk)
         grads.append(run_case(D, Dv, torch.bfloat16, B=2, H=4, Hkv=2, N=150, S=333, causal=True, layout=layout,
                               seed=7)[1])
     for a, b in zip(grads[0][1:], grads[1][1:]):

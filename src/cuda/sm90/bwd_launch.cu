@@ -392,6 +392,10 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   };
   const char* bulk_env = std::getenv("STEELATTN_SM90_DKV_BULK");
   k.dkv_bulk = rows16(p.dk) && rows16(p.dv) && !(bulk_env != nullptr && std::string(bulk_env) == "0");
+  // The wide kernel's (D > 128) staged epilogue is compiled but opt-in
+  // (STEELATTN_SM90_WIDE_DKV_BULK=1) until it has run on the H200.
+  const char* wide_env = std::getenv("STEELATTN_SM90_WIDE_DKV_BULK");
+  if (kd.wide && !(wide_env != nullptr && std::string(wide_env) == "1")) k.dkv_bulk = false;
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];

@@ -21,6 +21,8 @@
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
+
 #include "cuda/sm90/band.h"
 #include "cuda/sm90/bwd_common.h"
 #include "cuda/sm90/bwd_params.h"
@@ -73,6 +75,46 @@ struct BwdWideMainloop {
   // Index of query block m's first dQ workspace half (and counter).
   __device__ static int64_t dq_block(const BwdParams& p, int b, int h, int m) {
     return ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + m) * 2;
+  }
+
+  // dK (times scale) and dV of the CTA's 64 keys through shared memory, as the narrow
+  // kernel does (bwd_kernel.h, store_dkv_bulk): both warpgroups write their column halves
+  // into padded row-major staging areas over the mainloop's smem (row stride 2 * cols + 16
+  // bytes: conflict-free), then one thread per row bulk-copies it to global memory.
+  static constexpr int kStageRowK = KD * 2 + 16, kStageRowV = KDv * 2 + 16;
+  static_assert(BN * (kStageRowK + kStageRowV) <= offsetof(Smem, lse2), "dK/dV staging must not reach lse2");
+
+  __device__ static void store_dkv_bulk(const BwdParams& p, Smem& sm, int w, int n_block, int b, int hkv, int key0,
+                                        int qlane, const float (&dk)[NK / 2], const float (&dv)[NV / 2]) {
+    const int tid = threadIdx.x % 128;
+    // Both warpgroups' last GEMMs have read K, V, Q, dO, P^T and dS^T (the staging overwrites them).
+    named_barrier_sync(kBwdEpilogueBarrier, 128 * kBwdConsumerWGs);
+    const uint32_t stage_k = smem_u32(&sm), stage_v = stage_k + BN * kStageRowK;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const uint32_t row = static_cast<uint32_t>(key0 + 8 * r - n_block * BN);
+#pragma unroll
+      for (int jb = 0; jb < NK / 8; ++jb)
+        st_shared_u32(stage_k + row * kStageRowK + (w * NK + 8 * jb + qlane) * 2,
+                      pack2<Elem>(dk[4 * jb + 2 * r] * p.scale, dk[4 * jb + 2 * r + 1] * p.scale));
+#pragma unroll
+      for (int jb = 0; jb < NV / 8; ++jb)
+        st_shared_u32(stage_v + row * kStageRowV + (w * NV + 8 * jb + qlane) * 2,
+                      pack2<Elem>(dv[4 * jb + 2 * r], dv[4 * jb + 2 * r + 1]));
+    }
+    fence_proxy_async();
+    named_barrier_sync(kBwdEpilogueBarrier, 128 * kBwdConsumerWGs);  // every row has both halves
+    const int key = n_block * BN + tid;
+    if (tid < BN && key < p.S) {  // warpgroup 0 copies the dK rows, warpgroup 1 the dV rows
+      if (w == 0)
+        bulk_store_1d(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + key * p.dk_sn,
+                      stage_k + tid * kStageRowK, p.d_store_k * 2);
+      else
+        bulk_store_1d(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + key * p.dv_sn,
+                      stage_v + tid * kStageRowV, p.d_store_v * 2);
+      tma_store_commit();
+      tma_store_wait_read();  // smem must outlive the copy's read
+    }
   }
 
   __device__ static void init_barriers(Smem& sm) {
@@ -349,6 +391,10 @@ struct BwdWideMainloop {
     }
 
     // dK (times scale) and dV: this warpgroup's half of the columns of all 64 keys.
+    if (p.dkv_bulk) {
+      store_dkv_bulk(p, sm, w, n_block, b, hkv, key0, qlane, dk, dv);
+      return;
+    }
     store_key_rows<NK>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh, p.dk_sn, key0, p.S, w * NK, qlane,
                        p.d_store_k, dk, p.scale);
     store_key_rows<NV>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh, p.dv_sn, key0, p.S, w * NV, qlane,
