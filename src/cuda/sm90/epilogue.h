@@ -83,6 +83,14 @@ struct Epilogue {
     }
   }
 
+  // LSE only (O went out through shared memory).
+  __device__ __forceinline__ void store_lse(const float (&lse)[2]) const {
+    if (lse_bh == nullptr || col_lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row0 + 8 * r < N) lse_bh[(row0 + 8 * r) * lse_stride_n] = lse[r];
+  }
+
   // A tile where no query sees any key: O = 0, LSE = -inf.
   __device__ void store_empty() const {
 #pragma unroll 1

@@ -157,6 +157,13 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   if (!q_ok || !encode_map(&k.tma_k, p.k, block_n, &why) || !encode_map(&k.tma_v, p.v, block_n, &why))
     return Status::Error("sm90: " + why);
 
+  // O through the tile's Q buffer and TMA stores: dense, unpacked tiles (varlen rows past
+  // a sequence belong to the next one), opt-in (STEELATTN_SM90_O_TMA=1) until it has run
+  // on the H200. The kernel takes it only with two Q stages (mainloop.h).
+  const char* o_env = std::getenv("STEELATTN_SM90_O_TMA");
+  std::string o_why;
+  k.o_tma = o_env != nullptr && std::string(o_env) == "1" && !pack && !p.varlen() &&
+            encode_map(&k.tma_o, p.out, 64, &o_why);
   k.out = p.out.data;
   k.o_stride_b = p.out.stride[0];
   k.o_stride_h = p.out.stride[1];

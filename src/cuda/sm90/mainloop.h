@@ -74,6 +74,10 @@ struct Mainloop {
   using Mask = MaskPolicy<Band, kBlockM, kBlockN, Pack>;
   using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN, Pack>;
   using Epi = std::conditional_t<Pack, EpiloguePacked<D, Elem>, Epilogue<D, Elem>>;
+  // O through the tile's own Q buffer and TMA stores (FwdParams::o_tma): unpacked, not
+  // varlen, and two Q stages, so holding this buffer until O is out never delays the
+  // next tile's Q (it is in the other buffer).
+  static constexpr bool kOSmem = !Pack && !Varlen && kQStages == 2;
 
   __device__ static void init_barriers(Storage& sm) {
 #pragma unroll
@@ -283,6 +287,39 @@ struct Mainloop {
       return Epi(p, tc.b, tc.h, row0, lane);
   }
 
+  // This warpgroup's 64 rows of O, normalised, written into its rows of the tile's Q
+  // buffer in the layout TMA loaded Q with (column blocks of 64, 128B swizzle: the 8 rows
+  // x 4 lanes of a store hit 32 distinct banks), then stored by TMA (rows past N and
+  // zero-padded columns are clipped by the map), and the Q buffer handed back to the
+  // producer once the stores have read it. From registers, O took 32 4-byte stores per
+  // thread whose address registers the next tile's code then waited on (ncu, D128 N1k).
+  __device__ static void store_o_smem(const FwdParams& p, const Elem* q_buf, int cwg, const TileCoord& tc,
+                                      const float (&o)[kNO], const float (&inv)[2], uint64_t* q_empty) {
+    const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
+    const uint32_t base = smem_u32(q_buf) + cwg * 64 * 128;  // this warpgroup's rows, column block 0
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = warp * 16 + lane / 4 + 8 * r;  // within the warpgroup's 64
+#pragma unroll
+      for (int jb = 0; jb < D / 8; ++jb) {
+        const uint32_t addr = base + (jb / 8) * kBlockM * 128 + row * 128 + (((jb % 8) ^ (row % 8)) << 4) +
+                              (lane % 4) * 4;
+        st_shared_u32(addr, pack2<Elem>(o[4 * jb + 2 * r] * inv[r], o[4 * jb + 2 * r + 1] * inv[r]));
+      }
+    }
+    fence_proxy_async();
+    named_barrier_sync(kOStoreBarrierBase + cwg, 128);
+    if (tid == 0) {
+      const uint8_t* box = reinterpret_cast<const uint8_t*>(q_buf) + cwg * 64 * 128;
+#pragma unroll
+      for (int c = 0; c < D / 64; ++c)
+        tma_store_4d(&p.tma_o, box + c * kBlockM * 128, c * 64, tc.m_block * kBlockM + cwg * 64, tc.h, tc.b);
+      tma_store_commit();
+      tma_store_wait_read();
+      mbar_arrive_cnt(q_empty, 4);  // for the warpgroup's four warps
+    }
+  }
+
   __device__ static void consume(const FwdParams& p, Storage& sm, int cwg) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
@@ -335,6 +372,7 @@ struct Mainloop {
         mask.block_range(mb, lo, hi);
       }
       Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
+      const bool o_smem = kOSmem && p.o_tma;  // q_empty is then released by store_o_smem
       if constexpr (Varlen) epi.to_sequence(vt.q0, vt.n);
       if (lo >= hi) {
         warp_release(q_empty);
@@ -376,7 +414,7 @@ struct Mainloop {
           wgmma_wait<0>();
           fence_regs(sh);
           warp_release(&sm.k_empty[st.index]);
-          if (n == lo) warp_release(q_empty);
+          if (n == lo && !o_smem) warp_release(q_empty);
           modify<true>(mod, sh, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
           if (partial(n)) block_mask_elements(p, sh, tc.b, tc.h, row0, n * kBlockN);
           softmax.step(sh, corr);
@@ -390,7 +428,7 @@ struct Mainloop {
         wgmma_wait<0>();
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
-        if (n == lo) warp_release(q_empty);
+        if (n == lo && !o_smem) warp_release(q_empty);
         if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
@@ -415,7 +453,7 @@ struct Mainloop {
         wgmma_wait<1>();  // S done, PV may still run
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
-        if (n == lo) warp_release(q_empty);
+        if (n == lo && !o_smem) warp_release(q_empty);
         if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
@@ -442,6 +480,13 @@ struct Mainloop {
 
       float inv[2], lse[2];
       softmax.finalize(inv, lse);
+      if constexpr (kOSmem) {
+        if (o_smem) {
+          store_o_smem(p, sm.q[qi], cwg, tc, o, inv, q_empty);
+          epi.store_lse(lse);
+          continue;
+        }
+      }
       epi.store(o, inv, lse);
     }
     if (kPingpong && cwg == 0) turn_begin(cwg);

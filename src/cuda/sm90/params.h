@@ -19,7 +19,10 @@ struct FwdParams {
   CUtensorMap tma_k;  // k   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
   CUtensorMap tma_v;  // v   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
 
-  // O and LSE are written with plain stores (epilogue.h).
+  // O and LSE are written with plain stores (epilogue.h), or O through the tile's Q buffer
+  // and TMA stores when o_tma (mainloop.h, store_o_smem; opt-in until it has run on a GPU).
+  CUtensorMap tma_o;  // out [B, H, N, D], box (64, 64, 1, 1): one consumer warpgroup's rows
+  bool o_tma;
   void* out;
   int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
   float* lse;                                  // [B, H, N] fp32 or null
@@ -78,6 +81,7 @@ constexpr int kConsumerRegs = 240;
 // Named barriers 1 and 2: the pingpong turn of consumer warpgroup 0 and 1
 // (0 is __syncthreads).
 constexpr int kPingpongBarrierBase = 1;
+constexpr int kOStoreBarrierBase = 3;  // + consumer warpgroup: its O rows are staged in smem
 
 // Per head dim: kBlockN (keys per tile) and pipeline depth, chosen so that
 //   registers/thread: S (kBlockN/2) + P (kBlockN/4) + O (D/2) + ~40 <= 240
