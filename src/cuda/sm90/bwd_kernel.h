@@ -12,7 +12,8 @@
 //   dQ   = dS K             (SS, both MN-major; a 64-row part per warpgroup)
 //   dQ  -> smem -> bulk reduce-add (cp.reduce.async.bulk) into the fp32 workspace.
 // v3: dQ is issued before dK and staged while dK runs, so the tensor cores keep
-// busy through the dQ staging.
+// busy through the dQ staging. At the end, dK and dV go through smem and per-row bulk
+// copies (store_dkv_bulk).
 // Included only by the instantiation files bwd_inst_*.cu.
 #pragma once
 

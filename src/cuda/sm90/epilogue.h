@@ -1,13 +1,13 @@
 // Epilogue: normalise O by the row sum, write O [B, H, N, D] and LSE
 // [B, H, N] with plain strided stores straight from the accumulator fragment.
 //
-// Why plain stores and not smem + TMA store: the Q tile's smem is released to
-// the producer as soon as the last S = Q K^T finishes, so the next tile's Q
-// load overlaps this tile's last P V and epilogue; staging O would need either
-// that buffer (serialising the next Q load behind the store) or 16-64 KB more
-// smem (hd256 has none left). The kernel is compute-bound (at N = 1k full
-// attention the four tensors need half the GEMM floor's time; at N = 16k a
-// thirty-second) and these stores overlap the other CTAs' math.
+// The other way, O staged in smem and stored by TMA, exists for dense unpacked tiles with
+// two Q stages (mainloop.h, store_o_smem: the tile's own Q buffer holds O, released to the
+// producer once the stores have read it), opt-in (STEELATTN_SM90_O_TMA=1) until measured
+// on the H200. Why it may pay: per-instruction stall samples at D128 N1k put ~3% of the
+// forward on the next tile's code waiting for the address registers these 32 stores per
+// thread still hold (NOTES.md, session 5). Varlen tiles (rows past a sequence belong to
+// the next one) and GQA-packed tiles (rows of several heads) keep these stores.
 #pragma once
 
 #include <cuda_bf16.h>
