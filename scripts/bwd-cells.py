@@ -4,7 +4,7 @@ on a few cells, for A/B runs of two builds (PYTHONPATH picks the build) or launc
 from collections import defaultdict
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from kernel_times import kernel_times
 
 import steelattn
 
@@ -18,15 +18,8 @@ for D, N, causal in CELLS:
     q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     dout = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
     step = lambda: torch.autograd.grad(steelattn.flash_attention(q, k, v, causal=causal), (q, k, v), dout)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            step()
-        torch.cuda.synchronize()
     t = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and "steelattn" in e.name and "fwd_kernel" not in e.name:
-            t["main" if "bwd_kernel" in e.name or "bwd_wide" in e.name else "pre+post"] += e.device_time / REPS
+    for name, us in kernel_times(step, REPS).items():
+        if "steelattn" in name and "fwd_kernel" not in name:
+            t["main" if "bwd_kernel" in name or "bwd_wide" in name else "pre+post"] += us
     print(f"D{D} N{N} {'causal' if causal else 'full'}: " + ", ".join(f"{n} {x:.1f}" for n, x in sorted(t.items())))

@@ -12,12 +12,11 @@ steps (forward through autograd, then backward), so per_cta / per_step says how 
 worth of time a CTA's fixed cost is, and the pre/post kernels are reported apart.
 Usage (GPU machine): python3 scripts/bwd-tile-cost.py [D] > $OUT/bwd-tile-cost.txt"""
 import sys
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from kernel_times import kernel_times
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 import steelattn
 
@@ -30,18 +29,7 @@ REPS = 5
 
 def kernel_us(fn, q, k, v, dout):
     """Per-kernel CUDA time (us per training step), keyed by a short kernel name."""
-    for _ in range(3):
-        fn(q, k, v).backward(dout)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(REPS):
-            fn(q, k, v).backward(dout)
-        torch.cuda.synchronize()
-    out = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            out[e.name[:60]] += e.device_time / REPS
-    return out
+    return kernel_times(lambda: fn(q, k, v).backward(dout), REPS, width=60)
 
 
 impls = {

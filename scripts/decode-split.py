@@ -9,7 +9,7 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from kernel_times import kernel_times
 from triton.testing import do_bench
 
 import steelattn
@@ -27,14 +27,7 @@ def us(fn, rep=200):
 
 
 def kernels(fn, reps=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    return [(e.device_time_total / reps, e.key[:70]) for e in prof.key_averages() if e.device_time_total > 0]
+    return [(x, name) for name, x in kernel_times(fn, reps).items() if x > 0]
 
 
 for B, S in ((1, 4096), (1, 32768), (8, 4096), (8, 32768)):

@@ -3,12 +3,11 @@ it) of steelattn and cuDNN on one cell: every CUDA kernel's time (torch.profiler
 step's wall time on CUDA events, to tell kernel time from gaps. Default cell: D128 N16k
 causal (B1 H16 bf16). Usage (GPU machine): python3 scripts/train-step-split.py [D N causal]"""
 import sys
-from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+from kernel_times import kernel_times
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.profiler import ProfilerActivity, profile
 
 import steelattn
 
@@ -31,14 +30,7 @@ for name, fwd in impls.items():
         e1.record()
         torch.cuda.synchronize()
         wall = e0.elapsed_time(e1) * 1e3 / REPS
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(REPS):
-                step()
-            torch.cuda.synchronize()
-    t = defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            t[e.name[:70]] += e.device_time / REPS
+        t = kernel_times(step, REPS, warmup=0)
     print(f"{name} D{D} N{N} {'causal' if causal else 'full'}: step {wall:.1f} us on events, kernels {sum(t.values()):.1f}")
     for n, x in sorted(t.items(), key=lambda x: -x[1]):
         print(f"   {x:9.1f}  {n}")
