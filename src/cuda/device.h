@@ -4,6 +4,7 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
 #include <mutex>
 
 namespace steelattn::cuda_device {
@@ -56,5 +57,12 @@ class DeviceGuard {
  private:
   int prev_ = 0;
 };
+
+// A launcher's measurement switch (STEELATTN_...): 1 or 0 by the value's first character,
+// -1 when unset or anything else. Read per call (a getenv is ~0.1 us), so tests can flip it.
+inline int env_switch(const char* name) {
+  const char* e = std::getenv(name);
+  return e == nullptr ? -1 : e[0] == '1' ? 1 : e[0] == '0' ? 0 : -1;
+}
 
 }  // namespace steelattn::cuda_device

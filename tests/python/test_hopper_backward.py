@@ -120,10 +120,9 @@ def test_deterministic_bit_identical(D, Dv, causal):
 @pytest.mark.parametrize("D,Dv", [(64, 64), (96, 96), (128, 128), (128, 96), (192, 192), (256, 256), (192, 128)])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_dkv_store_paths_agree(D, Dv, layout, monkeypatch):
-    """The backward kernels store dK / dV by bulk copies of rows staged in shared memory when
-    the rows are 16-byte aligned (every tensor torch allocates here), from registers
-    otherwise: both right, and the same bits (STEELATTN_SM90_DKV_BULK=0 forces the second;
-    the wide kernel's staged epilogue is opt-in, STEELATTN_SM90_WIDE_DKV_BULK=1).
+    """The backward kernels store dK / dV by bulk copies of rows staged in shared memory, or
+    from registers (STEELATTN_SM90_DKV_BULK=0, the reference path): both right, and the same
+    bits (the wide kernel's staged epilogue is opt-in, STEELATTN_SM90_WIDE_DKV_BULK=1).
     Ragged key tail, GQA, causal."""
     grads = []
     for bulk in ("1", "0"):

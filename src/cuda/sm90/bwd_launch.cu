@@ -383,19 +383,13 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.dv_sb = p.dv.stride[0];
   k.dv_sh = p.dv.stride[1];
   k.dv_sn = p.dv.stride[2];
-  // 16-byte aligned rows (every stride a multiple of 8 elements): the narrow kernel stores
-  // dK / dV by bulk copies of whole rows; otherwise from registers (also forced by
-  // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two).
-  auto rows16 = [](const TensorRef& t) {
-    return reinterpret_cast<uintptr_t>(t.data) % 16 == 0 && t.stride[0] % 8 == 0 && t.stride[1] % 8 == 0 &&
-           t.stride[2] % 8 == 0;
-  };
-  const char* bulk_env = std::getenv("STEELATTN_SM90_DKV_BULK");
-  k.dkv_bulk = rows16(p.dk) && rows16(p.dv) && !(bulk_env != nullptr && std::string(bulk_env) == "0");
-  // The wide kernel's (D > 128) staged epilogue is compiled but opt-in
-  // (STEELATTN_SM90_WIDE_DKV_BULK=1) until it has run on the H200.
-  const char* wide_env = std::getenv("STEELATTN_SM90_WIDE_DKV_BULK");
-  if (kd.wide && !(wide_env != nullptr && std::string(wide_env) == "1")) k.dkv_bulk = false;
+  // dK / dV out by bulk copies of staged rows (dk and dv passed tma_compatible in
+  // cuda_sm90_backward_supports, so their rows are 16-byte aligned), or from registers:
+  // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two. The wide kernel's
+  // (D > 128) staged epilogue is opt-in (STEELATTN_SM90_WIDE_DKV_BULK=1) until it has run
+  // on the H200.
+  k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0 &&
+               (!kd.wide || sm90::env_switch("STEELATTN_SM90_WIDE_DKV_BULK") == 1);
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];

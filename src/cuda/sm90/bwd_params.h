@@ -37,7 +37,7 @@ struct BwdParams {
   int bh_group;  // (batch, KV head) pairs per launch-order group (bwd_tile)
   int d_store_k, d_store_v;  // real head dims of q/k and v (< the kernel's when zero-padded)
   bool deterministic;        // wide kernel only (the narrow one takes it as a template argument)
-  bool dkv_bulk;             // dK / dV rows 16-byte aligned, stored by bulk copies (store_dkv_bulk)
+  bool dkv_bulk;             // dK / dV stored by bulk copies of staged rows (store_dkv_bulk), else from registers
   bool softcap_on;           // wide kernel only
   float scale;        // s = scale * q.k
   float scale_log2;   // scale * log2(e)

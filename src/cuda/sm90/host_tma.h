@@ -42,6 +42,7 @@ Status block_mask_view(const AttentionParams& p, int tile_m, int tile_n, void* s
 // Device facts (cached per device) for the launchers.
 using cuda_device::DeviceInfo;
 using cuda_device::device_info;
+using cuda_device::env_switch;
 
 // TMA reads rows through a descriptor: base 16-byte aligned, every stride a
 // nonzero multiple of 16 bytes (a broadcast, stride-0 dim cannot be encoded).

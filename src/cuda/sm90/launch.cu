@@ -67,9 +67,7 @@ bool encode_q_packed(CUtensorMap* map, const TensorRef& t, int group, int rows, 
 // whenever eligible (A/B and test runs; read per call, a getenv is ~0.1 us).
 bool pack_gqa(int64_t N, int64_t group) {
   if (group < 2 || sm90::kBlockM % group != 0) return false;
-  const char* env = std::getenv("STEELATTN_SM90_PACK_GQA");
-  if (env != nullptr && env[0] == '0') return false;
-  if (env != nullptr && env[0] == '1') return true;
+  if (const int forced = sm90::env_switch("STEELATTN_SM90_PACK_GQA"); forced >= 0) return forced == 1;
   const int64_t m = sm90::kBlockM, rows = m / group;
   const double eff_unpacked = static_cast<double>(N) / (((N + m - 1) / m) * m);
   const double eff_packed = static_cast<double>(N) / (((N + rows - 1) / rows) * rows);
@@ -160,10 +158,8 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   // O through the tile's Q buffer and TMA stores: dense, unpacked tiles (varlen rows past
   // a sequence belong to the next one), opt-in (STEELATTN_SM90_O_TMA=1) until it has run
   // on the H200. The kernel takes it only with two Q stages (mainloop.h).
-  const char* o_env = std::getenv("STEELATTN_SM90_O_TMA");
-  std::string o_why;
-  k.o_tma = o_env != nullptr && std::string(o_env) == "1" && !pack && !p.varlen() &&
-            encode_map(&k.tma_o, p.out, 64, &o_why);
+  k.o_tma = sm90::env_switch("STEELATTN_SM90_O_TMA") == 1 && !pack && !p.varlen() &&
+            encode_map(&k.tma_o, p.out, 64, nullptr);
   k.out = p.out.data;
   k.o_stride_b = p.out.stride[0];
   k.o_stride_h = p.out.stride[1];
