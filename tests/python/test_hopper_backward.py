@@ -122,12 +122,10 @@ def test_deterministic_bit_identical(D, Dv, causal):
 def test_dkv_store_paths_agree(D, Dv, layout, monkeypatch):
     """The backward kernels store dK / dV by bulk copies of rows staged in shared memory, or
     from registers (STEELATTN_SM90_DKV_BULK=0, the reference path): both right, and the same
-    bits (the wide kernel's staged epilogue is opt-in, STEELATTN_SM90_WIDE_DKV_BULK=1).
-    Ragged key tail, GQA, causal."""
+    bits. Ragged key tail, GQA, causal."""
     grads = []
     for bulk in ("1", "0"):
         monkeypatch.setenv("STEELATTN_SM90_DKV_BULK", bulk)
-        monkeypatch.setenv("STEELATTN_SM90_WIDE_DKV_BULK", bulk)
         grads.append(run_case(D, Dv, torch.bfloat16, B=2, H=4, Hkv=2, N=150, S=333, causal=True, layout=layout,
                               seed=7)[1])
     for a, b in zip(grads[0][1:], grads[1][1:]):
@@ -138,8 +136,8 @@ def test_dkv_store_paths_agree(D, Dv, layout, monkeypatch):
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_forward_o_store_paths_agree(D, layout, causal, monkeypatch):
-    """The forward's O through the tile's Q buffer and TMA stores (STEELATTN_SM90_O_TMA=1,
-    opt-in) against the register stores: both right (run_case checks out, lse and the
+    """The forward's O through the tile's Q buffer and TMA stores (the default) against
+    the register stores (STEELATTN_SM90_O_TMA=0): both right (run_case checks out, lse and the
     gradients against the float64 reference) and the same bits. Ragged last query tile;
     D 96 runs zero-padded on the 128 kernel (the map clips the padding columns)."""
     outs = []

@@ -385,11 +385,9 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   k.dv_sn = p.dv.stride[2];
   // dK / dV out by bulk copies of staged rows (dk and dv passed tma_compatible in
   // cuda_sm90_backward_supports, so their rows are 16-byte aligned), or from registers:
-  // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two. The wide kernel's
-  // (D > 128) staged epilogue is opt-in (STEELATTN_SM90_WIDE_DKV_BULK=1) until it has run
-  // on the H200.
-  k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0 &&
-               (!kd.wide || sm90::env_switch("STEELATTN_SM90_WIDE_DKV_BULK") == 1);
+  // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two (narrow and wide
+  // kernels alike).
+  k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0;
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];

@@ -3,11 +3,12 @@
 //
 // The other way, O staged in smem and stored by TMA, exists for dense unpacked tiles with
 // two Q stages (mainloop.h, store_o_smem: the tile's own Q buffer holds O, released to the
-// producer once the stores have read it), opt-in (STEELATTN_SM90_O_TMA=1) until measured
-// on the H200. Why it may pay: per-instruction stall samples at D128 N1k put ~3% of the
-// forward on the next tile's code waiting for the address registers these 32 stores per
-// thread still hold (NOTES.md, session 5). Varlen tiles (rows past a sequence belong to
-// the next one) and GQA-packed tiles (rows of several heads) keep these stores.
+// producer once the stores have read it), the default there; these stores stay the
+// reference (STEELATTN_SM90_O_TMA=0). Why it pays: per-instruction stall samples at D128
+// N1k put ~3% of the forward on the next tile's code waiting for the address registers
+// these 32 stores per thread still hold (NOTES.md, session 5); measured, a query tile's
+// fixed cost fell from 16.9 to 11.0 ns (session 6). Varlen tiles (rows past a sequence
+// belong to the next one) and GQA-packed tiles (rows of several heads) keep these stores.
 #pragma once
 
 #include <cuda_bf16.h>
