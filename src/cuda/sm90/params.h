@@ -20,9 +20,7 @@ struct FwdParams {
   CUtensorMap tma_v;  // v   [B, Hkv, S, D], box (64, kBlockN, 1, 1)
 
   // O and LSE are written with plain stores (epilogue.h), or O through the tile's Q buffer
-  // and TMA stores when o_tma (mainloop.h, store_o_smem; opt-in until it has run on a GPU).
-  CUtensorMap tma_o;  // out [B, H, N, D], box (64, 64, 1, 1): one consumer warpgroup's rows
-  bool o_tma;
+  // and TMA stores when o_tma (tma_o and o_tma, at the end of the struct; mainloop.h).
   void* out;
   int64_t o_stride_b, o_stride_h, o_stride_n;  // elements
   float* lse;                                  // [B, H, N] fp32 or null
@@ -65,6 +63,12 @@ struct FwdParams {
   const int32_t* cu_q;
   const int32_t* cu_k;
   int num_seqs;
+
+  // Last, so the fields above keep the constant-bank offsets they had before it: placed
+  // before `out`, ptxas serialised the wgmmas of the D64 band kernels (C7511, register
+  // pressure; D64 causal forward 22% slower on the H200). scripts/check-sass fails on C7511.
+  bool o_tma;
+  CUtensorMap tma_o;  // out [B, H, N, D], box (64, 64, 1, 1): one consumer warpgroup's rows
 };
 
 constexpr int kUnbounded = 1 << 30;
