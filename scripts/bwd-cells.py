@@ -9,7 +9,7 @@ from kernel_times import kernel_times
 import steelattn
 
 CELLS = [(128, 16384, True), (128, 16384, False), (64, 16384, True), (128, 4096, True), (256, 16384, True),
-         (128, 1024, False), (256, 1024, False), (192, 4096, True)]
+         (128, 1024, False), (128, 1024, True), (64, 1024, False), (256, 1024, False), (192, 4096, True)]
 REPS = 5
 print(steelattn.__file__)
 for D, N, causal in CELLS:

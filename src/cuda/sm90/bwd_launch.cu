@@ -57,6 +57,7 @@ struct PrePostParams {
   float* lse2;
   float* dsum;
   float* dq_acc;  // zeroed by the preprocess, read by the postprocess
+  int* dq_sem;    // the dQ blocks' counters, zeroed by the preprocess, or null (not used)
   void* dq;
   int64_t dq_sb, dq_sh, dq_sn;
   int B, H, N, D, Dv, n_pad, BM;
@@ -115,7 +116,10 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
   float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
   for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const int ti = tensor_row(p, static_cast<int>(row - bh * p.n_pad));
+  const int wi = static_cast<int>(row - bh * p.n_pad);
+  if (p.dq_sem != nullptr && wi % p.BM == 0 && sub < 2)  // the query block's two counters, by its first row
+    p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
+  const int ti = tensor_row(p, wi);
   float acc = 0.f;
   if (ti >= 0) {
     const int i = ti;
@@ -164,11 +168,8 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const int groups_per_half = 16 * half_cols;  // 64 rows x half_cols floats / 4
   const int64_t half = g / groups_per_half;    // ((bh * m_blocks + mb) * 2 + wg)
   if (half >= static_cast<int64_t>(p.B) * p.H * (p.n_pad / p.BM) * 2) return;
-  const int u = static_cast<int>(g - half * groups_per_half);
-  // u = (col / 8) * 128 + (row / 16) * 32 + (row % 8) * 4 + (col % 8) / 2 (row / 8 even)
-  const int rem = u & 127;
-  const int row = (rem >> 5) * 16 + ((rem & 31) >> 2);
-  const int col = (u >> 7) * 8 + (rem & 3) * 2;
+  int row, col;
+  sm90::bwd_dq_group_coords(static_cast<int>(g - half * groups_per_half), row, col);
   const int wg = static_cast<int>(half & 1);
   const int64_t mblk = half >> 1;
   const int m_blocks = p.n_pad / p.BM;
@@ -277,6 +278,24 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
 }
 
 namespace {
+// True when every query row sees some key, so every query block gets a dQ add from some
+// key block (the fused dQ conversion writes only blocks something added to). The rows
+// that see a key form one interval (each row's keys slide with it), so the first and
+// last rows decide. Varlen: only when the query and key lengths are one tensor and the
+// diagonal is the aligned one, so every row sees its own position.
+bool every_row_sees_a_key(const AttentionParams& p) {
+  const bool band = p.window_left >= 0 || p.window_right >= 0;
+  if (p.varlen()) return p.cu_seqlens_q.data == p.cu_seqlens_k.data && (!band || p.diag_offset == 0);
+  if (p.S <= 0) return false;
+  if (!band) return true;
+  const auto sees = [&](int64_t i) {
+    const int64_t lo = p.window_left < 0 ? 0 : std::max<int64_t>(0, i + p.diag_offset - p.window_left);
+    const int64_t hi = p.window_right < 0 ? p.S - 1 : std::min<int64_t>(p.S - 1, i + p.diag_offset + p.window_right);
+    return lo <= hi;
+  };
+  return sees(0) && sees(p.N - 1);
+}
+
 // Deterministic mode's counters: one per dQ workspace half (2 per query block).
 int64_t dq_sem_count(const AttentionParams& p) {
   return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
@@ -388,6 +407,15 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two (narrow and wide
   // kernels alike).
   k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0;
+  // dQ converted by the narrow kernel itself (finish_dq), opt-in (STEELATTN_SM90_DQ_FUSED=1)
+  // until it has run on the H200; else by the post kernel (the wide kernel adds dQ from
+  // registers; deterministic and block-sparse calls keep the post kernel).
+  k.dq_fused = sm90::env_switch("STEELATTN_SM90_DQ_FUSED") == 1 && !kd.wide && !p.deterministic &&
+               !p.block_mask.present() && every_row_sees_a_key(p);
+  k.dq = p.dq.data;
+  k.dq_sb = p.dq.stride[0];
+  k.dq_sh = p.dq.stride[1];
+  k.dq_sn = p.dq.stride[2];
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
@@ -448,6 +476,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.lse2 = lse2;
   pp.dsum = dsum;
   pp.dq_acc = dq_acc;
+  pp.dq_sem = p.deterministic || k.dq_fused ? dq_sem : nullptr;
   pp.dq = p.dq.data;
   pp.dq_sb = p.dq.stride[0];
   pp.dq_sh = p.dq.stride[1];
@@ -466,15 +495,13 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
 
   const auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = p.q.dtype == DType::bf16;
-  // The dQ accumulator starts at zero (the preprocess writes the zeros), and so do
-  // the deterministic kernels' counters.
-  cudaError_t err = cudaSuccess;
-  if (p.deterministic) err = cudaMemsetAsync(dq_sem, 0, static_cast<size_t>(dq_sem_count(p)) * sizeof(int), s);
-  if (err == cudaSuccess) err = bf16 ? launch_pre<__nv_bfloat16>(pp, rows, s) : launch_pre<__half>(pp, rows, s);
+  // The dQ accumulator starts at zero, and so do the counters the deterministic and
+  // fused-dQ kernels use (the preprocess writes the zeros).
+  cudaError_t err = bf16 ? launch_pre<__nv_bfloat16>(pp, rows, s) : launch_pre<__half>(pp, rows, s);
   if (err == cudaSuccess)
     err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
                : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
-  if (err == cudaSuccess) {
+  if (err == cudaSuccess && !k.dq_fused) {
     const int64_t groups = rows * kd.kd / 4;  // the whole workspace, 16 bytes per thread
     const unsigned post_blocks = static_cast<unsigned>((groups + 255) / 256);
     if (bf16)

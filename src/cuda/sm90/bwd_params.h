@@ -23,7 +23,7 @@ struct BwdParams {
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
   float* dq_acc;      // [B*H, n_pad, KD] fp32 in blocks (below), zeroed by the preprocess, reduce-added
-  int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the host
+  int* dq_sem;        // deterministic kernels and dq_fused: one counter per dQ block (its index in dq_acc), zeroed by the preprocess
 
   void* dk;
   int64_t dk_sb, dk_sh, dk_sn;
@@ -55,6 +55,14 @@ struct BwdParams {
   const int32_t* cu_q;
   const int32_t* cu_k;
   int num_seqs;
+
+  // dQ converted in the narrow kernel (dq_fused; BwdMainloop::finish_dq) instead of by the
+  // post kernel: dq [B, H, N, D] in q's dtype. Last in the struct, so the fields above keep
+  // their constant-bank offsets (moving them made ptxas serialise a forward kernel's
+  // wgmmas, params.h).
+  void* dq;
+  int64_t dq_sb, dq_sh, dq_sn;
+  bool dq_fused;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the
@@ -85,6 +93,14 @@ constexpr int kBwdEpilogueBarrier = 2 + kBwdConsumerWGs;  // both warpgroups don
 // columns 8*jb + 2*(t%4) (+1).
 __host__ __device__ constexpr int bwd_dq_block_offset(int row, int col) {
   return ((col / 8) * 128 + (row / 16) * 32 + (row % 8) * 4 + (col % 8) / 2) * 4 + ((row / 8) % 2) * 2 + col % 2;
+}
+
+// The other way, per float4: group u of a half holds (row, col), (row, col + 1),
+// (row + 8, col) and (row + 8, col + 1).
+__host__ __device__ __forceinline__ void bwd_dq_group_coords(int u, int& row, int& col) {
+  const int t = u & 127;  // the staging thread
+  row = (t >> 5) * 16 + ((t & 31) >> 2);
+  col = (u >> 7) * 8 + (t & 3) * 2;
 }
 
 // BM (query rows per step). Registers per consumer thread: S^T + dP^T (BM/2 each)
