@@ -664,79 +664,14 @@ struct BwdMainloop {
     // dK (times scale) and dV of this warpgroup's 64 keys.
     if (p.dkv_bulk) {
       store_dkv_bulk(p, g, sm, w, n_block, b, hkv, key0, qlane, dk, dv);
-    } else {
-      store_key_rows<D>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + g.k0() * p.dk_sn, p.dk_sn, key0,
-                        g.S(p), 0, qlane, p.d_store_k, dk, p.scale);
-      store_key_rows<D>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + g.k0() * p.dv_sn, p.dv_sn, key0,
-                        g.S(p), 0, qlane, p.d_store_v, dv, 1.f);
+      return;
     }
-    if constexpr (!Det && !Sparse) {
-      if (p.dq_fused) finish_dq(p, g, w, n_block, b, hkv);
-    }
-  }
-
-  // ------------------------------------------------ dQ finished in the kernel (dq_fused)
-  // Every key block that sees a query block reduce-adds into each of its two dQ halves
-  // once; the one whose add is counted last converts the half to dq (scale, dtype,
-  // strides) while it is still in L2, where the post kernel read the whole workspace back
-  // from HBM (67 us of a 0.86 ms backward at D128 N1k) after a launch of its own. Thread
-  // 0 issued this warpgroup's adds: it waits until they are performed and fences them;
-  // then each thread bumps one step's counter (acquire-release: the last bump sees every
-  // other block's adds) and a warp converts the halves its lanes found complete. The
-  // launcher takes this path only where every query block is seen by a key block (a
-  // block nobody adds to would never be written).
-  __device__ __noinline__ static void finish_dq(const BwdParams& p, const Seq& g, int w, int n_block, int b, int hkv) {
-    const int tid = threadIdx.x % 128, lane = tid % 32;
-    int m_lo, m_hi;
-    m_range(p, g, n_block, m_lo, m_hi);
-    const int nm = m_hi - m_lo;
-    if (nm <= 0) return;
-    if (tid == 0) {
-      tma_store_wait_all();
-      fence_proxy_async_global();
-      __threadfence();
-    }
-    named_barrier_sync(kBwdDqBarrier + w, 128);
-    const int iters = p.group * nm;
-#pragma unroll 1
-    for (int base = tid - lane; base < iters; base += 128) {  // warp-uniform
-      const int it = base + lane;
-      bool last = false;
-      if (it < iters) {
-        const int h = hkv * p.group + it / nm, m = m_lo + it % nm;
-        int lo, hi;
-        band(p, g).key_blocks(m * BM, min(m * BM + BM, g.N(p)) - 1, BN, lo, hi);
-        last = atom_add_acq_rel_gpu(p.dq_sem + dq_block(p, g, b, h, m) + w, 1) == hi - lo - 1;
-      }
-      uint32_t todo = __ballot_sync(~0u, last);
-      __syncwarp();  // the acquiring lane's acquire before the other lanes' loads
-      while (todo != 0) {
-        const int i = base + __ffs(todo) - 1;
-        todo &= todo - 1;
-        convert_dq_half(p, g, b, hkv * p.group + i / nm, m_lo + i % nm, w, lane);
-      }
-    }
-  }
-
-  // One dQ workspace half (64 rows x kDqCols in the accumulator order, bwd_params.h) ->
-  // dq = scale * acc, by one warp: 16-byte loads from L2 (ld.global.cg: another SM's
-  // adds), two 4-byte stores each; padding rows and zero-padded columns skipped.
-  __device__ static void convert_dq_half(const BwdParams& p, const Seq& g, int b, int h, int m, int w, int lane) {
-    const float4* acc = reinterpret_cast<const float4*>(p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols));
-    Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(g.q0()) * p.dq_sn;
-    const int row0 = m * BM + (BM == 128 ? w * 64 : 0), col0 = BM == 128 ? 0 : w * kDqCols;
-    const int n = g.N(p);
-#pragma unroll 4
-    for (int u = lane; u < 16 * kDqCols; u += 32) {
-      int r, c;
-      bwd_dq_group_coords(u, r, c);
-      const int i = row0 + r, d = col0 + c;
-      if (i >= n || d >= p.d_store_k) continue;
-      const float4 v = __ldcg(acc + u);
-      Elem* dst = dq + static_cast<int64_t>(i) * p.dq_sn + d;
-      *reinterpret_cast<uint32_t*>(dst) = pack2<Elem>(v.x * p.scale, v.y * p.scale);
-      if (i + 8 < n) *reinterpret_cast<uint32_t*>(dst + 8 * p.dq_sn) = pack2<Elem>(v.z * p.scale, v.w * p.scale);
-    }
+    store_key_rows<D>(static_cast<Elem*>(p.dk) + b * p.dk_sb + hkv * p.dk_sh + g.k0() * p.dk_sn, p.dk_sn, key0, g.S(p), 0,
+                      qlane,
+                      p.d_store_k, dk, p.scale);
+    store_key_rows<D>(static_cast<Elem*>(p.dv) + b * p.dv_sb + hkv * p.dv_sh + g.k0() * p.dv_sn, p.dv_sn, key0, g.S(p), 0,
+                      qlane,
+                      p.d_store_v, dv, 1.f);
   }
 };
 

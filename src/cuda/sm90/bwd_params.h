@@ -23,7 +23,7 @@ struct BwdParams {
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
   float* dq_acc;      // [B*H, n_pad, KD] fp32 in blocks (below), zeroed by the preprocess, reduce-added
-  int* dq_sem;        // deterministic kernels and dq_fused: one counter per dQ block (its index in dq_acc), zeroed by the preprocess
+  int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the preprocess
 
   void* dk;
   int64_t dk_sb, dk_sh, dk_sn;
@@ -55,14 +55,6 @@ struct BwdParams {
   const int32_t* cu_q;
   const int32_t* cu_k;
   int num_seqs;
-
-  // dQ converted in the narrow kernel (dq_fused; BwdMainloop::finish_dq) instead of by the
-  // post kernel: dq [B, H, N, D] in q's dtype. Last in the struct, so the fields above keep
-  // their constant-bank offsets (moving them made ptxas serialise a forward kernel's
-  // wgmmas, params.h).
-  void* dq;
-  int64_t dq_sb, dq_sh, dq_sn;
-  bool dq_fused;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the
