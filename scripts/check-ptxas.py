@@ -7,8 +7,9 @@ of FwdParams made ptxas serialise the D64 causal forward (22% slower on the H200
 session 6). Runs here, no GPU needed.
 
 Usage: python3 scripts/check-ptxas.py [--base /path/to/other/checkout] [files...]
-(default files: src/cuda/sm90/*.cu with kernels). Exits 1 when a function serialises its
-wgmmas, or, with --base, when one spills more than it did there.
+(default: the kernel instantiations, src/cuda/sm90/*inst*.cu; all of them take ~20 min on
+two cores). Exits 1 when a function serialises its wgmmas, or, with --base, when one spills
+more than it did there.
 """
 import argparse
 import glob

@@ -66,7 +66,7 @@ struct FwdParams {
 
   // Last, so the fields above keep the constant-bank offsets they had before it: placed
   // before `out`, ptxas serialised the wgmmas of the D64 band kernels (C7511, register
-  // pressure; D64 causal forward 22% slower on the H200). scripts/check-sass fails on C7511.
+  // pressure; D64 causal forward 22% slower on the H200); scripts/check-ptxas.py reports C7511.
   bool o_tma;
   CUtensorMap tma_o;  // out [B, H, N, D], box (64, 64, 1, 1): one consumer warpgroup's rows
 };
