@@ -148,6 +148,23 @@ def test_forward_o_store_paths_agree(D, layout, causal, monkeypatch):
     assert torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("D", [64, 80, 128])
+@pytest.mark.parametrize("shape", ["full", "causal", "causal N>S", "window", "alibi lse", "softcap"])
+@pytest.mark.parametrize("switches", ["fused", "rotate", "both"])
+def test_dq_in_kernel_and_rotated_walks(D, shape, switches, monkeypatch):
+    """The opt-in backward variants against the float64 reference (run_case): dQ converted
+    by the key block whose add lands last (STEELATTN_SM90_DQ_FUSED=1) and key blocks
+    walking their query blocks from a rotated start (STEELATTN_SM90_BWD_ROTATE=1). Causal
+    with N > S leaves the first rows without keys and softcap is not on the in-kernel path:
+    the launcher keeps the post kernel there, which must still be right."""
+    monkeypatch.setenv("STEELATTN_SM90_DQ_FUSED", "1" if switches in ("fused", "both") else "0")
+    monkeypatch.setenv("STEELATTN_SM90_BWD_ROTATE", "1" if switches in ("rotate", "both") else "0")
+    kw = {"full": {}, "causal": dict(causal=True), "causal N>S": dict(causal=True, N=333, S=140),
+          "window": dict(window=(70, 5)), "alibi lse": dict(alibi=True, causal=True, use_lse=True),
+          "softcap": dict(softcap=20.0)}[shape]
+    run_case(D, D, torch.bfloat16, **{"B": 2, "H": 6, "Hkv": 2, "N": 333, "S": 290, "seed": 11, **kw})
+
+
 def test_longer_sequences_wide():
     """Several key blocks and query blocks per CTA, GQA and a window, at D 256."""
     run_case(256, 256, torch.bfloat16, B=2, H=4, Hkv=2, N=700, S=900, window=(300, 10))

@@ -181,6 +181,40 @@ def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw):
         assert_close(a.cpu(), b, dtype, what=what, tol=3 * TOL[dtype])
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (90, 0)}], ids=["full", "causal", "window"])
+@pytest.mark.parametrize("switches", ["fused", "rotate", "both"])
+def test_hopper_varlen_backward_one_cu_tensor(rng, D, kw, switches, monkeypatch):
+    """Packed training batches pass one cu_seqlens for queries and keys: then every query
+    sees a key and the opt-in in-kernel dQ conversion applies (STEELATTN_SM90_DQ_FUSED=1),
+    also with rotated walks (STEELATTN_SM90_BWD_ROTATE=1); empty, one-token and 129-token
+    sequences; against the reference."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper backward needs compute capability 9.0")
+    monkeypatch.setenv("STEELATTN_SM90_DQ_FUSED", "1" if switches in ("fused", "both") else "0")
+    monkeypatch.setenv("STEELATTN_SM90_BWD_ROTATE", "1" if switches in ("rotate", "both") else "0")
+    lens = random_lengths(rng, 9, 1, 400) + [0, 1, 129]
+    cu = cu_of(lens, "cuda")
+    q = randn(sum(lens), 8, D, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()
+    k = randn(sum(lens), 2, D, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()
+    v = randn(sum(lens), 2, D, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_varlen(q, k, v, cu, cu, deterministic=False, **kw)
+    dout = randn(*out.shape, dtype=torch.bfloat16, device="cuda", generator=rng)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert steelattn.get_dispatch_stats()["backward"] == {"cuda_sm90": 1}
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(rq, rk, rv, lens, lens, wl=wl, wr=wr)
+    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
+        assert_close(a.cpu(), b, torch.bfloat16, what=what, tol=3 * TOL[torch.bfloat16])
+
+
 def test_varlen_alibi_and_seed_layout(device, rng):
     H, Hkv, D = 4, 2, 32
     lq, lk = [5, 33, 0, 12], [5, 20, 7, 40]

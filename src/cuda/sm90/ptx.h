@@ -201,6 +201,14 @@ __device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
+// *p += v, returning the old value: a release of this thread's writes and an acquire of
+// those released before by the adds it follows.
+__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
 // Stores to shared memory with st.shared, at a shared-window address (smem_u32). A
 // plain store through the kernels' realigned smem struct compiles to a generic ST.E,
 // which goes through the global LSU queue (lg throttle) and which the following proxy
@@ -218,6 +226,12 @@ __device__ __forceinline__ void st_shared_f4(uint32_t addr, float4 v) {
 __device__ __forceinline__ float2 ld_shared_f2(const float* p) {
   float2 v;
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
+  return v;
+}
+__device__ __forceinline__ float4 ld_shared_f4(const float* p) {
+  float4 v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(smem_u32(p)));
   return v;
 }
 
