@@ -155,11 +155,14 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   if (!q_ok || !encode_map(&k.tma_k, p.k, block_n, &why) || !encode_map(&k.tma_v, p.v, block_n, &why))
     return Status::Error("sm90: " + why);
 
-  // O through the tile's Q buffer and TMA stores: dense, unpacked tiles (varlen rows past
-  // a sequence belong to the next one). The kernel takes it only with two Q stages
-  // (mainloop.h). STEELATTN_SM90_O_TMA=0 selects the register stores, the reference the
-  // tests compare against (a query tile's fixed cost 16.9 -> 11.0 ns, NOTES.md, session 6).
-  k.o_tma = sm90::env_switch("STEELATTN_SM90_O_TMA") != 0 && !pack && !p.varlen() &&
+  // O staged in smem and stored by TMA: dense, unpacked tiles (varlen rows past a sequence
+  // belong to the next one), where the kernel has a buffer for it (mainloop.h kOSmem: the
+  // Q buffer with two Q stages, D128; its own at D64). STEELATTN_SM90_O_TMA=0 selects the
+  // register stores, the reference the tests compare against (a query tile's fixed cost
+  // 16.9 -> 11.0 ns at D128, NOTES.md, session 6). At D64 it is opt-in
+  // (STEELATTN_SM90_O_TMA=1) until it has run on the H200.
+  const int o_switch = sm90::env_switch("STEELATTN_SM90_O_TMA");
+  k.o_tma = (kd == 64 ? o_switch == 1 : o_switch != 0) && !pack && !p.varlen() &&
             encode_map(&k.tma_o, p.out, 64, nullptr);
   k.out = p.out.data;
   k.o_stride_b = p.out.stride[0];

@@ -74,10 +74,13 @@ struct Mainloop {
   using Mask = MaskPolicy<Band, kBlockM, kBlockN, Pack>;
   using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN, Pack>;
   using Epi = std::conditional_t<Pack, EpiloguePacked<D, Elem>, Epilogue<D, Elem>>;
-  // O through the tile's own Q buffer and TMA stores (FwdParams::o_tma): unpacked, not
-  // varlen, and two Q stages, so holding this buffer until O is out never delays the
-  // next tile's Q (it is in the other buffer).
-  static constexpr bool kOSmem = !Pack && !Varlen && kQStages == 2;
+  // O staged in smem and stored by TMA (FwdParams::o_tma): unpacked, not varlen. With two
+  // Q stages through the tile's own Q buffer (holding it until O is out never delays the
+  // next tile's Q: that is in the other buffer); with one, through a buffer of its own
+  // where there is room (Storage::kOBuf: D64), except in the band kernels there, whose
+  // wgmmas ptxas then serialised for want of registers (C7511).
+  static constexpr bool kOInQ = kQStages == 2;
+  static constexpr bool kOSmem = !Pack && !Varlen && (kOInQ || (Storage::kOBuf && !Band));
 
   __device__ static void init_barriers(Storage& sm) {
 #pragma unroll
@@ -288,11 +291,14 @@ struct Mainloop {
   }
 
   // This warpgroup's 64 rows of O, normalised, written into its rows of the tile's Q
-  // buffer in the layout TMA loaded Q with (column blocks of 64, 128B swizzle: the 8 rows
-  // x 4 lanes of a store hit 32 distinct banks), then stored by TMA (rows past N and
-  // zero-padded columns are clipped by the map), and the Q buffer handed back to the
-  // producer once the stores have read it. From registers, O took 32 4-byte stores per
-  // thread whose address registers the next tile's code then waited on (ncu, D128 N1k).
+  // buffer (or of the O buffer) in the layout TMA loaded Q with (column blocks of 64, 128B
+  // swizzle: the 8 rows x 4 lanes of a store hit 32 distinct banks), then stored by TMA
+  // (rows past N and zero-padded columns are clipped by the map), and the Q buffer handed
+  // back to the producer (q_empty) once the stores have read it. The O buffer is free for
+  // the next tile then too: thread 0 waits for the read before it joins the warpgroup's
+  // next wgmma, which every thread of the warpgroup must reach before the next epilogue.
+  // From registers, O took 32 4-byte stores per thread whose address registers the next
+  // tile's code then waited on (ncu, D128 N1k).
   __device__ static void store_o_smem(const FwdParams& p, const Elem* q_buf, int cwg, const TileCoord& tc,
                                       const float (&o)[kNO], const float (&inv)[2], uint64_t* q_empty) {
     const int tid = threadIdx.x % 128, warp = tid / 32, lane = tid % 32;
@@ -316,7 +322,7 @@ struct Mainloop {
         tma_store_4d(&p.tma_o, box + c * kBlockM * 128, c * 64, tc.m_block * kBlockM + cwg * 64, tc.h, tc.b);
       tma_store_commit();
       tma_store_wait_read();
-      mbar_arrive_cnt(q_empty, 4);  // for the warpgroup's four warps
+      if (q_empty != nullptr) mbar_arrive_cnt(q_empty, 4);  // for the warpgroup's four warps
     }
   }
 
@@ -372,7 +378,8 @@ struct Mainloop {
         mask.block_range(mb, lo, hi);
       }
       Epi epi = make_epilogue(p, tc, row0, qrow, qhead, lane);
-      const bool o_smem = kOSmem && p.o_tma;  // q_empty is then released by store_o_smem
+      const bool o_smem = kOSmem && p.o_tma;
+      const bool q_late = kOInQ && o_smem;  // q_empty is then released by store_o_smem
       if constexpr (Varlen) epi.to_sequence(vt.q0, vt.n);
       if (lo >= hi) {
         warp_release(q_empty);
@@ -414,7 +421,7 @@ struct Mainloop {
           wgmma_wait<0>();
           fence_regs(sh);
           warp_release(&sm.k_empty[st.index]);
-          if (n == lo && !o_smem) warp_release(q_empty);
+          if (n == lo && !q_late) warp_release(q_empty);
           modify<true>(mod, sh, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
           if (partial(n)) block_mask_elements(p, sh, tc.b, tc.h, row0, n * kBlockN);
           softmax.step(sh, corr);
@@ -428,7 +435,7 @@ struct Mainloop {
         wgmma_wait<0>();
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
-        if (n == lo && !o_smem) warp_release(q_empty);
+        if (n == lo && !q_late) warp_release(q_empty);
         if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
@@ -453,7 +460,7 @@ struct Mainloop {
         wgmma_wait<1>();  // S done, PV may still run
         fence_regs(s);
         warp_release(&sm.k_empty[st.index]);
-        if (n == lo && !o_smem) warp_release(q_empty);
+        if (n == lo && !q_late) warp_release(q_empty);
         if (mask.needs_element_mask(mb, n))
           modify<true>(mod, s, row0, qrow, slope_r, n * kBlockN + col_lane, mask);
         else
@@ -482,7 +489,7 @@ struct Mainloop {
       softmax.finalize(inv, lse);
       if constexpr (kOSmem) {
         if (o_smem) {
-          store_o_smem(p, sm.q[qi], cwg, tc, o, inv, q_empty);
+          store_o_smem(p, kOInQ ? sm.q[qi] : sm.o, cwg, tc, o, inv, kOInQ ? q_empty : nullptr);
           epi.store_lse(lse);
           continue;
         }

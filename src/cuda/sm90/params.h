@@ -160,6 +160,11 @@ struct SharedStorage {
   int seq[kQStages][6];   // varlen: the tile's SeqTile (varlen.h); published by q_full
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
+  // O staged for its TMA stores when the Q buffer cannot hold it (one Q stage: the next
+  // tile's Q goes there) and there is room: D64 (112 KB of 227 used). Last, so the members
+  // above keep their offsets; one element elsewhere.
+  static constexpr bool kOBuf = D == 64 && kQStages == 1;
+  alignas(kOBuf ? 1024 : 16) Elem o[kOBuf ? kBlockM * D : 1];
 };
 static_assert(sizeof(SharedStorage<64, uint16_t>) + 1024 <= 227 * 1024 &&
                   sizeof(SharedStorage<128, uint16_t>) + 1024 <= 227 * 1024 &&
