@@ -23,7 +23,7 @@ struct BwdParams {
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
   float* dq_acc;      // [B*H, n_pad, KD] fp32 in blocks (below), zeroed by the preprocess, reduce-added
-  int* dq_sem;        // deterministic / dq_fused kernels: a counter per dQ block (its dq_acc index), zeroed by pre
+  int* dq_sem;        // deterministic / dq_fused kernels: a counter per dQ block, zeroed by bwd_pre_kernel
 
   void* dk;
   int64_t dk_sb, dk_sh, dk_sn;
