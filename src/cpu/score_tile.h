@@ -1,6 +1,6 @@
 // Score tiles shared by the CPU forward and backward kernels: constants, element
-// access for any dtype, the per-row table of a packed row block, the band-mask
-// range of a row block, and the score transform (softcap, ALiBi, bias, masks).
+// access for any dtype, the per-row table of a packed row block (the band-mask range
+// of a row block is core/band.h's), and the score transform (softcap, ALiBi, bias, masks).
 //
 // Scores are held transposed, St[key][row], with rows on the SIMD lanes.
 // Internal linkage: see flash_fwd_impl.h.
@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <limits>
 
+#include "core/band.h"  // band_range
 #include "cpu/simd.h"
 #include "steelattn/steelattn.h"
 
@@ -53,13 +54,6 @@ inline int64_t offset4(const TensorRef& t, int64_t a, int64_t b, int64_t c, int6
 inline const char* elem_ptr(const TensorRef& t, int64_t a, int64_t b, int64_t c) {
   return static_cast<const char*>(t.data) +
          (a * t.stride[0] + b * t.stride[1] + c * t.stride[2]) * dtype_size(t.dtype);
-}
-
-// Where a band of rows [i_lo, i_hi] may see keys: [lo, hi).
-inline void band_range(const AttentionParams& p, int64_t i_lo, int64_t i_hi, int64_t S, int64_t* lo,
-                       int64_t* hi) {
-  *lo = p.window_left < 0 ? 0 : std::max<int64_t>(0, i_lo + p.diag_offset - p.window_left);
-  *hi = p.window_right < 0 ? S : std::min<int64_t>(S, i_hi + p.diag_offset + p.window_right + 1);
 }
 
 inline bool tile_fully_visible(const AttentionParams& p, int64_t i_lo, int64_t i_hi, int64_t k0,

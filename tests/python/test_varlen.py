@@ -42,6 +42,18 @@ def reference(q, k, v, lq, lk, **kw):
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
+def reference_and_grads(q, k, v, lq, lk, dout, kw, alibi=None):
+    """The float64 reference's output and its (dq, dk, dv) for dout, for a varlen call with
+    keyword arguments kw (causal, window_size, softcap)."""
+    wl, wr = kw.get("window_size", (-1, -1))
+    if kw.get("causal"):
+        wr = 0
+    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    ref, _ = reference(rq, rk, rv, lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr,
+                       alibi=None if alibi is None else alibi.cpu())
+    return ref.detach(), torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+
+
 def random_lengths(g, num, lo=0, hi=70):
     return torch.randint(lo, hi, (num,), generator=g).tolist()
 
@@ -169,14 +181,8 @@ def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw):
     grads = torch.autograd.grad(out, (q, k, v), dout)
     stats = steelattn.get_dispatch_stats()
     assert stats["forward"] == {"cuda_sm90": 1} and stats["backward"] == {"cuda_sm90": 1}, stats
-    wl, wr = kw.get("window_size", (-1, -1))
-    if kw.get("causal"):
-        wr = 0
-    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference(rq, rk, rv, lq, lk, softcap=kw.get("softcap", 0.0), wl=wl, wr=wr,
-                       alibi=None if alibi is None else alibi.cpu())
-    assert_close(out.detach().cpu(), ref.detach(), dtype)
-    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    ref, ref_grads = reference_and_grads(q, k, v, lq, lk, dout, kw, alibi)
+    assert_close(out.detach().cpu(), ref, dtype)
     for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(a.cpu(), b, dtype, what=what, tol=3 * TOL[dtype])
 
@@ -205,12 +211,7 @@ def test_hopper_varlen_backward_one_cu_tensor(rng, D, kw, switches, monkeypatch)
     dout = randn(*out.shape, dtype=torch.bfloat16, device="cuda", generator=rng)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert steelattn.get_dispatch_stats()["backward"] == {"cuda_sm90": 1}
-    wl, wr = kw.get("window_size", (-1, -1))
-    if kw.get("causal"):
-        wr = 0
-    rq, rk, rv = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    ref, _ = reference(rq, rk, rv, lens, lens, wl=wl, wr=wr)
-    ref_grads = torch.autograd.grad(ref, (rq, rk, rv), dout.cpu().double())
+    _, ref_grads = reference_and_grads(q, k, v, lens, lens, dout, kw)
     for what, a, b in zip(("dq", "dk", "dv"), grads, ref_grads):
         assert_close(a.cpu(), b, torch.bfloat16, what=what, tol=3 * TOL[torch.bfloat16])
 

@@ -114,6 +114,7 @@ struct BwdMainloop {
   // dQ converted in the kernel (dq_fused, convert_dq): not deterministic or block-sparse,
   // and not with softcap (its code there made ptxas spill the softcap mainloops).
   static constexpr bool kFusedDq = !Det && !Sparse && !Softcap;
+  __device__ static bool fused_dq(const BwdParams& p) { return kFusedDq && p.dq_fused; }
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
   static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
@@ -445,10 +446,8 @@ struct BwdMainloop {
         bwd_dq_group_coords(u0 + k, r, c);
         const int i = row0 + r, d = col0 + c;
         if (i >= n || d >= p.d_store_k) continue;
-        const float4 v = ld_shared_f4(sm.dq_conv[w] + 4 * k);
         Elem* dst = dq + static_cast<int64_t>(i) * p.dq_sn + d;
-        *reinterpret_cast<uint32_t*>(dst) = pack2<Elem>(v.x * p.scale, v.y * p.scale);
-        if (i + 8 < n) *reinterpret_cast<uint32_t*>(dst + 8 * p.dq_sn) = pack2<Elem>(v.z * p.scale, v.w * p.scale);
+        store_dq_group<Elem>(dst, 8 * p.dq_sn, i + 8 < n, ld_shared_f4(sm.dq_conv[w] + 4 * k), p.scale);
       }
       __syncwarp();
     }
@@ -766,9 +765,8 @@ struct BwdMainloop {
           // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
           // async copy).
           float* dst = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols);
-          const bool fused = kFusedDq && p.dq_fused;
           if (tid == 0) {
-            if (fused && it > 0)
+            if (fused_dq(p) && it > 0)
               dq_ring_publish(sm, w, it - 1, true);  // the previous step's adds landed
             else
               tma_store_wait_read();  // the previous reduce has read sm.dq[w]
@@ -777,7 +775,7 @@ struct BwdMainloop {
           stage_dq();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            if (fused) dq_ring_put(sm, w, it, h, m);
+            if (fused_dq(p)) dq_ring_put(sm, w, it, h, m);
             bulk_reduce_add_f32(dst, sm.dq[w], 64 * kDqCols * 4);
             tma_store_commit();
           }
@@ -788,10 +786,10 @@ struct BwdMainloop {
         st.advance();
       }
       // smem must outlive the last reduce's read (its adds land before the grid completes)
-      if (!Det && tid == 0 && !(kFusedDq && p.dq_fused)) tma_store_wait_read();
+      if (!Det && tid == 0 && !fused_dq(p)) tma_store_wait_read();
     }
     if constexpr (kFusedDq) {
-      if (p.dq_fused && tid == 0) {
+      if (fused_dq(p) && tid == 0) {
         if (iters > 0) dq_ring_publish(sm, w, iters - 1, true);
         dq_ring_put(sm, w, iters, -1, 0);  // the end mark
         dq_ring_publish(sm, w, iters, false);
@@ -835,8 +833,8 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
     if (threadIdx.x == 0) ML::produce(p, g, sm, n_block, b, hkv);
     if constexpr (Det) {
       if (threadIdx.x == 32) ML::write_dq(p, g, sm, n_block, b, hkv);
-    } else if constexpr (ML::kFusedDq) {
-      if (p.dq_fused && threadIdx.x >= 64) ML::convert_dq(p, sm, threadIdx.x / 32 - 2);  // warps 2 and 3
+    } else if constexpr (ML::kFusedDq) {  // (not instantiated where it cannot run)
+      if (ML::fused_dq(p) && threadIdx.x >= 64) ML::convert_dq(p, sm, threadIdx.x / 32 - 2);  // warps 2 and 3
     }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();

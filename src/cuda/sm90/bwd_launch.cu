@@ -15,9 +15,10 @@
 #include <cstdlib>
 #include <mutex>
 #include <string>
-#include <type_traits>
 
+#include "core/band.h"  // band_range
 #include "cuda/sm90/bwd_api.h"
+#include "cuda/sm90/bwd_common.h"  // store_dq_group, unpack2
 #include "cuda/sm90/bwd_launch.h"
 #include "cuda/sm90/host_tma.h"
 #include "cuda/sm90/params.h"  // kUnbounded
@@ -65,19 +66,6 @@ struct PrePostParams {
   const int32_t* cu_q;  // varlen: workspace rows are virtual query rows (ws_rows), else null
   int num_seqs;
   float scale;
-};
-
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-template <class Elem>
-struct Vec2;
-template <>
-struct Vec2<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-};
-template <>
-struct Vec2<__half> {
-  using type = __half2;
 };
 
 // Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
@@ -129,12 +117,11 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
     for (int c = 8 * sub; c < p.Dv; c += 8 * T) {  // Dv is a multiple of 8
       const uint4 o = *reinterpret_cast<const uint4*>(o_row + c);
       const uint4 g = *reinterpret_cast<const uint4*>(g_row + c);
-      using E2 = typename Vec2<Elem>::type;
-      const E2* o2 = reinterpret_cast<const E2*>(&o);
-      const E2* g2 = reinterpret_cast<const E2*>(&g);
+      const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o);
+      const uint32_t* g2 = reinterpret_cast<const uint32_t*>(&g);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        const float2 a = to_float2(o2[k]), d = to_float2(g2[k]);
+        const float2 a = sm90::unpack2<Elem>(o2[k]), d = sm90::unpack2<Elem>(g2[k]);
         acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
       }
     }
@@ -187,17 +174,7 @@ __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
   const float4 v = reinterpret_cast<const float4*>(p.dq_acc)[g];  // (i, d), (i, d+1), (i+8, d), (i+8, d+1)
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
   Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sn + d;
-  using E2 = typename Vec2<Elem>::type;
-  E2 lo, hi;
-  if constexpr (std::is_same_v<Elem, __half>) {
-    lo = __floats2half2_rn(v.x * p.scale, v.y * p.scale);
-    hi = __floats2half2_rn(v.z * p.scale, v.w * p.scale);
-  } else {
-    lo = __floats2bfloat162_rn(v.x * p.scale, v.y * p.scale);
-    hi = __floats2bfloat162_rn(v.z * p.scale, v.w * p.scale);
-  }
-  if (i >= 0) *reinterpret_cast<E2*>(dst) = lo;
-  if (i8 >= 0) *reinterpret_cast<E2*>(dst + static_cast<int64_t>(i8 - i) * p.dq_sn) = hi;
+  sm90::store_dq_group<Elem>(dst, static_cast<int64_t>(i8 - i) * p.dq_sn, i8 >= 0, v, p.scale);
 }
 
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
@@ -284,19 +261,19 @@ namespace {
 // and last rows decide. Varlen: only when the query and key lengths are one tensor and
 // the diagonal is the aligned one, so that every row sees its own position.
 bool every_row_sees_a_key(const AttentionParams& p) {
-  const bool band = p.window_left >= 0 || p.window_right >= 0;
-  if (p.varlen()) return p.cu_seqlens_q.data == p.cu_seqlens_k.data && (!band || p.diag_offset == 0);
-  if (p.S <= 0) return false;
-  if (!band) return true;
+  if (p.varlen()) {
+    const bool band = p.window_left >= 0 || p.window_right >= 0;
+    return p.cu_seqlens_q.data == p.cu_seqlens_k.data && (!band || p.diag_offset == 0);
+  }
   const auto sees = [&](int64_t i) {
-    const int64_t lo = p.window_left < 0 ? 0 : std::max<int64_t>(0, i + p.diag_offset - p.window_left);
-    const int64_t hi = p.window_right < 0 ? p.S - 1 : std::min<int64_t>(p.S - 1, i + p.diag_offset + p.window_right);
-    return lo <= hi;
+    int64_t lo, hi;
+    band_range(p, i, i, p.S, &lo, &hi);
+    return lo < hi;
   };
   return sees(0) && sees(p.N - 1);
 }
 
-// Deterministic mode's counters: one per dQ workspace half (2 per query block).
+// The dQ counters (deterministic and dq_fused kernels): one per workspace half (2 per query block).
 int64_t dq_sem_count(const AttentionParams& p) {
   return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
 }

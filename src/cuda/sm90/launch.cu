@@ -155,15 +155,6 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   if (!q_ok || !encode_map(&k.tma_k, p.k, block_n, &why) || !encode_map(&k.tma_v, p.v, block_n, &why))
     return Status::Error("sm90: " + why);
 
-  // O staged in smem and stored by TMA: dense, unpacked tiles (varlen rows past a sequence
-  // belong to the next one), where the kernel has a buffer for it (mainloop.h kOSmem: the
-  // Q buffer with two Q stages, D128; its own at D64). STEELATTN_SM90_O_TMA=0 selects the
-  // register stores, the reference the tests compare against (a query tile's fixed cost
-  // 16.9 -> 11.0 ns at D128, NOTES.md, session 6). At D64 it is opt-in
-  // (STEELATTN_SM90_O_TMA=1) until it has run on the H200.
-  const int o_switch = sm90::env_switch("STEELATTN_SM90_O_TMA");
-  k.o_tma = (kd == 64 ? o_switch == 1 : o_switch != 0) && !pack && !p.varlen() &&
-            encode_map(&k.tma_o, p.out, 64, nullptr);
   k.out = p.out.data;
   k.o_stride_b = p.out.stride[0];
   k.o_stride_h = p.out.stride[1];
@@ -206,6 +197,18 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   k.window_left = clamp_window(p.window_left);
   k.window_right = clamp_window(p.window_right);
   const bool band = p.window_left >= 0 || p.window_right >= 0;
+
+  // O staged in smem and stored by TMA: dense, unpacked tiles (varlen rows past a sequence
+  // belong to the next one), in the kernels that have a buffer for it (params.h stages_o:
+  // the Q buffer with two Q stages, D128; their own at D64). STEELATTN_SM90_O_TMA=0 selects
+  // the register stores, the reference the tests compare against (a query tile's fixed
+  // cost 16.9 -> 11.0 ns at D128, NOTES.md, session 6). At D64 it is opt-in
+  // (STEELATTN_SM90_O_TMA=1) until it has run on the H200.
+  const bool staged = kd == 64 ? sm90::stages_o<64>(band) : kd == 128 ? sm90::stages_o<128>(band)
+                                : kd == 192 ? sm90::stages_o<192>(band) : sm90::stages_o<256>(band);
+  const int o_switch = sm90::env_switch("STEELATTN_SM90_O_TMA");
+  k.o_tma = staged && (kd == 64 ? o_switch == 1 : o_switch != 0) && !pack && !p.varlen() &&
+            encode_map(&k.tma_o, p.out, 64, nullptr);
   // Causal-like (right side bounded): later query blocks see more keys.
   k.heavy_first = band && p.window_right >= 0 && !p.varlen();  // (varlen tiles are virtual blocks)
 

@@ -74,13 +74,12 @@ struct Mainloop {
   using Mask = MaskPolicy<Band, kBlockM, kBlockN, Pack>;
   using Mod = ScoreMod<Softcap, Band, kBlockM, kBlockN, Pack>;
   using Epi = std::conditional_t<Pack, EpiloguePacked<D, Elem>, Epilogue<D, Elem>>;
-  // O staged in smem and stored by TMA (FwdParams::o_tma): unpacked, not varlen. With two
-  // Q stages through the tile's own Q buffer (holding it until O is out never delays the
-  // next tile's Q: that is in the other buffer); with one, through a buffer of its own
-  // where there is room (Storage::kOBuf: D64), except in the band kernels there, whose
-  // wgmmas ptxas then serialised for want of registers (C7511).
+  // O staged in smem and stored by TMA (FwdParams::o_tma): unpacked, not varlen, where
+  // params.h's stages_o says. With two Q stages through the tile's own Q buffer (holding
+  // it until O is out never delays the next tile's Q: that is in the other buffer); with
+  // one, through a buffer of its own (Storage::o).
   static constexpr bool kOInQ = kQStages == 2;
-  static constexpr bool kOSmem = !Pack && !Varlen && (kOInQ || (Storage::kOBuf && !Band));
+  static constexpr bool kOSmem = !Pack && !Varlen && stages_o<D>(Band);
 
   __device__ static void init_barriers(Storage& sm) {
 #pragma unroll

@@ -166,6 +166,16 @@ struct SharedStorage {
   static constexpr bool kOBuf = D == 64 && kQStages == 1;
   alignas(kOBuf ? 1024 : 16) Elem o[kOBuf ? kBlockM * D : 1];
 };
+// Whether the forward kernel for head dim D stages O in smem for its TMA stores (dense,
+// unpacked tiles; mainloop.h): through the tile's Q buffer with two Q stages, through an O
+// buffer of its own where there is one, except in the band kernels there (D64: with the
+// staging compiled in, ptxas serialised their wgmmas, C7511). The launcher asks too, so
+// it encodes O's tensor map only for kernels that use it.
+template <int D>
+constexpr bool stages_o(bool band) {
+  return TileConfig<D>::kQStages == 2 || (SharedStorage<D, uint16_t>::kOBuf && !band);
+}
+
 static_assert(sizeof(SharedStorage<64, uint16_t>) + 1024 <= 227 * 1024 &&
                   sizeof(SharedStorage<128, uint16_t>) + 1024 <= 227 * 1024 &&
                   sizeof(SharedStorage<192, uint16_t>) + 1024 <= 227 * 1024 &&
