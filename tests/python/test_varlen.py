@@ -191,16 +191,12 @@ def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("kw", [{}, {"causal": True}, {"window_size": (90, 0)}], ids=["full", "causal", "window"])
-@pytest.mark.parametrize("switches", ["fused", "rotate", "both"])
-def test_hopper_varlen_backward_one_cu_tensor(rng, D, kw, switches, monkeypatch):
-    """Packed training batches pass one cu_seqlens for queries and keys: then every query
-    sees a key and the opt-in in-kernel dQ conversion applies (STEELATTN_SM90_DQ_FUSED=1),
-    also with rotated walks (STEELATTN_SM90_BWD_ROTATE=1); empty, one-token and 129-token
-    sequences; against the reference."""
+def test_hopper_varlen_backward_one_cu_tensor(rng, D, kw):
+    """Packed training batches pass one cu_seqlens tensor for queries and keys; with empty,
+    one-token and 129-token sequences among them, on the Hopper backward, against the
+    reference."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper backward needs compute capability 9.0")
-    monkeypatch.setenv("STEELATTN_SM90_DQ_FUSED", "1" if switches in ("fused", "both") else "0")
-    monkeypatch.setenv("STEELATTN_SM90_BWD_ROTATE", "1" if switches in ("rotate", "both") else "0")
     lens = random_lengths(rng, 9, 1, 400) + [0, 1, 129]
     cu = cu_of(lens, "cuda")
     q = randn(sum(lens), 8, D, dtype=torch.bfloat16, device="cuda", generator=rng).requires_grad_()

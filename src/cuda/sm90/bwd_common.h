@@ -81,8 +81,8 @@ __device__ __forceinline__ void store_key_rows(Elem* base, int64_t row_stride, i
 
 // One 16-byte group of the dQ workspace (bwd_dq_group_coords: (row, col), (row, col+1),
 // (row+8, col), (row+8, col+1)) as dq = scale * acc in the output dtype: the first pair at
-// dst, the second `row8` elements on unless that row is padding (!has_row8). The post
-// kernel and the in-kernel conversion (BwdMainloop::convert_dq_half) both store through here.
+// dst, the second `row8` elements on unless that row is padding (!has_row8). The dQ post
+// kernel's store.
 template <class Elem>
 __device__ __forceinline__ void store_dq_group(Elem* dst, int64_t row8, bool has_row8, float4 v, float scale) {
   *reinterpret_cast<uint32_t*>(dst) = pack2<Elem>(v.x * scale, v.y * scale);

@@ -111,10 +111,6 @@ struct BwdMainloop {
   static constexpr bool kPackedPForDs = D == 64 && !Softcap;
   static constexpr bool kOverlapDv = D >= 96 || kPackedPForDs;
   static constexpr bool kPreloadLse = BM == 64;
-  // dQ converted in the kernel (dq_fused, convert_dq): not deterministic or block-sparse,
-  // and not with softcap (its code there made ptxas spill the softcap mainloops).
-  static constexpr bool kFusedDq = !Det && !Sparse && !Softcap;
-  __device__ static bool fused_dq(const BwdParams& p) { return kFusedDq && p.dq_fused; }
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
   static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
@@ -132,22 +128,8 @@ struct BwdMainloop {
   // The query block of step i (of this head's nm): ascending, or descending when
   // deterministic, so that every key block of a head reaches a query block at the
   // same step and the ordered dQ reduce (write_dq) waits only for the block before.
-  // Ascending walks may start at a per-key-block offset `rot` and wrap (step_rotation).
-  __device__ static int m_of_step(const BwdParams& p, int i, int m_lo, int m_hi, int rot) {
-    if (Det) return m_hi - 1 - i;
-    if (!Softcap && rot != 0) {  // (Softcap: rot is 0 and the walk the plain ascending one)
-      const int j = i + rot;
-      return m_lo + (j >= m_hi - m_lo ? j - (m_hi - m_lo) : j);
-    }
-    return m_lo + i;
-  }
-
-  // With p.rotate_steps (STEELATTN_SM90_BWD_ROTATE=1, opt-in until measured), key block
-  // n starts its walk at query block m_lo + n % nm: the key blocks of a full-attention
-  // head run together and otherwise reduce-add into the same dQ block at every step (the
-  // same 16 KB of L2 from up to 128 CTAs at N16k); rotated, each adds into its own.
-  __device__ static int step_rotation(const BwdParams& p, int n_block, int nm) {
-    return !Det && !Softcap && p.rotate_steps && nm > 0 ? n_block % nm : 0;
+  __device__ static int m_of_step(const BwdParams& p, int i, int m_lo, int m_hi) {
+    return Det ? m_hi - 1 - i : m_lo + i;
   }
 
   // The first key block that sees query block m (the band solved the other way).
@@ -179,11 +161,6 @@ struct BwdMainloop {
     for (int w = 0; w < kBwdConsumerWGs; ++w) {
       mbar_init(&sm.dq_full[w], 4);  // the 4 warps of consumer warpgroup w
       mbar_init(&sm.dq_empty[w], 1);
-      for (int i = 0; i < kDqRing; ++i) {
-        mbar_init(&sm.dq_done_full[w][i], 1);
-        mbar_init(&sm.dq_done_empty[w][i], 1);
-      }
-      mbar_init(&sm.dq_conv_full[w], 1);
     }
     fence_barrier_init();
   }
@@ -249,6 +226,14 @@ struct BwdMainloop {
       load_step(p, g0, sm, st, b, hkv * p.group + g, m);
       ++m;
       more = next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
+      // The next active step's Q and dO into L2 while this thread waits for its stage.
+      if (more && p.sparse_prefetch) {
+#pragma unroll
+        for (int c = 0; c < D / CB; ++c) {
+          tma_prefetch_l2_4d(&p.tma_q, c * CB, g0.q0() + m * BM, hkv * p.group + g, b);
+          tma_prefetch_l2_4d(&p.tma_do, c * CB, g0.q0() + m * BM, hkv * p.group + g, b);
+        }
+      }
     }
     mbar_wait(&sm.empty[st.index], st.phase ^ 1);
     *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = -1;  // no more steps
@@ -266,11 +251,10 @@ struct BwdMainloop {
     const int iters = p.group * nm;
     if (iters <= 0) return;
     load_kv(p, g, sm, n_block, b, hkv);
-    const int rot = step_rotation(p, n_block, nm);
     PipeState<kBwdStages> st;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
-      const int m = m_of_step(p, it % nm, m_lo, m_hi, rot);
+      const int m = m_of_step(p, it % nm, m_lo, m_hi);
       mbar_wait(&sm.empty[st.index], st.phase ^ 1);
       load_step(p, g, sm, st, b, h, m);
       st.advance();
@@ -293,7 +277,7 @@ struct BwdMainloop {
     uint32_t phase = 0;
     for (int it = 0; it < iters; ++it) {
       const int h = hkv * p.group + it / nm;
-      const int m = m_of_step(p, it % nm, m_lo, m_hi, 0);
+      const int m = m_of_step(p, it % nm, m_lo, m_hi);
       const int rank = n_block - first_key_block(p, g, m);
       const int64_t tile0 = dq_block(p, g, b, h, m);
 #pragma unroll
@@ -356,103 +340,6 @@ struct BwdMainloop {
     }
   }
 
-  // ------------------------------------------------ dQ converted in the kernel (dq_fused)
-  // The post kernel reads the whole fp32 workspace back from HBM after a launch of its
-  // own (67 us of a 0.87 ms backward at D128 N1k, 0.16 ms of the varlen bench's step).
-  // Here each half is converted by the key block whose add to it lands last, while it is
-  // in L2. Per step, consumer thread 0 waits until the previous step's reduce-add is
-  // performed (it had a whole step to land) and publishes that step on a ring (dq_ring_*);
-  // a warp of the producer warpgroup (convert_dq) bumps the half's counter and, when this
-  // was the last of the key blocks that see the query block, converts it. Bumped per step
-  // (a first version bumped every counter at the CTA's end: the last CTA of a head then
-  // converted nearly every half, serially, and the backward got 2x slower, NOTES.md
-  // session 6). The launcher takes this path only where every query row sees a key (a
-  // half nobody adds to would never be written). Opt-in (STEELATTN_SM90_DQ_FUSED=1).
-
-  // Consumer thread 0. Ring entry `pos` is step `pos` of this warpgroup, written when
-  // its reduce-add is issued ((query head, query block), or (-1, 0) for the end mark,
-  // entry `iters`) and published once the add is performed (the next step, or the end).
-  __device__ static void dq_ring_put(Smem& sm, int w, int pos, int h, int m) {
-    const int slot = pos % kDqRing;
-    mbar_wait(&sm.dq_done_empty[w][slot], ((pos / kDqRing) & 1) ^ 1);
-    volatile int* e = reinterpret_cast<volatile int*>(&sm.dq_done[w][slot]);
-    e[0] = h;
-    e[1] = m;
-  }
-  __device__ static void dq_ring_publish(Smem& sm, int w, int pos, bool adds) {
-    if (adds) {
-      tma_store_wait_all();        // this warpgroup's adds so far are performed
-      fence_proxy_async_global();  // ... and ordered before the generic-proxy handoff
-      __threadfence();
-    }
-    mbar_arrive(&sm.dq_done_full[w][pos % kDqRing]);
-  }
-
-  // A warp of the producer warpgroup, for consumer warpgroup w's halves until the end mark.
-  // It finds its tile again itself (and is not inlined), so that nothing the consumers
-  // keep in registers has to live through this branch's 24 registers (that made ptxas
-  // spill the consumers' mainloop).
-  __device__ __noinline__ static void convert_dq(const BwdParams& p, Smem& sm, int w) {
-    const int lane = threadIdx.x % 32;
-    int n_block, hkv, b;
-    bwd_tile(p, n_block, hkv, b);
-    Seq g{};
-    if constexpr (Varlen) resolve_key_block(p, n_block, g);  // not a hole: the consumers posted
-    uint32_t conv_phase = 0;
-    for (int pos = 0;; ++pos) {
-      const int slot = pos % kDqRing;
-      mbar_wait(&sm.dq_done_full[w][slot], (pos / kDqRing) & 1);
-      const volatile int* e = reinterpret_cast<const volatile int*>(&sm.dq_done[w][slot]);
-      const int2 hm = make_int2(e[0], e[1]);
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&sm.dq_done_empty[w][slot]);
-      if (hm.x < 0) return;
-      int last = 0;
-      if (lane == 0) {
-        int lo, hi;
-        band(p, g).key_blocks(hm.y * BM, min(hm.y * BM + BM, g.N(p)) - 1, BN, lo, hi);
-        last = atom_add_acq_rel_gpu(p.dq_sem + dq_block(p, g, b, hm.x, hm.y) + w, 1) == hi - lo - 1;
-      }
-      if (__shfl_sync(~0u, last, 0)) convert_dq_half(p, g, sm, b, hm.x, hm.y, w, lane, conv_phase);
-    }
-  }
-
-  // One dQ workspace half (64 rows x kDqCols in the accumulator order, bwd_params.h) ->
-  // dq = scale * acc, by one warp (lane 0 holds the counter's acquire): 8 KB at a time
-  // bulk-copied from L2 into smem (one instruction, so 24 registers do not limit the
-  // loads in flight), then read from there and stored as two 4-byte pairs per group;
-  // padding rows and zero-padded columns skipped.
-  __device__ static void convert_dq_half(const BwdParams& p, const Seq& g, Smem& sm, int b, int h, int m, int w,
-                                         int lane, uint32_t& phase) {
-    const float* acc = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols);
-    Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(g.q0()) * p.dq_sn;
-    const int row0 = m * BM + (BM == 128 ? w * 64 : 0), col0 = BM == 128 ? 0 : w * kDqCols;
-    const int n = g.N(p);
-    constexpr int kGroups = 16 * kDqCols;  // float4 groups in the half
-    if (lane == 0) fence_proxy_async_global();  // the acquire before the async-proxy copies
-#pragma unroll 1
-    for (int u0 = 0; u0 < kGroups; u0 += kDqConvGroups) {
-      const int groups = min(kDqConvGroups, kGroups - u0);
-      if (lane == 0) {
-        fence_proxy_async();  // this warp's reads of the window before the copy overwrites it
-        mbar_arrive_expect_tx(&sm.dq_conv_full[w], groups * 16);
-        bulk_load_1d(sm.dq_conv[w], acc + 4 * u0, groups * 16, &sm.dq_conv_full[w]);
-      }
-      mbar_wait(&sm.dq_conv_full[w], phase);
-      phase ^= 1;
-#pragma unroll 4
-      for (int k = lane; k < groups; k += 32) {
-        int r, c;
-        bwd_dq_group_coords(u0 + k, r, c);
-        const int i = row0 + r, d = col0 + c;
-        if (i >= n || d >= p.d_store_k) continue;
-        Elem* dst = dq + static_cast<int64_t>(i) * p.dq_sn + d;
-        store_dq_group<Elem>(dst, 8 * p.dq_sn, i + 8 < n, ld_shared_f4(sm.dq_conv[w] + 4 * k), p.scale);
-      }
-      __syncwarp();
-    }
-  }
-
   // ---------------------------------------------------------------- consumer
   // acc[64 keys, BM] = X[64 keys of this WG, D] Y[BM, D]^T, both K-major; a k16
   // step is 32 B inside a swizzled row, CB/16 steps per column block.
@@ -494,7 +381,6 @@ struct BwdMainloop {
     m_range(p, g, n_block, m_lo, m_hi);
     const int nm = m_hi - m_lo;
     const int iters = p.group * nm;
-    const int rot = step_rotation(p, n_block, nm);
     const int key0 = n_block * BN + w * 64 + 16 * warp + lane / 4;  // key of this thread's row 0 (row 1: +8)
     const int qlane = 2 * (lane % 4);
 
@@ -536,7 +422,7 @@ struct BwdMainloop {
           h = hkv * p.group + *reinterpret_cast<volatile int*>(&sm.step_g[st.index]);
         } else {
           h = hkv * p.group + it / nm;
-          m = m_of_step(p, it % nm, m_lo, m_hi, rot);
+          m = m_of_step(p, it % nm, m_lo, m_hi);
         }
         const float slope = p.alibi ? p.alibi[g.alibi_row(b) * p.alibi_sb + h * p.alibi_sh] : 0.f;
         const bool band_masked = needs_mask(p, g, m, n_block);
@@ -765,17 +651,11 @@ struct BwdMainloop {
           // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
           // async copy).
           float* dst = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols);
-          if (tid == 0) {
-            if (fused_dq(p) && it > 0)
-              dq_ring_publish(sm, w, it - 1, true);  // the previous step's adds landed
-            else
-              tma_store_wait_read();  // the previous reduce has read sm.dq[w]
-          }
+          if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
           stage_dq();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            if (fused_dq(p)) dq_ring_put(sm, w, it, h, m);
             bulk_reduce_add_f32(dst, sm.dq[w], 64 * kDqCols * 4);
             tma_store_commit();
           }
@@ -786,14 +666,7 @@ struct BwdMainloop {
         st.advance();
       }
       // smem must outlive the last reduce's read (its adds land before the grid completes)
-      if (!Det && tid == 0 && !fused_dq(p)) tma_store_wait_read();
-    }
-    if constexpr (kFusedDq) {
-      if (fused_dq(p) && tid == 0) {
-        if (iters > 0) dq_ring_publish(sm, w, iters - 1, true);
-        dq_ring_put(sm, w, iters, -1, 0);  // the end mark
-        dq_ring_publish(sm, w, iters, false);
-      }
+      if (!Det && tid == 0) tma_store_wait_read();
     }
 
     // dK (times scale) and dV of this warpgroup's 64 keys.
@@ -833,8 +706,6 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
     if (threadIdx.x == 0) ML::produce(p, g, sm, n_block, b, hkv);
     if constexpr (Det) {
       if (threadIdx.x == 32) ML::write_dq(p, g, sm, n_block, b, hkv);
-    } else if constexpr (ML::kFusedDq) {  // (not instantiated where it cannot run)
-      if (ML::fused_dq(p) && threadIdx.x >= 64) ML::convert_dq(p, sm, threadIdx.x / 32 - 2);  // warps 2 and 3
     }
   } else {
     setmaxnreg_inc<kBwdConsumerRegs>();

@@ -16,7 +16,6 @@
 #include <mutex>
 #include <string>
 
-#include "core/band.h"  // band_range
 #include "cuda/sm90/bwd_api.h"
 #include "cuda/sm90/bwd_common.h"  // store_dq_group, unpack2
 #include "cuda/sm90/bwd_launch.h"
@@ -58,7 +57,7 @@ struct PrePostParams {
   float* lse2;
   float* dsum;
   float* dq_acc;  // zeroed by the preprocess, read by the postprocess
-  int* dq_sem;    // the dQ counters (deterministic or dq_fused kernels), zeroed by the preprocess, or null
+  int* dq_sem;    // the deterministic kernels' dQ counters, zeroed by the preprocess, or null
   void* dq;
   int64_t dq_sb, dq_sh, dq_sn;
   int B, H, N, D, Dv, n_pad, BM;
@@ -255,25 +254,7 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
 }
 
 namespace {
-// True when every query row sees some key, so every query block gets a dQ add from some
-// key block (the in-kernel dQ conversion writes only halves something was added to). The
-// rows that see a key form one interval (each row's keys slide with it), so the first
-// and last rows decide. Varlen: only when the query and key lengths are one tensor and
-// the diagonal is the aligned one, so that every row sees its own position.
-bool every_row_sees_a_key(const AttentionParams& p) {
-  if (p.varlen()) {
-    const bool band = p.window_left >= 0 || p.window_right >= 0;
-    return p.cu_seqlens_q.data == p.cu_seqlens_k.data && (!band || p.diag_offset == 0);
-  }
-  const auto sees = [&](int64_t i) {
-    int64_t lo, hi;
-    band_range(p, i, i, p.S, &lo, &hi);
-    return lo < hi;
-  };
-  return sees(0) && sees(p.N - 1);
-}
-
-// The dQ counters (deterministic and dq_fused kernels): one per workspace half (2 per query block).
+// Deterministic mode's counters: one per dQ workspace half (2 per query block).
 int64_t dq_sem_count(const AttentionParams& p) {
   return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
 }
@@ -384,16 +365,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two (narrow and wide
   // kernels alike).
   k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0;
-  k.rotate_steps = sm90::env_switch("STEELATTN_SM90_BWD_ROTATE") == 1;  // opt-in until measured (bwd_kernel.h)
-  // dQ converted by the narrow kernel itself (convert_dq), opt-in until measured; else by
-  // the post kernel (the wide kernel adds dQ from registers; deterministic, block-sparse
-  // and softcap calls keep the post kernel: BwdMainloop::kFusedDq).
-  k.dq_fused = sm90::env_switch("STEELATTN_SM90_DQ_FUSED") == 1 && !kd.wide && !p.deterministic &&
-               !p.block_mask.present() && p.softcap <= 0.0 && every_row_sees_a_key(p);
-  k.dq = p.dq.data;
-  k.dq_sb = p.dq.stride[0];
-  k.dq_sh = p.dq.stride[1];
-  k.dq_sn = p.dq.stride[2];
+  // Block-sparse: the next active step's Q/dO prefetched into L2 (bwd_kernel.h); =0: off.
+  k.sparse_prefetch = sm90::env_switch("STEELATTN_SM90_SPARSE_PREFETCH") != 0;
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];
@@ -454,7 +427,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.lse2 = lse2;
   pp.dsum = dsum;
   pp.dq_acc = dq_acc;
-  pp.dq_sem = p.deterministic || k.dq_fused ? dq_sem : nullptr;
+  pp.dq_sem = p.deterministic ? dq_sem : nullptr;
   pp.dq = p.dq.data;
   pp.dq_sb = p.dq.stride[0];
   pp.dq_sh = p.dq.stride[1];
@@ -473,14 +446,13 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
 
   const auto s = static_cast<cudaStream_t>(stream);
   const bool bf16 = p.q.dtype == DType::bf16;
-  // The dQ accumulator starts at zero, and so do the counters of the deterministic and
-  // dq_fused kernels (the preprocess writes the zeros: one launch fewer than a memset).
-  // dq_fused kernels write dq themselves: no post kernel.
+  // The dQ accumulator starts at zero, and so do the deterministic kernels' counters
+  // (the preprocess writes the zeros: one launch fewer than a memset).
   cudaError_t err = bf16 ? launch_pre<__nv_bfloat16>(pp, rows, s) : launch_pre<__half>(pp, rows, s);
   if (err == cudaSuccess)
     err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
                : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
-  if (err == cudaSuccess && !k.dq_fused) {
+  if (err == cudaSuccess) {
     const int64_t groups = rows * kd.kd / 4;  // the whole workspace, 16 bytes per thread
     const unsigned post_blocks = static_cast<unsigned>((groups + 255) / 256);
     if (bf16)

@@ -23,7 +23,7 @@ struct BwdParams {
   const float* lse2;  // lse * log2(e); +inf where lse = -inf (P = 0)
   const float* dsum;  // rowsum(dO * O) - dlse
   float* dq_acc;      // [B*H, n_pad, KD] fp32 in blocks (below), zeroed by the preprocess, reduce-added
-  int* dq_sem;        // deterministic / dq_fused kernels: a counter per dQ block, zeroed by bwd_pre_kernel
+  int* dq_sem;        // deterministic kernels: one counter per dQ block (its index in dq_acc), zeroed by the preprocess
 
   void* dk;
   int64_t dk_sb, dk_sh, dk_sn;
@@ -56,21 +56,14 @@ struct BwdParams {
   const int32_t* cu_k;
   int num_seqs;
 
-  // Measurement switches of the narrow kernel, last so the fields above keep their
-  // constant-bank offsets (a moved field made ptxas serialise a forward kernel, params.h).
-  bool rotate_steps;  // non-deterministic walks start at a per-key-block query block (step_rotation)
-  // dQ converted by the narrow kernel (BwdMainloop::convert_dq) instead of the post kernel:
-  // dq [B, H, N, D] in q's dtype; the counters are dq_sem's.
-  bool dq_fused;
-  void* dq;
-  int64_t dq_sb, dq_sh, dq_sn;
+  // Block-sparse: the producer prefetches its next active step's Q and dO into L2 (last,
+  // so the fields above keep their constant-bank offsets; params.h says why that matters).
+  bool sparse_prefetch;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the
 // swapped S^T = K Q^T); one producer warpgroup (one TMA thread).
 constexpr int kBwdConsumerWGs = 2;
-constexpr int kDqRing = 8;  // dq_fused: steps a consumer warpgroup may post ahead of its converter warp
-constexpr int kDqConvGroups = 512;  // dq_fused: float4 groups (8 KB) the converter warp copies in at a time
 constexpr int kBwdThreads = 128 * (1 + kBwdConsumerWGs);
 constexpr int kBwdBlockN = 64 * kBwdConsumerWGs;  // 128 keys per CTA
 constexpr int kBwdStages = 2;                     // Q/dO/lse/dsum ring
@@ -134,13 +127,6 @@ struct BwdSmem {
   // Block-sparse: the step in each stage, (head in the group, query block; -1 = no more
   // steps), published by full[stage] (the producer alone walks the mask).
   int step_g[kBwdStages], step_m[kBwdStages];
-  // dq_fused: per consumer warpgroup, a ring of its steps whose dQ adds are performed,
-  // (query head, query block) or (-1, 0) at the end, for the converter warp; and the
-  // converter's 8 KB window into a finished half (bulk-copied from L2, converted from here).
-  int2 dq_done[kBwdConsumerWGs][kDqRing];
-  uint64_t dq_done_full[kBwdConsumerWGs][kDqRing], dq_done_empty[kBwdConsumerWGs][kDqRing];
-  uint64_t dq_conv_full[kBwdConsumerWGs];
-  alignas(128) float dq_conv[kBwdConsumerWGs][kDqConvGroups * 4];
 };
 
 // The wide kernel (bwd_wide_kernel.h), head dims KD (q, k) and KDv (v) > 128:

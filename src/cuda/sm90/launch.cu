@@ -202,13 +202,13 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
   // belong to the next one), in the kernels that have a buffer for it (params.h stages_o:
   // the Q buffer with two Q stages, D128; their own at D64). STEELATTN_SM90_O_TMA=0 selects
   // the register stores, the reference the tests compare against (a query tile's fixed
-  // cost 16.9 -> 11.0 ns at D128, NOTES.md, session 6). At D64 it is opt-in
-  // (STEELATTN_SM90_O_TMA=1) until it has run on the H200.
+  // cost 16.9 -> 11.0 ns at D128, NOTES.md session 6; 10.8 -> 8.6 ns at D64, session 7).
   const bool staged = kd == 64 ? sm90::stages_o<64>(band) : kd == 128 ? sm90::stages_o<128>(band)
                                 : kd == 192 ? sm90::stages_o<192>(band) : sm90::stages_o<256>(band);
-  const int o_switch = sm90::env_switch("STEELATTN_SM90_O_TMA");
-  k.o_tma = staged && (kd == 64 ? o_switch == 1 : o_switch != 0) && !pack && !p.varlen() &&
+  k.o_tma = staged && sm90::env_switch("STEELATTN_SM90_O_TMA") != 0 && !pack && !p.varlen() &&
             encode_map(&k.tma_o, p.out, 64, nullptr);
+  // Block-sparse: next active K/V block prefetched into L2 (mainloop.h); =0 turns it off.
+  k.sparse_prefetch = sm90::env_switch("STEELATTN_SM90_SPARSE_PREFETCH") != 0;
   // Causal-like (right side bounded): later query blocks see more keys.
   k.heavy_first = band && p.window_right >= 0 && !p.varlen();  // (varlen tiles are virtual blocks)
 

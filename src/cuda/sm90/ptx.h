@@ -90,6 +90,17 @@ __device__ __forceinline__ void tma_store_wait_read() {
   asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 }
 __device__ __forceinline__ void tma_store_wait_all() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
+// Pulls a 4-D box of a TMA map into L2 (no smem, no barrier): a block-sparse producer
+// asks for its next active block while it waits for a stage, so that block's first
+// touch (a DRAM read: the sparse kernels hit L2 81% of the time against 97% dense)
+// is under way before its load is issued.
+__device__ __forceinline__ void tma_prefetch_l2_4d(const CUtensorMap* map, int c0, int c1, int c2, int c3) {
+  asm volatile("cp.async.bulk.prefetch.tensor.4d.L2.global.tile [%0, {%1, %2, %3, %4}];"
+               :
+               : "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3)
+               : "memory");
+}
+
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
@@ -201,14 +212,6 @@ __device__ __forceinline__ void red_release_gpu_add(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
 
-// *p += v, returning the old value: a release of this thread's writes and an acquire of
-// those released before by the adds it follows.
-__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
-  int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-
 // Stores to shared memory with st.shared, at a shared-window address (smem_u32). A
 // plain store through the kernels' realigned smem struct compiles to a generic ST.E,
 // which goes through the global LSU queue (lg throttle) and which the following proxy
@@ -226,12 +229,6 @@ __device__ __forceinline__ void st_shared_f4(uint32_t addr, float4 v) {
 __device__ __forceinline__ float2 ld_shared_f2(const float* p) {
   float2 v;
   asm volatile("ld.shared.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(smem_u32(p)));
-  return v;
-}
-__device__ __forceinline__ float4 ld_shared_f4(const float* p) {
-  float4 v;
-  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(smem_u32(p)));
   return v;
 }
 
