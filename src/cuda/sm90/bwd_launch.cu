@@ -65,21 +65,33 @@ struct PrePostParams {
   const int32_t* cu_q;  // varlen: workspace rows are virtual query rows (ws_rows), else null
   int num_seqs;
   float scale;
+  // Varlen, opt-in (STEELATTN_SM90_VARLEN_ROW_TABLE=1): per virtual query block of 128 rows,
+  // (tensor row - workspace row, end of its sequence's workspace rows), written by the
+  // preprocess, so the post kernel maps a row with one load instead of a binary search
+  // over cu_q (~7 dependent loads before each thread's workspace read). Else null.
+  int2* row_table;
 };
 
 // Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
 // -1 for a padding row (past N, or past its sequence's queries). The two lie in one
 // 128-row block, so in one sequence: one lookup for both.
+// Varlen: virtual query block v's entry of PrePostParams::row_table, (q0 - start, start + n)
+// for its sequence (q0 its first packed row, n its queries, start its first workspace row).
+__device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v) {
+  const int seq = sm90::virtual_block_seq(p.cu_q, p.num_seqs, v, 128);
+  const int q0 = p.cu_q[seq], start = (q0 / 128 + seq) * 128;
+  return make_int2(q0 - start, start + p.cu_q[seq + 1] - q0);
+}
+
 __device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8) {
   if (p.cu_q == nullptr) {
     i = wi < p.N ? wi : -1;
     i8 = wi + 8 < p.N ? wi + 8 : -1;
     return;
   }
-  const int seq = sm90::virtual_block_seq(p.cu_q, p.num_seqs, wi / 128, 128);
-  const int q0 = p.cu_q[seq], n = p.cu_q[seq + 1] - q0, local = wi - (q0 / 128 + seq) * 128;
-  i = local < n ? q0 + local : -1;
-  i8 = local + 8 < n ? q0 + local + 8 : -1;
+  const int2 r = p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
+  i = wi < r.y ? wi + r.x : -1;
+  i8 = wi + 8 < r.y ? wi + 8 + r.x : -1;
 }
 
 __device__ __forceinline__ int tensor_row(const PrePostParams& p, int wi) {
@@ -106,6 +118,8 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   const int wi = static_cast<int>(row - bh * p.n_pad);
   if (p.dq_sem != nullptr && wi % p.BM == 0 && sub < 2)  // the query block's two counters, by its first row
     p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
+  if (p.row_table != nullptr && bh == 0 && wi % 128 == 0 && sub == 0)  // heads share it: head 0 writes
+    p.row_table[wi / 128] = virtual_block_rows(p, wi / 128);
   const int ti = tensor_row(p, wi);
   float acc = 0.f;
   if (ti >= 0) {
@@ -312,13 +326,21 @@ static int bwd_bh_group(const AttentionParams& p, int n_blocks) {
   return static_cast<int>(std::clamp<int64_t>(sms / std::max(1, n_blocks), 1, bh));
 }
 
+// Varlen: the post kernel's row table (PrePostParams::row_table), one int2 per virtual query block.
+static int64_t row_table_count(const AttentionParams& p) { return p.varlen() ? ws_rows(p) / kRowPad : 0; }
+
 // Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count]
+// | (8-byte aligned) varlen row table [row_table_count]
 // | (16-byte aligned) a block mask's per-step state, when its block sizes are not whole steps.
-static size_t bwd_block_mask_offset(const AttentionParams& p) {
+static size_t bwd_row_table_offset(const AttentionParams& p) {
   const int64_t rows = p.B * p.H * ws_rows(p);
   const size_t bytes = static_cast<size_t>(rows) * static_cast<size_t>(2 + bwd_kernel_dims(p.D, p.Dv).kd) *
                            sizeof(float) +
                        static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
+  return (bytes + 7) / 8 * 8;
+}
+static size_t bwd_block_mask_offset(const AttentionParams& p) {
+  const size_t bytes = bwd_row_table_offset(p) + static_cast<size_t>(row_table_count(p)) * sizeof(int2);
   return (bytes + 15) / 16 * 16;
 }
 
@@ -441,6 +463,9 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.n_pad = k.n_pad;
   pp.cu_q = k.cu_q;
   pp.num_seqs = k.num_seqs;
+  pp.row_table = p.varlen() && sm90::env_switch("STEELATTN_SM90_VARLEN_ROW_TABLE") == 1
+                     ? reinterpret_cast<int2*>(static_cast<uint8_t*>(workspace) + bwd_row_table_offset(p))
+                     : nullptr;
   pp.BM = BM;
   pp.KD = kd.kd;
   pp.scale = k.scale;
