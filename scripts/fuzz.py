@@ -1,7 +1,8 @@
 """Random differential tests on any device: flash_attention (dense, every score modifier,
 layouts, gradients), flash_attention_varlen, flash_attention_sparse and
 flash_attention_kvcache (dense and paged caches, RoPE, appends) against a float64
-reference written here, independently of steelattn.reference. Each case draws its shapes,
+reference written here, independently of steelattn.reference, and the
+scaled_dot_product_attention drop-in against torch's own in float64. Each case draws its shapes,
 dtype and features from a seeded generator and prints the ones that fail with their
 relative errors, so a failure is reproduced by its seed and index.
 
@@ -10,7 +11,7 @@ most 4): at larger logits the gradients cancel and torch's own SDPA is as far fr
 float64 reference as we are. Not part of the test suite (a few minutes per few hundred
 cases on two cores); run it after kernel changes, on the GPU machine too.
 Usage: python3 scripts/fuzz.py [--device cpu|cuda] [--seed S] [--count N] [KIND ...]
-       KIND: dense varlen sparse kvcache (default: all, in turn)"""
+       KIND: dense varlen sparse kvcache sdpa (default: all, in turn)"""
 import argparse
 import math
 import traceback
@@ -420,17 +421,65 @@ def fuzz_kvcache(g):
 
 
 
+def fuzz_sdpa(g):
+    """steelattn.scaled_dot_product_attention against torch's, run in float64 on the CPU:
+    3-, 4- and 5-dim inputs, bool and float masks of broadcast shapes, is_causal with
+    N != S (torch's top-left alignment), scale, enable_gqa, gradients. Rows whose mask hides
+    every key are left out of the comparison (torch: NaN, steelattn: zeros, documented)."""
+    dtype = pick_dtype(g)
+    Hkv = rint(g, 1, 3)
+    gqa = coin(g, 0.3)
+    H = Hkv * (rint(g, 2, 3) if gqa else 1)
+    N, S = rint(g, 1, 150), rint(g, 1, 150)
+    D = [rint(g, 1, 40), 64, 128, rint(g, 65, 130)][rint(g, 0, 3)]
+    Dv = D if coin(g, 0.7) else [16, 64][rint(g, 0, 1)]
+    lead = [(), (rint(g, 1, 3),), (rint(g, 1, 2), rint(g, 1, 2))][rint(g, 0, 2)]
+    causal = coin(g, 0.3)
+    mask = None
+    if not causal and coin(g, 0.5):
+        full = lead + (H, N, S)
+        shape = [full, (N, S), (1,) * len(lead) + (1, N, S), lead + (1, 1, S), (1, S)][rint(g, 0, 4)]
+        mask = torch.rand(shape, generator=g) < 0.8 if coin(g) else torch.randn(shape, generator=g)
+    scale = None if coin(g, 0.7) else float(torch.rand(1, generator=g)) + 0.05
+    grad = coin(g, 0.5)
+    q = torch.randn(lead + (H, N, D), generator=g).to(dtype)
+    k = torch.randn(lead + (Hkv, S, D), generator=g).to(dtype)
+    v = torch.randn(lead + (Hkv, S, Dv), generator=g).to(dtype)
+    desc = dict(dtype=str(dtype), lead=lead, H=H, Hkv=Hkv, N=N, S=S, D=D, Dv=Dv, causal=causal, gqa=gqa,
+                mask=None if mask is None else (str(mask.dtype), tuple(mask.shape)), scale=scale, grad=grad)
+    qq, kk, vv = (dev(t, grad) for t in (q, k, v))
+    out_d = steelattn.scaled_dot_product_attention(qq, kk, vv, attn_mask=dev(mask), is_causal=causal, scale=scale,
+                                                   enable_gqa=gqa)
+    rq, rk, rv = (t.double().requires_grad_(grad) for t in (q, k, v))
+    rm = mask.double() if mask is not None and mask.is_floating_point() else mask
+    rout = torch.nn.functional.scaled_dot_product_attention(rq, rk, rv, attn_mask=rm, is_causal=causal, scale=scale,
+                                                            enable_gqa=gqa)
+    (out,) = cpu(out_d)
+    rows = torch.isfinite(rout).all(-1)  # rows with some visible key
+    errs = {"out": rel(out[rows], rout.detach()[rows]) if rows.any() else 0.0}
+    if bool((out[~rows] != 0).any()):
+        errs["empty_rows"] = 1.0
+    if grad and rows.all():
+        dout = torch.randn(out.shape, generator=g).to(dtype)
+        gs = cpu(*torch.autograd.grad(out_d, (qq, kk, vv), dout.to(DEV)))
+        rgs = torch.autograd.grad(rout, (rq, rk, rv), dout.double())
+        for n, a, b in zip(("dq", "dk", "dv"), gs, rgs):
+            errs[n] = rel(a, b)
+    return desc, errs, check(errs, TOL[dtype], "sdpa")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--count", type=int, default=100)
-    ap.add_argument("kinds", nargs="*", default=["dense", "varlen", "sparse", "kvcache"])
+    ap.add_argument("kinds", nargs="*", default=["dense", "varlen", "sparse", "kvcache", "sdpa"])
     args = ap.parse_args()
     global DEV
     DEV = args.device
     g = torch.Generator().manual_seed(args.seed)
-    fns = {"dense": fuzz_dense, "varlen": fuzz_varlen, "sparse": fuzz_sparse, "kvcache": fuzz_kvcache}
+    fns = {"dense": fuzz_dense, "varlen": fuzz_varlen, "sparse": fuzz_sparse, "kvcache": fuzz_kvcache,
+           "sdpa": fuzz_sdpa}
     fails = 0
     for c in range(args.count):
         name = args.kinds[c % len(args.kinds)]
