@@ -76,6 +76,18 @@ def ref_attention(q, k, v, scale, causal, wl, wr, softcap, alibi, bias, mask, si
     return p @ v, lse
 
 
+def grad_errs(errs, g, dtype, out_d, ins, rout, rins, names=("dq", "dk", "dv", "dbias")):
+    """Adds the gradients' relative errors to errs: a random dout through the call under test
+    (out_d, ins on the device) and through the reference (rout, rins in float64). A gradient
+    one side does not produce counts as zeros."""
+    dout = torch.randn(out_d.shape, generator=g).to(dtype)
+    gs = cpu(*torch.autograd.grad(out_d, ins, dout.to(DEV), allow_unused=True))
+    rgs = torch.autograd.grad(rout, rins, dout.double(), allow_unused=True)
+    for name, a, b, x in zip(names, gs, rgs, rins):
+        zero = torch.zeros(x.shape, dtype=torch.float64)
+        errs[name] = rel(zero if a is None else a, zero if b is None else b)
+
+
 def rel(a, b):
     a, b = a.double(), b.double()
     d = torch.linalg.vector_norm(b)
@@ -165,16 +177,8 @@ def fuzz_dense(g):
     else:
         errs["lse"] = rel(lse.detach()[fin], rlse.detach()[fin]) if fin.any() else 0.0
     if grad:
-        dout = torch.randn(out.shape, generator=g).to(dtype)
-        ins = [qq, kk, vv] + ([bb] if bb is not None else [])
-        rins = [rq, rk, rv] + ([rb] if rb is not None else [])
-        gs = cpu(*torch.autograd.grad(out_d, ins, dout.to(DEV), allow_unused=True))
-        rgs = torch.autograd.grad(rout, rins, dout.double(), allow_unused=True)
-        for name, a, b in zip(["dq", "dk", "dv", "dbias"], gs, rgs):
-            if a is None or b is None:
-                errs[name] = 0.0 if (a is None) == (b is None) else 1.0
-                continue
-            errs[name] = rel(a, b)
+        grad_errs(errs, g, dtype, out_d, [qq, kk, vv] + ([bb] if bb is not None else []), rout,
+                  [rq, rk, rv] + ([rb] if rb is not None else []))
     lim = lambda k: max(4 * tol, 1e-6) if k == "dbias" else 4 * tol if k.startswith("d") else tol  # bias is fp32
     bad = {k: v for k, v in errs.items() if not (v <= lim(k))}
     return desc, errs, bad
@@ -188,11 +192,12 @@ def coin(g, pr=0.5):
     return bool(torch.rand(1, generator=g) < pr)
 
 
-def pick_dtype(g, grad_ok=True):
+def pick_dtype(g):
     return [torch.float32, torch.bfloat16, torch.float16][rint(g, 0, 2)]
 
 
-def check(errs, tol, what):
+def check(errs, tol):
+    """The errors over their limits: tol for outputs, 4 tol for gradients."""
     bad = {k: v for k, v in errs.items() if not (v <= (4 * tol if k.startswith("d") else tol))}
     return bad
 
@@ -257,12 +262,8 @@ def fuzz_varlen(g):
     rlse = torch.cat(lses, 1) if lses else torch.zeros(H, 0, dtype=torch.float64)
     errs = {"out": rel(out.detach(), rout.detach()), "lse": lse_err(lse.detach(), rlse.detach())}
     if grad and tq > 0:
-        dout = torch.randn(out.shape, generator=g).to(dtype)
-        gs = cpu(*torch.autograd.grad(out_d, (qq, kk, vv), dout.to(DEV)))
-        rgs = torch.autograd.grad(rout, (rq, rk, rv), dout.double(), allow_unused=True)
-        for n, a, b in zip(("dq", "dk", "dv"), gs, rgs):
-            errs[n] = rel(a, torch.zeros_like(a, dtype=torch.float64) if b is None else b)
-    return desc, errs, check(errs, TOL[dtype], "varlen")
+        grad_errs(errs, g, dtype, out_d, (qq, kk, vv), rout, (rq, rk, rv))
+    return desc, errs, check(errs, TOL[dtype])
 
 
 def fuzz_sparse(g):
@@ -298,12 +299,8 @@ def fuzz_sparse(g):
     rout, rlse = ref_attention(rq, rk, rv, 1 / math.sqrt(D), causal, wl, -1, softcap, None, None, tok)
     errs = {"out": rel(out.detach(), rout.detach()), "lse": lse_err(lse.detach(), rlse.detach())}
     if grad:
-        dout = torch.randn(out.shape, generator=g).to(dtype)
-        gs = cpu(*torch.autograd.grad(out_d, (qq, kk, vv), dout.to(DEV)))
-        rgs = torch.autograd.grad(rout, (rq, rk, rv), dout.double())
-        for n, a, b in zip(("dq", "dk", "dv"), gs, rgs):
-            errs[n] = rel(a, b)
-    return desc, errs, check(errs, TOL[dtype], "sparse")
+        grad_errs(errs, g, dtype, out_d, (qq, kk, vv), rout, (rq, rk, rv))
+    return desc, errs, check(errs, TOL[dtype])
 
 
 def rope_tables(P, rd, g):
@@ -460,12 +457,8 @@ def fuzz_sdpa(g):
     if bool((out[~rows] != 0).any()):
         errs["empty_rows"] = 1.0
     if grad and rows.all():
-        dout = torch.randn(out.shape, generator=g).to(dtype)
-        gs = cpu(*torch.autograd.grad(out_d, (qq, kk, vv), dout.to(DEV)))
-        rgs = torch.autograd.grad(rout, (rq, rk, rv), dout.double())
-        for n, a, b in zip(("dq", "dk", "dv"), gs, rgs):
-            errs[n] = rel(a, b)
-    return desc, errs, check(errs, TOL[dtype], "sdpa")
+        grad_errs(errs, g, dtype, out_d, (qq, kk, vv), rout, (rq, rk, rv))
+    return desc, errs, check(errs, TOL[dtype])
 
 
 def main():
