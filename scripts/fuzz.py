@@ -107,8 +107,9 @@ def fuzz_dense(g):
     Hkv = r(1, 3)
     H = Hkv * r(1, 3)
     B = r(1, 3)
-    N = r(1, 200)
-    S = r(1, 200) if coin(0.6) else N
+    top = 600 if coin(0.15) else 200  # several query and key tiles on the GPU kernels
+    N = r(1, top)
+    S = r(1, top) if coin(0.6) else N
     D = [r(1, 40), 64, 128, r(65, 130), 256][r(0, 4)]
     Dv = D if coin(0.7) else [r(1, 40), 64, 96, 128][r(0, 3)]
     causal = coin(0.4)
