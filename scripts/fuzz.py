@@ -171,14 +171,16 @@ def fuzz_dense(g):
     elif ws is not None:
         kw["window_size"] = ws
         kw["causal"] = causal
+    ss = dev(sinks, grad)
     if sinks is not None:
-        kw["sinks"] = dev(sinks)
+        kw["sinks"] = ss
     out_d, lse_d = steelattn.flash_attention(qq, kk, vv, **kw)
     out, lse = cpu(out_d, lse_d)
     sc = 1 / math.sqrt(D) if scale is None else scale
     rq, rk, rv = (t.detach().double().requires_grad_(grad) for t in (q, k, v))
     rb = bias.double().requires_grad_(grad) if bias is not None else None
-    rout, rlse = ref_attention(rq, rk, rv, sc, causal, wl, wr if not causal else -1, softcap, alibi, rb, mask, sinks)
+    rs = None if sinks is None else sinks.double().requires_grad_(grad)
+    rout, rlse = ref_attention(rq, rk, rv, sc, causal, wl, wr if not causal else -1, softcap, alibi, rb, mask, rs)
     tol = TOL[dtype]
     errs = {"out": rel(out.detach(), rout.detach())}
     fin = torch.isfinite(rlse)
@@ -187,9 +189,10 @@ def fuzz_dense(g):
     else:
         errs["lse"] = rel(lse.detach()[fin], rlse.detach()[fin]) if fin.any() else 0.0
     if grad:
-        grad_errs(errs, g, dtype, out_d, [qq, kk, vv] + ([bb] if bb is not None else []), rout,
-                  [rq, rk, rv] + ([rb] if rb is not None else []))
-    lim = lambda k: max(4 * tol, 1e-6) if k == "dbias" else 4 * tol if k.startswith("d") else tol  # bias is fp32
+        extra = [(n, a, b) for n, a, b in (("dbias", bb, rb), ("dsinks", ss, rs)) if a is not None]
+        grad_errs(errs, g, dtype, out_d, [qq, kk, vv] + [a for _, a, _ in extra], rout,
+                  [rq, rk, rv] + [b for _, _, b in extra], ("dq", "dk", "dv") + tuple(n for n, _, _ in extra))
+    lim = lambda k: max(4 * tol, 1e-6) if k in ("dbias", "dsinks") else 4 * tol if k.startswith("d") else tol  # fp32
     bad = {k: v for k, v in errs.items() if not (v <= lim(k))}
     return desc, errs, bad
 
@@ -236,6 +239,7 @@ def fuzz_varlen(g):
     alibi = None
     if coin(g, 0.25):
         alibi = torch.rand(H, generator=g) if coin(g) else torch.rand(ns, H, generator=g)
+    sinks = torch.randn(H, generator=g) if coin(g, 0.2) else None
     grad = coin(g, 0.6)
     tq, tk = sum(lq), sum(lk)
     q = torch.randn(tq, H, D, generator=g).to(dtype)
@@ -244,14 +248,16 @@ def fuzz_varlen(g):
     cq = torch.tensor([0] + list(torch.tensor(lq).cumsum(0)), dtype=torch.int32)
     ck = cq.clone() if same else torch.tensor([0] + list(torch.tensor(lk).cumsum(0)), dtype=torch.int32)
     desc = dict(dtype=str(dtype), H=H, Hkv=Hkv, lq=lq, lk=lk, D=D, Dv=Dv, causal=causal, wl=wl, wr=wr,
-                softcap=softcap, alibi=None if alibi is None else tuple(alibi.shape), grad=grad)
-    qq, kk, vv = (dev(t, grad) for t in (q, k, v))
-    kw = dict(causal=causal, softcap=softcap, alibi_slopes=dev(alibi), return_lse=True)
+                softcap=softcap, alibi=None if alibi is None else tuple(alibi.shape), sinks=sinks is not None,
+                grad=grad)
+    qq, kk, vv, ss = (dev(t, grad) for t in (q, k, v, sinks))
+    kw = dict(causal=causal, softcap=softcap, alibi_slopes=dev(alibi), return_lse=True, sinks=ss)
     if wl >= 0 or wr >= 0:
         kw["window_size"] = (wl, 0 if causal else wr)
     out_d, lse_d = steelattn.flash_attention_varlen(qq, kk, vv, dev(cq), dev(ck), **kw)
     out, lse = cpu(out_d, lse_d)
     rq, rk, rv = (t.double().requires_grad_(grad) for t in (q, k, v))
+    rs = None if sinks is None else sinks.double().requires_grad_(grad)
     outs, lses = [], []
     for i in range(ns):
         a, b = int(cq[i]), int(cq[i + 1])
@@ -259,20 +265,22 @@ def fuzz_varlen(g):
         if b == a:
             continue
         al = None if alibi is None else (alibi if alibi.dim() == 1 else alibi[i])
-        if d == c:
+        if d == c:  # no keys: zeros; lse -inf, or the sink's logit
             outs.append(torch.zeros(b - a, H, Dv, dtype=torch.float64) + 0 * rq[a:b].sum() + 0 * rv.sum())
-            lses.append(torch.full((H, b - a), -math.inf, dtype=torch.float64))
+            lses.append(torch.full((H, b - a), -math.inf, dtype=torch.float64) if rs is None
+                        else rs.detach().view(H, 1).expand(H, b - a))
             continue
         o, l = ref_attention(rq[a:b].transpose(0, 1).unsqueeze(0), rk[c:d].transpose(0, 1).unsqueeze(0),
                              rv[c:d].transpose(0, 1).unsqueeze(0), 1 / math.sqrt(D), causal, wl,
-                             wr if not causal else -1, softcap, al, None, None)
+                             wr if not causal else -1, softcap, al, None, None, rs)
         outs.append(o[0].transpose(0, 1))
         lses.append(l[0])
     rout = torch.cat(outs, 0) if outs else torch.zeros(0, H, Dv, dtype=torch.float64)
     rlse = torch.cat(lses, 1) if lses else torch.zeros(H, 0, dtype=torch.float64)
     errs = {"out": rel(out.detach(), rout.detach()), "lse": lse_err(lse.detach(), rlse.detach())}
     if grad and tq > 0:
-        grad_errs(errs, g, dtype, out_d, (qq, kk, vv), rout, (rq, rk, rv))
+        grad_errs(errs, g, dtype, out_d, [qq, kk, vv] + ([ss] if ss is not None else []), rout,
+                  [rq, rk, rv] + ([rs] if rs is not None else []), ("dq", "dk", "dv", "dsinks"))
     return desc, errs, check(errs, TOL[dtype])
 
 
@@ -345,6 +353,8 @@ def fuzz_kvcache(g):
     causal = coin(g, 0.8)
     wl = rint(g, 0, 100) if coin(g, 0.25) else -1
     softcap = float(rint(g, 5, 40)) if coin(g, 0.2) else 0.0
+    alibi = torch.rand(H, generator=g) if coin(g, 0.2) else None
+    sinks = torch.randn(H, generator=g) if coin(g, 0.2) else None
     paged = coin(g, 0.4)
     use_rope = Nnew > 0 and coin(g, 0.4)
     inter = coin(g)
@@ -355,10 +365,11 @@ def fuzz_kvcache(g):
     kn = torch.randn(B, Hkv, Nnew, D, generator=g).to(dtype) if Nnew else None
     vn = torch.randn(B, Hkv, Nnew, D, generator=g).to(dtype) if Nnew else None
     desc = dict(dtype=str(dtype), B=B, H=H, Hkv=Hkv, D=D, Smax=Smax, Nnew=Nnew, Nq=Nq, lens=lens, causal=causal,
-                wl=wl, softcap=softcap, paged=paged, rope=(use_rope, inter, rd))
+                wl=wl, softcap=softcap, alibi=alibi is not None, sinks=sinks is not None, paged=paged,
+                rope=(use_rope, inter, rd))
     kc0, vc0 = kc.clone(), vc.clone()
     kw = dict(k_new=dev(kn), v_new=dev(vn), cache_seqlens=dev(torch.tensor(lens, dtype=torch.int32)), causal=causal,
-              softcap=softcap, return_lse=True)
+              softcap=softcap, return_lse=True, alibi_slopes=dev(alibi), sinks=dev(sinks))
     if wl >= 0:
         kw["window_size"] = (wl, 0 if causal else -1)
     if use_rope:
@@ -404,9 +415,10 @@ def fuzz_kvcache(g):
             # the append landed in place
             worst_cache = max(worst_cache, rel(kcache[b, :, lens[b]:L].double(), knb.to(dtype).double()),
                               rel(vcache[b, :, lens[b]:L].double(), vn[b].double()))
-        if L == 0:
+        if L == 0:  # no keys: zeros; lse -inf, or the sink's logit
             ro = torch.zeros(H, Nq, D, dtype=torch.float64)
-            rl = torch.full((H, Nq), -math.inf, dtype=torch.float64)
+            rl = (torch.full((H, Nq), -math.inf, dtype=torch.float64) if sinks is None
+                  else sinks.double().view(H, 1).expand(H, Nq))
         else:
             # causal bottom-right relative to L: query i sees keys j <= i + L - Nq
             i = torch.arange(Nq).view(Nq, 1) + (L - Nq)
@@ -417,7 +429,7 @@ def fuzz_kvcache(g):
             if wl >= 0:
                 keep &= j >= i - wl
             o, l = ref_attention(qb.unsqueeze(0), keys.unsqueeze(0), vals.unsqueeze(0), 1 / math.sqrt(D),
-                                 False, -1, -1, softcap, None, None, keep.view(1, 1, Nq, L))
+                                 False, -1, -1, softcap, alibi, None, keep.view(1, 1, Nq, L), sinks)
             ro, rl = o[0], l[0]
         worst_out = max(worst_out, rel(out[b].double(), ro) if ro.abs().sum() > 0 else float(out[b].abs().max()))
         worst_lse = max(worst_lse, lse_err(lse[b], rl))
