@@ -73,9 +73,6 @@ struct PrePostParams {
   int2* row_table;
 };
 
-// Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
-// -1 for a padding row (past N, or past its sequence's queries). The two lie in one
-// 128-row block, so in one sequence: one lookup for both.
 // Varlen: virtual query block v's entry of PrePostParams::row_table, (q0 - start, start + n)
 // for its sequence (q0 its first packed row, n its queries, start its first workspace row).
 __device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v) {
@@ -84,6 +81,9 @@ __device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v
   return make_int2(q0 - start, start + p.cu_q[seq + 1] - q0);
 }
 
+// Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
+// -1 for a padding row (past N, or past its sequence's queries). The two lie in one
+// 128-row block, so in one sequence: one lookup for both.
 __device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8) {
   if (p.cu_q == nullptr) {
     i = wi < p.N ? wi : -1;
