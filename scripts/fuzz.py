@@ -102,38 +102,62 @@ def rel(a, b):
 TOL = {torch.float64: 1e-9, torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 
 
+def rint(g, lo, hi):
+    return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+
+def coin(g, pr=0.5):
+    return bool(torch.rand(1, generator=g) < pr)
+
+
+def pick_dtype(g):
+    return [torch.float32, torch.bfloat16, torch.float16][rint(g, 0, 2)]
+
+
+def check(errs, tol):
+    """The errors over their limits: tol for outputs, 4 tol for gradients; bias and sinks
+    are fp32 whatever q's dtype, so their gradients get at least 1e-6."""
+    lim = lambda k: max(4 * tol, 1e-6) if k in ("dbias", "dsinks") else 4 * tol if k.startswith("d") else tol
+    return {k: v for k, v in errs.items() if not (v <= lim(k))}
+
+
+def lse_err(lse, rlse):
+    fin = torch.isfinite(rlse)
+    if not torch.equal(torch.isfinite(lse), fin):
+        return 1.0
+    return rel(lse[fin], rlse[fin]) if fin.any() else 0.0
+
+
 def fuzz_dense(g):
-    r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))
-    coin = lambda pr=0.5: bool(torch.rand(1, generator=g) < pr)
-    dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][r(0, 3)]
-    Hkv = r(1, 3)
-    H = Hkv * r(1, 3)
-    B = r(1, 3)
-    top = 600 if coin(0.15) else 200  # several query and key tiles on the GPU kernels
-    N = r(1, top)
-    S = r(1, top) if coin(0.6) else N
-    D = [r(1, 40), 64, 128, r(65, 130), 256][r(0, 4)]
-    Dv = D if coin(0.7) else [r(1, 40), 64, 96, 128][r(0, 3)]
-    causal = coin(0.4)
-    wl = r(-1, 80) if coin(0.3) else -1
-    wr = r(-1, 80) if coin(0.3) else -1
+    dtype = [torch.float32, torch.bfloat16, torch.float16, torch.float64][rint(g, 0, 3)]
+    Hkv = rint(g, 1, 3)
+    H = Hkv * rint(g, 1, 3)
+    B = rint(g, 1, 3)
+    top = 600 if coin(g, 0.15) else 200  # several query and key tiles on the GPU kernels
+    N = rint(g, 1, top)
+    S = rint(g, 1, top) if coin(g, 0.6) else N
+    D = [rint(g, 1, 40), 64, 128, rint(g, 65, 130), 256][rint(g, 0, 4)]
+    Dv = D if coin(g, 0.7) else [rint(g, 1, 40), 64, 96, 128][rint(g, 0, 3)]
+    causal = coin(g, 0.4)
+    wl = rint(g, -1, 80) if coin(g, 0.3) else -1
+    wr = rint(g, -1, 80) if coin(g, 0.3) else -1
     if causal and wr >= 0:
         wr = -1  # window_size with causal: right side 0
-    softcap = float(r(5, 40)) if coin(0.25) else 0.0
+    softcap = float(rint(g, 5, 40)) if coin(g, 0.25) else 0.0
     alibi = None
-    if coin(0.25):
-        alibi = torch.rand(H, generator=g) if coin() else torch.rand(B, H, generator=g)
+    if coin(g, 0.25):
+        alibi = torch.rand(H, generator=g) if coin(g) else torch.rand(B, H, generator=g)
     bias = None
-    if coin(0.2):
-        shape = [[B, H, N, S], [1, H, N, S], [N, S], [B, 1, 1, S]][r(0, 3)]
+    if coin(g, 0.2):
+        shape = [[B, H, N, S], [1, H, N, S], [N, S], [B, 1, 1, S]][rint(g, 0, 3)]
         bias = torch.randn(*shape, generator=g)
     mask = None
-    if coin(0.15) and bias is None:
+    if coin(g, 0.15) and bias is None:
         mask = torch.rand(B, H, N, S, generator=g) < 0.7
-    sinks = torch.randn(H, generator=g) if coin(0.15) and bias is None and mask is None else None
-    layout = r(0, 2)  # 0 contiguous BHND, 1 BNHD transposed view, 2 sliced
-    scale = None if coin(0.7) else float(torch.rand(1, generator=g)) + 0.05
-    grad = coin(0.6) and dtype != torch.float64 or coin(0.3)
+    sinks = torch.randn(H, generator=g) if coin(g, 0.15) and bias is None and mask is None else None
+    layout = rint(g, 0, 2)  # 0 contiguous BHND, 1 BNHD transposed view, 2 sliced
+    scale = None if coin(g, 0.7) else float(torch.rand(1, generator=g)) + 0.05
+    grad = coin(g, 0.6) and dtype != torch.float64 or coin(g, 0.3)
 
     # Inputs scaled by amp: large logits exercise the online softmax's rescaling. Their
     # spread is amp^2 sqrt(D) scale; past ~4 a row with few keys can be near one-hot and its
@@ -142,7 +166,7 @@ def fuzz_dense(g):
     # the forward only. In fp32, logits of ~1000 carry rounding of the size of the fp32
     # tolerance: the test suite caps the spread (MAX_SPREAD).
     unit = math.sqrt(D) * (1 / math.sqrt(D) if scale is None else scale)
-    amp = min([1.0, 1.0, 4.0, 8.0, 30.0][r(0, 4)], math.sqrt(MAX_SPREAD / unit))
+    amp = min([1.0, 1.0, 4.0, 8.0, 30.0][rint(g, 0, 4)], math.sqrt(MAX_SPREAD / unit))
     if amp * amp * unit > 4:
         grad = False
 
@@ -181,45 +205,12 @@ def fuzz_dense(g):
     rb = bias.double().requires_grad_(grad) if bias is not None else None
     rs = None if sinks is None else sinks.double().requires_grad_(grad)
     rout, rlse = ref_attention(rq, rk, rv, sc, causal, wl, wr if not causal else -1, softcap, alibi, rb, mask, rs)
-    tol = TOL[dtype]
-    errs = {"out": rel(out.detach(), rout.detach())}
-    fin = torch.isfinite(rlse)
-    if not torch.equal(torch.isfinite(lse.detach()), fin):
-        errs["lse_inf"] = 1.0
-    else:
-        errs["lse"] = rel(lse.detach()[fin], rlse.detach()[fin]) if fin.any() else 0.0
+    errs = {"out": rel(out.detach(), rout.detach()), "lse": lse_err(lse.detach(), rlse.detach())}
     if grad:
         extra = [(n, a, b) for n, a, b in (("dbias", bb, rb), ("dsinks", ss, rs)) if a is not None]
         grad_errs(errs, g, dtype, out_d, [qq, kk, vv] + [a for _, a, _ in extra], rout,
                   [rq, rk, rv] + [b for _, _, b in extra], ("dq", "dk", "dv") + tuple(n for n, _, _ in extra))
-    lim = lambda k: max(4 * tol, 1e-6) if k in ("dbias", "dsinks") else 4 * tol if k.startswith("d") else tol  # fp32
-    bad = {k: v for k, v in errs.items() if not (v <= lim(k))}
-    return desc, errs, bad
-
-
-def rint(g, lo, hi):
-    return int(torch.randint(lo, hi + 1, (1,), generator=g))
-
-
-def coin(g, pr=0.5):
-    return bool(torch.rand(1, generator=g) < pr)
-
-
-def pick_dtype(g):
-    return [torch.float32, torch.bfloat16, torch.float16][rint(g, 0, 2)]
-
-
-def check(errs, tol):
-    """The errors over their limits: tol for outputs, 4 tol for gradients."""
-    bad = {k: v for k, v in errs.items() if not (v <= (4 * tol if k.startswith("d") else tol))}
-    return bad
-
-
-def lse_err(lse, rlse):
-    fin = torch.isfinite(rlse)
-    if not torch.equal(torch.isfinite(lse), fin):
-        return 1.0
-    return rel(lse[fin], rlse[fin]) if fin.any() else 0.0
+    return desc, errs, check(errs, TOL[dtype])
 
 
 def fuzz_varlen(g):
