@@ -83,23 +83,21 @@ __device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v
 
 // Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
 // -1 for a padding row (past N, or past its sequence's queries). The two lie in one
-// 128-row block, so in one sequence: one lookup for both.
-__device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8) {
+// 128-row block, so in one sequence: one lookup for both. The preprocess, which writes
+// the row table, passes use_table = false: other blocks may not have written it yet.
+__device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8,
+                                                bool use_table = true) {
   if (p.cu_q == nullptr) {
     i = wi < p.N ? wi : -1;
     i8 = wi + 8 < p.N ? wi + 8 : -1;
     return;
   }
-  const int2 r = p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
+  const int2 r = use_table && p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
   i = wi < r.y ? wi + r.x : -1;
   i8 = wi + 8 < r.y ? wi + 8 + r.x : -1;
 }
 
-__device__ __forceinline__ int tensor_row(const PrePostParams& p, int wi) {
-  int i, unused;
-  tensor_row_pair(p, wi, i, unused);
-  return i;
-}
+
 
 // T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
 // each per pass: lse2, dsum, and the row's share of the zeroed dQ accumulator (the
@@ -119,7 +117,8 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
     p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
   if (p.row_table != nullptr && bh == 0 && wi % 128 == 0 && sub == 0)  // heads share it: head 0 writes
     p.row_table[wi / 128] = virtual_block_rows(p, wi / 128);
-  const int ti = tensor_row(p, wi);
+  int ti, unused;
+  tensor_row_pair(p, wi, ti, unused, /*use_table=*/false);
   // With the row table (varlen, opt-in) padding rows are not zeroed (~30% of the bench's
   // virtual rows): the main kernel adds exact zeros there (lse2 = +inf, dsum = 0) and
   // nothing reads them back.
