@@ -166,8 +166,8 @@ BWD_CASES = [  # (name, H, Hkv, D, Dv, number of sequences, max length, kwargs)
 def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw, row_table, monkeypatch):
     """The Hopper backward over packed sequences: virtual key blocks with holes, empty and one-token
     sequences, a query with no key, keys past a sequence that belong to the next one. The dQ
-    post kernel finds a row's sequence by binary search, or (STEELATTN_SM90_VARLEN_ROW_TABLE=1,
-    opt-in) in the preprocess's per-block table."""
+    post kernel finds a row's sequence in the preprocess's per-block table (the default), or by
+    binary search (STEELATTN_SM90_VARLEN_ROW_TABLE=0)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper backward needs compute capability 9.0")
     monkeypatch.setenv("STEELATTN_SM90_VARLEN_ROW_TABLE", row_table)

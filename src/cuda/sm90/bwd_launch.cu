@@ -65,11 +65,12 @@ struct PrePostParams {
   const int32_t* cu_q;  // varlen: workspace rows are virtual query rows (ws_rows), else null
   int num_seqs;
   float scale;
-  // Varlen, opt-in (STEELATTN_SM90_VARLEN_ROW_TABLE=1): per virtual query block of 128 rows,
-  // (tensor row - workspace row, end of its sequence's workspace rows), written by the
-  // preprocess, so the post kernel maps a row with one load instead of a binary search
-  // over cu_q (~7 dependent loads before each thread's workspace read); the preprocess
-  // then also leaves the padding rows' dQ accumulator unzeroed. Else null.
+  // Varlen (STEELATTN_SM90_VARLEN_ROW_TABLE=0 turns it off): per virtual query block of
+  // 128 rows, (tensor row - workspace row, end of its sequence's workspace rows), written
+  // by the preprocess, so the post kernel maps a row with one load instead of a binary
+  // search over cu_q (~7 dependent loads before each thread's workspace read); the
+  // preprocess then also leaves all-padding 64-row groups of the dQ accumulator
+  // unzeroed. Else null.
   int2* row_table;
 };
 
@@ -83,21 +84,17 @@ __device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v
 
 // Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
 // -1 for a padding row (past N, or past its sequence's queries). The two lie in one
-// 128-row block, so in one sequence: one lookup for both. The preprocess, which writes
-// the row table, passes use_table = false: other blocks may not have written it yet.
-__device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8,
-                                                bool use_table = true) {
+// 128-row block, so in one sequence: one lookup for both.
+__device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8) {
   if (p.cu_q == nullptr) {
     i = wi < p.N ? wi : -1;
     i8 = wi + 8 < p.N ? wi + 8 : -1;
     return;
   }
-  const int2 r = use_table && p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
+  const int2 r = p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
   i = wi < r.y ? wi + r.x : -1;
   i8 = wi + 8 < r.y ? wi + 8 + r.x : -1;
 }
-
-
 
 // T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
 // each per pass: lse2, dsum, and the row's share of the zeroed dQ accumulator (the
@@ -117,12 +114,22 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
     p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
   if (p.row_table != nullptr && bh == 0 && wi % 128 == 0 && sub == 0)  // heads share it: head 0 writes
     p.row_table[wi / 128] = virtual_block_rows(p, wi / 128);
-  int ti, unused;
-  tensor_row_pair(p, wi, ti, unused, /*use_table=*/false);
-  // With the row table (varlen, opt-in) padding rows are not zeroed (~30% of the bench's
-  // virtual rows): the main kernel adds exact zeros there (lse2 = +inf, dsum = 0) and
-  // nothing reads them back.
-  if (ti >= 0 || p.row_table == nullptr) {
+  // The tensor row (-1: padding). Mapped from cu_q, not through the row table being
+  // written above: other blocks' entries may not be there yet.
+  int ti = wi < p.N ? wi : -1;
+  bool group_live = true;
+  if (p.cu_q != nullptr) {
+    const int2 r = virtual_block_rows(p, wi / 128);
+    ti = wi < r.y ? wi + r.x : -1;
+    group_live = (wi & ~63) < r.y;
+  }
+  // With the row table (varlen) the accumulator of a 64-row group that is all
+  // padding is not zeroed: the main kernel adds exact zeros there (lse2 = +inf, dsum = 0)
+  // and nothing reads it back. Whole groups only: a group's 64 x KD floats are one
+  // region in the kernel's interleaved order (bwd_dq_block_offset), so the share zeroed
+  // by row `row` holds pieces of the group's other rows. A sequence's real rows are a
+  // prefix of its last block: the group is padding when its first row is.
+  if (group_live || p.row_table == nullptr) {
     float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
     for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
@@ -468,7 +475,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.n_pad = k.n_pad;
   pp.cu_q = k.cu_q;
   pp.num_seqs = k.num_seqs;
-  pp.row_table = p.varlen() && sm90::env_switch("STEELATTN_SM90_VARLEN_ROW_TABLE") == 1
+  pp.row_table = p.varlen() && sm90::env_switch("STEELATTN_SM90_VARLEN_ROW_TABLE") != 0
                      ? reinterpret_cast<int2*>(static_cast<uint8_t*>(workspace) + bwd_row_table_offset(p))
                      : nullptr;
   pp.BM = BM;
