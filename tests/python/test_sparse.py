@@ -293,17 +293,6 @@ def test_hopper_sparse(rng, grad, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims,
     check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-@pytest.mark.parametrize("name,B,H,Hkv,N,S,D,Dv,bs,dims,kw", HOPPER_CASES[1:3], ids=[c[0] for c in HOPPER_CASES[1:3]])
-def test_hopper_sparse_with_l2_prefetch(rng, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw, monkeypatch):
-    """The block-sparse producers' L2 prefetch of the next active block (opt-in,
-    STEELATTN_SM90_SPARSE_PREFETCH=1, until timed on the H200): the same checks as
-    test_hopper_sparse, forward and backward."""
-    monkeypatch.setenv("STEELATTN_SM90_SPARSE_PREFETCH", "1")
-    check_hopper_sparse(rng, True, torch.bfloat16, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
-
-
 def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw, tile_n=128):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper forward needs compute capability 9.0")

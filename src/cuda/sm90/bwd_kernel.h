@@ -226,14 +226,6 @@ struct BwdMainloop {
       load_step(p, g0, sm, st, b, hkv * p.group + g, m);
       ++m;
       more = next_active(p, b, hkv, n_block, m_lo, m_hi, g, m);
-      // The next active step's Q and dO into L2 while this thread waits for its stage.
-      if (more && p.sparse_prefetch) {
-#pragma unroll
-        for (int c = 0; c < D / CB; ++c) {
-          tma_prefetch_l2_4d(&p.tma_q, c * CB, g0.q0() + m * BM, hkv * p.group + g, b);
-          tma_prefetch_l2_4d(&p.tma_do, c * CB, g0.q0() + m * BM, hkv * p.group + g, b);
-        }
-      }
     }
     mbar_wait(&sm.empty[st.index], st.phase ^ 1);
     *reinterpret_cast<volatile int*>(&sm.step_m[st.index]) = -1;  // no more steps

@@ -399,9 +399,6 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   // STEELATTN_SM90_DKV_BULK=0, which the tests use to compare the two (narrow and wide
   // kernels alike).
   k.dkv_bulk = sm90::env_switch("STEELATTN_SM90_DKV_BULK") != 0;
-  // Block-sparse: the next active step's Q/dO prefetched into L2 (bwd_kernel.h); opt-in
-  // (STEELATTN_SM90_SPARSE_PREFETCH=1) until it has run on the H200.
-  k.sparse_prefetch = sm90::env_switch("STEELATTN_SM90_SPARSE_PREFETCH") == 1;
   k.alibi = p.alibi_slopes.present() ? static_cast<const float*>(p.alibi_slopes.data) : nullptr;
   k.alibi_sb = p.alibi_slopes.shape[0] == 1 ? 0 : p.alibi_slopes.stride[0];
   k.alibi_sh = p.alibi_slopes.stride[1];

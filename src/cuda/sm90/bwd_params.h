@@ -55,10 +55,6 @@ struct BwdParams {
   const int32_t* cu_q;
   const int32_t* cu_k;
   int num_seqs;
-
-  // Block-sparse: the producer prefetches its next active step's Q and dO into L2 (last,
-  // so the fields above keep their constant-bank offsets; params.h says why that matters).
-  bool sparse_prefetch;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the

@@ -207,9 +207,6 @@ Status cuda_sm90_forward(const AttentionParams& p, void* workspace, void* stream
                                 : kd == 192 ? sm90::stages_o<192>(band) : sm90::stages_o<256>(band);
   k.o_tma = staged && sm90::env_switch("STEELATTN_SM90_O_TMA") != 0 && !pack && !p.varlen() &&
             encode_map(&k.tma_o, p.out, 64, nullptr);
-  // Block-sparse: next active K/V block prefetched into L2 (mainloop.h). Opt-in
-  // (STEELATTN_SM90_SPARSE_PREFETCH=1) until it has run on the H200.
-  k.sparse_prefetch = sm90::env_switch("STEELATTN_SM90_SPARSE_PREFETCH") == 1;
   // Causal-like (right side bounded): later query blocks see more keys.
   k.heavy_first = band && p.window_right >= 0 && !p.varlen();  // (varlen tiles are virtual blocks)
 

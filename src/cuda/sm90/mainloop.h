@@ -169,18 +169,9 @@ struct Mainloop {
       const int k_row0 = Varlen ? vt.k0 : 0;  // rows past the sequence's keys are masked by its band
       int n_after = lo - 1;  // block-sparse: the active block after n (walked one ahead)
       for (int n = hi - 1; n >= lo; n = Sparse ? n_after : n - 1) {
-        if constexpr (Sparse) {
-          // Walk to the next active block and prefetch it into L2 before waiting for the
-          // stage: both the walk's loads and the block's DRAM read hide behind the wait.
-          n_after = Mask::prev(p, tc.b, tc.h, tc.m_block, n - 1, lo);
-          if (n_after >= lo && p.sparse_prefetch) {
-#pragma unroll
-            for (int c = 0; c < D / 64; ++c) {
-              tma_prefetch_l2_4d(&p.tma_k, c * 64, k_row0 + n_after * kBlockN, kv_head, tc.b);
-              tma_prefetch_l2_4d(&p.tma_v, c * 64, k_row0 + n_after * kBlockN, kv_head, tc.b);
-            }
-          }
-        }
+        // Block-sparse: walk to the next active block before waiting for the stage, so
+        // the walk's loads hide behind the wait.
+        if constexpr (Sparse) n_after = Mask::prev(p, tc.b, tc.h, tc.m_block, n - 1, lo);
         mbar_wait(&sm.k_empty[st.index], st.phase ^ 1);
         if constexpr (Sparse) *reinterpret_cast<volatile int*>(&sm.kv_block[st.index]) = n;
         mbar_arrive_expect_tx(&sm.k_full[st.index], kKVBytes);

@@ -69,8 +69,6 @@ struct FwdParams {
   // pressure; D64 causal forward 22% slower on the H200); scripts/check-ptxas.py reports C7511.
   bool o_tma;
   CUtensorMap tma_o;  // out [B, H, N, D], box (64, 64, 1, 1): one consumer warpgroup's rows
-  // Block-sparse: the producer prefetches its next active K/V block into L2 (mainloop.h).
-  bool sparse_prefetch;
 };
 
 constexpr int kUnbounded = 1 << 30;
