@@ -28,6 +28,7 @@
 #include "cuda/sm90/common.h"    // sm_90a guard, ElemTag, PipeState
 #include "cuda/sm90/smem_attr.h"
 #include "cuda/sm90/epilogue.h"  // pack2
+#include "cuda/sm90/mask_walk.h"
 #include "cuda/sm90/ptx.h"
 #include "cuda/sm90/varlen.h"  // virtual_block_seq
 #include "cuda/sm90/wgmma_ops.h"
@@ -170,12 +171,14 @@ struct BwdMainloop {
   __device__ static bool next_active(const BwdParams& p, int b, int hkv, int n_block, int m_lo, int m_hi, int& g,
                                      int& m) {
     const uint8_t* col = p.bm.mask + b * p.bm.sb + (n_block / p.bm.k_tiles) * p.bm.sk;
+    const int qt = p.bm.q_tiles;
     for (; g < p.group; ++g, m = m_lo) {
-      const uint8_t* head = col + (hkv * p.group + g) * p.bm.sh;
-      while (m < m_hi) {
-        const int r = m / p.bm.q_tiles;
-        if (__ldg(head + r * p.bm.sq)) return true;
-        m = (r + 1) * p.bm.q_tiles;  // the rest of this inactive mask block
+      if (m >= m_hi) continue;
+      const int r0 = m / qt;
+      const int r = first_active_entry(col + (hkv * p.group + g) * p.bm.sh, p.bm.sq, r0, (m_hi - 1) / qt);
+      if (r <= (m_hi - 1) / qt) {
+        if (r != r0) m = r * qt;  // the first query block of a later active mask block
+        return true;
       }
     }
     return false;

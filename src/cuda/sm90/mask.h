@@ -13,6 +13,7 @@
 #pragma once
 
 #include "cuda/sm90/band.h"
+#include "cuda/sm90/mask_walk.h"
 #include "cuda/sm90/params.h"
 
 namespace steelattn::sm90 {
@@ -37,14 +38,11 @@ struct MaskPolicy {
   // The highest active key block <= n (blocks below lo are not searched; returns < lo when
   // none). Dense calls: n itself.
   __device__ static __forceinline__ int prev(const FwdParams& p, int b, int h, int m_block, int n, int lo) {
-    if (p.bm.mask == nullptr) return n;
-    const uint8_t* row = mask_row(p, b, h, m_block);
-    while (n >= lo) {
-      const int c = n / p.bm.k_tiles;
-      if (__ldg(row + c * p.bm.sk)) break;
-      n = c * p.bm.k_tiles - 1;  // skip the rest of this inactive mask block
-    }
-    return n;
+    if (p.bm.mask == nullptr || n < lo) return n;
+    const int kt = p.bm.k_tiles, c0 = n / kt;
+    const int c = last_active_entry(mask_row(p, b, h, m_block), p.bm.sk, c0, lo / kt);
+    if (c < lo / kt) return lo - 1;
+    return c == c0 ? n : c * kt + kt - 1;  // the last tile of an earlier active mask block
   }
 
   // Narrows [lo, hi) to [lowest active block, highest active block + 1); lo >= hi when the
@@ -52,13 +50,17 @@ struct MaskPolicy {
   __device__ static __forceinline__ void trim(const FwdParams& p, int b, int h, int m_block, int& lo, int& hi) {
     if (p.bm.mask == nullptr || lo >= hi) return;
     hi = prev(p, b, h, m_block, hi - 1, lo) + 1;
-    const uint8_t* row = mask_row(p, b, h, m_block);
-    while (lo < hi) {
-      const int c = lo / p.bm.k_tiles;
-      if (__ldg(row + c * p.bm.sk)) break;
-      lo = (c + 1) * p.bm.k_tiles;
+    if (lo >= hi) {
+      lo = hi;
+      return;
     }
-    if (lo > hi) lo = hi;
+    // Up from lo byte by byte, once per tile (first_active_entry's word path here made
+    // ptxas serialise the D64 band + softcap sparse forward's wgmmas, C7511).
+    const int kt = p.bm.k_tiles, c0 = lo / kt;
+    const uint8_t* row = mask_row(p, b, h, m_block);
+    int c = c0;
+    while (__ldg(row + c * p.bm.sk) == 0) ++c;  // stops at prev's active block below hi
+    lo = c == c0 ? lo : c * kt;
   }
 
   // Varlen (varlen.h): the call's policy narrowed to one sequence of n queries and s keys,
