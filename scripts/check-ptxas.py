@@ -6,7 +6,7 @@ resources") costs a kernel 20% or more and is easy to trigger by accident: movin
 of FwdParams made ptxas serialise the D64 causal forward (22% slower on the H200, NOTES.md
 session 6). Runs here, no GPU needed.
 
-Usage: python3 scripts/check-ptxas.py [--base /path/to/other/checkout] [files...]
+Usage: python3 scripts/check-ptxas.py [--base /path/to/other/checkout] [--define NAME=VALUE]... [files...]
 (default: the kernel instantiations, src/cuda/sm90/*inst*.cu; all of them take ~20 min on
 two cores). Exits 1 when a function serialises its wgmmas, or, with --base, when one spills
 more than it did there.
@@ -23,9 +23,10 @@ FLAGS = ["-std=c++17", "-O3", "--expt-relaxed-constexpr", "-gencode=arch=compute
          "-DSTEELATTN_WITH_CUDA", "-Iinclude", "-Isrc", "-Xptxas", "-v", "-c", "-o", os.devnull]
 
 
-def compile_report(root, path):
+def compile_report(root, path, defines=()):
     """{function: (registers, spill bytes, serialised)} for one source file under root."""
-    out = subprocess.run(["nvcc", *FLAGS, path], cwd=root, capture_output=True, text=True)
+    out = subprocess.run(["nvcc", *FLAGS, *(f"-D{d}" for d in defines), path], cwd=root, capture_output=True,
+                         text=True)
     if out.returncode != 0:
         sys.exit(f"{root}/{path}: nvcc failed\n{out.stderr[-2000:]}")
     funcs, cur = {}, None
@@ -49,10 +50,12 @@ def compile_report(root, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", help="another checkout to compare spills with")
+    ap.add_argument("--define", action="append", default=[],
+                    help="a macro for this checkout's build only (a build-time switch under test)")
     ap.add_argument("files", nargs="*")
     a = ap.parse_args()
     files = a.files or sorted(f for f in glob.glob("src/cuda/sm90/*inst*.cu"))
-    jobs = [(".", f) for f in files] + ([(a.base, f) for f in files] if a.base else [])
+    jobs = [(".", f, a.define) for f in files] + ([(a.base, f, ()) for f in files] if a.base else [])
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as ex:
         reports = list(ex.map(lambda j: compile_report(*j), jobs))
     here = {k: v for r in reports[:len(files)] for k, v in r.items()}

@@ -293,6 +293,17 @@ def test_hopper_sparse(rng, grad, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims,
     check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("name,B,H,Hkv,N,S,D,Dv,bs,dims,kw", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
+def test_hopper_sparse_backward_on_mask_columns(rng, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw, monkeypatch):
+    """The backward walking a copy of the mask with rows and columns swapped
+    (STEELATTN_SM90_BWD_MASK_COLUMNS=1, opt-in until timed on the H200): the same checks as
+    test_hopper_sparse, whole-tile and off-tile masks, broadcast and per-head and per-batch."""
+    monkeypatch.setenv("STEELATTN_SM90_BWD_MASK_COLUMNS", "1")
+    check_hopper_sparse(rng, True, torch.bfloat16, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
+
+
 def check_hopper_sparse(rng, grad, dtype, B, H, Hkv, N, S, D, Dv, bs, dims, kw, tile_n=128):
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper forward needs compute capability 9.0")

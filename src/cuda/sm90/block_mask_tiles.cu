@@ -55,7 +55,70 @@ int64_t mask_heads(const TensorRef& m) { return m.shape[1] == 1 || m.stride[1] =
 
 int64_t tiles_of(int64_t n, int tile) { return (n + tile - 1) / tile; }
 
+// The view's mask as [Bm, Hm, rows, cols]: the caller's mask blocks, or the tile states.
+void view_extents(const AttentionParams& p, int tile_m, int tile_n, int64_t& rows, int64_t& cols) {
+  const bool whole = whole_tiles(p, tile_m, tile_n);
+  rows = whole ? p.block_mask.shape[2] : tiles_of(p.N, tile_m);
+  cols = whole ? p.block_mask.shape[3] : tiles_of(p.S, tile_n);
+}
+
+struct ColumnsArgs {
+  const uint8_t* mask;
+  int64_t sb, sh, sq, sk;
+  int Hm, rows, cols;
+  int64_t total;
+  uint8_t* out;  // [Bm, Hm, cols, rows], contiguous
+};
+
+// One thread per output byte (reads strided, writes coalesced).
+__global__ void mask_columns_kernel(const ColumnsArgs a) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= a.total) return;
+  const int r = int(idx % a.rows);
+  const int64_t bhc = idx / a.rows;
+  const int c = int(bhc % a.cols);
+  const int64_t bh = bhc / a.cols;
+  const int h = int(bh % a.Hm);
+  const int64_t b = bh / a.Hm;
+  a.out[idx] = a.mask[b * a.sb + h * a.sh + r * a.sq + c * a.sk];
+}
+
 }  // namespace
+
+size_t block_mask_columns_bytes(const AttentionParams& p, int tile_m, int tile_n) {
+  if (!p.block_mask.present()) return 0;
+  int64_t rows, cols;
+  view_extents(p, tile_m, tile_n, rows, cols);
+  const int64_t cells = mask_batches(p.block_mask) * mask_heads(p.block_mask) * rows * cols;
+  return static_cast<size_t>((cells + 15) / 16 * 16);
+}
+
+Status block_mask_columns(const AttentionParams& p, int tile_m, int tile_n, void* scratch, cudaStream_t stream,
+                          BlockMaskView* view) {
+  BlockMaskView& v = *view;
+  if (v.mask == nullptr) return Status::Ok();
+  if (scratch == nullptr) return Status::Invalid("sm90: the block mask's column copy needs a workspace");
+  int64_t rows, cols;
+  view_extents(p, tile_m, tile_n, rows, cols);
+  const int64_t Bm = mask_batches(p.block_mask), Hm = mask_heads(p.block_mask);
+  ColumnsArgs a{};
+  a.mask = v.mask;
+  a.sb = v.sb, a.sh = v.sh, a.sq = v.sq, a.sk = v.sk;
+  a.Hm = static_cast<int>(Hm), a.rows = static_cast<int>(rows), a.cols = static_cast<int>(cols);
+  a.total = Bm * Hm * rows * cols;
+  a.out = static_cast<uint8_t*>(scratch);
+  constexpr int kThreads = 256;
+  mask_columns_kernel<<<static_cast<unsigned>((a.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return Status::Error(std::string("sm90: block-mask columns: ") + cudaGetErrorString(err));
+  // Same entries, rows and columns swapped in memory: sq = 1 makes a column contiguous.
+  v.mask = a.out;
+  v.sb = Bm == 1 ? 0 : Hm * cols * rows;
+  v.sh = Hm == 1 ? 0 : cols * rows;
+  v.sq = 1;
+  v.sk = rows;
+  return Status::Ok();
+}
 
 size_t block_mask_tile_bytes(const AttentionParams& p, int tile_m, int tile_n) {
   if (!p.block_mask.present() || whole_tiles(p, tile_m, tile_n)) return 0;

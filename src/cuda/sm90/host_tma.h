@@ -38,6 +38,13 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 size_t block_mask_tile_bytes(const AttentionParams& p, int tile_m, int tile_n);
 Status block_mask_view(const AttentionParams& p, int tile_m, int tile_n, void* scratch, cudaStream_t stream,
                        BlockMaskView* view);
+// The backward walks a key block's column of the mask (stride: a row) one entry per load;
+// this copies the view's mask into block_mask_columns_bytes(...) bytes of scratch with rows
+// and columns swapped and points the view there (sq = 1), so the walk reads 8 entries per
+// load (mask_walk.h). One small kernel on `stream`.
+size_t block_mask_columns_bytes(const AttentionParams& p, int tile_m, int tile_n);
+Status block_mask_columns(const AttentionParams& p, int tile_m, int tile_n, void* scratch, cudaStream_t stream,
+                          BlockMaskView* view);
 
 // Device facts (cached per device) for the launchers.
 using cuda_device::DeviceInfo;
