@@ -14,6 +14,22 @@
 namespace steelattn::sm90 {
 namespace {
 
+// This thread's element of a contiguous [B, H, X, Z] array of `total` elements (one thread
+// each): its index, and (b, h, x, z); -1 for a thread past the end.
+__device__ __forceinline__ int64_t thread_element(int64_t total, int H, int X, int Z, int64_t& b, int& h, int& x,
+                                                  int& z) {
+  int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= total) return -1;
+  const int64_t element = idx;
+  z = int(idx % Z);
+  idx /= Z;
+  x = int(idx % X);
+  idx /= X;
+  h = int(idx % H);
+  b = idx / H;
+  return element;
+}
+
 struct TileStateArgs {
   const uint8_t* mask;  // the caller's [B, H, nq, nk] block mask
   int64_t sb, sh, sq, sk;
@@ -25,14 +41,10 @@ struct TileStateArgs {
 
 // One thread per tile: the mask blocks its rows x columns overlap (inside N x S).
 __global__ void tile_state_kernel(const TileStateArgs a) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.total) return;
-  const int nt = int(idx % a.NT);
-  const int64_t bh_m = idx / a.NT;
-  const int mt = int(bh_m % a.MT);
-  const int64_t bh = bh_m / a.MT;
-  const int h = int(bh % a.Hm);
-  const int64_t b = bh / a.Hm;
+  int64_t b;
+  int h, mt, nt;
+  const int64_t idx = thread_element(a.total, a.Hm, a.MT, a.NT, b, h, mt, nt);
+  if (idx < 0) return;
   const int q_last = min(a.N, (mt + 1) * a.tile_m) - 1, k_last = min(a.S, (nt + 1) * a.tile_n) - 1;
   const uint8_t* base = a.mask + b * a.sb + h * a.sh;
   bool any = false, all = true;
@@ -72,15 +84,20 @@ struct ColumnsArgs {
 
 // One thread per output byte (reads strided, writes coalesced).
 __global__ void mask_columns_kernel(const ColumnsArgs a) {
-  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= a.total) return;
-  const int r = int(idx % a.rows);
-  const int64_t bhc = idx / a.rows;
-  const int c = int(bhc % a.cols);
-  const int64_t bh = bhc / a.cols;
-  const int h = int(bh % a.Hm);
-  const int64_t b = bh / a.Hm;
+  int64_t b;
+  int h, c, r;
+  const int64_t idx = thread_element(a.total, a.Hm, a.cols, a.rows, b, h, c, r);
+  if (idx < 0) return;
   a.out[idx] = a.mask[b * a.sb + h * a.sh + r * a.sq + c * a.sk];
+}
+
+// One thread per output byte (a.total of them).
+template <class Args>
+Status launch_per_byte(void (*kernel)(Args), const Args& a, cudaStream_t stream, const char* what) {
+  constexpr int kThreads = 256;
+  kernel<<<static_cast<unsigned>((a.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? Status::Ok() : Status::Error(std::string("sm90: ") + what + ": " + cudaGetErrorString(err));
 }
 
 }  // namespace
@@ -107,10 +124,7 @@ Status block_mask_columns(const AttentionParams& p, int tile_m, int tile_n, void
   a.Hm = static_cast<int>(Hm), a.rows = static_cast<int>(rows), a.cols = static_cast<int>(cols);
   a.total = Bm * Hm * rows * cols;
   a.out = static_cast<uint8_t*>(scratch);
-  constexpr int kThreads = 256;
-  mask_columns_kernel<<<static_cast<unsigned>((a.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Error(std::string("sm90: block-mask columns: ") + cudaGetErrorString(err));
+  if (Status st = launch_per_byte(mask_columns_kernel, a, stream, "block-mask columns"); !st.ok()) return st;
   // Same entries, rows and columns swapped in memory: sq = 1 makes a column contiguous.
   v.mask = a.out;
   v.sb = Bm == 1 ? 0 : Hm * cols * rows;
@@ -151,10 +165,7 @@ Status block_mask_view(const AttentionParams& p, int tile_m, int tile_n, void* s
   a.Hm = static_cast<int>(Hm), a.MT = static_cast<int>(MT), a.NT = static_cast<int>(NT);
   a.total = Bm * Hm * MT * NT;
   a.out = static_cast<uint8_t*>(scratch);
-  constexpr int kThreads = 256;
-  tile_state_kernel<<<static_cast<unsigned>((a.total + kThreads - 1) / kThreads), kThreads, 0, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return Status::Error(std::string("sm90: block-mask tile state: ") + cudaGetErrorString(err));
+  if (Status st = launch_per_byte(tile_state_kernel, a, stream, "block-mask tile state"); !st.ok()) return st;
 
   v.mask = a.out;
   v.sb = Bm == 1 ? 0 : Hm * MT * NT, v.sh = Hm == 1 ? 0 : MT * NT, v.sq = NT, v.sk = 1;
