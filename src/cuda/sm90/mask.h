@@ -18,8 +18,6 @@
 
 namespace steelattn::sm90 {
 
-// Pack: GQA-packed tiles (params.h) span pack_rows = BlockM / group queries,
-// not BlockM; rows below are query indices either way.
 // Prepared, not yet run on the H200 (a build-time switch, so the default kernels stay the
 // ones measured): trim's walk up from lo, once per tile, also 8 entries per load. Up to ~60
 // dependent loads a tile for a 10%-dense mask whose active blocks lie mid-row (the video
@@ -35,6 +33,8 @@ __device__ __noinline__ int first_active_entry_noinline(const uint8_t* line, int
 }
 #endif
 
+// Pack: GQA-packed tiles (params.h) span pack_rows = BlockM / group queries,
+// not BlockM; rows below are query indices either way.
 template <bool BandOn, int BlockM, int BlockN, bool Pack = false>
 struct MaskPolicy {
   Band<BandOn> band;
