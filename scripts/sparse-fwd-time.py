@@ -5,15 +5,12 @@ import torch
 
 import steelattn
 from steelattn import bench as _b
-from steelattn.bench_features import video_block_mask
+from steelattn.bench_features import sparse_cases
 
 H, D, frames, side = 16, 128, 16, 32
 N = frames * side * side
 g = torch.Generator(device="cuda").manual_seed(2)
 q, k, v = (torch.randn(1, H, N, D, device="cuda", generator=g).bfloat16() for _ in range(3))
-cases = {"video": (video_block_mask(frames, side, side, device="cuda"), 128, False),
-         "video 64": (video_block_mask(frames, side, side, block=64, device="cuda"), 64, False),
-         "window 1024": (steelattn.make_sliding_window_mask(N, 1024, causal=True, device="cuda"), 128, True)}
-for name, (blocks, bs, causal) in cases.items():
+for name, (blocks, bs, causal) in sparse_cases("cuda", frames, side).items():
     ms = _b.time_cuda(lambda: steelattn.flash_attention_sparse(q, k, v, blocks, block_size=bs, causal=causal))
     print(f"{name:12s} {ms:.3f} ms ({float(blocks.float().mean()):.1%} of blocks active)")

@@ -104,6 +104,17 @@ def video_block_mask(frames=16, h=32, w=32, radius=6, dt=1, block=128, device="c
                                           block_size=block, device=device)
 
 
+def sparse_cases(device, frames, side):
+    """The sparse bench's masks over N = frames * side^2 tokens: {case: (block mask, block
+    size, causal)}. "video 64" is the same locality at 64 x 64 blocks, off the Hopper
+    kernels' 128 x 128 tiles (partly active tiles are masked per 16 x 16 cell)."""
+    N = frames * side * side
+    return {"video": (video_block_mask(frames, side, side, device=device), 128, False),
+            "video 64": (video_block_mask(frames, side, side, block=64, device=device), 64, False),
+            "window 1024": (steelattn.make_sliding_window_mask(N, 1024 if device == "cuda" else 256, causal=True,
+                                                               device=device), 128, True)}
+
+
 def bench_sparse(device="cpu", quick=False, log=print, run=None):
     run = run or _b._Run(device, log=log)
     n0 = len(run.rows)
@@ -112,18 +123,12 @@ def bench_sparse(device="cpu", quick=False, log=print, run=None):
     else:
         H, D, dt, frames, side = 4, 64, torch.float32, 4, 16
     N = frames * side * side
-    # (block mask, block size): "video 64" is the same locality at 64 x 64 blocks, off the
-    # Hopper kernels' 128 x 128 tiles (partly active tiles are masked per 16 x 16 cell).
-    cases = {"video": (video_block_mask(frames, side, side, device=device), 128),
-             "video 64": (video_block_mask(frames, side, side, block=64, device=device), 64),
-             "window 1024": (steelattn.make_sliding_window_mask(N, 1024 if device == "cuda" else 256, causal=True,
-                                                                device=device), 128)}
+    cases = sparse_cases(device, frames, side)
     timer = _b.time_cuda if device == "cuda" else _b.time_cpu
     g = torch.Generator(device=device).manual_seed(2)
     base = [_b._randn((1, H, N, D), device, dt, g) for _ in range(3)]
     dout = _b._randn((1, H, N, D), device, dt, g)
-    for case, (blocks, bs) in cases.items():
-        causal = case.startswith("window")
+    for case, (blocks, bs, causal) in cases.items():
         token = steelattn.sparse.token_mask(blocks, bs, bs, N, N)
         if causal:
             token = token & torch.ones(N, N, dtype=torch.bool, device=device).tril()
