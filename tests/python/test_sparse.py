@@ -296,11 +296,11 @@ def test_hopper_sparse(rng, grad, dtype, name, B, H, Hkv, N, S, D, Dv, bs, dims,
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("name,B,H,Hkv,N,S,D,Dv,bs,dims,kw", HOPPER_CASES, ids=[c[0] for c in HOPPER_CASES])
-def test_hopper_sparse_backward_on_mask_columns(rng, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw, monkeypatch):
-    """The backward walking a copy of the mask with rows and columns swapped
-    (STEELATTN_SM90_BWD_MASK_COLUMNS=1, opt-in until timed on the H200): the same checks as
-    test_hopper_sparse, whole-tile and off-tile masks, broadcast and per-head and per-batch."""
-    monkeypatch.setenv("STEELATTN_SM90_BWD_MASK_COLUMNS", "1")
+def test_hopper_sparse_backward_on_mask_rows(rng, name, B, H, Hkv, N, S, D, Dv, bs, dims, kw, monkeypatch):
+    """The backward walking the caller's mask itself, down its columns a byte at a time
+    (STEELATTN_SM90_BWD_MASK_COLUMNS=0; the default walks a transposed copy): the same checks
+    as test_hopper_sparse, whole-tile and off-tile masks, broadcast and per-head and per-batch."""
+    monkeypatch.setenv("STEELATTN_SM90_BWD_MASK_COLUMNS", "0")
     check_hopper_sparse(rng, True, torch.bfloat16, B, H, Hkv, N, S, D, Dv, bs, dims, kw)
 
 

@@ -25,10 +25,10 @@ namespace steelattn::sm90 {
 // inlined, ptxas serialised the D64 band + softcap sparse forward's wgmmas (C7511); as a
 // call the kernels' registers and spills are those of the byte walk.
 #ifndef STEELATTN_SM90_TRIM_WORDS
-#define STEELATTN_SM90_TRIM_WORDS 0
+#define STEELATTN_SM90_TRIM_WORDS 1
 #endif
 #if STEELATTN_SM90_TRIM_WORDS
-__device__ __noinline__ int first_active_entry_noinline(const uint8_t* line, int64_t stride, int c, int c_hi) {
+static __device__ __noinline__ int first_active_entry_noinline(const uint8_t* line, int64_t stride, int c, int c_hi) {
   return first_active_entry(line, stride, c, c_hi);
 }
 #endif
