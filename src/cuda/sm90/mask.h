@@ -18,20 +18,14 @@
 
 namespace steelattn::sm90 {
 
-// Prepared, not yet run on the H200 (a build-time switch, so the default kernels stay the
-// ones measured): trim's walk up from lo, once per tile, also 8 entries per load. Up to ~60
-// dependent loads a tile for a 10%-dense mask whose active blocks lie mid-row (the video
-// mask), while the consumers finish only the previous tile's last blocks. Not inlined:
+// trim's walk up from lo, once per tile, 8 entries per load like prev's (H200: the sparse
+// forward 3-5% faster than the byte walk, docs/benchmarks/NOTES.md session 9). Not inlined:
 // inlined, ptxas serialised the D64 band + softcap sparse forward's wgmmas (C7511); as a
-// call the kernels' registers and spills are those of the byte walk.
-#ifndef STEELATTN_SM90_TRIM_WORDS
-#define STEELATTN_SM90_TRIM_WORDS 1
-#endif
-#if STEELATTN_SM90_TRIM_WORDS
+// call the kernels' registers and spills are those of the byte walk. Static: one copy per
+// translation unit (the instantiation files would otherwise each define it).
 static __device__ __noinline__ int first_active_entry_noinline(const uint8_t* line, int64_t stride, int c, int c_hi) {
   return first_active_entry(line, stride, c, c_hi);
 }
-#endif
 
 // Pack: GQA-packed tiles (params.h) span pack_rows = BlockM / group queries,
 // not BlockM; rows below are query indices either way.
@@ -70,15 +64,7 @@ struct MaskPolicy {
       return;
     }
     const int kt = p.bm.k_tiles, c0 = lo / kt;
-#if STEELATTN_SM90_TRIM_WORDS
     const int c = first_active_entry_noinline(mask_row(p, b, h, m_block), p.bm.sk, c0, (hi - 1) / kt);
-#else
-    // Up from lo byte by byte (first_active_entry inlined here made ptxas serialise the D64
-    // band + softcap sparse forward's wgmmas, C7511).
-    const uint8_t* row = mask_row(p, b, h, m_block);
-    int c = c0;
-    while (__ldg(row + c * p.bm.sk) == 0) ++c;  // stops at prev's active block below hi
-#endif
     lo = c == c0 ? lo : c * kt;
   }
 
