@@ -30,7 +30,7 @@ using cuda_generic::smem_addr;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kRows = 16;  // query rows per CTA (one m16 tile)
-constexpr int kPad = 8;    // row padding: ldmatrix rows land on distinct banks
+constexpr int kPad = 8;    // Q row padding: ldmatrix rows land on distinct banks
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
 constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
@@ -38,7 +38,34 @@ constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the comb
 // Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles), and how many
 // CTAs fit on an SM beside the per-CTA reserve; the host picks splits from the same numbers.
 constexpr size_t smem_bytes(int dpad, int keys, int stages) {
-  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * (dpad + kPad));
+  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * dpad);
+}
+
+// K/V rows in shared memory are kDPad elements, unpadded, with each row's 16-byte chunks
+// XOR-permuted inside their 128-byte group by the row's low three bits, so the 8 rows an
+// ldmatrix reads at one chunk hit 8 distinct bank groups. Why not padding (as Q has): a
+// padded row starts 16 bytes off its global sectors' alignment, and cp.async then splits
+// the rows' 128-byte lines into more, partly overlapping L2 requests (ncu at B8 S32k:
+// 50.3M L2 sectors read for 33.6M sectors of K/V, 22M requests against cuDNN's 8.4M, L2
+// 92% busy). Here a global line lands in one aligned 128-byte block of shared memory.
+// Rows start 128-byte aligned (Cfg's asserts; the kernel traps on a misaligned dynamic
+// shared memory base), so the swizzle is an XOR on bits 4-6 of a byte address.
+template <int kDPad>
+__device__ __forceinline__ int kv_offset(int row, int chunk) {  // in elements
+  return row * kDPad + ((chunk ^ (row & 7)) << 3);
+}
+__device__ __forceinline__ void cp_async_16_to(uint32_t saddr, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gmem));
+}
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t saddr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(saddr));
 }
 constexpr int ctas_per_sm(size_t smem) {
   return int(kSmemPerSm / (smem + 1024)) < 1 ? 1 : int(kSmemPerSm / (smem + 1024)) > 4 ? 4
@@ -52,13 +79,15 @@ template <int kDPad, int kKeys_, int kStages_>
 struct Cfg {
   static constexpr int kKeys = kKeys_;
   static constexpr int kStages = kStages_;
-  static constexpr int kLd = kDPad + kPad;
-  static constexpr int kStageElems = 2 * kKeys * kLd;  // K then V
+  static constexpr int kD = kDPad;          // a K/V row in shared memory (kv_offset)
+  static constexpr int kLdQ = kDPad + kPad;  // a Q row
+  static constexpr int kStageElems = 2 * kKeys * kD;  // K then V
   static constexpr int kWarpElems = kStages * kStageElems;
   static constexpr size_t kSmemBytes = smem_bytes(kDPad, kKeys, kStages);
   static constexpr int kCtasPerSm = ctas_per_sm(kSmemBytes);
   static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
-  static_assert(kSmemBytes == size_t(2) * (kRows * kLd + kWarps * kWarpElems), "the layout the kernel indexes");
+  static_assert(kSmemBytes == size_t(2) * (kRows * kLdQ + kWarps * kWarpElems), "the layout the kernel indexes");
+  static_assert(kRows * kLdQ * 2 % 128 == 0 && kStageElems * 2 % 128 == 0, "K/V rows start 128-byte aligned");
   // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
   static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
 };
@@ -101,7 +130,7 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
                                                   int lane, int lane_page, int lane_row) {
-  constexpr int kChunks = (C::kLd - kPad) / 8;
+  constexpr int kChunks = C::kD / 8;
   constexpr int kRowsPerStep = 32 / kChunks;
   static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0 && C::kKeys <= 32, "whole rows per warp step");
   const int r0 = lane / kChunks, c = lane % kChunks;
@@ -112,18 +141,22 @@ __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodePara
     gv += int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2];
   }
   const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
-  T* sk = sK + r0 * C::kLd + c * 8;
-  T* sv = sV + r0 * C::kLd + c * 8;
+  // Row r0 + it * kRowsPerStep has low bits r0 | (it * kRowsPerStep & 7) (r0 < kRowsPerStep,
+  // a power of two), so its slot is the lane's row-r0 slot XOR-ed with a constant per step.
+  constexpr uint32_t kRowBytes = C::kD * 2;
+  const uint32_t lane_slot = r0 * kRowBytes + ((c ^ r0) << 4);
+  const uint32_t k_base = smem_addr(sK), v_base = smem_addr(sV);
 #pragma unroll
   for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
+    const uint32_t off = (lane_slot ^ (uint32_t(it * kRowsPerStep & 7) << 4)) + it * kRowsPerStep * kRowBytes;
     if constexpr (kPaged) {
       const int r = r0 + it * kRowsPerStep;
       const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
-      cp_async_16(sk + it * kRowsPerStep * C::kLd, gk + page * p.k_stride[0] + row * p.k_stride[2]);
-      cp_async_16(sv + it * kRowsPerStep * C::kLd, gv + page * p.v_stride[0] + row * p.v_stride[2]);
+      cp_async_16_to(k_base + off, gk + page * p.k_stride[0] + row * p.k_stride[2]);
+      cp_async_16_to(v_base + off, gv + page * p.v_stride[0] + row * p.v_stride[2]);
     } else {
-      cp_async_16(sk + it * kRowsPerStep * C::kLd, gk);
-      cp_async_16(sv + it * kRowsPerStep * C::kLd, gv);
+      cp_async_16_to(k_base + off, gk);
+      cp_async_16_to(v_base + off, gv);
       gk += k_step;
       gv += v_step;
     }
@@ -136,9 +169,9 @@ template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
                                              int n0, int n_end, int lane, int lane_page) {
   const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
-  if (n0 + C::kKeys <= n_end && p.D == C::kLd - kPad && p.Dv == C::kLd - kPad)  // warp-uniform
+  if (n0 + C::kKeys <= n_end && p.D == C::kD && p.Dv == C::kD)  // warp-uniform
     return load_full_kv_tile<T, C, kPaged>(sK, sV, p, entry, hk, n0, lane, lane_page, lane_row);
-  constexpr int kChunks = (C::kLd - kPad) / 8;  // 16-byte chunks per row
+  constexpr int kChunks = C::kD / 8;  // 16-byte chunks per row
   static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
   const T* gv = static_cast<const T*>(p.v);
@@ -159,8 +192,9 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p
     const T* krow = row_ok ? gk + k_off : gk;
     const T* vrow = row_ok ? gv + v_off : gv;
     const bool k_ok = row_ok && c * 8 < p.D, v_ok = row_ok && c * 8 < p.Dv;
-    cp_async_16_zfill(sK + r * C::kLd + c * 8, k_ok ? krow + c * 8 : gk, k_ok ? 16 : 0);
-    cp_async_16_zfill(sV + r * C::kLd + c * 8, v_ok ? vrow + c * 8 : gv, v_ok ? 16 : 0);
+    const int off = kv_offset<C::kD>(r, c);
+    cp_async_16_zfill(sK + off, k_ok ? krow + c * 8 : gk, k_ok ? 16 : 0);
+    cp_async_16_zfill(sV + off, v_ok ? vrow + c * 8 : gv, v_ok ? 16 : 0);
   }
 }
 
@@ -170,14 +204,15 @@ template <typename T, int kDPad, int kKeys, int kStages, bool kPaged>
 __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPerSm))
     decode_split_kernel(const DecodeParams p) {
   using C = Cfg<kDPad, kKeys, kStages>;
-  constexpr int kLd = C::kLd;
+  constexpr int kLdQ = C::kLdQ;
   constexpr int kNtS = kKeys / 8;   // S n-tiles per warp tile
   constexpr int kNtO = kDPad / 8;   // O n-tiles
   constexpr int kDSteps = kDPad / 16;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  T* sW = sQ + kRows * kLd + warp * C::kWarpElems;  // this warp's stages
+  if (smem_addr(smem_raw) & 127) __trap();  // the K/V swizzle needs 128-byte aligned rows (kv_offset)
+  T* sW = sQ + kRows * kLdQ + warp * C::kWarpElems;  // this warp's stages
 
   // The combine kernel may start now (it waits for this grid's end); nothing is read before
   // the previous kernel of the stream (an append into the cache, say) has finished.
@@ -232,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
         const int h = hk * p.group + row / p.N, i = row % p.N;
         src = gq + b * p.q_stride[0] + h * p.q_stride[1] + i * p.q_stride[2] + c * 8;
       }
-      cp_async_16_zfill(sQ + r * kLd + c * 8, src, ok ? 16 : 0);
+      cp_async_16_zfill(sQ + r * kLdQ + c * 8, src, ok ? 16 : 0);
     }
     cp_async_commit();
   }
@@ -277,7 +312,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < my_tiles)
-      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kLd, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t));
+      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kDPad, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t));
     cp_async_commit();
   }
   int next_page = page_ahead(kStages - 1);
@@ -289,7 +324,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   constexpr bool kQInRegs = kDPad <= 128;
   constexpr int kQRegSteps = kQInRegs ? kDSteps : 1;
   uint32_t qa[kQRegSteps][4];
-  const T* a_ptr = sQ + (lane & 15) * kLd + (lane >> 4) * 8;
+  const T* a_ptr = sQ + (lane & 15) * kLdQ + (lane >> 4) * 8;
   if constexpr (kQInRegs) {
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) ldmatrix_x4(qa[kk], a_ptr + kk * 16);
@@ -307,23 +342,27 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
       if (tn < my_tiles)
-        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kLd, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page);
+        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kDPad, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page);
       cp_async_commit();
       next_page = page_ahead(tn + 1);
     }
     cp_async_wait<kStages - 1>();
     __syncwarp();
     const T* sK = stage(t);
-    const T* sV = sK + kKeys * kLd;
+    const T* sV = sK + kKeys * kDPad;
     const int n0 = tile_n0(t);
 
     float s[kNtS][4];
 #pragma unroll
     for (int nt = 0; nt < kNtS; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-    const T* b_ptr = sK + ((lane & 7) + (lane >> 4) * 8) * kLd + ((lane >> 3) & 1) * 8;
+    // Lane l addresses row (l & 7) + (l >> 4) * 8 (+ 16 per n-pair) at chunk ((l >> 3) & 1)
+    // (+ 2 per k-step); every such row's low bits are l & 7, hence one XOR per k-step.
+    const uint32_t swz = uint32_t(lane & 7) << 4;
+    const uint32_t k_lane = smem_addr(sK) + ((lane & 7) + (lane >> 4) * 8) * (kDPad * 2) + ((lane >> 3) & 1) * 16;
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
       if (kk * 16 >= p.D) break;  // warp-uniform: padding columns are zero
+      const uint32_t k_kk = (k_lane + kk * 32) ^ swz;
       uint32_t qs[4];
       if constexpr (kQInRegs) {
         qs[0] = qa[kk][0], qs[1] = qa[kk][1], qs[2] = qa[kk][2], qs[3] = qa[kk][3];
@@ -333,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
       for (int np = 0; np < kNtS / 2; ++np) {
         uint32_t bk[4];
-        ldmatrix_x4(bk, b_ptr + np * 16 * kLd + kk * 16);
+        ldsm_x4(bk, k_kk + np * 16 * (kDPad * 2));
         mma_16816<T>(s[2 * np], qs, bk[0], bk[1]);
         mma_16816<T>(s[2 * np + 1], qs, bk[2], bk[3]);
       }
@@ -401,7 +440,9 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     }
 
     // O += P . V, P straight from the S accumulators (they are the A fragments).
-    const T* v_ptr = sV + ((lane & 7) + ((lane >> 3) & 1) * 8) * kLd + (lane >> 4) * 8;
+    // Lane l addresses row (l & 7) + ((l >> 3) & 1) * 8 (+ 16 per k-step) at chunk l >> 4 (+ 2
+    // per n-pair).
+    const uint32_t v_lane = smem_addr(sV) + ((lane & 7) + ((lane >> 3) & 1) * 8) * (kDPad * 2) + (lane >> 4) * 16;
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       uint32_t a[4];
@@ -410,7 +451,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
       for (int np = 0; np < kNtO / 2; ++np) {
         if (np * 16 >= p.Dv) break;  // warp-uniform
         uint32_t bv[4];
-        ldmatrix_x4_trans(bv, v_ptr + kk * 16 * kLd + np * 16);
+        ldsm_x4_trans(bv, ((v_lane + np * 32) ^ swz) + kk * 16 * (kDPad * 2));
         mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
         mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
       }
@@ -444,7 +485,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   }
   __syncthreads();
   auto warp_buf = [&](int w) {
-    return reinterpret_cast<float*>(sQ + kRows * kLd + w * C::kWarpElems);
+    return reinterpret_cast<float*>(sQ + kRows * kLdQ + w * C::kWarpElems);
   };
   const bool direct = p.num_splits == 1;
   for (int idx = threadIdx.x; idx < kRows * p.Dv; idx += kThreads) {
