@@ -228,6 +228,9 @@ Status cuda_decode_forward(const AttentionParams& p, void* workspace, void* stre
     k.block_table = static_cast<const int32_t*>(p.block_table.data);
     k.bt_stride = p.block_table.stride[0];
     k.page_size = int32_t(p.k.shape[2]);
+    k.page_shift = -1;
+    for (int s = 0; s < 31; ++s)
+      if (int64_t(1) << s == p.k.shape[2]) k.page_shift = s;
   }
   k.kv_batch_idx = p.kv_batch_idx.present() ? static_cast<const int32_t*>(p.kv_batch_idx.data) : nullptr;
   k.B = int32_t(p.B), k.H = int32_t(p.H), k.Hkv = int32_t(p.Hkv), k.group = int32_t(p.H / p.Hkv);

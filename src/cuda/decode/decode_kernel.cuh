@@ -35,10 +35,25 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
 constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
 
+// Prepared, not yet run on the H200 (a build-time switch, so the default kernels stay the
+// ones measured): paged full tiles without a shuffle pair and two 64-bit multiply-adds per
+// row. ncu at B8 S32k, page 16: the paged kernel ran 68.1M instructions against the dense
+// kernel's 40.7M and streamed at 77% of DRAM peak against 91% (NOTES.md, session 9). With
+// the switch, each lane turns its own key's (page, slot) into byte offsets in the K and V
+// pools once per tile and parks them in a per-warp row table in shared memory; the
+// half-warp copying a row reads them back with one broadcast 16-byte load (shuffles made
+// ptxas wrap each in a divergence check); a tile inside one page takes the dense loader's
+// stepped pointer; power-of-two pages shift instead of dividing.
+#ifndef STEELATTN_DECODE_PAGED_OFFSETS
+#define STEELATTN_DECODE_PAGED_OFFSETS 0
+#endif
+// Per warp, a paged tile's row table: (K, V) byte offsets of each of its (up to 32) keys.
+constexpr int kRowTableBytes = STEELATTN_DECODE_PAGED_OFFSETS ? kWarps * 32 * 16 : 0;
+
 // Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles), and how many
 // CTAs fit on an SM beside the per-CTA reserve; the host picks splits from the same numbers.
 constexpr size_t smem_bytes(int dpad, int keys, int stages) {
-  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * dpad);
+  return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * dpad) + kRowTableBytes;
 }
 
 // K/V rows in shared memory are kDPad elements, unpadded, with each row's 16-byte chunks
@@ -86,7 +101,8 @@ struct Cfg {
   static constexpr size_t kSmemBytes = smem_bytes(kDPad, kKeys, kStages);
   static constexpr int kCtasPerSm = ctas_per_sm(kSmemBytes);
   static_assert(kKeys % 16 == 0, "a warp tile is a whole number of mma k-steps");
-  static_assert(kSmemBytes == size_t(2) * (kRows * kLdQ + kWarps * kWarpElems), "the layout the kernel indexes");
+  static_assert(kSmemBytes == size_t(2) * (kRows * kLdQ + kWarps * kWarpElems) + kRowTableBytes,
+                "the layout the kernel indexes");
   static_assert(kRows * kLdQ * 2 % 128 == 0 && kStageElems * 2 % 128 == 0, "K/V rows start 128-byte aligned");
   // The end-of-CTA merge reuses the K/V buffers: per warp 16 rows of O (fp32) + max + sum.
   static_assert(kRows * (kDPad + 2) * 4 <= kWarpElems * 2, "merge scratch fits a warp's buffers");
@@ -113,12 +129,21 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
+// Key j's page-table column (paged caches).
+__device__ __forceinline__ int page_index(const DecodeParams& p, int j) {
+#if STEELATTN_DECODE_PAGED_OFFSETS
+  return p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+#else
+  return j / p.page_size;
+#endif
+}
+
 // Paged caches: the page of key row `lane` of a tile, looked up by lane `lane` (< kKeys) one
 // tile ahead of its load so the block-table read's latency hides behind a tile of math; the
 // loader shuffles it (and the row in the page) to the lanes that copy the row.
 template <bool kPaged>
 __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int n_end) {
-  return kPaged && j < n_end ? __ldg(p.block_table + b * p.bt_stride + j / p.page_size) : 0;
+  return kPaged && j < n_end ? __ldg(p.block_table + b * p.bt_stride + page_index(p, j)) : 0;
 }
 
 // A whole warp tile at D = Dv = kDPad: each lane copies one 16-byte chunk of every
@@ -126,40 +151,73 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
 // ~700 instructions per tile per warp, the warps' own chains at 7 cycles per instruction
 // taking the whole kernel time). Dense: from a pointer stepped by rows. Paged: each row
 // through the page and in-page row that lane r (key n0 + r) holds (with the general
-// loader's index math and zero-fill selects, 32-key paged tiles were 4-11% slower).
+// loader's index math and zero-fill selects, 32-key paged tiles were 4-11% slower);
+// `row_table`: this warp's (STEELATTN_DECODE_PAGED_OFFSETS).
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
-                                                  int lane, int lane_page, int lane_row) {
+                                                  int lane, int lane_page, int lane_row, longlong2* row_table) {
   constexpr int kChunks = C::kD / 8;
   constexpr int kRowsPerStep = 32 / kChunks;
   static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0 && C::kKeys <= 32, "whole rows per warp step");
   const int r0 = lane / kChunks, c = lane % kChunks;
   const T* gk = static_cast<const T*>(p.k) + hk * p.k_stride[1] + c * 8;
   const T* gv = static_cast<const T*>(p.v) + hk * p.v_stride[1] + c * 8;
-  if constexpr (!kPaged) {
-    gk += int64_t(entry) * p.k_stride[0] + int64_t(n0 + r0) * p.k_stride[2];
-    gv += int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2];
-  }
-  const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
   // Row r0 + it * kRowsPerStep has low bits r0 | (it * kRowsPerStep & 7) (r0 < kRowsPerStep,
   // a power of two), so its slot is the lane's row-r0 slot XOR-ed with a constant per step.
   constexpr uint32_t kRowBytes = C::kD * 2;
   const uint32_t lane_slot = r0 * kRowBytes + ((c ^ r0) << 4);
   const uint32_t k_base = smem_addr(sK), v_base = smem_addr(sV);
+  auto smem_off = [&](int it) {
+    return (lane_slot ^ (uint32_t(it * kRowsPerStep & 7) << 4)) + it * kRowsPerStep * kRowBytes;
+  };
+  // Consecutive keys from the lane's first row: a dense cache, or a tile inside one page.
+  auto stepped = [&](const T* gk_row, const T* gv_row) {
+    const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
 #pragma unroll
-  for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
-    const uint32_t off = (lane_slot ^ (uint32_t(it * kRowsPerStep & 7) << 4)) + it * kRowsPerStep * kRowBytes;
-    if constexpr (kPaged) {
+    for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
+      cp_async_16_to(k_base + smem_off(it), gk_row);
+      cp_async_16_to(v_base + smem_off(it), gv_row);
+      gk_row += k_step;
+      gv_row += v_step;
+    }
+  };
+  if constexpr (!kPaged) {
+    stepped(gk + int64_t(entry) * p.k_stride[0] + int64_t(n0 + r0) * p.k_stride[2],
+            gv + int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2]);
+  } else {
+#if STEELATTN_DECODE_PAGED_OFFSETS
+    const int slot0 = __shfl_sync(0xffffffffu, lane_row, 0);
+    if (slot0 + C::kKeys <= p.page_size) {  // warp-uniform: the tile lies in one page
+      const int64_t page = __shfl_sync(0xffffffffu, lane_page, 0);
+      stepped(gk + page * p.k_stride[0] + int64_t(slot0 + r0) * p.k_stride[2],
+              gv + page * p.v_stride[0] + int64_t(slot0 + r0) * p.v_stride[2]);
+      return;
+    }
+    // Lane r parks key n0 + r's byte offsets in the pools; the half-warp that copies row r
+    // reads them back (one broadcast load per row).
+    __syncwarp();  // every lane has read the previous tile's table
+    if (lane < C::kKeys)
+      row_table[lane] = make_longlong2(
+          (int64_t(lane_page) * p.k_stride[0] + int64_t(lane_row) * p.k_stride[2]) * int64_t(sizeof(T)),
+          (int64_t(lane_page) * p.v_stride[0] + int64_t(lane_row) * p.v_stride[2]) * int64_t(sizeof(T)));
+    __syncwarp();
+    const char* gkb = reinterpret_cast<const char*>(gk);
+    const char* gvb = reinterpret_cast<const char*>(gv);
+#pragma unroll
+    for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
+      const longlong2 o = row_table[r0 + it * kRowsPerStep];
+      cp_async_16_to(k_base + smem_off(it), gkb + o.x);
+      cp_async_16_to(v_base + smem_off(it), gvb + o.y);
+    }
+#else
+#pragma unroll
+    for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
       const int r = r0 + it * kRowsPerStep;
       const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
-      cp_async_16_to(k_base + off, gk + page * p.k_stride[0] + row * p.k_stride[2]);
-      cp_async_16_to(v_base + off, gv + page * p.v_stride[0] + row * p.v_stride[2]);
-    } else {
-      cp_async_16_to(k_base + off, gk);
-      cp_async_16_to(v_base + off, gv);
-      gk += k_step;
-      gv += v_step;
+      cp_async_16_to(k_base + smem_off(it), gk + page * p.k_stride[0] + row * p.k_stride[2]);
+      cp_async_16_to(v_base + smem_off(it), gv + page * p.v_stride[0] + row * p.v_stride[2]);
     }
+#endif
   }
 }
 
@@ -167,10 +225,10 @@ __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodePara
 // `lane_page`: page_of key n0 + lane (paged caches only).
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p, int b, int entry, int hk,
-                                             int n0, int n_end, int lane, int lane_page) {
-  const int lane_row = kPaged ? (n0 + lane) % p.page_size : 0;
+                                             int n0, int n_end, int lane, int lane_page, longlong2* row_table) {
+  const int lane_row = kPaged ? n0 + lane - page_index(p, n0 + lane) * p.page_size : 0;  // the key's slot
   if (n0 + C::kKeys <= n_end && p.D == C::kD && p.Dv == C::kD)  // warp-uniform
-    return load_full_kv_tile<T, C, kPaged>(sK, sV, p, entry, hk, n0, lane, lane_page, lane_row);
+    return load_full_kv_tile<T, C, kPaged>(sK, sV, p, entry, hk, n0, lane, lane_page, lane_row, row_table);
   constexpr int kChunks = C::kD / 8;  // 16-byte chunks per row
   static_assert(C::kKeys * kChunks % 32 == 0 && C::kKeys <= 32, "every lane runs every iteration (shuffles)");
   const T* gk = static_cast<const T*>(p.k);
@@ -213,6 +271,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (smem_addr(smem_raw) & 127) __trap();  // the K/V swizzle needs 128-byte aligned rows (kv_offset)
   T* sW = sQ + kRows * kLdQ + warp * C::kWarpElems;  // this warp's stages
+  // This warp's paged row table (load_full_kv_tile), after all warps' stages.
+  longlong2* row_table = reinterpret_cast<longlong2*>(sQ + kRows * kLdQ + kWarps * C::kWarpElems) + warp * 32;
 
   // The combine kernel may start now (it waits for this grid's end); nothing is read before
   // the previous kernel of the stream (an append into the cache, say) has finished.
@@ -312,7 +372,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < my_tiles)
-      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kDPad, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t));
+      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kDPad, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t),
+                                  row_table);
     cp_async_commit();
   }
   int next_page = page_ahead(kStages - 1);
@@ -342,7 +403,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
       if (tn < my_tiles)
-        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kDPad, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page);
+        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kDPad, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page,
+                                  row_table);
       cp_async_commit();
       next_page = page_ahead(tn + 1);
     }

@@ -52,6 +52,10 @@ struct DecodeParams {
   // [num_splits, B, H, N, Dv] and [num_splits, B, H, N], contiguous.
   float* part_out;
   float* part_lse;
+
+  // Paged caches: log2(page_size) when it is a power of two, else -1 (page lookups shift
+  // instead of dividing; read under STEELATTN_DECODE_PAGED_OFFSETS).
+  int32_t page_shift;
 };
 
 }  // namespace steelattn::cuda_decode
