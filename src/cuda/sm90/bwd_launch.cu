@@ -413,10 +413,11 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   uint8_t* bm_scratch = static_cast<uint8_t*>(workspace) + bwd_block_mask_offset(p);
   if (Status st = sm90::block_mask_view(p, BM, BN, bm_scratch, static_cast<cudaStream_t>(stream), &k.bm); !st.ok())
     return st;
-  // Block-sparse (STEELATTN_SM90_BWD_MASK_COLUMNS=0 turns it off; H200: 3% to 14% faster
-  // forward+backward, docs/benchmarks/NOTES.md session 9): the mask with rows and columns swapped, so the producer's walk down a key block's column of
-  // query blocks reads 8 entries per load (host_tma.h). That walk's first leg, from the key
-  // block's first query block to its first active one, runs before the CTA loads anything.
+  // Block-sparse: the mask with rows and columns swapped, so the producer's walk down a key
+  // block's column of query blocks reads 8 entries per load (host_tma.h). That walk's first
+  // leg, from the key block's first query block to its first active one, runs before the CTA
+  // loads anything. H200: forward+backward 3% to 14% faster (docs/benchmarks/NOTES.md,
+  // session 9); STEELATTN_SM90_BWD_MASK_COLUMNS=0 turns it off.
   if (k.bm.mask != nullptr && k.bm.sq != 1 && sm90::env_switch("STEELATTN_SM90_BWD_MASK_COLUMNS") != 0) {
     uint8_t* columns = static_cast<uint8_t*>(workspace) + bwd_mask_columns_offset(p);
     if (Status st = sm90::block_mask_columns(p, BM, BN, columns, static_cast<cudaStream_t>(stream), &k.bm); !st.ok())
