@@ -372,8 +372,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
   for (int t = 0; t < kStages - 1; ++t) {
     if (t < my_tiles)
-      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kDPad, p, b, entry, hk, tile_n0(t), n_end, lane, page_ahead(t),
-                                  row_table);
+      load_kv_tile<T, C, kPaged>(stage(t), stage(t) + kKeys * kDPad, p, b, entry, hk, tile_n0(t), n_end, lane,
+                                  page_ahead(t), row_table);
     cp_async_commit();
   }
   int next_page = page_ahead(kStages - 1);
@@ -403,8 +403,8 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     {  // keep kStages - 1 tiles in flight
       const int tn = t + kStages - 1;
       if (tn < my_tiles)
-        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kDPad, p, b, entry, hk, tile_n0(tn), n_end, lane, next_page,
-                                  row_table);
+        load_kv_tile<T, C, kPaged>(stage(tn), stage(tn) + kKeys * kDPad, p, b, entry, hk, tile_n0(tn), n_end, lane,
+                                    next_page, row_table);
       cp_async_commit();
       next_page = page_ahead(tn + 1);
     }
