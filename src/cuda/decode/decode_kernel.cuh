@@ -14,6 +14,7 @@
 
 #include "cuda/generic/mma_sm80.cuh"
 #include "decode_params.h"
+#include "kv_swizzle.h"
 
 namespace steelattn::cuda_decode {
 
@@ -56,19 +57,8 @@ constexpr size_t smem_bytes(int dpad, int keys, int stages) {
   return size_t(2) * (kRows * (dpad + kPad) + kWarps * stages * 2 * keys * dpad) + kRowTableBytes;
 }
 
-// K/V rows in shared memory are kDPad elements, unpadded, with each row's 16-byte chunks
-// XOR-permuted inside their 128-byte group by the row's low three bits, so the 8 rows an
-// ldmatrix reads at one chunk hit 8 distinct bank groups. Why not padding (as Q has): a
-// padded row starts 16 bytes off its global sectors' alignment, and cp.async then splits
-// the rows' 128-byte lines into more, partly overlapping L2 requests (ncu at B8 S32k:
-// 50.3M L2 sectors read for 33.6M sectors of K/V, 22M requests against cuDNN's 8.4M, L2
-// 92% busy). Here a global line lands in one aligned 128-byte block of shared memory.
-// Rows start 128-byte aligned (Cfg's asserts; the kernel traps on a misaligned dynamic
-// shared memory base), so the swizzle is an XOR on bits 4-6 of a byte address.
-template <int kDPad>
-__device__ __forceinline__ int kv_offset(int row, int chunk) {  // in elements
-  return row * kDPad + ((chunk ^ (row & 7)) << 3);
-}
+// K/V rows in shared memory: unpadded, XOR-swizzled (kv_swizzle.h); rows start 128-byte
+// aligned (Cfg's asserts; the kernel traps on a misaligned dynamic shared memory base).
 __device__ __forceinline__ void cp_async_16_to(uint32_t saddr, const void* gmem) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(saddr), "l"(gmem));
 }
@@ -94,7 +84,7 @@ template <int kDPad, int kKeys_, int kStages_>
 struct Cfg {
   static constexpr int kKeys = kKeys_;
   static constexpr int kStages = kStages_;
-  static constexpr int kD = kDPad;          // a K/V row in shared memory (kv_offset)
+  static constexpr int kD = kDPad;          // a K/V row in shared memory (kv_swizzle.h)
   static constexpr int kLdQ = kDPad + kPad;  // a Q row
   static constexpr int kStageElems = 2 * kKeys * kD;  // K then V
   static constexpr int kWarpElems = kStages * kStageElems;
@@ -156,20 +146,16 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
                                                   int lane, int lane_page, int lane_row, longlong2* row_table) {
-  constexpr int kChunks = C::kD / 8;
-  constexpr int kRowsPerStep = 32 / kChunks;
+  using Swz = KvSwizzle<C::kD>;
+  constexpr int kChunks = Swz::kChunks;
+  constexpr int kRowsPerStep = Swz::kRowsPerStep;
   static_assert(32 % kChunks == 0 && C::kKeys % kRowsPerStep == 0 && C::kKeys <= 32, "whole rows per warp step");
   const int r0 = lane / kChunks, c = lane % kChunks;
   const T* gk = static_cast<const T*>(p.k) + hk * p.k_stride[1] + c * 8;
   const T* gv = static_cast<const T*>(p.v) + hk * p.v_stride[1] + c * 8;
-  // Row r0 + it * kRowsPerStep has low bits r0 | (it * kRowsPerStep & 7) (r0 < kRowsPerStep,
-  // a power of two), so its slot is the lane's row-r0 slot XOR-ed with a constant per step.
-  constexpr uint32_t kRowBytes = C::kD * 2;
-  const uint32_t lane_slot = r0 * kRowBytes + ((c ^ r0) << 4);
+  const uint32_t lane_slot = Swz::copy_lane(lane);
   const uint32_t k_base = smem_addr(sK), v_base = smem_addr(sV);
-  auto smem_off = [&](int it) {
-    return (lane_slot ^ (uint32_t(it * kRowsPerStep & 7) << 4)) + it * kRowsPerStep * kRowBytes;
-  };
+  auto smem_off = [&](int it) { return Swz::copy_step(lane_slot, it); };
   // Consecutive keys from the lane's first row: a dense cache, or a tile inside one page.
   auto stepped = [&](const T* gk_row, const T* gv_row) {
     const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
@@ -250,7 +236,7 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const DecodeParams& p
     const T* krow = row_ok ? gk + k_off : gk;
     const T* vrow = row_ok ? gv + v_off : gv;
     const bool k_ok = row_ok && c * 8 < p.D, v_ok = row_ok && c * 8 < p.Dv;
-    const int off = kv_offset<C::kD>(r, c);
+    const int off = KvSwizzle<C::kD>::offset(r, c);
     cp_async_16_zfill(sK + off, k_ok ? krow + c * 8 : gk, k_ok ? 16 : 0);
     cp_async_16_zfill(sV + off, v_ok ? vrow + c * 8 : gv, v_ok ? 16 : 0);
   }
@@ -269,7 +255,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (smem_addr(smem_raw) & 127) __trap();  // the K/V swizzle needs 128-byte aligned rows (kv_offset)
+  if (smem_addr(smem_raw) & 127) __trap();  // the K/V swizzle needs 128-byte aligned rows (kv_swizzle.h)
   T* sW = sQ + kRows * kLdQ + warp * C::kWarpElems;  // this warp's stages
   // This warp's paged row table (load_full_kv_tile), after all warps' stages.
   longlong2* row_table = reinterpret_cast<longlong2*>(sQ + kRows * kLdQ + kWarps * C::kWarpElems) + warp * 32;
@@ -417,14 +403,12 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     float s[kNtS][4];
 #pragma unroll
     for (int nt = 0; nt < kNtS; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-    // Lane l addresses row (l & 7) + (l >> 4) * 8 (+ 16 per n-pair) at chunk ((l >> 3) & 1)
-    // (+ 2 per k-step); every such row's low bits are l & 7, hence one XOR per k-step.
-    const uint32_t swz = uint32_t(lane & 7) << 4;
-    const uint32_t k_lane = smem_addr(sK) + ((lane & 7) + (lane >> 4) * 8) * (kDPad * 2) + ((lane >> 3) & 1) * 16;
+    using Swz = KvSwizzle<kDPad>;
+    const uint32_t swz = Swz::xor_bits(lane);
+    const uint32_t k_lane = smem_addr(sK) + Swz::k_lane(lane);
 #pragma unroll
     for (int kk = 0; kk < kDSteps; ++kk) {
       if (kk * 16 >= p.D) break;  // warp-uniform: padding columns are zero
-      const uint32_t k_kk = (k_lane + kk * 32) ^ swz;
       uint32_t qs[4];
       if constexpr (kQInRegs) {
         qs[0] = qa[kk][0], qs[1] = qa[kk][1], qs[2] = qa[kk][2], qs[3] = qa[kk][3];
@@ -434,7 +418,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
 #pragma unroll
       for (int np = 0; np < kNtS / 2; ++np) {
         uint32_t bk[4];
-        ldsm_x4(bk, k_kk + np * 16 * (kDPad * 2));
+        ldsm_x4(bk, Swz::k_read(k_lane, swz, kk, np));
         mma_16816<T>(s[2 * np], qs, bk[0], bk[1]);
         mma_16816<T>(s[2 * np + 1], qs, bk[2], bk[3]);
       }
@@ -502,9 +486,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
     }
 
     // O += P . V, P straight from the S accumulators (they are the A fragments).
-    // Lane l addresses row (l & 7) + ((l >> 3) & 1) * 8 (+ 16 per k-step) at chunk l >> 4 (+ 2
-    // per n-pair).
-    const uint32_t v_lane = smem_addr(sV) + ((lane & 7) + ((lane >> 3) & 1) * 8) * (kDPad * 2) + (lane >> 4) * 16;
+    const uint32_t v_lane = smem_addr(sV) + Swz::v_lane(lane);
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk) {
       uint32_t a[4];
@@ -513,7 +495,7 @@ __global__ void __launch_bounds__(kThreads, (Cfg<kDPad, kKeys, kStages>::kCtasPe
       for (int np = 0; np < kNtO / 2; ++np) {
         if (np * 16 >= p.Dv) break;  // warp-uniform
         uint32_t bv[4];
-        ldsm_x4_trans(bv, ((v_lane + np * 32) ^ swz) + kk * 16 * (kDPad * 2));
+        ldsm_x4_trans(bv, Swz::v_read(v_lane, swz, kk, np));
         mma_16816<T>(o[2 * np], a, bv[0], bv[1]);
         mma_16816<T>(o[2 * np + 1], a, bv[2], bv[3]);
       }
