@@ -9,7 +9,7 @@
 //
 // Byte offsets from a tile's start (128-byte aligned), as the kernel's copies and ldmatrix
 // reads compute them: the swizzle is an XOR on bits 4-6. Host-compilable, so
-// tests/cpp/test_kv_swizzle.cpp can check that copies and reads agree with kv_offset.
+// tests/cpp/test_kv_swizzle.cpp can check that copies and reads agree with offset().
 #pragma once
 
 #include <cstdint>
