@@ -203,6 +203,43 @@ def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
 
 
 
+@pytest.mark.parametrize("page_size", [16, 64, 48])
+@pytest.mark.parametrize("D,keys", [(128, 32), (128, 16), (64, 32)])
+def test_paged_pools_with_their_own_strides(page_size, D, keys):
+    """K's pool slot-major ([num_pages, page, Hkv, D] as stored), V's head-major (stored
+    [num_pages, Hkv, page, D], passed as the same shape transposed), so the copy finds a
+    row's K and V at different offsets; pages of 16 and 48 split the kernel's key tiles,
+    pages of 64 hold whole tiles (the copy's one-page case), 48 is not a power of two.
+    keys: the kernel's key tile, which the batch picks (16-key tiles at D128 once batch x KV
+    heads passes 4 x SMs, decode_api.cu)."""
+    H, Hkv, Smax = 8, 2, 1500
+    B = 2 if keys == 32 else 300  # B x Hkv > 4 x SMs picks 16-key tiles at D128 (decode_api.cu)
+    g = torch.Generator(device="cuda").manual_seed(page_size + D + keys)
+    q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    hist_k = torch.randn(B, Hkv, Smax, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    hist_v = torch.randn(B, Hkv, Smax, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    lens = [(1499 - 7 * b) % Smax for b in range(B)]
+    lens[0] = 1499
+    P = -(-Smax // page_size)
+    perm = torch.randperm(B * P, device="cuda").view(B, P).to(torch.int32)
+    padded = torch.zeros(B, Hkv, P * page_size, D, device="cuda", dtype=torch.bfloat16)
+    padded[:, :, :Smax] = hist_k
+    pool_k = torch.empty(B * P, page_size, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    pool_k[perm.view(-1).long()] = padded.view(B, Hkv, P, page_size, D).permute(0, 2, 3, 1, 4).reshape(
+        B * P, page_size, Hkv, D)
+    padded[:, :, :Smax] = hist_v
+    store_v = torch.empty(B * P, Hkv, page_size, D, device="cuda", dtype=torch.bfloat16)
+    store_v[perm.view(-1).long()] = padded.view(B, Hkv, P, page_size, D).permute(0, 2, 1, 3, 4).reshape(
+        B * P, Hkv, page_size, D)
+    pool_v = store_v.transpose(1, 2)
+    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_kvcache(q, pool_k, pool_v, block_table=perm, cache_seqlens=lens_t)
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    ref, _ = _kvcache_reference(q, hist_k, hist_v, lens)
+    assert_close(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("shape", ["padding [B,1,1,S]", "per head [B,H,N,S]"])
 @pytest.mark.parametrize("S", [300, 9000])
 def test_bool_mask_on_the_decode_kernel(shape, S):
