@@ -30,8 +30,10 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
           a 32-layer decode step captured in a CUDA graph against SDPA's (bench_cuda_decode).
   varlen  64 random-length sequences (bench_features.py), forward and training step,
           against torch's varlen_attn and FA4's varlen when they import.
-  sparse  a video locality block mask and a causal window of 1024 (bench_features.py),
-          against FlexAttention and our own dense call.
+  sparse  the video locality block mask (video3d, also at 64-blocks) and the causal
+          sliding-window-512 mask at N 4k/8k/16k (bench_features.py), against FlexAttention
+          and our own dense call. Varlen and sparse rows carry issue 9's fields: op, case,
+          pass (fwd | fwd_bwd), N, ms, tflops, active.
   e2e     transformers models end to end (bench_e2e.py): training steps, prefill, decode
           tokens/s with a static cache under CUDA graphs, against sdpa / eager / FA2-4.
   all     host, fwd, bwd, decode, varlen, sparse, e2e, in that order.
@@ -961,10 +963,12 @@ def to_markdown(result):
         lines += _host_markdown(host)
     dense = [r for r in rows if r["op"] not in ("host", "e2e")]
     lines += _summary_markdown(dense, cuda="CPU" not in result["device"])
-    present = _ordered(r["op"] for r in dense)
+    # A section per op, and per pass where rows have one (varlen, sparse: "sparse_fwd", ...).
+    section = lambda r: r["op"] + (f"_{r['pass']}" if r.get("pass") else "")  # noqa: E731
+    present = _ordered(section(r) for r in dense)
     for op in [o for o in ("fwd", "bwd", "fwd_bwd", "decode") if o in present] + \
             [o for o in present if o not in ("fwd", "bwd", "fwd_bwd", "decode")]:
-        oprows = [r for r in dense if r["op"] == op]
+        oprows = [r for r in dense if section(r) == op]
         # Rows with a "case" (varlen, sparse: masks of one shape) are keyed and labelled by it.
         rkey = lambda r: (r["dtype"], r["B"], r["H"], r["Hkv"], r["N"], r["S"], r["D"], r["causal"],  # noqa: E731
                           r["window"], r.get("case"))
@@ -995,8 +999,10 @@ def to_markdown(result):
             cells = [cell(by[i]) if i in by else "-" for i in impls]
             ours = by.get("steelattn")
             ratios = [f"{by[a]['ms'] / ours['ms']:.2f}x" if a in by and ours and ours["ms"] > 0 else "-" for a in anchors]
-            line = f"| {dt} | {B} | {H}/{Hkv} | {N} | {S} | {D} | {_mask_name(causal, window) + (f': {case}' if case else '')} | " + \
-                " | ".join(cells)
+            active = next((r["active"] for r in by.values() if r.get("active") is not None), None)
+            label = _mask_name(causal, window) + (f": {case}" if case else "") + (
+                f", {active:.1%} active" if active is not None else "")
+            line = f"| {dt} | {B} | {H}/{Hkv} | {N} | {S} | {D} | {label} | " + " | ".join(cells)
             line += "".join(f" | {x}" for x in ratios)
             if has_path:
                 line += f" | {_fmt_path(ours.get('path')) if ours else '-'}"

@@ -6,13 +6,17 @@ varlen  64 sequences of random length (seed 0, 1..511 tokens, 16384 in all is th
         `torch.nn.attention.varlen.varlen_attn`, FA4's `flash_attn_varlen_func` when it
         imports; CPU: a smaller cell, no peer but steelattn's dense call on each sequence.
         Useful FLOPs: the causal pairs of each sequence, 4 * H * D per pair.
-sparse  a video locality mask (16 frames of 32 x 32 patches, N 16384, |dt| <= 1 and
-        Chebyshev spatial radius 6, blocks of 128: ~10 % active) and a causal sliding
-        window of 1024, H16 D128 bf16. Peer: FlexAttention (compiled) with the same mask as
-        a BlockMask; steelattn's dense call as the (active fraction x dense) yardstick.
-        FLOPs: the active blocks' pairs.
-Rows: {"op": "varlen_fwd" | "varlen_fwd_bwd" | "sparse_fwd" | "sparse_fwd_bwd", "case", ...}
-in bench.py's row format (B = number of sequences for varlen, N = S = total tokens).
+sparse  video3d: the anchors' video locality mask (16 frames of 32 x 32 patches, N 16384,
+        |dt| <= 1 and Chebyshev spatial radius 6, blocks of 128: ~10 % active), also at
+        blocks of 64 (video3d-64, off the Hopper kernels' tiles); window512: the causal
+        sliding-window-512 block mask at N 4k, 8k and 16k; H16 D128 bf16. Peer:
+        FlexAttention (compiled) with the same mask as a BlockMask; steelattn's dense call
+        as the (active fraction x dense) yardstick. FLOPs: the active blocks' pairs.
+Rows (issue 9): {"op": "varlen" | "sparse", "case": "random64" | "video3d" | "video3d-64" |
+"window512", "pass": "fwd" | "fwd_bwd", "impl", "N", "ms", "tflops", "active"} plus bench.py's
+other row fields (B = number of sequences for varlen, N = S = total tokens). "active": the
+fraction of blocks the mask keeps (sparse), of the packed [total, total] score grid the
+sequences' causal pairs cover (varlen). The markdown has a section per op and pass.
 """
 from __future__ import annotations
 
@@ -72,28 +76,29 @@ def bench_varlen(device="cpu", quick=False, log=print, run=None):
     timer = _b.time_cuda if device == "cuda" else _b.time_cpu
     impls = {"steelattn": lambda q, k, v: steelattn.flash_attention_varlen(q, k, v, cu, cu, causal=True)}
     impls.update(_varlen_peers(device, cu, max(lens), log))
-    for op in ("varlen_fwd", "varlen_fwd_bwd"):
+    pairs = sum(n * (n + 1) // 2 for n in lens)
+    for pas in ("fwd", "fwd_bwd"):
         if run.out_of_time():
             continue
         res = {}
         for name, fn in impls.items():
-            ins = [t.detach().clone().requires_grad_(op == "varlen_fwd_bwd") for t in base]
-            step = (lambda fn=fn, ins=ins: fn(*ins)) if op == "varlen_fwd" else \
+            ins = [t.detach().clone().requires_grad_(pas == "fwd_bwd") for t in base]
+            step = (lambda fn=fn, ins=ins: fn(*ins)) if pas == "fwd" else \
                 (lambda fn=fn, ins=ins: torch.autograd.grad(fn(*ins), ins, dout))
             try:
                 _b._stats_reset()
                 res[name] = timer(step)
                 path = _b._stats_read() if name == "steelattn" else None
             except Exception as e:
-                log(f"  {op} {name} failed: {type(e).__name__}: {str(e)[:200]}")
+                log(f"  varlen {pas} {name} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            row = _b._row(op, _b._DTNAME[dt], len(lens), H, H, T, T, D, True, None, name, res[name],
-                          fl * (3.5 if op == "varlen_fwd_bwd" else 1.0))
-            row["case"] = f"{len(lens)} sequences, {T} tokens"
+            row = _b._row("varlen", _b._DTNAME[dt], len(lens), H, H, T, T, D, True, None, name, res[name],
+                          fl * (3.5 if pas == "fwd_bwd" else 1.0))
+            row.update({"pass": pas, "case": f"random{len(lens)}", "active": round(pairs / (T * T), 6)})
             if path is not None:
                 row["path"] = path
             run.add(row)
-        log(f"  {op}: " + "  ".join(f"{n} {t:.3f} ms" for n, t in res.items()))
+        log(f"  varlen {pas}: " + "  ".join(f"{n} {t:.3f} ms" for n, t in res.items()))
         run.flush()
     return run.rows[n0:]
 
@@ -104,31 +109,30 @@ def video_block_mask(frames=16, h=32, w=32, radius=6, dt=1, block=128, device="c
                                           block_size=block, device=device)
 
 
-def sparse_cases(device, frames, side):
-    """The sparse bench's masks over N = frames * side^2 tokens: {case: (block mask, block
-    size, causal)}. "video 64" is the same locality at 64 x 64 blocks, off the Hopper
-    kernels' 128 x 128 tiles (partly active tiles are masked per 16 x 16 cell)."""
-    N = frames * side * side
-    return {"video": (video_block_mask(frames, side, side, device=device), 128, False),
-            "video 64": (video_block_mask(frames, side, side, block=64, device=device), 64, False),
-            "window 1024": (steelattn.make_sliding_window_mask(N, 1024 if device == "cuda" else 256, causal=True,
-                                                               device=device), 128, True)}
+def sparse_cases(device):
+    """The sparse bench's masks: [(case, N, block mask, block size, causal)]. video3d is the
+    anchors' video locality over N = 16 frames x 32 x 32 (CPU: 4 x 16 x 16); video3d-64 the
+    same at 64 x 64 blocks, off the Hopper kernels' 128 x 128 tiles (partly active tiles are
+    masked per 16 x 16 cell); window512 the causal sliding window of 512 at N 4k, 8k, 16k
+    (CPU: 1k, 2k)."""
+    frames, side = (16, 32) if device == "cuda" else (4, 16)
+    nv = frames * side * side
+    cases = [("video3d", nv, video_block_mask(frames, side, side, device=device), 128, False),
+             ("video3d-64", nv, video_block_mask(frames, side, side, block=64, device=device), 64, False)]
+    for n in (4096, 8192, 16384) if device == "cuda" else (1024, 2048):
+        cases.append(("window512", n, steelattn.make_sliding_window_mask(n, 512, causal=True, device=device), 128, True))
+    return cases
 
 
 def bench_sparse(device="cpu", quick=False, log=print, run=None):
     run = run or _b._Run(device, log=log)
     n0 = len(run.rows)
-    if device == "cuda":
-        H, D, dt, frames, side = 16, 128, torch.bfloat16, 16, 32
-    else:
-        H, D, dt, frames, side = 4, 64, torch.float32, 4, 16
-    N = frames * side * side
-    cases = sparse_cases(device, frames, side)
+    H, D, dt = (16, 128, torch.bfloat16) if device == "cuda" else (4, 64, torch.float32)
     timer = _b.time_cuda if device == "cuda" else _b.time_cpu
-    g = torch.Generator(device=device).manual_seed(2)
-    base = [_b._randn((1, H, N, D), device, dt, g) for _ in range(3)]
-    dout = _b._randn((1, H, N, D), device, dt, g)
-    for case, (blocks, bs, causal) in cases.items():
+    for case, N, blocks, bs, causal in sparse_cases(device):
+        g = torch.Generator(device=device).manual_seed(2)
+        base = [_b._randn((1, H, N, D), device, dt, g) for _ in range(3)]
+        dout = _b._randn((1, H, N, D), device, dt, g)
         token = steelattn.sparse.token_mask(blocks, bs, bs, N, N)
         if causal:
             token = token & torch.ones(N, N, dtype=torch.bool, device=device).tril()
@@ -143,28 +147,29 @@ def bench_sparse(device="cpu", quick=False, log=print, run=None):
                 impls["flex"] = flex
             except Exception as e:
                 log(f"  sparse {case}: FlexAttention unavailable: {type(e).__name__}: {str(e)[:160]}")
-        for op in ("sparse_fwd", "sparse_fwd_bwd"):
+        active = round(float(blocks.float().mean()), 6)
+        for pas in ("fwd", "fwd_bwd"):
             if run.out_of_time():
                 continue
             res = {}
             for name, fn in impls.items():
-                ins = [t.detach().clone().requires_grad_(op == "sparse_fwd_bwd") for t in base]
-                step = (lambda fn=fn, ins=ins: fn(*ins)) if op == "sparse_fwd" else \
+                ins = [t.detach().clone().requires_grad_(pas == "fwd_bwd") for t in base]
+                step = (lambda fn=fn, ins=ins: fn(*ins)) if pas == "fwd" else \
                     (lambda fn=fn, ins=ins: torch.autograd.grad(fn(*ins), ins, dout))
                 try:
                     _b._stats_reset()
                     res[name] = timer(step)
                     path = _b._stats_read() if name.startswith("steelattn") else None
                 except Exception as e:
-                    log(f"  {op} {case} {name} failed: {type(e).__name__}: {str(e)[:200]}")
+                    log(f"  sparse {pas} {case} N {N} {name} failed: {type(e).__name__}: {str(e)[:200]}")
                     continue
-                row = _b._row(op, _b._DTNAME[dt], 1, H, H, N, N, D, causal, None, name, res[name],
-                              fl * (3.5 if op == "sparse_fwd_bwd" else 1.0))
-                row["case"] = f"{case}, {float(blocks.float().mean()):.1%} of blocks active"
+                row = _b._row("sparse", _b._DTNAME[dt], 1, H, H, N, N, D, causal, None, name, res[name],
+                              fl * (3.5 if pas == "fwd_bwd" else 1.0))
+                row.update({"pass": pas, "case": case, "active": active})
                 if path is not None:
                     row["path"] = path
                 run.add(row)
-            log(f"  {op} {case}: " + "  ".join(f"{n} {t:.3f} ms" for n, t in res.items()))
+            log(f"  sparse {pas} {case} N {N}: " + "  ".join(f"{n} {t:.3f} ms" for n, t in res.items()))
             run.flush()
     return run.rows[n0:]
 

@@ -6,13 +6,19 @@ import steelattn.bench as bench
 def test_varlen_and_sparse_rows(tmp_path):
     res = bench.run("cpu", quick=True, ops=["varlen", "sparse"], log=lambda *a: None,
                     json_path=str(tmp_path / "b.json"), md_path=str(tmp_path / "b.md"))
-    ops = {r["op"] for r in res["rows"]}
-    assert ops == {"varlen_fwd", "varlen_fwd_bwd", "sparse_fwd", "sparse_fwd_bwd"}, ops
+    # issue 9's row format: op, case, pass, N, ms, tflops, active
+    cells = {(r["op"], r["case"], r["pass"], r["N"]) for r in res["rows"]}
+    for pas in ("fwd", "fwd_bwd"):
+        assert any(c[0] == "varlen" and c[1].startswith("random") and c[2] == pas for c in cells), cells
+        for case in ("video3d", "video3d-64"):
+            assert any(c[:3] == ("sparse", case, pas) for c in cells), cells
+        assert {c[3] for c in cells if c[:3] == ("sparse", "window512", pas)} == {1024, 2048}, cells
     for r in res["rows"]:
-        assert r["ms"] > 0 and r["tflops"] > 0 and r["case"], r
+        assert r["ms"] > 0 and r["tflops"] > 0 and 0 < r["active"] <= 1, r
         if r["impl"] == "steelattn":
             assert "torch" not in r["path"].get("forward", {}), r
-    assert "## sparse_fwd" in (tmp_path / "b.md").read_text()
+    md = (tmp_path / "b.md").read_text()
+    assert "## sparse_fwd_bwd" in md and "## varlen_fwd" in md and "window512" in md, md
 
 
 def test_host_rows(tmp_path):
