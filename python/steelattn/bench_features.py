@@ -5,7 +5,9 @@ varlen  64 sequences of random length (seed 0, 1..511 tokens, 16384 in all is th
         anchors' cell; --quick uses the same), H16 D128 bf16 causal. Peers: torch's
         `torch.nn.attention.varlen.varlen_attn`, FA4's `flash_attn_varlen_func` when it
         imports; CPU: a smaller cell, no peer but steelattn's dense call on each sequence.
-        Useful FLOPs: the causal pairs of each sequence, 4 * H * D per pair.
+        Useful FLOPs: the causal pairs of each sequence, 4 * H * D per pair. Beside them,
+        steelattn-dense: our dense causal call on 64 equal sequences of the same tokens
+        (its own FLOPs): what the cell would cost without ragged lengths.
 sparse  video3d: the anchors' video locality mask (16 frames of 32 x 32 patches, N 16384,
         |dt| <= 1 and Chebyshev spatial radius 6, blocks of 128: ~10 % active), also at
         blocks of 64 (video3d-64, off the Hopper kernels' tiles); window512: the causal
@@ -76,6 +78,13 @@ def bench_varlen(device="cpu", quick=False, log=print, run=None):
     timer = _b.time_cuda if device == "cuda" else _b.time_cpu
     impls = {"steelattn": lambda q, k, v: steelattn.flash_attention_varlen(q, k, v, cu, cu, causal=True)}
     impls.update(_varlen_peers(device, cu, max(lens), log))
+    # The yardstick: our dense causal call on as many equal sequences holding the same tokens
+    # (B x T // B of them; its own FLOPs), i.e. what varlen would cost without ragged lengths.
+    B, n_eq = len(lens), T // len(lens)
+    impls["steelattn-dense"] = lambda q, k, v: steelattn.flash_attention(
+        *(t[:B * n_eq].view(B, n_eq, H, D).transpose(1, 2) for t in (q, k, v)), causal=True)
+    fl_dense = B * 4 * H * D * n_eq * (n_eq + 1) // 2
+    douts = {"steelattn-dense": dout[:B * n_eq].view(B, n_eq, H, D).transpose(1, 2)}
     pairs = sum(n * (n + 1) // 2 for n in lens)
     for pas in ("fwd", "fwd_bwd"):
         if run.out_of_time():
@@ -84,16 +93,16 @@ def bench_varlen(device="cpu", quick=False, log=print, run=None):
         for name, fn in impls.items():
             ins = [t.detach().clone().requires_grad_(pas == "fwd_bwd") for t in base]
             step = (lambda fn=fn, ins=ins: fn(*ins)) if pas == "fwd" else \
-                (lambda fn=fn, ins=ins: torch.autograd.grad(fn(*ins), ins, dout))
+                (lambda fn=fn, ins=ins, d=douts.get(name, dout): torch.autograd.grad(fn(*ins), ins, d))
             try:
                 _b._stats_reset()
                 res[name] = timer(step)
-                path = _b._stats_read() if name == "steelattn" else None
+                path = _b._stats_read() if name.startswith("steelattn") else None
             except Exception as e:
                 log(f"  varlen {pas} {name} failed: {type(e).__name__}: {str(e)[:200]}")
                 continue
             row = _b._row("varlen", _b._DTNAME[dt], len(lens), H, H, T, T, D, True, None, name, res[name],
-                          fl * (3.5 if pas == "fwd_bwd" else 1.0))
+                          (fl_dense if name == "steelattn-dense" else fl) * (3.5 if pas == "fwd_bwd" else 1.0))
             row.update({"pass": pas, "case": f"random{len(lens)}", "active": round(pairs / (T * T), 6)})
             if path is not None:
                 row["path"] = path
