@@ -4,7 +4,7 @@ in the cells issue 9's bar is judged on, against their peers in the same process
 varlen  64 sequences of random length (seed 0, 1..511 tokens, 16384 in all is the
         anchors' cell; --quick uses the same), H16 D128 bf16 causal. Peers: torch's
         `torch.nn.attention.varlen.varlen_attn`, FA4's `flash_attn_varlen_func` when it
-        imports; CPU: a smaller cell, no peer but steelattn's dense call on each sequence.
+        imports; CPU: a smaller cell, no peer.
         Useful FLOPs: the causal pairs of each sequence, 4 * H * D per pair. Beside them,
         steelattn-dense: our dense causal call on 64 equal sequences of the same tokens
         (its own FLOPs): what the cell would cost without ragged lengths.
