@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define STEELATTN_HD __host__ __device__ __forceinline__
-#else
-#define STEELATTN_HD inline
-#endif
+#include "steelattn/detail/host_device.h"
 
 namespace steelattn::detail {
 

@@ -19,17 +19,13 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define STEELATTN_WALK_FN __host__ __device__ __forceinline__
-#else
-#define STEELATTN_WALK_FN inline
-#endif
+#include "steelattn/detail/host_device.h"
 
 namespace steelattn::sm90 {
 
 namespace walk_detail {
 template <class T>
-STEELATTN_WALK_FN T load(const T* p) {
+STEELATTN_HD T load(const T* p) {
 #if defined(__CUDA_ARCH__)
   return __ldg(p);
 #else
@@ -37,14 +33,14 @@ STEELATTN_WALK_FN T load(const T* p) {
 #endif
 }
 // The entry (byte index) of the highest / lowest nonzero byte of v != 0.
-STEELATTN_WALK_FN int highest_byte(uint64_t v) {
+STEELATTN_HD int highest_byte(uint64_t v) {
 #if defined(__CUDA_ARCH__)
   return (63 - __clzll(static_cast<long long>(v))) / 8;
 #else
   return (63 - __builtin_clzll(v)) / 8;
 #endif
 }
-STEELATTN_WALK_FN int lowest_byte(uint64_t v) {
+STEELATTN_HD int lowest_byte(uint64_t v) {
 #if defined(__CUDA_ARCH__)
   return (__ffsll(static_cast<long long>(v)) - 1) / 8;
 #else
@@ -54,7 +50,7 @@ STEELATTN_WALK_FN int lowest_byte(uint64_t v) {
 }  // namespace walk_detail
 
 // The highest c in [c_lo, c] with line[c * stride] != 0, or c_lo - 1 when none.
-STEELATTN_WALK_FN int last_active_entry(const uint8_t* line, int64_t stride, int c, int c_lo) {
+STEELATTN_HD int last_active_entry(const uint8_t* line, int64_t stride, int c, int c_lo) {
   if (stride != 1) {
     for (; c >= c_lo; --c)
       if (walk_detail::load(line + static_cast<int64_t>(c) * stride) != 0) return c;
@@ -76,7 +72,7 @@ STEELATTN_WALK_FN int last_active_entry(const uint8_t* line, int64_t stride, int
 }
 
 // The lowest c in [c, c_hi] with line[c * stride] != 0, or c_hi + 1 when none.
-STEELATTN_WALK_FN int first_active_entry(const uint8_t* line, int64_t stride, int c, int c_hi) {
+STEELATTN_HD int first_active_entry(const uint8_t* line, int64_t stride, int c, int c_hi) {
   if (stride != 1) {
     for (; c <= c_hi; ++c)
       if (walk_detail::load(line + static_cast<int64_t>(c) * stride) != 0) return c;
@@ -97,5 +93,3 @@ STEELATTN_WALK_FN int first_active_entry(const uint8_t* line, int64_t stride, in
 }
 
 }  // namespace steelattn::sm90
-
-#undef STEELATTN_WALK_FN
