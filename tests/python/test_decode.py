@@ -83,6 +83,18 @@ def _kvcache_reference(q, k, v, lens, **kw):
     return torch.cat(outs), torch.cat(lses)
 
 
+def _check_read_in_place(q, k_cache, v_cache, hist_k, hist_v, lens, **kw):
+    """flash_attention_kvcache over caches holding hist_k / hist_v ([B, Hkv, S, D]) however
+    they are laid out (kw: block_table, cache_batch_idx): one decode-kernel call, no gather,
+    equal to the reference over each entry's first lens[b] keys."""
+    steelattn.reset_dispatch_stats()
+    out = steelattn.flash_attention_kvcache(q, k_cache, v_cache,
+                                            cache_seqlens=torch.tensor(lens, dtype=torch.int32, device="cuda"), **kw)
+    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
+    ref, _ = _kvcache_reference(q, hist_k, hist_v, lens)
+    assert_close(out, ref, torch.bfloat16)
+
+
 @pytest.mark.parametrize("D", [64, 128, 256])
 @pytest.mark.parametrize("window", [None, (100, 0)])
 def test_kvcache_lengths_on_device_with_splits(D, window):
@@ -187,20 +199,11 @@ def test_paged_and_slot_mapped_caches_are_read_in_place(page_size):
     table = perm.clone()
     for b, n in enumerate(lens):  # pages past the length are unused: -1, never read
         table[b, -(-n // page_size):] = -1
-    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    steelattn.reset_dispatch_stats()
-    out = steelattn.flash_attention_kvcache(q, pool_k, pool_v, block_table=table, cache_seqlens=lens_t)
-    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
-    ref, _ = _kvcache_reference(q, hist_k, hist_v, lens)
-    assert_close(out, ref, torch.bfloat16)
+    _check_read_in_place(q, pool_k, pool_v, hist_k, hist_v, lens, block_table=table)
 
     slots = torch.tensor([2, 0, 1], dtype=torch.int32, device="cuda")  # entry b reads cache slots[b]
     caches_k, caches_v = hist_k[[1, 2, 0]].contiguous(), hist_v[[1, 2, 0]].contiguous()
-    steelattn.reset_dispatch_stats()
-    out = steelattn.flash_attention_kvcache(q, caches_k, caches_v, cache_batch_idx=slots, cache_seqlens=lens_t)
-    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
-    assert_close(out, ref, torch.bfloat16)
-
+    _check_read_in_place(q, caches_k, caches_v, hist_k, hist_v, lens, cache_batch_idx=slots)
 
 
 @pytest.mark.parametrize("page_size", [16, 64, 48])
@@ -231,13 +234,7 @@ def test_paged_pools_with_their_own_strides(page_size, D, keys):
     store_v = torch.empty(B * P, Hkv, page_size, D, device="cuda", dtype=torch.bfloat16)
     store_v[perm.view(-1).long()] = padded.view(B, Hkv, P, page_size, D).permute(0, 2, 1, 3, 4).reshape(
         B * P, Hkv, page_size, D)
-    pool_v = store_v.transpose(1, 2)
-    lens_t = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    steelattn.reset_dispatch_stats()
-    out = steelattn.flash_attention_kvcache(q, pool_k, pool_v, block_table=perm, cache_seqlens=lens_t)
-    assert _ran() == {"forward": {"cuda_decode": 1}}, _ran()
-    ref, _ = _kvcache_reference(q, hist_k, hist_v, lens)
-    assert_close(out, ref, torch.bfloat16)
+    _check_read_in_place(q, pool_k, store_v.transpose(1, 2), hist_k, hist_v, lens, block_table=perm)
 
 
 @pytest.mark.parametrize("shape", ["padding [B,1,1,S]", "per head [B,H,N,S]"])
