@@ -36,20 +36,17 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr int kSmemPerSm = 227 * 1024;
 constexpr int kMaxSplits = 128;  // key splits per (b, hkv, row group): the combine kernel's weights
 
-// Prepared, not yet run on the H200 (a build-time switch, so the default kernels stay the
-// ones measured): paged full tiles without a shuffle pair and two 64-bit multiply-adds per
-// row. ncu at B8 S32k, page 16: the paged kernel ran 68.1M instructions against the dense
-// kernel's 40.7M and streamed at 77% of DRAM peak against 91% (NOTES.md, session 9). With
-// the switch, each lane turns its own key's (page, slot) into byte offsets in the K and V
-// pools once per tile and parks them in a per-warp row table in shared memory; the
-// half-warp copying a row reads them back with one broadcast 16-byte load (shuffles made
-// ptxas wrap each in a divergence check); a tile inside one page takes the dense loader's
-// stepped pointer; power-of-two pages shift instead of dividing.
-#ifndef STEELATTN_DECODE_PAGED_OFFSETS
-#define STEELATTN_DECODE_PAGED_OFFSETS 0
-#endif
+// Paged full tiles (load_full_kv_tile). A tile inside one page, or made of 16-row segments
+// each inside one page (pages a multiple of 16 keys: the common sizes), copies like a dense
+// tile, from a pointer stepped by rows per segment. Any other tile: each lane turns its own
+// key's (page, slot) into byte offsets in the K and V pools once per tile and parks them in
+// a per-warp row table in shared memory; the half-warp copying a row reads them back with
+// one broadcast 16-byte load (per-row shuffles made ptxas wrap each in a divergence check).
+// Power-of-two pages shift instead of dividing. History in NOTES.md, sessions 9-10: per-row
+// shuffles and 64-bit multiply-adds ran 68.1M instructions at B8 S32k page 16 (dense 40.7M)
+// and streamed at 77% of DRAM peak; the row table, 49.2M and 81%.
 // Per warp, a paged tile's row table: (K, V) byte offsets of each of its (up to 32) keys.
-constexpr int kRowTableBytes = STEELATTN_DECODE_PAGED_OFFSETS ? kWarps * 32 * 16 : 0;
+constexpr int kRowTableBytes = kWarps * 32 * 16;
 
 // Shared memory of a CTA (Q rows, then each warp's stages of K and V tiles), and how many
 // CTAs fit on an SM beside the per-CTA reserve; the host picks splits from the same numbers.
@@ -121,11 +118,7 @@ __device__ __forceinline__ void allow_next_grid() {
 
 // Key j's page-table column (paged caches).
 __device__ __forceinline__ int page_index(const DecodeParams& p, int j) {
-#if STEELATTN_DECODE_PAGED_OFFSETS
   return p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
-#else
-  return j / p.page_size;
-#endif
 }
 
 // Paged caches: the page of key row `lane` of a tile, looked up by lane `lane` (< kKeys) one
@@ -139,10 +132,9 @@ __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int j, int 
 // A whole warp tile at D = Dv = kDPad: each lane copies one 16-byte chunk of every
 // (32 / chunks per row)-th row, with no per-chunk index math or predicates (ncu at B8 S32k:
 // ~700 instructions per tile per warp, the warps' own chains at 7 cycles per instruction
-// taking the whole kernel time). Dense: from a pointer stepped by rows. Paged: each row
-// through the page and in-page row that lane r (key n0 + r) holds (with the general
-// loader's index math and zero-fill selects, 32-key paged tiles were 4-11% slower);
-// `row_table`: this warp's (STEELATTN_DECODE_PAGED_OFFSETS).
+// taking the whole kernel time). Dense: from a pointer stepped by rows. Paged: through the
+// page and in-page row that lane r (key n0 + r) holds, stepped per run of keys inside one
+// page where it can, else through `row_table` (this warp's; see kRowTableBytes).
 template <typename T, typename C, bool kPaged>
 __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodeParams& p, int entry, int hk, int n0,
                                                   int lane, int lane_page, int lane_row, longlong2* row_table) {
@@ -156,27 +148,40 @@ __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodePara
   const uint32_t lane_slot = Swz::copy_lane(lane);
   const uint32_t k_base = smem_addr(sK), v_base = smem_addr(sV);
   auto smem_off = [&](int it) { return Swz::copy_step(lane_slot, it); };
-  // Consecutive keys from the lane's first row: a dense cache, or a tile inside one page.
-  auto stepped = [&](const T* gk_row, const T* gv_row) {
+  // Consecutive keys from the lane's first row, warp steps [it0, it0 + its) of the tile: a
+  // dense cache, or a run of keys inside one page.
+  auto stepped = [&](const T* gk_row, const T* gv_row, int it0, int its) {
     const int64_t k_step = kRowsPerStep * p.k_stride[2], v_step = kRowsPerStep * p.v_stride[2];
 #pragma unroll
-    for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
-      cp_async_16_to(k_base + smem_off(it), gk_row);
-      cp_async_16_to(v_base + smem_off(it), gv_row);
+    for (int it = 0; it < its; ++it) {
+      cp_async_16_to(k_base + smem_off(it0 + it), gk_row);
+      cp_async_16_to(v_base + smem_off(it0 + it), gv_row);
       gk_row += k_step;
       gv_row += v_step;
     }
   };
   if constexpr (!kPaged) {
     stepped(gk + int64_t(entry) * p.k_stride[0] + int64_t(n0 + r0) * p.k_stride[2],
-            gv + int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2]);
+            gv + int64_t(entry) * p.v_stride[0] + int64_t(n0 + r0) * p.v_stride[2], 0, C::kKeys / kRowsPerStep);
   } else {
-#if STEELATTN_DECODE_PAGED_OFFSETS
     const int slot0 = __shfl_sync(0xffffffffu, lane_row, 0);
     if (slot0 + C::kKeys <= p.page_size) {  // warp-uniform: the tile lies in one page
       const int64_t page = __shfl_sync(0xffffffffu, lane_page, 0);
       stepped(gk + page * p.k_stride[0] + int64_t(slot0 + r0) * p.k_stride[2],
-              gv + page * p.v_stride[0] + int64_t(slot0 + r0) * p.v_stride[2]);
+              gv + page * p.v_stride[0] + int64_t(slot0 + r0) * p.v_stride[2], 0, C::kKeys / kRowsPerStep);
+      return;
+    }
+    // Segments of kSeg keys, each inside one page (warp-uniform): stepped per segment.
+    constexpr int kSeg = C::kKeys < 16 ? C::kKeys : 16;
+    static_assert(kSeg % kRowsPerStep == 0 && C::kKeys % kSeg == 0, "whole warp steps per segment");
+    if (p.page_size % kSeg == 0 && slot0 % kSeg == 0) {
+#pragma unroll
+      for (int sg = 0; sg < C::kKeys / kSeg; ++sg) {
+        const int64_t page = __shfl_sync(0xffffffffu, lane_page, sg * kSeg);
+        const int64_t slot = __shfl_sync(0xffffffffu, lane_row, sg * kSeg) + r0;
+        stepped(gk + page * p.k_stride[0] + slot * p.k_stride[2], gv + page * p.v_stride[0] + slot * p.v_stride[2],
+                sg * (kSeg / kRowsPerStep), kSeg / kRowsPerStep);
+      }
       return;
     }
     // Lane r parks key n0 + r's byte offsets in the pools; the half-warp that copies row r
@@ -195,15 +200,6 @@ __device__ __forceinline__ void load_full_kv_tile(T* sK, T* sV, const DecodePara
       cp_async_16_to(k_base + smem_off(it), gkb + o.x);
       cp_async_16_to(v_base + smem_off(it), gvb + o.y);
     }
-#else
-#pragma unroll
-    for (int it = 0; it < C::kKeys / kRowsPerStep; ++it) {
-      const int r = r0 + it * kRowsPerStep;
-      const int64_t page = __shfl_sync(0xffffffffu, lane_page, r), row = __shfl_sync(0xffffffffu, lane_row, r);
-      cp_async_16_to(k_base + smem_off(it), gk + page * p.k_stride[0] + row * p.k_stride[2]);
-      cp_async_16_to(v_base + smem_off(it), gv + page * p.v_stride[0] + row * p.v_stride[2]);
-    }
-#endif
   }
 }
 
