@@ -4,7 +4,7 @@ flushed: no host time in the numbers) against cuDNN, split into kernels with
 torch.profiler (kernels launched with programmatic dependent launch overlap there: the
 combine kernel's time includes its wait for the split kernel), and a sweep of num_splits.
 Run it once per setting of STEELATTN_DECODE_TILE / _PDL / _PREFETCH to compare them.
-Usage (GPU machine): python3 scripts/decode-split.py [--quick] > $OUT/decode-split.txt"""
+Usage (GPU machine): python3 scripts/decode-split.py [--quick] [--cells BxS,...] [--no-n16] > $OUT/decode-split.txt"""
 import os
 import sys
 
@@ -17,6 +17,9 @@ from steelattn import bench
 
 H, Hkv, D = 32, 8, 128
 quick = "--quick" in sys.argv
+cells = ((1, 4096), (1, 32768), (8, 4096), (8, 32768))
+if "--cells" in sys.argv:
+    cells = tuple(tuple(int(x) for x in c.split("x")) for c in sys.argv[sys.argv.index("--cells") + 1].split(","))
 env = {k: v for k, v in os.environ.items() if k.startswith("STEELATTN_DECODE")}
 print(f"settings: {env or 'defaults'}")
 graphed = bench._graphed  # fn captured in a CUDA graph; returns the replay
@@ -30,7 +33,7 @@ def kernels(fn, reps=20):
     return [(x, name) for name, x in kernel_times(fn, reps).items() if x > 0]
 
 
-for B, S in ((1, 4096), (1, 32768), (8, 4096), (8, 32768)):
+for B, S in cells:
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
@@ -53,7 +56,7 @@ for B, S in ((1, 4096), (1, 32768), (8, 4096), (8, 32768)):
 
 # 16 queries per sequence (64 rows per KV head): the Hopper kernel (no key split) against
 # the decode kernel (four row groups per split, K/V re-read through L2), forced by lengths.
-for B, S in ((1, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)):
+for B, S in () if "--no-n16" in sys.argv else ((1, 4096), (1, 32768), (2, 32768), (4, 32768), (8, 32768)):
     g = torch.Generator(device="cuda").manual_seed(0)
     q = torch.randn(B, H, 16, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k, v = (torch.randn(B, Hkv, S, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))

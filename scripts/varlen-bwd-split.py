@@ -1,6 +1,7 @@
 """Where the varlen backward's time goes (issue 9): the bench's varlen cell (64 random
 lengths, H16 D128 causal, bf16) against the dense backward at the same token count in equal
-sequences (B64 x N304), each split into its kernels with torch.profiler.
+sequences (B64 x N304), and the peers (torch's varlen_attn; FA4 when it imports), each
+split into its kernels with torch.profiler.
 Usage (GPU machine): python3 scripts/varlen-bwd-split.py > $OUT/varlen-bwd-split.txt"""
 import itertools
 
@@ -26,6 +27,8 @@ cases = {
         steelattn.flash_attention_varlen(*tok, cu, cu, causal=True), tok, dout_t),
     "dense B64 fwd+bwd": lambda: torch.autograd.grad(steelattn.flash_attention(*dense, causal=True), dense, dout_d),
 }
+for peer, f in bench_features._varlen_peers("cuda", cu, max(lens), print).items():
+    cases[f"{peer} fwd+bwd"] = lambda f=f: torch.autograd.grad(f(*tok), tok, dout_t)
 for name, fn in cases.items():
     for _ in range(10):
         fn()
