@@ -133,6 +133,12 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
     float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
     for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
+  // The row's lse and dlse, issued before the O / dO loads so their latency overlaps them.
+  float lse = -INFINITY, dlse = 0.f;
+  if (sub == 0 && ti >= 0) {
+    lse = p.lse[b * p.l_sb + h * p.l_sh + ti * p.l_sn];
+    if (p.dlse) dlse = p.dlse[b * p.dl_sb + h * p.dl_sh + ti * p.dl_sn];
+  }
   float acc = 0.f;
   if (ti >= 0) {
     const int i = ti;
@@ -156,50 +162,64 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   if (sub == 0) {
     float l2 = INFINITY, ds = 0.f;
     if (ti >= 0) {
-      const int i = ti;
-      const float lse = p.lse[b * p.l_sb + h * p.l_sh + i * p.l_sn];
       // A row that saw no key (lse = -inf) has P = 0: +inf makes exp2(x - lse2) = 0.
       l2 = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
-      ds = acc;
-      if (p.dlse) ds -= p.dlse[b * p.dl_sb + h * p.dl_sh + i * p.dl_sn];
+      ds = acc - dlse;
     }
     p.lse2[row] = l2;
     p.dsum[row] = ds;
   }
 }
 
-// dq[b, h, i, d] = scale * dq_acc. Each thread reads one 16-byte group of the workspace
-// in its own order (bwd_dq_block_offset: rows r and r + 8 of a 64-row half, columns c
-// and c + 1), so a warp reads 512 contiguous bytes; it writes two 4-byte pairs. The
-// earlier row-major walk read 8-byte pieces of half-used sectors: 2.1 TB/s against
-// cuDNN's convert kernel at 3.4 TB/s (B16 H16 N1k D128, H200 profile).
+// dq[b, h, i, d] = scale * dq_acc. A thread reads kPostGroups 16-byte groups of the
+// workspace in its own order (bwd_dq_block_offset: rows r and r + 8 of a 64-row half,
+// columns c and c + 1), 256 groups apart, so each warp load is 512 contiguous bytes;
+// it writes two 4-byte pairs per group. All the loads go out before any store: with one
+// group per thread an SM had ~32 KB in flight, too little to stream at HBM speed (the
+// H200 varlen bench: 112 us for ~240 MB, 2.1 TB/s; FA4's convert kernel 64 us). The
+// earlier row-major walk read 8-byte pieces of half-used sectors.
+constexpr int kPostGroups = 4;
+
 template <class Elem>
 __global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // 16-byte group
   const int half_cols = p.BM == 128 ? p.KD : p.KD / 2;
   const int groups_per_half = 16 * half_cols;  // 64 rows x half_cols floats / 4
-  const int64_t half = g / groups_per_half;    // ((bh * m_blocks + mb) * 2 + wg)
-  if (half >= static_cast<int64_t>(p.B) * p.H * (p.n_pad / p.BM) * 2) return;
-  int row, col;
-  sm90::bwd_dq_group_coords(static_cast<int>(g - half * groups_per_half), row, col);
-  const int wg = static_cast<int>(half & 1);
-  const int64_t mblk = half >> 1;
   const int m_blocks = p.n_pad / p.BM;
-  const int64_t bh = mblk / m_blocks;
-  const int mb = static_cast<int>(mblk - bh * m_blocks);
-  const int wi = mb * p.BM + (p.BM == 128 ? wg * 64 : 0) + row;  // workspace rows wi, wi + 8
-  const int d = (p.BM == 128 ? 0 : wg * half_cols) + col;
-  if (d >= p.D) return;  // a zero-padded column
-  // Rows wi and wi + 8 lie in one 128-row block, so in one sequence: one lookup (a varlen
-  // call's is a binary search over cu_q). Padding rows (past N, or past a sequence in its
-  // last virtual block: ~30% of the rows of the H200 varlen bench) are not read at all.
-  int i, i8;
-  tensor_row_pair(p, wi, i, i8);
-  if (i < 0) return;  // then wi + 8 is padding too
-  const float4 v = reinterpret_cast<const float4*>(p.dq_acc)[g];  // (i, d), (i, d+1), (i+8, d), (i+8, d+1)
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  Elem* dst = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sn + d;
-  sm90::store_dq_group<Elem>(dst, static_cast<int64_t>(i8 - i) * p.dq_sn, i8 >= 0, v, p.scale);
+  const int64_t halves = static_cast<int64_t>(p.B) * p.H * m_blocks * 2;
+  float4 v[kPostGroups];
+  Elem* dst[kPostGroups];
+  int64_t row8[kPostGroups];
+  uint32_t live = 0, live8 = 0;  // bit j: group j's row (its row + 8) is a tensor row
+#pragma unroll
+  for (int j = 0; j < kPostGroups; ++j) {
+    const int64_t g = (static_cast<int64_t>(blockIdx.x) * kPostGroups + j) * blockDim.x + threadIdx.x;
+    const int64_t half = g / groups_per_half;  // ((bh * m_blocks + mb) * 2 + wg)
+    if (half >= halves) continue;
+    int row, col;
+    sm90::bwd_dq_group_coords(static_cast<int>(g - half * groups_per_half), row, col);
+    const int wg = static_cast<int>(half & 1);
+    const int64_t mblk = half >> 1;
+    const int64_t bh = mblk / m_blocks;
+    const int mb = static_cast<int>(mblk - bh * m_blocks);
+    const int wi = mb * p.BM + (p.BM == 128 ? wg * 64 : 0) + row;  // workspace rows wi, wi + 8
+    const int d = (p.BM == 128 ? 0 : wg * half_cols) + col;
+    if (d >= p.D) continue;  // a zero-padded column
+    // Rows wi and wi + 8 lie in one 128-row block, so in one sequence: one lookup. Padding
+    // rows (past N, or past a sequence in its last virtual block: ~30% of the rows of the
+    // H200 varlen bench) are not read at all.
+    int i, i8;
+    tensor_row_pair(p, wi, i, i8);
+    if (i < 0) continue;  // then wi + 8 is padding too
+    v[j] = reinterpret_cast<const float4*>(p.dq_acc)[g];  // (i, d), (i, d+1), (i+8, d), (i+8, d+1)
+    const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+    dst[j] = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sn + d;
+    row8[j] = static_cast<int64_t>(i8 - i) * p.dq_sn;
+    live |= 1u << j;
+    if (i8 >= 0) live8 |= 1u << j;
+  }
+#pragma unroll
+  for (int j = 0; j < kPostGroups; ++j)
+    if (live >> j & 1) sm90::store_dq_group<Elem>(dst[j], row8[j], live8 >> j & 1, v[j], p.scale);
 }
 
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
@@ -505,8 +525,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
     err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
                : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
   if (err == cudaSuccess) {
-    const int64_t groups = rows * kd.kd / 4;  // the whole workspace, 16 bytes per thread
-    const unsigned post_blocks = static_cast<unsigned>((groups + 255) / 256);
+    const int64_t groups = rows * kd.kd / 4;  // the whole workspace, kPostGroups x 16 bytes per thread
+    const unsigned post_blocks = static_cast<unsigned>((groups + 256 * kPostGroups - 1) / (256 * kPostGroups));
     if (bf16)
       bwd_post_kernel<__nv_bfloat16><<<post_blocks, 256, 0, s>>>(pp);
     else
