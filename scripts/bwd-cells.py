@@ -1,4 +1,4 @@
-"""The backward kernels alone (pre + main + post, torch.profiler sums, us per training step)
+"""The backward kernels alone (pre, main, post, torch.profiler sums, us per training step)
 on a few cells, for A/B runs of two builds (PYTHONPATH picks the build) or launch orders
 (STEELATTN_BWD_GROUP). Usage (GPU machine): python3 scripts/bwd-cells.py"""
 from collections import defaultdict
@@ -21,5 +21,5 @@ for D, N, causal in CELLS:
     t = defaultdict(float)
     for name, us in kernel_times(step, REPS).items():
         if "steelattn" in name and "fwd_kernel" not in name:
-            t["main" if "bwd_kernel" in name or "bwd_wide" in name else "pre+post"] += us
+            t["main" if "bwd_kernel" in name or "bwd_wide" in name else "pre" if "pre_kernel" in name else "post"] += us
     print(f"D{D} N{N} {'causal' if causal else 'full'}: " + ", ".join(f"{n} {x:.1f}" for n, x in sorted(t.items())))
