@@ -79,16 +79,6 @@ __device__ __forceinline__ void store_key_rows(Elem* base, int64_t row_stride, i
   }
 }
 
-// One 16-byte group of the dQ workspace (bwd_dq_group_coords: (row, col), (row, col+1),
-// (row+8, col), (row+8, col+1)) as dq = scale * acc in the output dtype: the first pair at
-// dst, the second `row8` elements on unless that row is padding (!has_row8). The dQ post
-// kernel's store.
-template <class Elem>
-__device__ __forceinline__ void store_dq_group(Elem* dst, int64_t row8, bool has_row8, float4 v, float scale) {
-  *reinterpret_cast<uint32_t*>(dst) = pack2<Elem>(v.x * scale, v.y * scale);
-  if (has_row8) *reinterpret_cast<uint32_t*>(dst + row8) = pack2<Elem>(v.z * scale, v.w * scale);
-}
-
 // The CTA's (key block, KV head, batch). Heads go in groups of p.bh_group; inside a
 // group the key blocks go in order, each for all the group's heads, so a causal key
 // block 0 (the one with the most query blocks) starts before any key block 1 of the

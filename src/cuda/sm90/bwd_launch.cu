@@ -17,7 +17,7 @@
 #include <string>
 
 #include "cuda/sm90/bwd_api.h"
-#include "cuda/sm90/bwd_common.h"  // store_dq_group, unpack2
+#include "cuda/sm90/bwd_common.h"  // pack2, unpack2
 #include "cuda/sm90/bwd_launch.h"
 #include "cuda/sm90/host_tma.h"
 #include "cuda/sm90/params.h"  // kUnbounded
@@ -82,18 +82,12 @@ __device__ __forceinline__ int2 virtual_block_rows(const PrePostParams& p, int v
   return make_int2(q0 - start, start + p.cu_q[seq + 1] - q0);
 }
 
-// Workspace rows wi and wi + 8 of a head -> the tensors' rows (packed rows for varlen), or
-// -1 for a padding row (past N, or past its sequence's queries). The two lie in one
-// 128-row block, so in one sequence: one lookup for both.
-__device__ __forceinline__ void tensor_row_pair(const PrePostParams& p, int wi, int& i, int& i8) {
-  if (p.cu_q == nullptr) {
-    i = wi < p.N ? wi : -1;
-    i8 = wi + 8 < p.N ? wi + 8 : -1;
-    return;
-  }
-  const int2 r = p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
-  i = wi < r.y ? wi + r.x : -1;
-  i8 = wi + 8 < r.y ? wi + 8 + r.x : -1;
+// The 128-row workspace block holding row wi of a head, as (offset, end): its rows w < end
+// are tensor rows w + offset (packed rows for varlen), the others padding (past N, or past
+// their sequence's queries).
+__device__ __forceinline__ int2 workspace_block_rows(const PrePostParams& p, int wi) {
+  if (p.cu_q == nullptr) return make_int2(0, p.N);
+  return p.row_table != nullptr ? p.row_table[wi / 128] : virtual_block_rows(p, wi / 128);
 }
 
 // T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
@@ -171,55 +165,69 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   }
 }
 
-// dq[b, h, i, d] = scale * dq_acc. A thread reads kPostGroups 16-byte groups of the
-// workspace in its own order (bwd_dq_block_offset: rows r and r + 8 of a 64-row half,
-// columns c and c + 1), 256 groups apart, so each warp load is 512 contiguous bytes;
-// it writes two 4-byte pairs per group. All the loads go out before any store: with one
-// group per thread an SM had ~32 KB in flight, too little to stream at HBM speed (the
-// H200 varlen bench: 112 us for ~240 MB, 2.1 TB/s; FA4's convert kernel 64 us). The
-// earlier row-major walk read 8-byte pieces of half-used sectors.
-constexpr int kPostGroups = 4;
+// dq[b, h, i, d] = scale * dq_acc, one CTA per 64-row half of a query block. The CTA
+// reads the half's groups in the workspace's order (bwd_dq_block_offset: a float4 holds
+// rows r and r + 8, columns c and c + 1; a warp load is 512 contiguous bytes, all of a
+// thread's loads out before any use), converts them into a row-major tile in shared
+// memory, and writes each row as 16-byte pieces, so a warp store covers whole 128-byte
+// lines. Storing the 4-byte pairs straight from the groups (the kernel before this one)
+// split every warp store into ~5 L2 requests of one half-written sector each: ncu at
+// B16 H16 N1k D128, 5.0M write requests for 67 MB, DRAM at 43% of peak, 90.7 us.
+// Padding rows (past N, or past a sequence in its last virtual block: ~30% of the rows
+// of the H200 varlen bench) are neither read nor written.
+constexpr int kPostMaxHalfCols = 128;  // D 256 at 64-row steps: 64 x 128 floats a half
+constexpr int kPostThreads = 256;
 
 template <class Elem>
-__global__ void __launch_bounds__(256) bwd_post_kernel(const PrePostParams p) {
+__global__ void __launch_bounds__(kPostThreads) bwd_post_kernel(const PrePostParams p) {
+  constexpr int kMaxGroups = 16 * kPostMaxHalfCols / kPostThreads;  // per thread
+  __shared__ alignas(16) Elem tile[64 * (kPostMaxHalfCols + 8)];  // +16 bytes a row: no bank conflicts
   const int half_cols = p.BM == 128 ? p.KD : p.KD / 2;
+  const int ld = half_cols + 8;
   const int groups_per_half = 16 * half_cols;  // 64 rows x half_cols floats / 4
+  const int64_t half = blockIdx.x;              // ((bh * m_blocks + mb) * 2 + wg)
+  const int wg = static_cast<int>(half & 1);
   const int m_blocks = p.n_pad / p.BM;
-  const int64_t halves = static_cast<int64_t>(p.B) * p.H * m_blocks * 2;
-  float4 v[kPostGroups];
-  Elem* dst[kPostGroups];
-  int64_t row8[kPostGroups];
-  uint32_t live = 0, live8 = 0;  // bit j: group j's row (its row + 8) is a tensor row
+  const int64_t bh = (half >> 1) / m_blocks;
+  const int mb = static_cast<int>((half >> 1) - bh * m_blocks);
+  const int w0 = mb * p.BM + (p.BM == 128 ? wg * 64 : 0);  // the half's first workspace row
+  const int d0 = p.BM == 128 ? 0 : wg * half_cols;          // and first column
+  // The half's 64 rows lie in one 128-row block (one sequence): rows [0, live) are tensor rows.
+  const int2 r = workspace_block_rows(p, w0);
+  const int live = min(64, max(0, r.y - w0));
+  if (live == 0 || d0 >= p.D) return;  // CTA-uniform
+
+  const float4* src = reinterpret_cast<const float4*>(p.dq_acc) + half * groups_per_half;
+  float4 v[kMaxGroups];
 #pragma unroll
-  for (int j = 0; j < kPostGroups; ++j) {
-    const int64_t g = (static_cast<int64_t>(blockIdx.x) * kPostGroups + j) * blockDim.x + threadIdx.x;
-    const int64_t half = g / groups_per_half;  // ((bh * m_blocks + mb) * 2 + wg)
-    if (half >= halves) continue;
+  for (int j = 0; j < kMaxGroups; ++j) {
+    const int u = j * kPostThreads + static_cast<int>(threadIdx.x);
     int row, col;
-    sm90::bwd_dq_group_coords(static_cast<int>(g - half * groups_per_half), row, col);
-    const int wg = static_cast<int>(half & 1);
-    const int64_t mblk = half >> 1;
-    const int64_t bh = mblk / m_blocks;
-    const int mb = static_cast<int>(mblk - bh * m_blocks);
-    const int wi = mb * p.BM + (p.BM == 128 ? wg * 64 : 0) + row;  // workspace rows wi, wi + 8
-    const int d = (p.BM == 128 ? 0 : wg * half_cols) + col;
-    if (d >= p.D) continue;  // a zero-padded column
-    // Rows wi and wi + 8 lie in one 128-row block, so in one sequence: one lookup. Padding
-    // rows (past N, or past a sequence in its last virtual block: ~30% of the rows of the
-    // H200 varlen bench) are not read at all.
-    int i, i8;
-    tensor_row_pair(p, wi, i, i8);
-    if (i < 0) continue;  // then wi + 8 is padding too
-    v[j] = reinterpret_cast<const float4*>(p.dq_acc)[g];  // (i, d), (i, d+1), (i+8, d), (i+8, d+1)
-    const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-    dst[j] = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh + static_cast<int64_t>(i) * p.dq_sn + d;
-    row8[j] = static_cast<int64_t>(i8 - i) * p.dq_sn;
-    live |= 1u << j;
-    if (i8 >= 0) live8 |= 1u << j;
+    sm90::bwd_dq_group_coords(u, row, col);
+    if (u < groups_per_half && row < live) v[j] = src[u];
   }
 #pragma unroll
-  for (int j = 0; j < kPostGroups; ++j)
-    if (live >> j & 1) sm90::store_dq_group<Elem>(dst[j], row8[j], live8 >> j & 1, v[j], p.scale);
+  for (int j = 0; j < kMaxGroups; ++j) {
+    const int u = j * kPostThreads + static_cast<int>(threadIdx.x);
+    int row, col;
+    sm90::bwd_dq_group_coords(u, row, col);
+    if (u < groups_per_half && row < live) {
+      *reinterpret_cast<uint32_t*>(tile + row * ld + col) = sm90::pack2<Elem>(v[j].x * p.scale, v[j].y * p.scale);
+      if (row + 8 < live)
+        *reinterpret_cast<uint32_t*>(tile + (row + 8) * ld + col) =
+            sm90::pack2<Elem>(v[j].z * p.scale, v[j].w * p.scale);
+    }
+  }
+  __syncthreads();
+  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+  Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+  const int chunks = half_cols / 8;  // 16-byte pieces of a row; D is a multiple of 8
+  for (int c = threadIdx.x; c < live * chunks; c += kPostThreads) {
+    const int row = c / chunks, d = d0 + (c - row * chunks) * 8;
+    if (d >= p.D) continue;  // a zero-padded column
+    const int64_t i = w0 + row + r.x;
+    *reinterpret_cast<uint4*>(dq + i * p.dq_sn + d) = *reinterpret_cast<const uint4*>(tile + row * ld + d - d0);
+  }
 }
 
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
@@ -290,6 +298,8 @@ bool cuda_sm90_backward_supports(const AttentionParams& p, std::string* why_not)
   if (p.H % p.Hkv != 0) return fail("H must be a multiple of Hkv");
   if (p.B >= 65536 || p.Hkv >= 65536 || p.H >= 65536) return fail("B and H must be < 65536");
   if ((p.S + 63) / 64 * p.Hkv * p.B >= (int64_t{1} << 31)) return fail("ceil(S / 64) * Hkv * B must be < 2^31");
+  if (ws_rows(p) / 32 * p.H * p.B >= (int64_t{1} << 31))  // the dQ post kernel's grid: a CTA per 64 x KD/2
+    return fail("ceil(N / 128) * 4 * H * B must be < 2^31");
   std::string why;
   if (!sm90::tma_compatible(p.q, "q", &why) || !sm90::tma_compatible(p.k, "k", &why) ||
       !sm90::tma_compatible(p.v, "v", &why) || !sm90::tma_compatible(p.dout, "dout", &why) ||
@@ -525,12 +535,12 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
     err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
                : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
   if (err == cudaSuccess) {
-    const int64_t groups = rows * kd.kd / 4;  // the whole workspace, kPostGroups x 16 bytes per thread
-    const unsigned post_blocks = static_cast<unsigned>((groups + 256 * kPostGroups - 1) / (256 * kPostGroups));
+    const int64_t halves = rows / 64 * (BM == 128 ? 1 : 2);  // the whole workspace, a CTA per half
+    const unsigned post_blocks = static_cast<unsigned>(halves);
     if (bf16)
-      bwd_post_kernel<__nv_bfloat16><<<post_blocks, 256, 0, s>>>(pp);
+      bwd_post_kernel<__nv_bfloat16><<<post_blocks, kPostThreads, 0, s>>>(pp);
     else
-      bwd_post_kernel<__half><<<post_blocks, 256, 0, s>>>(pp);
+      bwd_post_kernel<__half><<<post_blocks, kPostThreads, 0, s>>>(pp);
     err = cudaGetLastError();
   }
   if (err != cudaSuccess)
