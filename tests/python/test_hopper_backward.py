@@ -106,6 +106,15 @@ def test_features(D, Dv, case):
     run_case(D, Dv, torch.bfloat16, **kw)
 
 
+@pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128)])
+@pytest.mark.parametrize("case", ["causal", "lse", "deterministic"])
+def test_preprocess_four_rows(D, Dv, case, monkeypatch):
+    """The preprocess with four rows per thread group (STEELATTN_SM90_PRE_FOUR_ROWS=1, prepared):
+    padded rows (N = 150 of 256), dlse, and the deterministic kernels' counters it zeroes."""
+    monkeypatch.setenv("STEELATTN_SM90_PRE_FOUR_ROWS", "1")
+    run_case(D, Dv, torch.bfloat16, B=2, causal=True, use_lse=case == "lse", deterministic=case == "deterministic")
+
+
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (96, 96), (192, 192), (256, 256), (192, 128)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_deterministic_bit_identical(D, Dv, causal):

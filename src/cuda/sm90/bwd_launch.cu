@@ -91,77 +91,85 @@ __device__ __forceinline__ int2 workspace_block_rows(const PrePostParams& p, int
 }
 
 // T threads per workspace row (b, h, i < n_pad), 8 elements (16 bytes) of O and dO
-// each per pass: lse2, dsum, and the row's share of the zeroed dQ accumulator (the
-// memset this replaces was a separate pass over the same bytes). One warp per row
-// left most lanes idle at D64 (158 us against ~1 ms for the main kernel at N = 1k).
-template <class Elem, int T>
+// each (T x 8 >= Dv: one pass): lse2, dsum, and the row's share of the zeroed dQ
+// accumulator (the memset this replaces was a separate pass over the same bytes). One
+// warp per row left most lanes idle at D64 (158 us against ~1 ms for the main kernel at
+// N = 1k). R rows per thread group, 256 / T rows apart, all loads before any math
+// (R = 1 by default; STEELATTN_SM90_PRE_FOUR_ROWS=1 is prepared, not yet measured: a CTA's
+// R x 256 / T rows lie in one 128-row block, so a varlen call pays the binary search over
+// cu_q once per R rows, and a thread has R x 32 bytes of O / dO in flight).
+template <class Elem, int T, int R>
 __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
-  constexpr int kRowsPerBlock = 256 / T;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / T;
+  constexpr int kRowsPerPass = 256 / T;
+  static_assert(128 % (kRowsPerPass * R) == 0, "a CTA's rows lie in one 128-row block");
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRowsPerPass * R + threadIdx.x / T;
   const int sub = threadIdx.x % T;
-  // The grid covers the rows exactly (n_pad is a multiple of 128, kRowsPerBlock divides
+  // The grid covers the rows exactly (n_pad is a multiple of 128, kRowsPerPass x R divides
   // it), so every lane reaches the shuffles below.
-  const int64_t bh = row / p.n_pad;
+  const int64_t bh = row0 / p.n_pad;
   const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  const int wi = static_cast<int>(row - bh * p.n_pad);
-  if (p.dq_sem != nullptr && wi % p.BM == 0 && sub < 2)  // the query block's two counters, by its first row
-    p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
-  if (p.row_table != nullptr && bh == 0 && wi % 128 == 0 && sub == 0)  // heads share it: head 0 writes
-    p.row_table[wi / 128] = virtual_block_rows(p, wi / 128);
-  // The tensor row (-1: padding). Mapped from cu_q, not through the row table being
-  // written above: other blocks' entries may not be there yet.
-  int ti = wi < p.N ? wi : -1;
-  bool group_live = true;
-  if (p.cu_q != nullptr) {
-    const int2 r = virtual_block_rows(p, wi / 128);
-    ti = wi < r.y ? wi + r.x : -1;
-    group_live = (wi & ~63) < r.y;
-  }
-  // With the row table (varlen) the accumulator of a 64-row group that is all
-  // padding is not zeroed: the main kernel adds exact zeros there (lse2 = +inf, dsum = 0)
-  // and nothing reads it back. Whole groups only: a group's 64 x KD floats are one
-  // region in the kernel's interleaved order (bwd_dq_block_offset), so the share zeroed
-  // by row `row` holds pieces of the group's other rows. A sequence's real rows are a
-  // prefix of its last block: the group is padding when its first row is.
-  if (group_live || p.row_table == nullptr) {
-    float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
-    for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  // The row's lse and dlse, issued before the O / dO loads so their latency overlaps them.
-  float lse = -INFINITY, dlse = 0.f;
-  if (sub == 0 && ti >= 0) {
-    lse = p.lse[b * p.l_sb + h * p.l_sh + ti * p.l_sn];
-    if (p.dlse) dlse = p.dlse[b * p.dl_sb + h * p.dl_sh + ti * p.dl_sn];
-  }
-  float acc = 0.f;
-  if (ti >= 0) {
-    const int i = ti;
-    // 16-byte loads: out and dout passed the TMA stride checks (16-byte aligned rows).
-    const Elem* o_row = static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh + i * p.o_sn;
-    const Elem* g_row = static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sn;
-    for (int c = 8 * sub; c < p.Dv; c += 8 * T) {  // Dv is a multiple of 8
-      const uint4 o = *reinterpret_cast<const uint4*>(o_row + c);
-      const uint4 g = *reinterpret_cast<const uint4*>(g_row + c);
-      const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o);
-      const uint32_t* g2 = reinterpret_cast<const uint32_t*>(&g);
+  const int wi0 = static_cast<int>(row0 - bh * p.n_pad);
+  // Tensor rows: workspace row w < r.y is tensor row w + r.x. Varlen: mapped from cu_q, not
+  // through the row table being written below (other blocks' entries may not be there yet).
+  int2 r = make_int2(0, p.N);
+  if (p.cu_q != nullptr) r = virtual_block_rows(p, wi0 / 128);
+  float lse[R], dlse[R];
+  uint4 o[R], g[R];
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 a = sm90::unpack2<Elem>(o2[k]), d = sm90::unpack2<Elem>(g2[k]);
-        acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
+  for (int k = 0; k < R; ++k) {
+    const int64_t row = row0 + k * kRowsPerPass;
+    const int wi = wi0 + k * kRowsPerPass;
+    if (p.dq_sem != nullptr && wi % p.BM == 0 && sub < 2)  // the query block's two counters, by its first row
+      p.dq_sem[(bh * (p.n_pad / p.BM) + wi / p.BM) * 2 + sub] = 0;
+    if (p.row_table != nullptr && bh == 0 && wi % 128 == 0 && sub == 0)  // heads share it: head 0 writes
+      p.row_table[wi / 128] = r;
+    const int ti = wi < r.y ? wi + r.x : -1;  // the tensor row (-1: padding)
+    // With the row table (varlen) the accumulator of a 64-row group that is all padding is
+    // not zeroed: the main kernel adds exact zeros there (lse2 = +inf, dsum = 0) and
+    // nothing reads it back. Whole groups only: a group's 64 x KD floats are one region in
+    // the kernel's interleaved order (bwd_dq_block_offset), so the share zeroed by row
+    // `row` holds pieces of the group's other rows. A sequence's real rows are a prefix of
+    // its last block: the group is padding when its first row is.
+    if ((wi & ~63) < r.y || p.row_table == nullptr) {
+      float4* zero = reinterpret_cast<float4*>(p.dq_acc + row * p.KD);
+      for (int c = sub; c < p.KD / 4; c += T) zero[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    // lse and dlse first, then 16-byte loads of O and dO (out and dout passed the TMA
+    // stride checks: 16-byte aligned rows).
+    lse[k] = -INFINITY, dlse[k] = 0.f;
+    o[k] = g[k] = make_uint4(0, 0, 0, 0);
+    if (ti >= 0) {
+      if (sub == 0) {
+        lse[k] = p.lse[b * p.l_sb + h * p.l_sh + ti * p.l_sn];
+        if (p.dlse) dlse[k] = p.dlse[b * p.dl_sb + h * p.dl_sh + ti * p.dl_sn];
+      }
+      if (8 * sub < p.Dv) {  // Dv is a multiple of 8, at most 8 x T
+        o[k] = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.out) + b * p.o_sb + h * p.o_sh +
+                                               ti * p.o_sn + 8 * sub);
+        g[k] = *reinterpret_cast<const uint4*>(static_cast<const Elem*>(p.dout) + b * p.do_sb + h * p.do_sh +
+                                               ti * p.do_sn + 8 * sub);
       }
     }
   }
 #pragma unroll
-  for (int m = T / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
-  if (sub == 0) {
-    float l2 = INFINITY, ds = 0.f;
-    if (ti >= 0) {
-      // A row that saw no key (lse = -inf) has P = 0: +inf makes exp2(x - lse2) = 0.
-      l2 = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
-      ds = acc - dlse;
+  for (int k = 0; k < R; ++k) {
+    float acc = 0.f;  // zeros for padding rows and columns past Dv
+    const uint32_t* o2 = reinterpret_cast<const uint32_t*>(&o[k]);
+    const uint32_t* g2 = reinterpret_cast<const uint32_t*>(&g[k]);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float2 a = sm90::unpack2<Elem>(o2[e]), d = sm90::unpack2<Elem>(g2[e]);
+      acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
     }
-    p.lse2[row] = l2;
-    p.dsum[row] = ds;
+#pragma unroll
+    for (int m = T / 2; m > 0; m >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, m);
+    if (sub == 0) {
+      const int64_t row = row0 + k * kRowsPerPass;
+      const bool real = wi0 + k * kRowsPerPass < r.y;
+      // A row that saw no key (lse = -inf) has P = 0: +inf makes exp2(x - lse2) = 0.
+      p.lse2[row] = !real || lse[k] == -INFINITY ? INFINITY : lse[k] * 1.4426950408889634f;
+      p.dsum[row] = real ? acc - dlse[k] : 0.f;
+    }
   }
 }
 
@@ -315,18 +323,24 @@ int64_t dq_sem_count(const AttentionParams& p) {
   return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
 }
 
-template <class Elem>
-cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
+template <class Elem, int R>
+cudaError_t launch_pre_rows(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
   // Threads per row: Dv/8 up to 16, a warp beyond (a power of two for the shuffles).
   const int t = pp.Dv <= 64 ? 8 : pp.Dv <= 128 ? 16 : 32;
-  const unsigned blocks = static_cast<unsigned>(rows / (256 / t));  // rows: a multiple of 128
+  const unsigned blocks = static_cast<unsigned>(rows / (256 / t * R));  // rows: a multiple of 128
   if (t == 8)
-    bwd_pre_kernel<Elem, 8><<<blocks, 256, 0, s>>>(pp);
+    bwd_pre_kernel<Elem, 8, R><<<blocks, 256, 0, s>>>(pp);
   else if (t == 16)
-    bwd_pre_kernel<Elem, 16><<<blocks, 256, 0, s>>>(pp);
+    bwd_pre_kernel<Elem, 16, R><<<blocks, 256, 0, s>>>(pp);
   else
-    bwd_pre_kernel<Elem, 32><<<blocks, 256, 0, s>>>(pp);
+    bwd_pre_kernel<Elem, 32, R><<<blocks, 256, 0, s>>>(pp);
   return cudaGetLastError();
+}
+
+template <class Elem>
+cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
+  const bool four = sm90::env_switch("STEELATTN_SM90_PRE_FOUR_ROWS") == 1;  // per call: tests flip it
+  return four ? launch_pre_rows<Elem, 4>(pp, rows, s) : launch_pre_rows<Elem, 1>(pp, rows, s);
 }
 
 template <class Elem>
