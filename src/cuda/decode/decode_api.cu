@@ -36,8 +36,10 @@ int head_dim_pad(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 // (docs/benchmarks/NOTES.md, H200, H32/8 D128 bf16). At D = 128, 32-key warp tiles (one
 // CTA of 4 warps per SM) read dense caches 2-13% faster than 16-key tiles (3 CTAs per SM)
 // from batch 1 to 64 (B x KV heads up to 512 CTAs), and 6% slower at B128 S2k (1024
-// CTAs); paged pools keep 16-key tiles (a 16-token page splits a 32-key tile: 4-11%
-// slower there). STEELATTN_DECODE_TILE=32x2|32x3|16x2|16x3 forces one (measurements).
+// CTAs). Paged pools take the same rule (a page of 16 splits a 32-key tile into two runs,
+// each copied like a dense run: decode_kernel.cuh). At B64 S4k and B32 S8k 16 x 3 measured
+// 2% faster than the rule's 32 x 2 (NOTES.md session 10; one run, not adopted).
+// STEELATTN_DECODE_TILE=32x2|32x3|16x2|16x3 forces one (measurements).
 struct TileShape {
   int keys, stages;
 };
