@@ -32,7 +32,10 @@ struct BwdCtx {
   const AttentionParams* p;
   int64_t G, rows;
   bool k_direct, v_direct;
-  bool bf16_dot;  // S = K.Q^T and dP = V.dO^T in bf16 pairs (Isa::kBf16Dot, bf16, even D and Dv)
+  // bf16 inputs (Isa::kBf16Dot, even D and Dv): S = K.Q^T and dP = V.dO^T in bf16 pairs (exact
+  // products), and dV = P^T.dO, dK = dS^T.Q, dQ = dS.K with P and dS rounded to bf16, as GPU
+  // kernels do (fp32 sums throughout).
+  bool bf16_dot;
   double q_scale, cap_log2, drop_scale;
   uint32_t drop_threshold;
   std::atomic<bool> failed{false};
@@ -55,6 +58,19 @@ void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, 
   }
 }
 
+// Packs bf16 rows in pairs of rows: dst[((r / 2) * width_p + e) * 2 + r % 2] = t[b, h_r, i_r, e]
+// (raw bf16 bits) for r < round_up(nrows, 2), e < width_p; zero past nrows and past width
+// (a B operand of gemm_bf16 whose pairs run along the rows).
+inline void pack_bf16_row_pairs(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t width,
+                                int64_t width_p, uint16_t* dst) {
+  const int64_t rows2 = (nrows + 1) / 2 * 2;
+  for (int64_t r = 0; r < rows2; ++r) {
+    const uint16_t* row = r < nrows ? reinterpret_cast<const uint16_t*>(elem_ptr(t, b, ri.h[r], ri.i[r])) : nullptr;
+    uint16_t* out = dst + (r / 2) * width_p * 2 + (r & 1);
+    for (int64_t e = 0; e < width_p; ++e) out[2 * e] = row && e < width ? row[e] : uint16_t(0);
+  }
+}
+
 template <class Isa>
 void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   using T = typename Isa::T;
@@ -70,11 +86,15 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
 
   // Scratch: dK [Sp][Dp] | dV [Sp][Dvp] | dQt [D][ld] | Qt [D][ld] | Qp [ld][Dp] | dOt [Dv][ld] |
-  //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles.
+  //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles |
+  //          bf16 pair path: P^T, dS^T rounded [bk][ld] | Q, dO, K in row pairs [ld/2][Dp], [ld/2][Dvp],
+  //          [bk/2][Dp] (x 2).
   const int64_t n_dk = Sp * Dp, n_dv = Sp * Dvp, n_qt = D * ld, n_qp = ld * Dp, n_dot = Dv * ld, n_dop = ld * Dvp;
   const int64_t n_tile = bk * ld;
   const int64_t n_kb = ctx.k_direct ? 0 : bk * D, n_vb = ctx.v_direct ? 0 : bk * Dv;
-  T* dk_acc = scratch_of<T>(thread, n_dk + n_dv + 2 * n_qt + n_qp + n_dot + n_dop + 2 * ld + 4 * n_tile + n_kb + n_vb);
+  const int64_t n_b16 = ctx.bf16_dot ? (n_tile + n_qp + n_dop + bk * Dp + 1) / 2 : 0;  // floats (two bf16 each)
+  T* dk_acc = scratch_of<T>(thread, n_dk + n_dv + 2 * n_qt + n_qp + n_dot + n_dop + 2 * ld + 4 * n_tile + n_kb + n_vb +
+                                        n_b16);
   if (!dk_acc) {
     ctx.failed = true;
     return;
@@ -93,6 +113,10 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   T* dcap = dpt + 2 * n_tile;
   T* kb = dpt + 3 * n_tile;
   T* vb = kb + n_kb;
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(vb + n_vb);  // P^T, then dS^T, rounded to bf16
+  uint16_t* q_pairs = p16 + n_tile;
+  uint16_t* do_pairs = q_pairs + n_qp;
+  uint16_t* k_pairs = do_pairs + n_dop;
   std::fill(dk_acc, dk_acc + n_dk + n_dv, T(0));
 
   const char* kbase = elem_ptr(p.k, b, hk, 0);
@@ -111,10 +135,14 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
     // With bf16 pair dot products, Q and dO stay exact bf16, packed in pairs in Qt's / dOt's space.
     if (ctx.bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, D, reinterpret_cast<uint16_t*>(qt));
     else pack_transposed(p.q, b, ri, nrows, ld, D, T(ctx.q_scale), qt);
-    pack_rows(p.q, b, ri, nrows, lanes, D, Dp, qp);
+    if (!ctx.bf16_dot) pack_rows(p.q, b, ri, nrows, lanes, D, Dp, qp);  // dK's B operand (fp32 products)
     if (ctx.bf16_dot) pack_bf16_pairs(p.dout, b, ri, nrows, ld, Dv, reinterpret_cast<uint16_t*>(dot));
     else pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
     pack_rows(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
+    if (ctx.bf16_dot) {  // dV = P^T dO and dK = dS^T Q as bf16 pair products along the rows
+      pack_bf16_row_pairs(p.q, b, ri, nrows, D, Dp, q_pairs);
+      pack_bf16_row_pairs(p.dout, b, ri, nrows, Dv, Dvp, do_pairs);
+    }
     for (int64_t r = 0; r < lanes; ++r) {
       const T l = r < nrows ? load_elem<T>(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r])) : T(0);
       // A row that saw no key (lse = -inf) has P = 0 everywhere: +inf makes exp2 give 0.
@@ -135,8 +163,9 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       const BlockActivity act = block_tile_activity(p, b, ri, nrows, k0, k0 + nk);
       if (act == BlockActivity::none) continue;  // P = 0 on the whole tile
       const bool block_test = act == BlockActivity::mixed;
-      int64_t ks, vs;
-      const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
+      int64_t ks = 0, vs = 0;
+      // K feeds S and dQ; the bf16 pair path reads it in place.
+      const T* kt = ctx.bf16_dot ? nullptr : compute_tile<Isa>(p.k, kbase, k0, nk, D, ctx.k_direct, kb, &ks);
       // V only feeds dP; the bf16 pair path reads it in place.
       const T* vt = ctx.bf16_dot ? nullptr : compute_tile<Isa>(p.v, vbase, k0, nk, Dv, ctx.v_direct, vb, &vs);
 
@@ -181,7 +210,14 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
             dpt[j * ld + r] *= z;
           }
       }
-      gemm<Isa, true>(nk, Dvp, nrows, pd, ld, 1, dop, Dvp, dv_acc + k0 * Dvp, Dvp);
+      const int64_t rows2 = (nrows + 1) / 2 * 2;  // the bf16 products' reduction length (a zero row pads it)
+      if constexpr (Isa::kBf16Dot) {
+        if (ctx.bf16_dot) {
+          round_rows_bf16<Isa>(pd, nk, nrows, ld, p16);
+          gemm_bf16<Isa, true>(nk, Dvp, rows2, p16, ld, do_pairs, Dvp, dv_acc + k0 * Dvp, Dvp);
+        }
+      }
+      if (!ctx.bf16_dot) gemm<Isa, true>(nk, Dvp, nrows, pd, ld, 1, dop, Dvp, dv_acc + k0 * Dvp, Dvp);
 
       // dS^T = P^T * (dP^T - Drow), the gradient w.r.t. the final score.
       for (int64_t j = 0; j < nk; ++j)
@@ -200,8 +236,23 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
           for (int64_t c = 0; c < lanes; c += W)
             Isa::store(dpt + j * ld + c, Isa::mul(Isa::load(dpt + j * ld + c), Isa::load(dcap + j * ld + c)));
 
-      gemm<Isa, true>(nk, Dp, nrows, dpt, ld, 1, qp, Dp, dk_acc + k0 * Dp, Dp);
-      gemm<Isa, true>(D, lanes, nk, kt, 1, ks, dpt, ld, dqt, ld);
+      if constexpr (Isa::kBf16Dot) {
+        if (ctx.bf16_dot) {
+          round_rows_bf16<Isa>(dpt, nk, nrows, ld, p16);
+          gemm_bf16<Isa, true>(nk, Dp, rows2, p16, ld, q_pairs, Dp, dk_acc + k0 * Dp, Dp);
+        }
+      }
+      if (!ctx.bf16_dot) gemm<Isa, true>(nk, Dp, nrows, dpt, ld, 1, qp, Dp, dk_acc + k0 * Dp, Dp);
+      if constexpr (Isa::kBf16Dot) {
+        if (ctx.bf16_dot) {  // dQ^T += K^T . dS^T, pairs along the keys
+          const int64_t nk2 = (nk + 1) / 2 * 2;
+          round_row_pairs_bf16<Isa>(dpt, nk, ld, lanes, p16);
+          row_pairs_bf16<Isa>(reinterpret_cast<const uint16_t*>(kbase) + k0 * p.k.stride[2], p.k.stride[2], nk, D, Dp,
+                              k_pairs);
+          gemm_bf16<Isa, true>(D, lanes, nk2, k_pairs, 2, p16, ld, dqt, ld, 2 * Dp);
+        }
+      }
+      if (!ctx.bf16_dot) gemm<Isa, true>(D, lanes, nk, kt, 1, ks, dpt, ld, dqt, ld);
     }
 
     // dQ of this row block is complete.

@@ -84,29 +84,36 @@ void gemm(int64_t m, int64_t lanes, int64_t K, const typename Isa::T* a, int64_t
                                  col_scale);
 }
 
-// bf16 pair product (defined below where the instruction set has vdpbf16ps; the
-// kernels call it only under `if constexpr (Isa::kBf16Dot)`).
-template <class Isa>
+// bf16 pair product, and fp32 rows rounded to bf16 (defined below where the instruction
+// set has vdpbf16ps; the kernels call them only under `if constexpr (Isa::kBf16Dot)`).
+template <class Isa, bool kAcc = false>
 void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
-               float* c, int64_t c_ld);
+               float* c, int64_t c_ld, int64_t a_ps = 2);
+template <class Isa>
+void round_rows_bf16(const float* src, int64_t m, int64_t k, int64_t ld, uint16_t* dst);
+template <class Isa>
+void round_row_pairs_bf16(const float* src, int64_t n, int64_t ld, int64_t lanes, uint16_t* dst);
+template <class Isa>
+void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t width, int64_t width_p, uint16_t* dst);
 
 #if defined(__AVX512BF16__)
-// C[m][lanes] = A[m][K] . B[K][lanes] for bf16 A and B, K even, with vdpbf16ps: A rows
-// hold bf16 pairs along K contiguously (element (r, kk) at a[r * a_rs + kk]); B is packed
-// in pairs, element (kk, lane) at b[((kk / 2) * ld + lane) * 2 + kk % 2].
-template <int MR, int NV>
-inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld, int64_t K, float* c,
-                           int64_t c_ld, int64_t col) {
+// C[m][lanes] = A[m][K] . B[K][lanes] for bf16 A and B, K even, with vdpbf16ps: A holds
+// bf16 pairs along K, element (r, kk) at a[r * a_rs + (kk / 2) * a_ps + kk % 2] (a_ps = 2:
+// rows of A contiguous along K); B is packed in pairs, element (kk, lane) at
+// b[((kk / 2) * ld + lane) * 2 + kk % 2]. kAcc: C += A . B.
+template <int MR, int NV, bool kAcc>
+inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, int64_t a_ps, const uint16_t* b, int64_t ld, int64_t K,
+                           float* c, int64_t c_ld, int64_t col) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = kAcc ? _mm512_loadu_ps(c + r * c_ld + col + v * 16) : _mm512_setzero_ps();
   for (int64_t kp = 0; kp < K / 2; ++kp) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v)
       bv[v] = (__m512bh)_mm512_loadu_si512(b + ((kp * ld + col + v * 16) * 2));
     for (int r = 0; r < MR; ++r) {
       uint32_t pair;
-      std::memcpy(&pair, a + r * a_rs + 2 * kp, 4);
+      std::memcpy(&pair, a + r * a_rs + kp * a_ps, 4);
       const __m512bh av = (__m512bh)_mm512_set1_epi32(int(pair));
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
     }
@@ -115,24 +122,90 @@ inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, const uint16_t* b, i
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * c_ld + col + v * 16, acc[r][v]);
 }
 
-template <int MR>
-inline void gemm_bf16_rows(int m, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld, int64_t K,
-                           float* c, int64_t c_ld, int64_t lanes) {
+template <int MR, bool kAcc>
+inline void gemm_bf16_rows(int m, const uint16_t* a, int64_t a_rs, int64_t a_ps, const uint16_t* b, int64_t ld,
+                           int64_t K, float* c, int64_t c_ld, int64_t lanes) {
   if constexpr (MR > 0) {
-    if (m != MR) return gemm_bf16_rows<MR - 1>(m, a, a_rs, b, ld, K, c, c_ld, lanes);
+    if (m != MR) return gemm_bf16_rows<MR - 1, kAcc>(m, a, a_rs, a_ps, b, ld, K, c, c_ld, lanes);
     int64_t col = 0;
-    for (; col + 32 <= lanes; col += 32) gemm_bf16_tile<MR, 2>(a, a_rs, b, ld, K, c, c_ld, col);
-    if (col < lanes) gemm_bf16_tile<MR, 1>(a, a_rs, b, ld, K, c, c_ld, col);
+    for (; col + 32 <= lanes; col += 32) gemm_bf16_tile<MR, 2, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col);
+    if (col < lanes) gemm_bf16_tile<MR, 1, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col);
   }
 }
 
-// C[m][lanes] = A . B as above, in groups of Avx512::kRows rows of C.
-template <class Isa>
+// C[m][lanes] = A . B (kAcc: C += A . B) as above, in groups of Avx512::kRows rows of C;
+// lanes a multiple of 16.
+template <class Isa, bool kAcc>
 void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
-               float* c, int64_t c_ld) {
+               float* c, int64_t c_ld, int64_t a_ps) {
   constexpr int MR = Avx512::kRows;
   for (int64_t r = 0; r < m; r += MR)
-    gemm_bf16_rows<MR>(int(std::min<int64_t>(MR, m - r)), a + r * a_rs, a_rs, b, ld, K, c + r * c_ld, c_ld, lanes);
+    gemm_bf16_rows<MR, kAcc>(int(std::min<int64_t>(MR, m - r)), a + r * a_rs, a_rs, a_ps, b, ld, K, c + r * c_ld,
+                             c_ld, lanes);
+}
+
+// vpermw indices that interleave two sources: element i of the result is element
+// first + i / 2 of the first source for even i, of the second (its elements numbered from
+// `second`) for odd i.
+inline __m512i interleave_index(int second, int first) {
+  alignas(64) uint16_t idx[32];
+  for (int i = 0; i < 32; ++i) idx[i] = uint16_t((i & 1) * second + first + i / 2);
+  return _mm512_load_si512(idx);
+}
+
+// A B operand of gemm_bf16 from fp32 rows, pairs along the rows: dst[((j / 2) * ld + x) * 2 +
+// j % 2] = src[j][x] rounded to bf16 (nearest even) for j < n (0 for the pad row of an odd
+// n), x < lanes (a multiple of 16); src rows with stride ld.
+template <class Isa>
+void round_row_pairs_bf16(const float* src, int64_t n, int64_t ld, int64_t lanes, uint16_t* dst) {
+  static const __m512i idx = interleave_index(16, 0);  // row j's x in 0-15, row j + 1's in 16-31
+  for (int64_t j = 0; j < n; j += 2) {
+    const float* r0 = src + j * ld;
+    for (int64_t x = 0; x < lanes; x += 16) {
+      const __m512 a = _mm512_loadu_ps(r0 + x);
+      const __m512 b = j + 1 < n ? _mm512_loadu_ps(r0 + ld + x) : _mm512_setzero_ps();
+      const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b, a);  // bf16(a) in elements 0-15, bf16(b) in 16-31
+      _mm512_storeu_si512(dst + ((j / 2) * ld + x) * 2, _mm512_permutexvar_epi16(idx, h));
+    }
+  }
+}
+
+// The same from raw bf16 rows: dst[((j / 2) * width_p + x) * 2 + j % 2] = src[j * src_rs + x]
+// for j < n, x < width; zeros for the pad row of an odd n and for width <= x < width_p.
+template <class Isa>
+void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t width, int64_t width_p, uint16_t* dst) {
+  static const __m512i idx_lo = interleave_index(32, 0);  // x 0-15 of a 32-wide chunk
+  static const __m512i idx_hi = interleave_index(32, 16);  // x 16-31
+  for (int64_t j = 0; j < n; j += 2) {
+    const uint16_t* r0 = src + j * src_rs;
+    for (int64_t x = 0; x < width_p; x += 32) {
+      const int64_t w = std::min<int64_t>(32, width - x);
+      const __mmask32 keep = w >= 32 ? __mmask32(0xffffffffu) : w <= 0 ? __mmask32(0) : __mmask32((1u << w) - 1);
+      const __m512i a = _mm512_maskz_loadu_epi16(keep, r0 + x);
+      const __m512i b = j + 1 < n ? _mm512_maskz_loadu_epi16(keep, r0 + src_rs + x) : _mm512_setzero_si512();
+      uint16_t* out = dst + ((j / 2) * width_p + x) * 2;
+      const int64_t wp = std::min<int64_t>(32, width_p - x);  // width_p is a multiple of 16
+      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, idx_lo, b));
+      if (wp > 16) _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(a, idx_hi, b));
+    }
+  }
+}
+
+// dst[r][x] = src[r][x] rounded to bf16 (nearest even) for x < k, 0 for k <= x < round_up(k, 2),
+// m rows, both with row stride ld (elements): an A operand of gemm_bf16 whose pairs run along x.
+template <class Isa>
+void round_rows_bf16(const float* src, int64_t m, int64_t k, int64_t ld, uint16_t* dst) {
+  const int64_t k2 = (k + 1) / 2 * 2;
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t x = 0; x < k2; x += 16) {
+      const int64_t n = std::min<int64_t>(16, k - x);  // <= 0 only for the pad column
+      const __mmask16 keep = n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(keep, src + r * ld + x);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      const int64_t w = std::min<int64_t>(16, k2 - x);
+      _mm256_mask_storeu_epi16(dst + r * ld + x, __mmask16((1u << w) - 1), (__m256i)h);
+    }
+  }
 }
 #endif
 
