@@ -1,7 +1,7 @@
 // The CPU kernels compiled for AVX-512 with AVX512-BF16: bf16 inputs compute Q.K^T (and,
 // in the backward, dO.V^T) with vdpbf16ps (exact bf16 products, fp32 sums: the same numbers
-// as the fp32 path at twice the rate), and the backward's dV, dK, dQ with P and dS rounded
-// to bf16 as GPU kernels do (docs/DECISIONS.md). Flags are set per file in CMakeLists.txt.
+// as the fp32 path at twice the rate), and P.V, the backward's dV, dK, dQ with P and dS
+// rounded to bf16 as GPU kernels do (docs/DECISIONS.md). Flags are set per file in CMakeLists.txt.
 #include "cpu/flash.h"
 #include "cpu/flash_bwd_impl.h"
 #include "cpu/flash_fwd_impl.h"

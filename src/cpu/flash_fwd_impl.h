@@ -48,6 +48,7 @@ struct FwdShape {
   bool v_direct;       // V tiles read in place (fp32)
   bool has_mods;       // softcap, ALiBi, bias or boolean mask present
   bool bf16_dot;       // Q.K^T of bf16 q/k in bf16 pairs (Isa::kBf16Dot, even D)
+  bool bf16_pv;        // and P.V with P rounded to bf16 (bf16 v, even Dv), as GPU kernels do
   double q_scale;      // folded into Qt
   double cap_log2;     // softcap * log2(e), when softcap > 0
   uint32_t drop_threshold;
@@ -224,12 +225,16 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   // Q and O are then row-major in Qt's and Ot's space; bf16 pair products are not used.
   const bool rowwise = nrows * 4 <= W;
   const bool bf16_dot = s.bf16_dot && !rowwise;
+  const bool bf16_pv = s.bf16_pv && !rowwise;
+  const int64_t Dvp = round_up(s.Dv, int64_t(16));
 
-  // Scratch (floats): Qt [D][ld] | St [Bk][ld] | Ot [Dv][ld] | m, l, alpha [ld] | K tile | V tile.
+  // Scratch (floats): Qt [D][ld] | St [Bk][ld] | Ot [Dv][ld] | m, l, alpha [ld] | K tile | V tile |
+  //                  bf16 P.V: P and the V tile in key pairs, [Bk/2][ld][2], [Bk/2][Dvp][2] bf16.
   const int64_t n_qt = s.D * ld, n_st = kBlockKeys * ld, n_o = s.Dv * ld;
   const int64_t n_kb = s.k_direct ? 0 : kBlockKeys * s.D;
-  const int64_t n_vb = s.v_direct ? 0 : kBlockKeys * s.Dv;
-  T* qt = scratch_of<T>(thread, n_qt + n_st + n_o + 3 * ld + n_kb + n_vb);
+  const int64_t n_vb = s.v_direct || bf16_pv ? 0 : kBlockKeys * s.Dv;
+  const int64_t n_pv = bf16_pv ? (kBlockKeys * ld + kBlockKeys * Dvp) / 2 : 0;
+  T* qt = scratch_of<T>(thread, n_qt + n_st + n_o + 3 * ld + n_kb + n_vb + n_pv);
   if (!qt) {
     ctx.failed = true;
     return;
@@ -241,6 +246,8 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
   T* alpha = l + ld;
   T* kb = alpha + ld;
   T* vb = kb + n_kb;
+  uint16_t* p_pairs = reinterpret_cast<uint16_t*>(vb + n_vb);
+  uint16_t* v_pairs = p_pairs + kBlockKeys * ld;
 
   RowInfo ri;
   fill_rows(p, b, hk, s.G, r_begin, nrows, lanes, &ri);
@@ -289,10 +296,20 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
     scores(k0, nk, act == BlockActivity::mixed);
     online_softmax<Isa>(st, ld, nk, lanes, m, l, alpha);
     if (p.dropout_p > 0.0f) apply_dropout(p, ri, b, k0, nk, nrows, st, ld, s.drop_threshold, T(s.drop_scale));
-    int64_t vs;
-    const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
-    if (rowwise) row_pv<Isa>(nk, nrows, s.Dv, vt, vs, st, ld, alpha, ot);
-    else gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
+    if constexpr (Isa::kBf16Dot) {
+      if (bf16_pv) {  // O^T = O^T * alpha + V^T . P, pairs along the keys
+        const int64_t vr = p.v.stride[2];
+        round_row_pairs_bf16<Isa>(st, nk, ld, lanes, p_pairs);
+        row_pairs_bf16<Isa>(reinterpret_cast<const uint16_t*>(vbase) + k0 * vr, vr, nk, s.Dv, Dvp, v_pairs);
+        gemm_bf16<Isa, true>(s.Dv, lanes, (nk + 1) / 2 * 2, v_pairs, 2, p_pairs, ld, ot, ld, 2 * Dvp, alpha);
+      }
+    }
+    if (!bf16_pv) {
+      int64_t vs;
+      const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
+      if (rowwise) row_pv<Isa>(nk, nrows, s.Dv, vt, vs, st, ld, alpha, ot);
+      else gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
+    }
   }
 
   // Epilogue: normalise, write O and LSE (natural log).
@@ -334,6 +351,7 @@ FwdShape fwd_shape_of(const AttentionParams& p, bool bf16_capable) {
   s.row_blocks = (s.rows + kBlockRows - 1) / kBlockRows;
   s.has_mods = p.softcap > 0.0f || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
   s.bf16_dot = bf16_capable && p.q.dtype == DType::bf16 && p.k.dtype == DType::bf16 && p.D % 2 == 0;
+  s.bf16_pv = s.bf16_dot && p.v.dtype == DType::bf16 && p.Dv % 2 == 0;
   s.q_scale = p.softcap > 0.0f ? p.scale / p.softcap : p.scale * kLog2e;
   s.cap_log2 = p.softcap * kLog2e;
   s.drop_threshold = detail::dropout_threshold24(p.dropout_p);

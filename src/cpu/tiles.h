@@ -88,7 +88,7 @@ void gemm(int64_t m, int64_t lanes, int64_t K, const typename Isa::T* a, int64_t
 // set has vdpbf16ps; the kernels call them only under `if constexpr (Isa::kBf16Dot)`).
 template <class Isa, bool kAcc = false>
 void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
-               float* c, int64_t c_ld, int64_t a_ps = 2);
+               float* c, int64_t c_ld, int64_t a_ps = 2, const float* col_scale = nullptr);
 template <class Isa>
 void round_rows_bf16(const float* src, int64_t m, int64_t k, int64_t ld, uint16_t* dst);
 template <class Isa>
@@ -100,13 +100,17 @@ void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t widt
 // C[m][lanes] = A[m][K] . B[K][lanes] for bf16 A and B, K even, with vdpbf16ps: A holds
 // bf16 pairs along K, element (r, kk) at a[r * a_rs + (kk / 2) * a_ps + kk % 2] (a_ps = 2:
 // rows of A contiguous along K); B is packed in pairs, element (kk, lane) at
-// b[((kk / 2) * ld + lane) * 2 + kk % 2]. kAcc: C += A . B.
+// b[((kk / 2) * ld + lane) * 2 + kk % 2]. kAcc: C += A . B, C first multiplied lane-wise by
+// col_scale[col..] when that is given.
 template <int MR, int NV, bool kAcc>
 inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, int64_t a_ps, const uint16_t* b, int64_t ld, int64_t K,
-                           float* c, int64_t c_ld, int64_t col) {
+                           float* c, int64_t c_ld, int64_t col, const float* col_scale) {
   __m512 acc[MR][NV];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = kAcc ? _mm512_loadu_ps(c + r * c_ld + col + v * 16) : _mm512_setzero_ps();
+  for (int v = 0; v < NV; ++v) {
+    const __m512 sv = col_scale ? _mm512_loadu_ps(col_scale + col + v * 16) : _mm512_set1_ps(1.0f);
+    for (int r = 0; r < MR; ++r)
+      acc[r][v] = kAcc ? _mm512_mul_ps(_mm512_loadu_ps(c + r * c_ld + col + v * 16), sv) : _mm512_setzero_ps();
+  }
   for (int64_t kp = 0; kp < K / 2; ++kp) {
     __m512bh bv[NV];
     for (int v = 0; v < NV; ++v)
@@ -124,12 +128,13 @@ inline void gemm_bf16_tile(const uint16_t* a, int64_t a_rs, int64_t a_ps, const 
 
 template <int MR, bool kAcc>
 inline void gemm_bf16_rows(int m, const uint16_t* a, int64_t a_rs, int64_t a_ps, const uint16_t* b, int64_t ld,
-                           int64_t K, float* c, int64_t c_ld, int64_t lanes) {
+                           int64_t K, float* c, int64_t c_ld, int64_t lanes, const float* col_scale) {
   if constexpr (MR > 0) {
-    if (m != MR) return gemm_bf16_rows<MR - 1, kAcc>(m, a, a_rs, a_ps, b, ld, K, c, c_ld, lanes);
+    if (m != MR) return gemm_bf16_rows<MR - 1, kAcc>(m, a, a_rs, a_ps, b, ld, K, c, c_ld, lanes, col_scale);
     int64_t col = 0;
-    for (; col + 32 <= lanes; col += 32) gemm_bf16_tile<MR, 2, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col);
-    if (col < lanes) gemm_bf16_tile<MR, 1, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col);
+    for (; col + 32 <= lanes; col += 32)
+      gemm_bf16_tile<MR, 2, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col, col_scale);
+    if (col < lanes) gemm_bf16_tile<MR, 1, kAcc>(a, a_rs, a_ps, b, ld, K, c, c_ld, col, col_scale);
   }
 }
 
@@ -137,11 +142,11 @@ inline void gemm_bf16_rows(int m, const uint16_t* a, int64_t a_rs, int64_t a_ps,
 // lanes a multiple of 16.
 template <class Isa, bool kAcc>
 void gemm_bf16(int64_t m, int64_t lanes, int64_t K, const uint16_t* a, int64_t a_rs, const uint16_t* b, int64_t ld,
-               float* c, int64_t c_ld, int64_t a_ps) {
+               float* c, int64_t c_ld, int64_t a_ps, const float* col_scale) {
   constexpr int MR = Avx512::kRows;
   for (int64_t r = 0; r < m; r += MR)
     gemm_bf16_rows<MR, kAcc>(int(std::min<int64_t>(MR, m - r)), a + r * a_rs, a_rs, a_ps, b, ld, K, c + r * c_ld,
-                             c_ld, lanes);
+                             c_ld, lanes, col_scale);
 }
 
 // vpermw indices that interleave two sources: element i of the result is element
