@@ -28,8 +28,8 @@ CpuIsa detect_cpu_isa() {
 }
 
 #if defined(STEELATTN_HAVE_AVX512BF16)
-// AVX512-BF16 (vdpbf16ps) for bf16 Q.K^T: on by default where the CPU has it;
-// STEELATTN_CPU_BF16_DOT=0 turns it off (tests compare both).
+// AVX512-BF16 (vdpbf16ps) for bf16 inputs' products (flash_avx512bf16.cpp): on by default
+// where the CPU has it; STEELATTN_CPU_BF16_DOT=0 turns it off (tests compare both).
 bool use_bf16_dot(const AttentionParams& p) {
   static const bool available = [] {
     const char* env = std::getenv("STEELATTN_CPU_BF16_DOT");

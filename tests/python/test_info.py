@@ -292,7 +292,8 @@ def test_cpu_isa_paths_agree():
 
 
 def test_cpu_bf16_dot_path_agrees_with_fp32_path():
-    """bf16 Q.K^T (and dO.V^T) through vdpbf16ps where the CPU has it gives the fp32 path's numbers."""
+    """bf16 products through vdpbf16ps where the CPU has it (Q.K^T and dO.V^T exact; P.V, dV, dK,
+    dQ with P and dS rounded to bf16) agree with the fp32 path to bf16 rounding; the LSE to fp32's."""
     code = ("import sys, torch, steelattn; g = torch.Generator().manual_seed(1); "
             "q = torch.randn(2, 8, 77, 64, generator=g).bfloat16().requires_grad_(); "
             "k = torch.randn(2, 2, 130, 64, generator=g).bfloat16().requires_grad_(); "
