@@ -42,15 +42,17 @@ struct BwdCtx {
 };
 
 // Row-major pack: dst[r][d] = x[b, h_r, i_r, d], rows padded with zeros to `ld` lanes,
-// columns padded with zeros to `width_p`.
-template <class T>
+// columns padded with zeros to `width_p` (16-bit rows converted with the ISA's loads).
+template <class Isa, class T = typename Isa::T>
 void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t lanes, int64_t width,
                int64_t width_p, T* dst) {
   for (int64_t r = 0; r < lanes; ++r) {
     T* out = dst + r * width_p;
     if (r < nrows) {
       const char* row = elem_ptr(t, b, ri.h[r], ri.i[r]);
-      for (int64_t d = 0; d < width; ++d) out[d] = load_elem<T>(row, t.dtype, d);
+      if (t.dtype == DType::bf16) Isa::load_bf16_row(reinterpret_cast<const uint16_t*>(row), out, width);
+      else if (t.dtype == DType::f16) Isa::load_f16_row(reinterpret_cast<const uint16_t*>(row), out, width);
+      else for (int64_t d = 0; d < width; ++d) out[d] = load_elem<T>(row, t.dtype, d);
       std::fill(out + width, out + width_p, T(0));
     } else {
       std::fill(out, out + width_p, T(0));
@@ -86,15 +88,15 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   const bool mods = cap || p.alibi_slopes.present() || p.bias.present() || p.bool_mask.present();
 
   // Scratch: dK [Sp][Dp] | dV [Sp][Dvp] | dQt [D][ld] | Qt [D][ld] | Qp [ld][Dp] | dOt [Dv][ld] |
-  //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles |
+  //          dOp [ld][Dvp] | lse2, Drow [ld] | St, dPt, Pd, dcap [bk][ld] | K, V tiles | Op [ld][Dvp] |
   //          bf16 pair path: P^T, dS^T rounded [bk][ld] | Q, dO, K in row pairs [ld/2][Dp], [ld/2][Dvp],
   //          [bk/2][Dp] (x 2).
   const int64_t n_dk = Sp * Dp, n_dv = Sp * Dvp, n_qt = D * ld, n_qp = ld * Dp, n_dot = Dv * ld, n_dop = ld * Dvp;
   const int64_t n_tile = bk * ld;
   const int64_t n_kb = ctx.k_direct ? 0 : bk * D, n_vb = ctx.v_direct ? 0 : bk * Dv;
   const int64_t n_b16 = ctx.bf16_dot ? (n_tile + n_qp + n_dop + bk * Dp + 1) / 2 : 0;  // floats (two bf16 each)
-  T* dk_acc = scratch_of<T>(thread, n_dk + n_dv + 2 * n_qt + n_qp + n_dot + n_dop + 2 * ld + 4 * n_tile + n_kb + n_vb +
-                                        n_b16);
+  T* dk_acc = scratch_of<T>(thread, n_dk + n_dv + 2 * n_qt + n_qp + n_dot + 2 * n_dop + 2 * ld + 4 * n_tile + n_kb +
+                                        n_vb + n_b16);
   if (!dk_acc) {
     ctx.failed = true;
     return;
@@ -113,7 +115,8 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
   T* dcap = dpt + 2 * n_tile;
   T* kb = dpt + 3 * n_tile;
   T* vb = kb + n_kb;
-  uint16_t* p16 = reinterpret_cast<uint16_t*>(vb + n_vb);  // P^T, then dS^T, rounded to bf16
+  T* op = vb + n_vb;
+  uint16_t* p16 = reinterpret_cast<uint16_t*>(op + n_dop);  // P^T, then dS^T, rounded to bf16
   uint16_t* q_pairs = p16 + n_tile;
   uint16_t* do_pairs = q_pairs + n_qp;
   uint16_t* k_pairs = do_pairs + n_dop;
@@ -135,10 +138,11 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
     // With bf16 pair dot products, Q and dO stay exact bf16, packed in pairs in Qt's / dOt's space.
     if (ctx.bf16_dot) pack_bf16_pairs(p.q, b, ri, nrows, ld, D, reinterpret_cast<uint16_t*>(qt));
     else pack_transposed(p.q, b, ri, nrows, ld, D, T(ctx.q_scale), qt);
-    if (!ctx.bf16_dot) pack_rows(p.q, b, ri, nrows, lanes, D, Dp, qp);  // dK's B operand (fp32 products)
+    if (!ctx.bf16_dot) pack_rows<Isa>(p.q, b, ri, nrows, lanes, D, Dp, qp);  // dK's B operand (fp32 products)
     if (ctx.bf16_dot) pack_bf16_pairs(p.dout, b, ri, nrows, ld, Dv, reinterpret_cast<uint16_t*>(dot));
     else pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
-    pack_rows(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
+    pack_rows<Isa>(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
+    pack_rows<Isa>(p.out, b, ri, nrows, lanes, Dv, Dvp, op);
     if (ctx.bf16_dot) {  // dV = P^T dO and dK = dS^T Q as bf16 pair products along the rows
       pack_bf16_row_pairs(p.q, b, ri, nrows, D, Dp, q_pairs);
       pack_bf16_row_pairs(p.dout, b, ri, nrows, Dv, Dvp, do_pairs);
@@ -148,9 +152,11 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       // A row that saw no key (lse = -inf) has P = 0 everywhere: +inf makes exp2 give 0.
       lse2[r] = l == neg_inf<T>() ? -neg_inf<T>() : l * T(kLog2e);
       T acc = 0;
-      if (r < nrows) {
-        const char* orow = elem_ptr(p.out, b, ri.h[r], ri.i[r]);
-        for (int64_t e = 0; e < Dv; ++e) acc += dop[r * Dvp + e] * load_elem<T>(orow, p.out.dtype, e);
+      if (r < nrows) {  // rowsum(dO * O) (padding columns are zero in both)
+        V sum = Isa::zero();
+        for (int64_t e = 0; e < Dvp; e += W)
+          sum = Isa::fma(Isa::load(dop + r * Dvp + e), Isa::load(op + r * Dvp + e), sum);
+        acc = Isa::hsum(sum);
         // dL/ds += dlse * P folds into the same term: dS = P * (dP - (D - dlse)).
         if (p.dlse.present()) acc -= load_elem<T>(p.dlse.data, p.dlse.dtype, offset4(p.dlse, b, ri.h[r], ri.i[r]));
       }
