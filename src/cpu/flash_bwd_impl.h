@@ -152,11 +152,14 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
       // A row that saw no key (lse = -inf) has P = 0 everywhere: +inf makes exp2 give 0.
       lse2[r] = l == neg_inf<T>() ? -neg_inf<T>() : l * T(kLog2e);
       T acc = 0;
-      if (r < nrows) {  // rowsum(dO * O) (padding columns are zero in both)
-        V sum = Isa::zero();
-        for (int64_t e = 0; e < Dvp; e += W)
-          sum = Isa::fma(Isa::load(dop + r * Dvp + e), Isa::load(op + r * Dvp + e), sum);
-        acc = Isa::hsum(sum);
+      if (r < nrows) {
+        // rowsum(dO * O) as dP's fp32 product sums: one Isa multiply-add per e, in order. A
+        // row whose only visible key gives O = V then gets dP - D = 0 exactly, so dS = 0 as in
+        // exact arithmetic, not a rounding residue (vector partial sums, or unfused adds, left
+        // one: the fuzz's one-key fp32 cases caught it in dK).
+        const T* dor = dop + r * Dvp;
+        const T* orw = op + r * Dvp;
+        for (int64_t e = 0; e < Dv; ++e) acc = Isa::fma1(dor[e], orw[e], acc);
         // dL/ds += dlse * P folds into the same term: dS = P * (dP - (D - dlse)).
         if (p.dlse.present()) acc -= load_elem<T>(p.dlse.data, p.dlse.dtype, offset4(p.dlse, b, ri.h[r], ri.i[r]));
       }

@@ -87,6 +87,7 @@ struct ScalarT {
   static V set1(T x) { return x; }
   static V zero() { return T(0); }
   static V fma(V a, V b, V c) { return a * b + c; }
+  static T fma1(T a, T b, T c) { return a * b + c; }  // one element, rounded as fma rounds
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
   static V sub(V a, V b) { return a - b; }
@@ -115,6 +116,7 @@ struct Avx2 {
   static V set1(float x) { return _mm256_set1_ps(x); }
   static V zero() { return _mm256_setzero_ps(); }
   static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float fma1(float a, float b, float c) { return std::fma(a, b, c); }  // one element, fused as fma
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
   static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
@@ -164,6 +166,7 @@ struct Avx512 {
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V zero() { return _mm512_setzero_ps(); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float fma1(float a, float b, float c) { return std::fma(a, b, c); }  // one element, fused as fma
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }

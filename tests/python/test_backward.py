@@ -319,6 +319,21 @@ def test_cuda_graph_capture_forward_and_backward(deterministic):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("D,Dv,G", [(64, 64, 1), (80, 48, 3), (128, 128, 4)])
+def test_one_visible_key_gives_exactly_zero_score_gradient(D, Dv, G):
+    """fp32 on the CPU: with one key, P = 1 and dS = P * (dP - rowsum(dO * O)) is zero in exact
+    arithmetic; the kernel sums rowsum(dO * O) as it sums dP, so dq and dk come out exactly 0
+    rather than as rounding residue."""
+    g = torch.Generator().manual_seed(D + Dv + G)
+    q = torch.randn(2, 2 * G, 37, D, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, 1, D, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, 1, Dv, generator=g, requires_grad=True)
+    out = steelattn.flash_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn(out.shape, generator=g))
+    assert torch.count_nonzero(dq) == 0 and torch.count_nonzero(dk) == 0
+    assert torch.count_nonzero(dv) > 0
+
+
 def test_double_backward_raises():
     """The backward is not differentiable: asking for a second derivative raises instead of
     silently returning a wrong one."""
