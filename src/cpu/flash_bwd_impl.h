@@ -60,17 +60,15 @@ void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, 
   }
 }
 
-// Packs bf16 rows in pairs of rows: dst[((r / 2) * width_p + e) * 2 + r % 2] = t[b, h_r, i_r, e]
-// (raw bf16 bits) for r < round_up(nrows, 2), e < width_p; zero past nrows and past width
-// (a B operand of gemm_bf16 whose pairs run along the rows).
-inline void pack_bf16_row_pairs(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t width,
-                                int64_t width_p, uint16_t* dst) {
-  const int64_t rows2 = (nrows + 1) / 2 * 2;
-  for (int64_t r = 0; r < rows2; ++r) {
-    const uint16_t* row = r < nrows ? reinterpret_cast<const uint16_t*>(elem_ptr(t, b, ri.h[r], ri.i[r])) : nullptr;
-    uint16_t* out = dst + (r / 2) * width_p * 2 + (r & 1);
-    for (int64_t e = 0; e < width_p; ++e) out[2 * e] = row && e < width ? row[e] : uint16_t(0);
-  }
+// Packs the rows of t that RowInfo names in pairs of rows (pair_rows_bf16): dst[((r / 2) *
+// width_p + e) * 2 + r % 2] = t[b, h_r, i_r, e] (raw bf16 bits) for r < round_up(nrows, 2),
+// zero past nrows and past width (a B operand of gemm_bf16 whose pairs run along the rows).
+template <class Isa>
+void pack_bf16_row_pairs(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, int64_t width,
+                         int64_t width_p, uint16_t* dst) {
+  auto row = [&](int64_t r) { return reinterpret_cast<const uint16_t*>(elem_ptr(t, b, ri.h[r], ri.i[r])); };
+  for (int64_t r = 0; r < nrows; r += 2)
+    pair_rows_bf16<Isa>(row(r), r + 1 < nrows ? row(r + 1) : nullptr, width, width_p, dst + (r / 2) * width_p * 2);
 }
 
 template <class Isa>
@@ -143,9 +141,11 @@ void bwd_task(BwdCtx& ctx, int64_t task, int thread) {
     else pack_transposed(p.dout, b, ri, nrows, ld, Dv, T(1), dot);
     pack_rows<Isa>(p.dout, b, ri, nrows, lanes, Dv, Dvp, dop);
     pack_rows<Isa>(p.out, b, ri, nrows, lanes, Dv, Dvp, op);
-    if (ctx.bf16_dot) {  // dV = P^T dO and dK = dS^T Q as bf16 pair products along the rows
-      pack_bf16_row_pairs(p.q, b, ri, nrows, D, Dp, q_pairs);
-      pack_bf16_row_pairs(p.dout, b, ri, nrows, Dv, Dvp, do_pairs);
+    if constexpr (Isa::kBf16Dot) {
+      if (ctx.bf16_dot) {  // dV = P^T dO and dK = dS^T Q as bf16 pair products along the rows
+        pack_bf16_row_pairs<Isa>(p.q, b, ri, nrows, D, Dp, q_pairs);
+        pack_bf16_row_pairs<Isa>(p.dout, b, ri, nrows, Dv, Dvp, do_pairs);
+      }
     }
     for (int64_t r = 0; r < lanes; ++r) {
       const T l = r < nrows ? load_elem<T>(p.lse.data, p.lse.dtype, offset4(p.lse, b, ri.h[r], ri.i[r])) : T(0);

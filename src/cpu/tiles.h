@@ -94,6 +94,8 @@ void round_rows_bf16(const float* src, int64_t m, int64_t k, int64_t ld, uint16_
 template <class Isa>
 void round_row_pairs_bf16(const float* src, int64_t n, int64_t ld, int64_t lanes, uint16_t* dst);
 template <class Isa>
+void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, int64_t width, int64_t width_p, uint16_t* out);
+template <class Isa>
 void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t width, int64_t width_p, uint16_t* dst);
 
 #if defined(__AVX512BF16__)
@@ -175,25 +177,31 @@ void round_row_pairs_bf16(const float* src, int64_t n, int64_t ld, int64_t lanes
   }
 }
 
-// The same from raw bf16 rows: dst[((j / 2) * width_p + x) * 2 + j % 2] = src[j * src_rs + x]
-// for j < n, x < width; zeros for the pad row of an odd n and for width <= x < width_p.
+// Two raw bf16 rows interleaved: out[x * 2] = r0[x], out[x * 2 + 1] = r1[x] (0 when r1 is
+// null: the pad row of an odd count) for x < width, zeros for width <= x < width_p (a
+// multiple of 16).
 template <class Isa>
-void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t width, int64_t width_p, uint16_t* dst) {
+void pair_rows_bf16(const uint16_t* r0, const uint16_t* r1, int64_t width, int64_t width_p, uint16_t* out) {
   static const __m512i idx_lo = interleave_index(32, 0);  // x 0-15 of a 32-wide chunk
   static const __m512i idx_hi = interleave_index(32, 16);  // x 16-31
-  for (int64_t j = 0; j < n; j += 2) {
-    const uint16_t* r0 = src + j * src_rs;
-    for (int64_t x = 0; x < width_p; x += 32) {
-      const int64_t w = std::min<int64_t>(32, width - x);
-      const __mmask32 keep = w >= 32 ? __mmask32(0xffffffffu) : w <= 0 ? __mmask32(0) : __mmask32((1u << w) - 1);
-      const __m512i a = _mm512_maskz_loadu_epi16(keep, r0 + x);
-      const __m512i b = j + 1 < n ? _mm512_maskz_loadu_epi16(keep, r0 + src_rs + x) : _mm512_setzero_si512();
-      uint16_t* out = dst + ((j / 2) * width_p + x) * 2;
-      const int64_t wp = std::min<int64_t>(32, width_p - x);  // width_p is a multiple of 16
-      _mm512_storeu_si512(out, _mm512_permutex2var_epi16(a, idx_lo, b));
-      if (wp > 16) _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi16(a, idx_hi, b));
-    }
+  for (int64_t x = 0; x < width_p; x += 32) {
+    const int64_t w = std::min<int64_t>(32, width - x);
+    const __mmask32 keep = w >= 32 ? __mmask32(0xffffffffu) : w <= 0 ? __mmask32(0) : __mmask32((1u << w) - 1);
+    const __m512i a = _mm512_maskz_loadu_epi16(keep, r0 + x);
+    const __m512i b = r1 ? _mm512_maskz_loadu_epi16(keep, r1 + x) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + x * 2, _mm512_permutex2var_epi16(a, idx_lo, b));
+    if (width_p - x > 16) _mm512_storeu_si512(out + x * 2 + 32, _mm512_permutex2var_epi16(a, idx_hi, b));
   }
+}
+
+// Strided raw bf16 rows in pairs of rows: dst[((j / 2) * width_p + x) * 2 + j % 2] =
+// src[j * src_rs + x] for j < n, x < width; zeros for the pad row of an odd n and for
+// width <= x < width_p.
+template <class Isa>
+void row_pairs_bf16(const uint16_t* src, int64_t src_rs, int64_t n, int64_t width, int64_t width_p, uint16_t* dst) {
+  for (int64_t j = 0; j < n; j += 2)
+    pair_rows_bf16<Isa>(src + j * src_rs, j + 1 < n ? src + (j + 1) * src_rs : nullptr, width, width_p,
+                        dst + (j / 2) * width_p * 2);
 }
 
 // dst[r][x] = src[r][x] rounded to bf16 (nearest even) for x < k, 0 for k <= x < round_up(k, 2),
