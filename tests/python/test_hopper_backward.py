@@ -108,10 +108,9 @@ def test_features(D, Dv, case):
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128)])
 @pytest.mark.parametrize("case", ["causal", "lse", "deterministic"])
-def test_preprocess_four_rows(D, Dv, case, monkeypatch):
-    """The preprocess with four rows per thread group (STEELATTN_SM90_PRE_FOUR_ROWS=1, prepared):
-    padded rows (N = 150 of 256), dlse, and the deterministic kernels' counters it zeroes."""
-    monkeypatch.setenv("STEELATTN_SM90_PRE_FOUR_ROWS", "1")
+def test_preprocess_rows(D, Dv, case):
+    """The preprocess (four rows per thread group): padded rows (N = 150 of 256), dlse, and the
+    deterministic kernels' counters it zeroes."""
     run_case(D, Dv, torch.bfloat16, B=2, causal=True, use_lse=case == "lse", deterministic=case == "deterministic")
 
 

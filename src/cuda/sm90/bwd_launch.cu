@@ -95,9 +95,10 @@ __device__ __forceinline__ int2 workspace_block_rows(const PrePostParams& p, int
 // accumulator (the memset this replaces was a separate pass over the same bytes). One
 // warp per row left most lanes idle at D64 (158 us against ~1 ms for the main kernel at
 // N = 1k). R rows per thread group, 256 / T rows apart, all loads before any math
-// (R = 1 by default; STEELATTN_SM90_PRE_FOUR_ROWS=1 is prepared, not yet measured: a CTA's
-// R x 256 / T rows lie in one 128-row block, so a varlen call pays the binary search over
-// cu_q once per R rows, and a thread has R x 32 bytes of O / dO in flight).
+// (R = 4: a CTA's R x 256 / T rows lie in one 128-row block, so a varlen call pays the
+// binary search over cu_q once per R rows, and a thread has R x 32 bytes of O / dO in
+// flight; against R = 1 the varlen bench step went 0.683 -> 0.665 ms, dense cells unchanged,
+// NOTES-sm90-bwd.md session 11).
 template <class Elem, int T, int R>
 __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   constexpr int kRowsPerPass = 256 / T;
@@ -323,8 +324,9 @@ int64_t dq_sem_count(const AttentionParams& p) {
   return p.B * p.H * (ws_rows(p) / bwd_kernel_dims(p.D, p.Dv).block_m) * 2;
 }
 
-template <class Elem, int R>
-cudaError_t launch_pre_rows(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
+template <class Elem>
+cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
+  constexpr int R = 4;  // rows per thread group (bwd_pre_kernel)
   // Threads per row: Dv/8 up to 16, a warp beyond (a power of two for the shuffles).
   const int t = pp.Dv <= 64 ? 8 : pp.Dv <= 128 ? 16 : 32;
   const unsigned blocks = static_cast<unsigned>(rows / (256 / t * R));  // rows: a multiple of 128
@@ -335,12 +337,6 @@ cudaError_t launch_pre_rows(const PrePostParams& pp, int64_t rows, cudaStream_t 
   else
     bwd_pre_kernel<Elem, 32, R><<<blocks, 256, 0, s>>>(pp);
   return cudaGetLastError();
-}
-
-template <class Elem>
-cudaError_t launch_pre(const PrePostParams& pp, int64_t rows, cudaStream_t s) {
-  const bool four = sm90::env_switch("STEELATTN_SM90_PRE_FOUR_ROWS") == 1;  // per call: tests flip it
-  return four ? launch_pre_rows<Elem, 4>(pp, rows, s) : launch_pre_rows<Elem, 1>(pp, rows, s);
 }
 
 template <class Elem>
