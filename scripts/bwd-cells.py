@@ -1,6 +1,8 @@
 """The backward kernels alone (pre, main, post, torch.profiler sums, us per training step)
 on a few cells, for A/B runs of two builds (PYTHONPATH picks the build) or launch orders
-(STEELATTN_BWD_GROUP). Usage (GPU machine): python3 scripts/bwd-cells.py"""
+(STEELATTN_BWD_GROUP). Usage (GPU machine): python3 scripts/bwd-cells.py
+BWD_CELLS="D:N:causal,..." (e.g. "128:4096:0,128:16384:0") picks the cells."""
+import os
 from collections import defaultdict
 
 import torch
@@ -10,6 +12,8 @@ import steelattn
 
 CELLS = [(128, 16384, True), (128, 16384, False), (64, 16384, True), (128, 4096, True), (256, 16384, True),
          (128, 1024, False), (128, 1024, True), (64, 1024, False), (256, 1024, False), (192, 4096, True)]
+if os.environ.get("BWD_CELLS"):
+    CELLS = [(int(d), int(n), c == "1") for d, n, c in (x.split(":") for x in os.environ["BWD_CELLS"].split(","))]
 REPS = 5
 print(steelattn.__file__)
 for D, N, causal in CELLS:

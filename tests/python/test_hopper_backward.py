@@ -106,6 +106,30 @@ def test_features(D, Dv, case):
     run_case(D, Dv, torch.bfloat16, **kw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D,Dv", [(128, 128), (112, 112), (128, 96), (104, 128)])
+@pytest.mark.parametrize("case", ["default", "blocks", "gqa_alibi", "lse", "bnhd", "batch", "one_query"])
+def test_rows80(D, Dv, dtype, case, monkeypatch):
+    """The 80-row step (STEELATTN_SM90_BWD_ROWS80=1; dense D128 calls without causal, window,
+    softcap or determinism): query blocks of 80 ragged at N, several of them, GQA, ALiBi, dlse,
+    [B, N, H, D] storage, batches, one query row."""
+    monkeypatch.setenv("STEELATTN_SM90_BWD_ROWS80", "1")
+    kw = {"blocks": dict(N=700, S=333), "gqa_alibi": dict(H=8, Hkv=2, N=243, alibi=True),
+          "lse": dict(use_lse=True, N=161), "bnhd": dict(layout="bnhd", B=2, N=90), "batch": dict(B=3, N=81, S=500),
+          "one_query": dict(N=1, S=300, H=16, Hkv=1)}.get(case, {})
+    run_case(D, Dv, dtype, **kw)
+
+
+def test_rows80_ran(monkeypatch):
+    """The switch reaches the kernel: the 80-row step takes dS from the packed 16-bit P (the
+    64-row one from fp32 P), so its gradients differ in their last bits."""
+    grads = {}
+    for on in ("0", "1"):
+        monkeypatch.setenv("STEELATTN_SM90_BWD_ROWS80", on)
+        grads[on] = run_case(128, 128, torch.bfloat16, N=400, S=400, seed=3)[1]
+    assert not torch.equal(grads["0"][0], grads["1"][0])
+
+
 @pytest.mark.parametrize("D,Dv", [(64, 64), (128, 128), (256, 256), (192, 128)])
 @pytest.mark.parametrize("case", ["causal", "lse", "deterministic"])
 def test_preprocess_rows(D, Dv, case):

@@ -86,21 +86,29 @@ __device__ __forceinline__ bool resolve_key_block(const BwdParams& p, int& v, Bw
 // mask and publishes each step with its stage (step_g / step_m), then a -1 step; the
 // consumers read them. Not with Det (the ordered dQ reduce counts every key block).
 // Varlen: packed sequences (BwdSeq<true>): not with Det or Sparse.
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
+// Rows80: 80-row steps, dQ transposed (bwd_params.h, kBwdRows80M): D128 without band,
+// softcap, Det, Sparse or Varlen.
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false,
+          bool Rows80 = false>
 struct BwdMainloop {
   static_assert(!(Det && Sparse), "block-sparse backward is not deterministic");
   static_assert(!(Varlen && (Det || Sparse)), "varlen backward: not deterministic, not block-sparse");
+  static_assert(!Rows80 || (D == 128 && !Band && !Softcap && !Det && !Sparse && !Varlen),
+                "80-row steps: dense D128 without band, softcap or Det");
   using Seq = BwdSeq<Varlen>;
   using Tag = typename ElemTag<Elem>::type;
-  using Smem = BwdSmem<D, Elem>;
-  static constexpr int BM = BwdTile<D>::kBlockM;
+  static constexpr int BM = Rows80 ? kBwdRows80M : BwdTile<D>::kBlockM;
+  using Smem = BwdSmem<D, Elem, BM>;
   static constexpr int BN = kBwdBlockN;
   static constexpr int kNS = BM / 2;  // S^T / dP^T fp32 per thread (m64 x BM)
   static constexpr int kNP = BM / 4;  // packed P^T / dS^T
   static constexpr int kNA = D / 2;   // dK / dV accumulators (m64 x D)
   static constexpr int kConsumerWarps = 4 * kBwdConsumerWGs;
-  // dQ columns per warpgroup: all D at BM 128 (rows split), D/2 at BM 64.
+  // dQ columns per warpgroup: all D at BM 128 (rows split), D/2 at BM 64 and 80.
   static constexpr int kDqCols = BM == 128 ? D : D / 2;
+  // N of the dQ wgmma: the columns (dQ = dS K, m64 = 64 queries), or at 80 rows the queries
+  // (dQ^T = K^T dS^T, m64 = 64 of D). A warpgroup's workspace block is 64 x kDqN floats.
+  static constexpr int kDqN = Rows80 ? BM : kDqCols;
   // Q/K/V/dO tiles: column blocks of CB elements, SW bytes per swizzled row. An
   // MN-major wgmma operand spans whole swizzle atoms, so a warpgroup's dQ columns
   // must start on one: 64 (128B swizzle) at D64/D128, 16 (32B) at D96 (halves of 48).
@@ -108,14 +116,16 @@ struct BwdMainloop {
   static constexpr int SW = 2 * CB;
   // D64 without softcap: dS^T = P^T (dP^T - dsum) takes P^T from its packed 16-bit
   // copy (the one dV uses), so S^T dies before dP^T is waited for and the dS math
-  // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64).
-  static constexpr bool kPackedPForDs = D == 64 && !Softcap;
+  // runs under the dV GEMM as at D128 (fp32 P^T beside dP^T spilled at D64). The same at
+  // 80 rows: fp32 P^T (40) beside dP^T (40), dK, dV and the packed P^T / dS^T was 248
+  // registers (ptxas spilled and serialised the wgmmas).
+  static constexpr bool kPackedPForDs = (D == 64 || Rows80) && !Softcap;
   static constexpr bool kOverlapDv = D >= 96 || kPackedPForDs;
-  static constexpr bool kPreloadLse = BM == 64;
+  static constexpr bool kPreloadLse = BM != 128;
   static constexpr uint32_t kKVBytes = 2u * BN * D * 2;
   static constexpr uint32_t kStepBytes = 2u * BM * D * 2 + 2u * BM * 4;
   static_assert(D == 64 || D == 96 || D == 128, "D in {64, 96, 128}; wider: bwd_wide_kernel.h");
-  static_assert(BM == 64 || BM == 128, "dQ split assumes BM in {64, 128}");
+  static_assert(BM == 64 || BM == 128 || Rows80, "dQ split assumes BM in {64, 80, 128}");
 
   __device__ static sm90::Band<Band> band(const BwdParams& p, const Seq& g) {
     return {g.N(p), g.S(p), g.off(p), p.window_left, p.window_right};
@@ -140,7 +150,7 @@ struct BwdMainloop {
     return lo;
   }
 
-  // Index of the first of query block m's two 64x64 dQ workspace blocks (and counters).
+  // Index of the first of query block m's two dQ workspace blocks (and counters).
   // Varlen: the sequence's blocks start at its first virtual workspace row.
   __device__ static int64_t dq_block(const BwdParams& p, const Seq& g, int b, int h, int m) {
     return ((static_cast<int64_t>(b) * p.H + h) * (p.n_pad / BM) + g.ws0() / BM + m) * 2;
@@ -369,6 +379,18 @@ struct BwdMainloop {
       Wgmma<kDqCols, Tag>::template ss<1, 1>(dq, ad + ((kk * 2048) >> 4), bd + ((kk * 16 * SW) >> 4), kk > 0);
   }
 
+  // dq^T[64 of D, BM queries] = K^T[64 of D, BN] dS^T[BN, BM] (80 rows): A = this warpgroup's
+  // column block of K read MN-major, B = dS [queries][keys] K-major (two 64-key column blocks).
+  __device__ static void gemm_dq_t(float (&dq)[kDqN / 2], uint32_t ds_addr, uint32_t k_addr) {
+    const uint64_t ad = make_smem_desc<SW>(k_addr, BN * SW, 8 * SW);
+    const uint64_t bd = make_smem_desc<128>(ds_addr, 16, 1024);
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; ++kk) {
+      const uint32_t boff = (kk / 4) * BM * 128 + (kk % 4) * 32;
+      Wgmma<kDqN, Tag>::template ss<1, 0>(dq, ad + ((kk * 16 * SW) >> 4), bd + (boff >> 4), kk > 0);
+    }
+  }
+
   __device__ static void consume(const BwdParams& p, const Seq& g, Smem& sm, int w, int n_block, int b, int hkv) {
     const int tid = threadIdx.x % 128;
     const int warp = tid / 32, lane = tid % 32;
@@ -394,7 +416,7 @@ struct BwdMainloop {
       const uint32_t v_addr = smem_u32(sm.v) + w * 64 * SW;
       // dQ part of this warpgroup: BM 128 -> rows w*64, all D cols; BM 64 -> all rows,
       // cols w*64.. (K's columns from there).
-      const uint32_t dq_b_addr = smem_u32(sm.k) + (BM == 64 ? w * kDqCols / CB : 0) * BN * SW;
+      const uint32_t dq_b_addr = smem_u32(sm.k) + (BM != 128 ? w * kDqCols / CB : 0) * BN * SW;
       constexpr float kLog2e = 1.4426950408889634f;
       PipeState<kBwdStages> st;
       uint32_t dq_phase = 0;  // deterministic: parity of this warpgroup's dq_full / dq_empty
@@ -449,7 +471,7 @@ struct BwdMainloop {
         const float* dsum_s = sm.dsum[st.index];
 
         issue_sdp(st);
-        // BM 64: this step's lse2 in registers while S^T is awaited (loaded where the
+        // BM 64 / 80: this step's lse2 in registers while S^T is awaited (loaded where the
         // exponent needs it, each load's latency was a short-scoreboard stall).
         float2 l2v[kPreloadLse ? BM / 8 : 1];
         if constexpr (kPreloadLse) {
@@ -598,7 +620,18 @@ struct BwdMainloop {
         }
         // dS^T [keys][queries] into buffer it&1: rows w*64 + 16*warp + lane/4 (+8),
         // 2 queries per 32-bit store, 128B swizzle (16 B chunk ^= row % 8).
-        {
+        // 80 rows: dS [queries][keys] (column block w: this warpgroup's 64 keys), by
+        // stmatrix.trans: dsf[2jb + r] is the fragment of the 8x8 block (keys 16*warp + 8r..,
+        // queries 8jb..); lane l addresses row l % 8 (a query) of block l / 8 of each four.
+        if constexpr (Rows80) {
+          const int j = lane / 8, i = lane % 8;
+          const int chunk = 2 * warp + (j & 1);  // the block's 8 keys, 16 B of a query's row
+          const uint32_t ds_rows = smem_u32(sm.ds[it & 1]) + w * BM * 128 + (8 * (j >> 1) + i) * 128 +
+                                   ((chunk ^ i) << 4);  // query 8 * (j >> 1) + i: i = its row % 8
+#pragma unroll
+          for (int s4 = 0; s4 < BM / 16; ++s4)
+            stmatrix_x4_trans(ds_rows + s4 * 16 * 128, dsf[4 * s4], dsf[4 * s4 + 1], dsf[4 * s4 + 2], dsf[4 * s4 + 3]);
+        } else {
           const uint32_t ds_tile = smem_u32(sm.ds[it & 1]);
 #pragma unroll
           for (int jb = 0; jb < BM / 8; ++jb) {
@@ -618,9 +651,12 @@ struct BwdMainloop {
         // step's S^T / dP^T behind dK as well spilled 256-676 B and made ptxas
         // serialise every wgmma (C7514/C7515); dK with dS^T from smem (SS) was 2-4%
         // slower than RS (NOTES-sm90-bwd.md).
-        float dq[kDqCols / 2];
+        float dq[kDqN / 2];
         wgmma_fence();
-        gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
+        if constexpr (Rows80)
+          gemm_dq_t(dq, smem_u32(sm.ds[it & 1]), dq_b_addr);
+        else
+          gemm_dq(dq, smem_u32(sm.ds[it & 1]) + (BM == 128 ? w : 0) * BN * 128, dq_b_addr);
         wgmma_commit();
         gemm_rs(dk, dsf, q_addr);
         wgmma_commit();
@@ -632,7 +668,7 @@ struct BwdMainloop {
         auto stage_dq = [&] {
           const uint32_t dq_s = smem_u32(sm.dq[w]) + 16 * tid;
 #pragma unroll
-          for (int jb = 0; jb < kDqCols / 8; ++jb)
+          for (int jb = 0; jb < kDqN / 8; ++jb)
             st_shared_f4(dq_s + jb * 128 * 16, make_float4(dq[4 * jb], dq[4 * jb + 1], dq[4 * jb + 2], dq[4 * jb + 3]));
           fence_proxy_async();
         };
@@ -643,15 +679,15 @@ struct BwdMainloop {
           warp_release(&sm.dq_full[w]);
           dq_phase ^= 1;
         } else {
-          // One thread reduce-adds the 16 KB (D96: 12 KB) into the workspace block (bulk
-          // async copy).
-          float* dst = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqCols);
+          // One thread reduce-adds the 16 KB (D96: 12 KB, 80 rows: 20 KB) into the workspace
+          // block (bulk async copy).
+          float* dst = p.dq_acc + (dq_block(p, g, b, h, m) + w) * (64 * kDqN);
           if (tid == 0) tma_store_wait_read();  // the previous reduce has read sm.dq[w]
           named_barrier_sync(kBwdDqBarrier + w, 128);
           stage_dq();
           named_barrier_sync(kBwdDqBarrier + w, 128);
           if (tid == 0) {
-            bulk_reduce_add_f32(dst, sm.dq[w], 64 * kDqCols * 4);
+            bulk_reduce_add_f32(dst, sm.dq[w], 64 * kDqN * 4);
             tma_store_commit();
           }
         }
@@ -678,12 +714,13 @@ struct BwdMainloop {
   }
 };
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false,
+          bool Rows80 = false>
 __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_constant__ BwdParams p) {
 #if defined(__CUDA_ARCH__) && !defined(__CUDA_ARCH_FEAT_SM90_ALL)
   __trap();  // other archs of a multi-arch build: never selected (cuda_sm90_backward_supports)
 #elif defined(__CUDA_ARCH__)
-  using ML = BwdMainloop<D, Elem, Band, Softcap, Det, Sparse, Varlen>;
+  using ML = BwdMainloop<D, Elem, Band, Softcap, Det, Sparse, Varlen, Rows80>;
   extern __shared__ uint8_t smem_raw[];
   auto& sm = *reinterpret_cast<typename ML::Smem*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) &
                                                     ~static_cast<uintptr_t>(1023));
@@ -709,10 +746,12 @@ __global__ void __launch_bounds__(kBwdThreads, 1) bwd_kernel(const __grid_consta
 #endif
 }
 
-template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false>
+template <int D, class Elem, bool Band, bool Softcap, bool Det, bool Sparse = false, bool Varlen = false,
+          bool Rows80 = false>
 cudaError_t launch_bwd_variant(const BwdParams& p, dim3 grid, cudaStream_t stream) {
-  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det, Sparse, Varlen>;
-  constexpr int smem = static_cast<int>(sizeof(BwdSmem<D, Elem>)) + 1024;
+  constexpr auto kernel = bwd_kernel<D, Elem, Band, Softcap, Det, Sparse, Varlen, Rows80>;
+  constexpr int smem =
+      static_cast<int>(sizeof(typename BwdMainloop<D, Elem, Band, Softcap, Det, Sparse, Varlen, Rows80>::Smem)) + 1024;
   cudaError_t err = raise_smem_limit<kernel>(smem);
   if (err != cudaSuccess) return err;
   kernel<<<grid, kBwdThreads, smem, stream>>>(p);
@@ -725,6 +764,9 @@ cudaError_t launch_bwd_family(const BwdParams& p, bool band, bool softcap, dim3 
   if (band)
     return softcap ? launch_bwd_variant<D, Elem, true, true, Det, Sparse, Varlen>(p, grid, stream)
                    : launch_bwd_variant<D, Elem, true, false, Det, Sparse, Varlen>(p, grid, stream);
+  if constexpr (D == 128 && !Det && !Sparse && !Varlen) {
+    if (!softcap && p.rows80) return launch_bwd_variant<D, Elem, false, false, false, false, false, true>(p, grid, stream);
+  }
   return softcap ? launch_bwd_variant<D, Elem, false, true, Det, Sparse, Varlen>(p, grid, stream)
                  : launch_bwd_variant<D, Elem, false, false, Det, Sparse, Varlen>(p, grid, stream);
 }

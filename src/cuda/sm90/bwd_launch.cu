@@ -38,10 +38,28 @@ bool bwd_is_sm90(int dev) {
 
 int64_t row_pad(int64_t n) { return (n + kRowPad - 1) / kRowPad * kRowPad; }
 
+// Calls the 80-row step can serve (sm90::kBwdRows80M): dense D128 (D and Dv in (96, 128]),
+// not causal, no window, no softcap, not deterministic.
+bool rows80_eligible(const AttentionParams& p) {
+  const int64_t d = std::max(p.D, p.Dv);
+  return d > 96 && d <= 128 && !p.varlen() && !p.block_mask.present() && !p.deterministic && p.softcap == 0.0 &&
+         p.window_left < 0 && p.window_right < 0;
+}
+
+// Whether this call runs on 80-row steps: eligible, and STEELATTN_SM90_BWD_ROWS80=1 (prepared,
+// not yet measured; read per call, so tests flip it).
+bool use_rows80(const AttentionParams& p) {
+  return rows80_eligible(p) && sm90::env_switch("STEELATTN_SM90_BWD_ROWS80") == 1;
+}
+
 // Workspace rows per (b, h): the padded rows, or for varlen the virtual query rows
-// (bwd_params.h: sequence i from (cu_q[i] / 128 + i) * 128).
+// (bwd_params.h: sequence i from (cu_q[i] / 128 + i) * 128). Calls the 80-row step can
+// serve pad to a multiple of 640 (80 and 128: the preprocess works in 128-row blocks)
+// whichever step runs, so the size never depends on the environment.
 int64_t ws_rows(const AttentionParams& p) {
-  return p.varlen() ? (p.N / kRowPad + p.num_seqs) * kRowPad : row_pad(p.N);
+  if (p.varlen()) return (p.N / kRowPad + p.num_seqs) * kRowPad;
+  if (rows80_eligible(p)) return (p.N + 639) / 640 * 640;
+  return row_pad(p.N);
 }
 
 // ---- preprocess / postprocess kernels ---------------------------------------
@@ -239,6 +257,51 @@ __global__ void __launch_bounds__(kPostThreads) bwd_post_kernel(const PrePostPar
   }
 }
 
+// The 80-row step's dQ accumulator (bwd_kernel.h, Rows80): per query block of 80 rows, two
+// blocks of dQ^T (64 of D x 80 queries each, in the wgmma accumulator's order: a float4
+// holds (d, q), (d, q + 1), (d + 8, q), (d + 8, q + 1)). One CTA per query block reads both
+// (each warp load 512 contiguous bytes), transposes them into a row-major [80][D] tile in
+// shared memory and writes 16-byte row pieces, as bwd_post_kernel does. Dense calls only.
+template <class Elem>
+__global__ void __launch_bounds__(kPostThreads) bwd_post_rows80_kernel(const PrePostParams p) {
+  constexpr int BM = sm90::kBwdRows80M, KD = 128, ld = KD + 8;
+  constexpr int kGroups = 2 * 64 * BM / 4;  // float4 groups of the query block
+  __shared__ alignas(16) Elem tile[BM * ld];
+  const int m_blocks = p.n_pad / BM;
+  const int64_t bh = blockIdx.x / m_blocks;
+  const int w0 = static_cast<int>(blockIdx.x - bh * m_blocks) * BM;
+  const int live = min(BM, p.N - w0);
+  if (live <= 0) return;  // CTA-uniform
+  const float4* src = reinterpret_cast<const float4*>(p.dq_acc) + static_cast<int64_t>(blockIdx.x) * kGroups;
+  float4 v[kGroups / kPostThreads];
+#pragma unroll
+  for (int j = 0; j < kGroups / kPostThreads; ++j) v[j] = src[j * kPostThreads + threadIdx.x];
+#pragma unroll
+  for (int j = 0; j < kGroups / kPostThreads; ++j) {
+    const int u = j * kPostThreads + static_cast<int>(threadIdx.x);
+    const int wg = u / (kGroups / 2);
+    int d, q;
+    sm90::bwd_dq_group_coords(u % (kGroups / 2), d, q);  // (row, col) of dQ^T
+    d += wg * 64;
+    // pack2 rounds as the other kernels do; each half goes to its own (query, d)
+    const uint32_t a = sm90::pack2<Elem>(v[j].x * p.scale, v[j].y * p.scale);
+    const uint32_t c = sm90::pack2<Elem>(v[j].z * p.scale, v[j].w * p.scale);
+    uint16_t* t = reinterpret_cast<uint16_t*>(tile + q * ld + d);
+    t[0] = static_cast<uint16_t>(a), t[ld] = static_cast<uint16_t>(a >> 16);
+    t[8] = static_cast<uint16_t>(c), t[ld + 8] = static_cast<uint16_t>(c >> 16);
+  }
+  __syncthreads();
+  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+  Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+  constexpr int chunks = KD / 8;  // 16-byte pieces of a row
+  for (int c = threadIdx.x; c < live * chunks; c += kPostThreads) {
+    const int row = c / chunks, d = (c - row * chunks) * 8;
+    if (d >= p.D) continue;  // a zero-padded column
+    *reinterpret_cast<uint4*>(dq + static_cast<int64_t>(w0 + row) * p.dq_sn + d) =
+        *reinterpret_cast<const uint4*>(tile + row * ld + d);
+  }
+}
+
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
 // one at (192, 192), (256, 256) or (192, 128) (DeepSeek-style prefill). A head dim
 // between those runs zero-padded on the next wider one, as the forward does: TMA
@@ -415,7 +478,8 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
     return Status::Invalid("sm90 backward: workspace must be a 16-byte aligned device buffer");
   const cuda_device::DeviceGuard device(p.q.device_id);  // before the tensor maps are encoded
   const BwdKernelDims kd = bwd_kernel_dims(p.D, p.Dv);
-  const int BM = kd.block_m;
+  const bool rows80 = use_rows80(p);
+  const int BM = rows80 ? sm90::kBwdRows80M : kd.block_m;
   const int BN = kd.wide ? 64 : sm90::kBwdBlockN;
   const int box_cols = kd.box_cols;
   const int64_t n_pad = ws_rows(p);
@@ -481,6 +545,7 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
     k.num_seqs = static_cast<int>(p.num_seqs);
   }
   k.bh_group = bwd_bh_group(p, k.n_blocks);
+  k.rows80 = rows80;
   constexpr double kLog2e = 1.4426950408889634;
   const bool softcap = p.softcap > 0.0;
   k.softcap_on = softcap;
@@ -544,7 +609,14 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   if (err == cudaSuccess)
     err = bf16 ? launch_main<__nv_bfloat16>(k, kd, band, softcap, p.deterministic, s)
                : launch_main<__half>(k, kd, band, softcap, p.deterministic, s);
-  if (err == cudaSuccess) {
+  if (err == cudaSuccess && rows80) {
+    const unsigned post_blocks = static_cast<unsigned>(rows / sm90::kBwdRows80M);  // a CTA per query block
+    if (bf16)
+      bwd_post_rows80_kernel<__nv_bfloat16><<<post_blocks, kPostThreads, 0, s>>>(pp);
+    else
+      bwd_post_rows80_kernel<__half><<<post_blocks, kPostThreads, 0, s>>>(pp);
+    err = cudaGetLastError();
+  } else if (err == cudaSuccess) {
     const int64_t halves = rows / 64 * (BM == 128 ? 1 : 2);  // the whole workspace, a CTA per half
     const unsigned post_blocks = static_cast<unsigned>(halves);
     if (bf16)

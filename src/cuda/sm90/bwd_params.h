@@ -55,6 +55,9 @@ struct BwdParams {
   const int32_t* cu_q;
   const int32_t* cu_k;
   int num_seqs;
+
+  // Dense D128 calls with no band, softcap or determinism: 80-row steps (kBwdRows80M).
+  bool rows80;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the
@@ -103,9 +106,17 @@ struct BwdTile {
   static constexpr int kBlockM = D == 64 ? 128 : 64;
 };
 
-template <int D, class Elem>
+// The 80-row step (FlashAttention-3's tile for non-causal D128): 25% more queries per step
+// spread the per-step costs (the producer's loads and barriers, the dS and dQ stagings) over
+// 25% more MMA work. dQ is computed transposed, dQ^T = K^T dS^T (the wgmma M is 64 only), so
+// each warpgroup holds 64 of D x 80 queries; dS is stored untransposed [queries][keys] as its
+// K-major B operand. Registers: S^T + dP^T 40 + 40, dK + dV 64 + 64. Only where no step is
+// masked inside the band (not causal, no window, no softcap) and dQ is not ordered (Det).
+constexpr int kBwdRows80M = 80;
+
+template <int D, class Elem, int BM_ = BwdTile<D>::kBlockM>
 struct BwdSmem {
-  static constexpr int BM = BwdTile<D>::kBlockM;
+  static constexpr int BM = BM_;
   static constexpr int BN = kBwdBlockN;
   // Q/K/V/dO: D/CB column blocks of (rows x 2*CB bytes), swizzled (CB: bwd_kernel.h);
   // dS^T: BM/64 column blocks of (rows x 128 B).
@@ -113,8 +124,9 @@ struct BwdSmem {
   alignas(1024) Elem v[BN * D];
   alignas(1024) Elem q[kBwdStages][BM * D];
   alignas(1024) Elem dout[kBwdStages][BM * D];
-  alignas(1024) Elem ds[2][BN * BM];  // dS^T [keys][queries], double-buffered
-  alignas(1024) float dq[kBwdConsumerWGs][64 * 64];  // dQ quarters on their way to the bulk reduce
+  alignas(1024) Elem ds[2][BN * BM];  // dS^T [keys][queries] (80 rows: dS [queries][keys]), double-buffered
+  // dQ quarters on their way to the bulk reduce (80 rows: dQ^T, 64 of D x 80 queries)
+  alignas(1024) float dq[kBwdConsumerWGs][64 * (BM == kBwdRows80M ? kBwdRows80M : 64)];
   alignas(16) float lse2[kBwdStages][BM];
   alignas(16) float dsum[kBwdStages][BM];
   uint64_t kv_full;
@@ -160,5 +172,6 @@ struct BwdWideSmem {
   uint64_t full[kBwdStages], empty[kBwdStages];
 };
 static_assert(sizeof(BwdWideSmem<256, 256, uint16_t>) + 1024 <= 227 * 1024, "shared memory per CTA is 227 KB");
+static_assert(sizeof(BwdSmem<128, uint16_t, kBwdRows80M>) + 1024 <= 227 * 1024, "shared memory per CTA is 227 KB");
 
 }  // namespace steelattn::sm90

@@ -213,6 +213,14 @@ __device__ __forceinline__ void st_shared_f4(uint32_t addr, float4 v) {
   asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w));
 }
 
+// Four 8x8 b16 matrices, each stored transposed: register j holds this thread's pair
+// (row lane / 4, columns 2 * (lane % 4) + {0, 1}) of matrix j (an mma / wgmma fragment);
+// lanes 8j .. 8j + 7 give the addresses of the 8 stored rows (16 bytes each) of matrix j.
+__device__ __forceinline__ void stmatrix_x4_trans(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3));
+}
+
 // Two floats from shared memory with ld.shared (a plain dereference of a smem
 // struct's float* can compile to a generic LD).
 __device__ __forceinline__ float2 ld_shared_f2(const float* p) {
