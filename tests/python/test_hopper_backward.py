@@ -110,7 +110,7 @@ def test_features(D, Dv, case):
 @pytest.mark.parametrize("D,Dv", [(128, 128), (112, 112), (128, 96), (104, 128)])
 @pytest.mark.parametrize("case", ["default", "blocks", "gqa_alibi", "lse", "bnhd", "batch", "one_query"])
 def test_rows80(D, Dv, dtype, case, monkeypatch):
-    """The 80-row step (STEELATTN_SM90_BWD_ROWS80=1; dense D128 calls without causal, window,
+    """The 80-row step (the default for dense D128 calls without causal, window,
     softcap or determinism): query blocks of 80 ragged at N, several of them, GQA, ALiBi, dlse,
     [B, N, H, D] storage, batches, one query row."""
     monkeypatch.setenv("STEELATTN_SM90_BWD_ROWS80", "1")

@@ -46,10 +46,12 @@ bool rows80_eligible(const AttentionParams& p) {
          p.window_left < 0 && p.window_right < 0;
 }
 
-// Whether this call runs on 80-row steps: eligible, and STEELATTN_SM90_BWD_ROWS80=1 (prepared,
-// not yet measured; read per call, so tests flip it).
+// Whether this call runs on 80-row steps: eligible, unless STEELATTN_SM90_BWD_ROWS80=0 (the
+// 64-row step, for measurements; read per call, so tests flip it). H200, main kernel, two
+// rounds: D128 N16k full 10065 -> 9613 us, N4k 2674 -> 2640, N1k 724 -> 725 (NOTES-sm90-bwd.md,
+// session 11).
 bool use_rows80(const AttentionParams& p) {
-  return rows80_eligible(p) && sm90::env_switch("STEELATTN_SM90_BWD_ROWS80") == 1;
+  return rows80_eligible(p) && sm90::env_switch("STEELATTN_SM90_BWD_ROWS80") != 0;
 }
 
 // Workspace rows per (b, h): the padded rows, or for varlen the virtual query rows

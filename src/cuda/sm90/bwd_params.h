@@ -112,6 +112,7 @@ struct BwdTile {
 // each warpgroup holds 64 of D x 80 queries; dS is stored untransposed [queries][keys] as its
 // K-major B operand. Registers: S^T + dP^T 40 + 40, dK + dV 64 + 64. Only where no step is
 // masked inside the band (not causal, no window, no softcap) and dQ is not ordered (Det).
+// STEELATTN_SM90_BWD_ROWS80=0 runs those calls on 64-row steps (bwd_launch.cu, use_rows80).
 constexpr int kBwdRows80M = 80;
 
 template <int D, class Elem, int BM_ = BwdTile<D>::kBlockM>
