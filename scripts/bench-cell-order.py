@@ -2,11 +2,11 @@
 D128 N16k causal at 0.86-0.90x cuDNN while the same step timed alone was 0.99x
 (NOTES-sm90-bwd.md, session 11). This times that cell's training step the bench's way
 (bench._time_train_step under bench.time_cuda: triton do_bench, a fresh forward and
-autograd.grad per step) in one
-process: alone first, then after the D128 N16k full cell's steps with the 80-row step on,
-then after them with it off (STEELATTN_SM90_BWD_ROWS80=0), with cuDNN timed beside it each
-time, and prints the caching allocator's counters (cudaMalloc calls, retries, reserved
-bytes) around each. Usage (GPU machine): python3 scripts/bench-cell-order.py"""
+autograd.grad per step) in one process: alone first, then after the D128 N16k full cell's
+steps with the 80-row step on, then after them with it off (STEELATTN_SM90_BWD_ROWS80=0),
+with cuDNN timed beside it each time, and prints the caching allocator's counters
+(cudaMalloc calls, retries, reserved bytes) around each.
+Usage (GPU machine): python3 scripts/bench-cell-order.py"""
 import os
 
 import torch
