@@ -162,15 +162,19 @@ BWD_CASES = [  # (name, H, Hkv, D, Dv, number of sequences, max length, kwargs)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name,H,Hkv,D,Dv,num,hi,kw", BWD_CASES, ids=[c[0] for c in BWD_CASES])
-@pytest.mark.parametrize("row_table", ["0", "1"], ids=["rows searched", "row table"])
-def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw, row_table, monkeypatch):
+@pytest.mark.parametrize("row_table,key_table", [("0", "0"), ("1", "0"), ("1", "1")],
+                         ids=["rows searched", "row table", "row and key-block tables"])
+def test_hopper_varlen_backward(rng, dtype, name, H, Hkv, D, Dv, num, hi, kw, row_table, key_table, monkeypatch):
     """The Hopper backward over packed sequences: virtual key blocks with holes, empty and one-token
     sequences, a query with no key, keys past a sequence that belong to the next one. The dQ
     post kernel finds a row's sequence in the preprocess's per-block table (the default), or by
-    binary search (STEELATTN_SM90_VARLEN_ROW_TABLE=0)."""
+    binary search (STEELATTN_SM90_VARLEN_ROW_TABLE=0); the main kernel's CTAs find their
+    sequence by binary search, or in the preprocess's key-block table
+    (STEELATTN_SM90_VARLEN_KEY_TABLE=1, prepared)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper backward needs compute capability 9.0")
     monkeypatch.setenv("STEELATTN_SM90_VARLEN_ROW_TABLE", row_table)
+    monkeypatch.setenv("STEELATTN_SM90_VARLEN_KEY_TABLE", key_table)
     kw = dict(kw)
     lq = random_lengths(rng, num, 1, hi) + [0, 1, 130]
     lk = random_lengths(rng, num, 1, hi) + [5, 0, 129]

@@ -64,17 +64,19 @@ struct BwdSeq<true> {
 
 // Varlen: virtual key block v (of 128 keys) -> its sequence, and v made the block's index
 // inside it; false for a hole (a block past its sequence's keys: the CTA has nothing to do).
+// From the preprocess's table when there is one (one 32-byte read), else by binary search
+// over cu_k (about log2(num_seqs) + 2 dependent loads before the CTA's first copy).
 __device__ __forceinline__ bool resolve_key_block(const BwdParams& p, int& v, BwdSeq<true>& g) {
-  const int i = virtual_block_seq(p.cu_k, p.num_seqs, v, kBwdBlockN);
-  g.seq = i;
-  g.k0_ = __ldg(p.cu_k + i);
-  g.s = __ldg(p.cu_k + i + 1) - g.k0_;
-  v -= g.k0_ / kBwdBlockN + i;
-  if (v < 0 || v * kBwdBlockN >= g.s) return false;
-  g.q0_ = __ldg(p.cu_q + i);
-  g.n = __ldg(p.cu_q + i + 1) - g.q0_;
+  const BwdKeyBlock e = p.key_table != nullptr ? p.key_table[v] : find_key_block(p.cu_q, p.cu_k, p.num_seqs, v);
+  if (e.block < 0) return false;
+  v = e.block;
+  g.seq = e.seq;
+  g.k0_ = e.k0;
+  g.s = e.s;
+  g.q0_ = e.q0;
+  g.n = e.n;
   g.off_ = p.diag_offset + g.s - g.n;
-  g.ws0_ = (static_cast<int64_t>(g.q0_) / 128 + i) * 128;  // the workspace's virtual rows (bwd_params.h)
+  g.ws0_ = (static_cast<int64_t>(g.q0_) / 128 + e.seq) * 128;  // the workspace's virtual rows (bwd_params.h)
   return true;
 }
 

@@ -92,6 +92,13 @@ struct PrePostParams {
   // preprocess then also leaves all-padding 64-row groups of the dQ accumulator
   // unzeroed. Else null.
   int2* row_table;
+  // Varlen (STEELATTN_SM90_VARLEN_KEY_TABLE=1, prepared): the main kernel's per virtual key
+  // block entry (sm90::BwdKeyBlock), written by the preprocess so a CTA of the main kernel
+  // reads its sequence with one load instead of a binary search over cu_k before its first
+  // copy. Else null.
+  sm90::BwdKeyBlock* key_table;
+  const int32_t* cu_k;
+  int n_key_blocks;
 };
 
 // Varlen: virtual query block v's entry of PrePostParams::row_table, (q0 - start, start + n)
@@ -134,6 +141,10 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
   // through the row table being written below (other blocks' entries may not be there yet).
   int2 r = make_int2(0, p.N);
   if (p.cu_q != nullptr) r = virtual_block_rows(p, wi0 / 128);
+  if (p.key_table != nullptr) {  // a grid-stride loop: the grid may have fewer threads than key blocks
+    for (int v = blockIdx.x * blockDim.x + threadIdx.x; v < p.n_key_blocks; v += gridDim.x * blockDim.x)
+      p.key_table[v] = sm90::find_key_block(p.cu_q, p.cu_k, p.num_seqs, v);
+  }
   float lse[R], dlse[R];
   uint4 o[R], g[R];
 #pragma unroll
@@ -445,9 +456,15 @@ static int bwd_bh_group(const AttentionParams& p, int n_blocks) {
 
 // Varlen: the post kernel's row table (PrePostParams::row_table), one int2 per virtual query block.
 static int64_t row_table_count(const AttentionParams& p) { return p.varlen() ? ws_rows(p) / kRowPad : 0; }
+// Varlen: the main kernel's key-block table (PrePostParams::key_table), one entry per CTA.
+static int64_t key_table_count(const AttentionParams& p) {
+  return p.varlen() ? p.S / sm90::kBwdBlockN + p.num_seqs : 0;
+}
 
 // Workspace: lse2 [rows] | dsum [rows] | dQ accumulator [rows * KD] | dQ counters [dq_sem_count]
 // | (8-byte aligned) varlen row table [row_table_count]
+// | (16-byte aligned) varlen key-block table [key_table_count] (sized whether or not
+//   STEELATTN_SM90_VARLEN_KEY_TABLE turns it on)
 // | (16-byte aligned) a block mask's per-step state, when its block sizes are not whole steps
 // | (16-byte aligned) the block mask's column copy (block_mask_columns; sized whether or not
 //   STEELATTN_SM90_BWD_MASK_COLUMNS=0 turns it off, so the size never depends on the environment).
@@ -458,9 +475,12 @@ static size_t bwd_row_table_offset(const AttentionParams& p) {
                        static_cast<size_t>(dq_sem_count(p)) * sizeof(int);
   return (bytes + 7) / 8 * 8;
 }
-static size_t bwd_block_mask_offset(const AttentionParams& p) {
+static size_t bwd_key_table_offset(const AttentionParams& p) {
   const size_t bytes = bwd_row_table_offset(p) + static_cast<size_t>(row_table_count(p)) * sizeof(int2);
   return (bytes + 15) / 16 * 16;
+}
+static size_t bwd_block_mask_offset(const AttentionParams& p) {
+  return bwd_key_table_offset(p) + static_cast<size_t>(key_table_count(p)) * sizeof(sm90::BwdKeyBlock);
 }
 
 static size_t bwd_mask_columns_offset(const AttentionParams& p) {
@@ -599,6 +619,12 @@ Status cuda_sm90_backward(const AttentionParams& p, void* workspace, void* strea
   pp.row_table = p.varlen() && sm90::env_switch("STEELATTN_SM90_VARLEN_ROW_TABLE") != 0
                      ? reinterpret_cast<int2*>(static_cast<uint8_t*>(workspace) + bwd_row_table_offset(p))
                      : nullptr;
+  if (p.varlen() && sm90::env_switch("STEELATTN_SM90_VARLEN_KEY_TABLE") == 1) {
+    pp.key_table = reinterpret_cast<sm90::BwdKeyBlock*>(static_cast<uint8_t*>(workspace) + bwd_key_table_offset(p));
+    pp.cu_k = k.cu_k;
+    pp.n_key_blocks = k.n_blocks;
+    k.key_table = pp.key_table;
+  }
   pp.BM = BM;
   pp.KD = kd.kd;
   pp.scale = k.scale;

@@ -11,6 +11,14 @@
 
 namespace steelattn::sm90 {
 
+// Varlen: what a CTA of the backward needs to know of its virtual key block (bwd_kernel.h,
+// resolve_key_block): its sequence, the block's index inside it (-1: a hole), the
+// sequence's first packed key row and keys, first packed query row and queries.
+struct alignas(16) BwdKeyBlock {
+  int seq, block, k0, s;
+  int q0, n, pad0, pad1;
+};
+
 struct BwdParams {
   // Rank-4 TMA maps over (d, seq, head, batch), box (column block, rows): 64
   // elements with 128B swizzle, or 32 with 64B (the wide kernel's BwdWideTile).
@@ -58,6 +66,8 @@ struct BwdParams {
 
   // Dense D128 calls with no band, softcap or determinism: 80-row steps (kBwdRows80M).
   bool rows80;
+  // Varlen: per virtual key block, written by the preprocess (bwd_launch.cu), or null.
+  const BwdKeyBlock* key_table;
 };
 
 // Two consumer warpgroups split the key tile (64 keys each, the wgmma M of the

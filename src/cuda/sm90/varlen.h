@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "cuda/sm90/bwd_params.h"  // BwdKeyBlock, kBwdBlockN
 #include "cuda/sm90/params.h"
 
 namespace steelattn::sm90 {
@@ -34,6 +35,21 @@ __device__ __forceinline__ int virtual_block_seq(const int32_t* cu, int num_seqs
       hi = mid - 1;
   }
   return lo;
+}
+
+// Virtual key block v (of 128 keys) of the varlen backward: its sequence, the block's index
+// inside it (-1 past the sequence's keys: a hole), and the sequence's rows (BwdKeyBlock).
+__device__ __forceinline__ BwdKeyBlock find_key_block(const int32_t* cu_q, const int32_t* cu_k, int num_seqs, int v) {
+  BwdKeyBlock e;
+  e.seq = virtual_block_seq(cu_k, num_seqs, v, kBwdBlockN);
+  e.k0 = __ldg(cu_k + e.seq);
+  e.s = __ldg(cu_k + e.seq + 1) - e.k0;
+  e.block = v - (e.k0 / kBwdBlockN + e.seq);
+  if (e.block < 0 || e.block * kBwdBlockN >= e.s) e.block = -1;
+  e.q0 = __ldg(cu_q + e.seq);
+  e.n = __ldg(cu_q + e.seq + 1) - e.q0;
+  e.pad0 = e.pad1 = 0;
+  return e;
 }
 
 // Virtual block v of a varlen call: false for a hole (the producer thread only).
