@@ -4,7 +4,7 @@ D128 N16k causal at 0.86-0.90x cuDNN while the same step timed alone was 0.99x
 (bench._time_train_step under bench.time_cuda: triton do_bench, a fresh forward and
 autograd.grad per step) in one process: alone first, then after the D128 N16k full cell's
 steps with the 80-row step on, then after them with it off (STEELATTN_SM90_BWD_ROWS80=0),
-with cuDNN timed beside it each time, and prints the caching allocator's counters
+with cuDNN timed beside it each time (last: cuDNN first), and prints the caching allocator's counters
 (cudaMalloc calls, retries, reserved bytes) around each.
 Usage (GPU machine): python3 scripts/bench-cell-order.py"""
 import os
@@ -42,10 +42,14 @@ def show(label, res, before):
           f"({ratio:.2f}x)  allocator {delta}")
 
 
-for label, prior in (("alone", None), ("after full, 80-row", "1"), ("after full, 64-row", "0"), ("alone again", None)):
+# The last case times cuDNN first: if whichever runs first right after the full cell is the
+# slow one, the GPU's state after that cell (clocks, power) is the cause, not our kernels.
+for label, prior, order in (("alone", None, ("steelattn", "cudnn")), ("after full, 80-row", "1", ("steelattn", "cudnn")),
+                            ("after full, 64-row", "0", ("steelattn", "cudnn")), ("alone again", None, ("steelattn", "cudnn")),
+                            ("after full, 80-row, cudnn first", "1", ("cudnn", "steelattn"))):
     if prior is not None:
         os.environ["STEELATTN_SM90_BWD_ROWS80"] = prior
         cell(16384, False, ("steelattn", "cudnn", "fa2"))  # the bench's previous cell, its peers in order
         os.environ.pop("STEELATTN_SM90_BWD_ROWS80")
     c = counters()
-    show(label, cell(16384, True), c)
+    show(label, cell(16384, True, order), c)
