@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -110,22 +111,49 @@ void pack_rows(const TensorRef& t, int64_t b, const RowInfo& ri, int64_t nrows, 
   }
 }
 
-// Decode-shaped scores: St[j][r] = q_r . k_j (q rows row-major [nrows][D], k rows at stride
-// ks), one dot product along D each; the lanes past nrows get 0 as the GEMM's zero Q gives.
-template <class Isa, class T = typename Isa::T>
-void row_scores(int64_t nk, int64_t nrows, int64_t lanes, int64_t D, const T* kt, int64_t ks, const T* q, T* st,
+// Decode-shaped tasks (at most a quarter of the lanes in rows) read each K / V row once, in
+// place: in the compute type (Kind 0), or bf16 (1) / fp16 (2) converted per vector. Converting
+// a whole tile into a buffer first (compute_tile) left the loads alone in that loop, waiting
+// on memory with no arithmetic beside them: bf16 decode ran at half of fp32's bytes per second.
+template <class Isa, int Kind>
+typename Isa::V load_kv(const char* row, int64_t d) {
+  using T = typename Isa::T;
+  if constexpr (Kind == 0) return Isa::load(reinterpret_cast<const T*>(row) + d);
+  else if constexpr (Kind == 1) return Isa::load_bf16(reinterpret_cast<const uint16_t*>(row) + d);
+  else return Isa::load_f16(reinterpret_cast<const uint16_t*>(row) + d);
+}
+template <class Isa, int Kind>
+typename Isa::T load_kv1(const char* row, int64_t d) {
+  using T = typename Isa::T;
+  if constexpr (Kind == 0) return reinterpret_cast<const T*>(row)[d];
+  else if constexpr (Kind == 1) return T(bf16_to_float(reinterpret_cast<const uint16_t*>(row)[d]));
+  else return T(f16_to_float(reinterpret_cast<const uint16_t*>(row)[d]));
+}
+// Rows of a decode-shaped task: nrows * 4 <= W (fwd_task), so at most W / 4.
+template <class Isa>
+constexpr int kMaxRowwise = Isa::W / 4 > 0 ? Isa::W / 4 : 1;
+
+// Decode-shaped scores: St[j][r] = q_r . k_j (q rows row-major [nrows][D], k rows `kr` bytes
+// apart), one dot product along D each, each K vector loaded once for all rows; the lanes
+// past nrows get 0 as the GEMM's zero Q gives.
+template <class Isa, int Kind, class T = typename Isa::T>
+void row_scores(int64_t nk, int64_t nrows, int64_t lanes, int64_t D, const char* kt, int64_t kr, const T* q, T* st,
                 int64_t ld) {
   using V = typename Isa::V;
-  constexpr int W = Isa::W;
+  constexpr int W = Isa::W, R = kMaxRowwise<Isa>;
   const int64_t dv = D / W * W;
   for (int64_t j = 0; j < nk; ++j) {
-    const T* k = kt + j * ks;
+    const char* k = kt + j * kr;
+    V acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = Isa::zero();
+    for (int64_t d = 0; d < dv; d += W) {
+      const V kv = load_kv<Isa, Kind>(k, d);
+      for (int r = 0; r < R; ++r)
+        if (r < nrows) acc[r] = Isa::fma(Isa::load(q + r * D + d), kv, acc[r]);
+    }
     for (int64_t r = 0; r < nrows; ++r) {
-      const T* qr = q + r * D;
-      V acc = Isa::zero();
-      for (int64_t d = 0; d < dv; d += W) acc = Isa::fma(Isa::load(qr + d), Isa::load(k + d), acc);
-      T x = Isa::hsum(acc);
-      for (int64_t d = dv; d < D; ++d) x += qr[d] * k[d];
+      T x = Isa::hsum(acc[r]);
+      for (int64_t d = dv; d < D; ++d) x += q[r * D + d] * load_kv1<Isa, Kind>(k, d);
       st[j * ld + r] = x;
     }
     for (int64_t r = nrows; r < lanes; ++r) st[j * ld + r] = T(0);
@@ -133,12 +161,13 @@ void row_scores(int64_t nk, int64_t nrows, int64_t lanes, int64_t D, const T* kt
 }
 
 // Decode-shaped output update: O[r] = alpha[r] * O[r] + sum_j P[j][r] * V[j] (O rows
-// row-major [nrows][Dv], vectors along Dv).
-template <class Isa, class T = typename Isa::T>
-void row_pv(int64_t nk, int64_t nrows, int64_t Dv, const T* vt, int64_t vs, const T* st, int64_t ld, const T* alpha,
-            T* o) {
+// row-major [nrows][Dv], vectors along Dv, each V vector loaded once for all rows; v rows
+// `vr` bytes apart).
+template <class Isa, int Kind, class T = typename Isa::T>
+void row_pv(int64_t nk, int64_t nrows, int64_t Dv, const char* vt, int64_t vr, const T* st, int64_t ld,
+            const T* alpha, T* o) {
   using V = typename Isa::V;
-  constexpr int W = Isa::W;
+  constexpr int W = Isa::W, R = kMaxRowwise<Isa>;
   const int64_t ev = Dv / W * W;
   for (int64_t r = 0; r < nrows; ++r) {
     T* orow = o + r * Dv;
@@ -147,15 +176,32 @@ void row_pv(int64_t nk, int64_t nrows, int64_t Dv, const T* vt, int64_t vs, cons
     for (int64_t e = ev; e < Dv; ++e) orow[e] *= alpha[r];
   }
   for (int64_t j = 0; j < nk; ++j) {
-    const T* v = vt + j * vs;
-    for (int64_t r = 0; r < nrows; ++r) {
-      T* orow = o + r * Dv;
-      const T pj = st[j * ld + r];
-      const V pv = Isa::set1(pj);
-      for (int64_t e = 0; e < ev; e += W) Isa::store(orow + e, Isa::fma(pv, Isa::load(v + e), Isa::load(orow + e)));
-      for (int64_t e = ev; e < Dv; ++e) orow[e] += pj * v[e];
+    const char* v = vt + j * vr;
+    V pv[R];
+    for (int r = 0; r < R; ++r) pv[r] = Isa::set1(r < nrows ? st[j * ld + r] : T(0));
+    for (int64_t e = 0; e < ev; e += W) {
+      const V vv = load_kv<Isa, Kind>(v, e);
+      for (int r = 0; r < R; ++r)
+        if (r < nrows) Isa::store(o + r * Dv + e, Isa::fma(pv[r], vv, Isa::load(o + r * Dv + e)));
+    }
+    for (int64_t e = ev; e < Dv; ++e) {
+      const T x = load_kv1<Isa, Kind>(v, e);
+      for (int64_t r = 0; r < nrows; ++r) o[r * Dv + e] += st[j * ld + r] * x;
     }
   }
+}
+
+// Keys [k0, k0 + nk) of a K or V tensor for row_scores / row_pv: the kind from its dtype
+// (in place when it is the compute type), false when the rows cannot be read that way.
+template <class Isa, class Fn>
+bool with_row_kind(const TensorRef& t, const char* base, int64_t k0, bool direct, Fn&& fn) {
+  const int64_t rb = t.stride[2] * dtype_size(t.dtype);  // bytes between rows
+  const char* rows = base + k0 * rb;
+  if (direct) fn(std::integral_constant<int, 0>{}, rows, rb);
+  else if (t.dtype == DType::bf16) fn(std::integral_constant<int, 1>{}, rows, rb);
+  else if (t.dtype == DType::f16) fn(std::integral_constant<int, 2>{}, rows, rb);
+  else return false;
+  return true;
 }
 
 // Packs bf16 q rows in pairs along d: dst[((d / 2) * ld + r) * 2 + d % 2] = q[b, h_r, i_r, d]
@@ -277,11 +323,14 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
           for (int64_t c = 0; c < lanes; c += W) Isa::store(st + j * ld + c, Isa::mul(qs, Isa::load(st + j * ld + c)));
       }
     }
-    if (!bf16_dot) {
-      int64_t ks;
-      const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
-      if (rowwise) row_scores<Isa>(nk, nrows, lanes, s.D, kt, ks, qt, st, ld);
-      else gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
+    if (!rowwise || !with_row_kind<Isa>(p.k, kbase, k0, s.k_direct, [&](auto kind, const char* rows, int64_t rb) {
+          row_scores<Isa, decltype(kind)::value>(nk, nrows, lanes, s.D, rows, rb, qt, st, ld);
+        })) {
+      if (!bf16_dot) {
+        int64_t ks;
+        const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
+        gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
+      }
     }
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
     if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld, static_cast<T*>(nullptr), block_test);
@@ -304,11 +353,14 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
         gemm_bf16<Isa, true>(s.Dv, lanes, (nk + 1) / 2 * 2, v_pairs, 2, p_pairs, ld, ot, ld, 2 * Dvp, alpha);
       }
     }
-    if (!bf16_pv) {
-      int64_t vs;
-      const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
-      if (rowwise) row_pv<Isa>(nk, nrows, s.Dv, vt, vs, st, ld, alpha, ot);
-      else gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
+    if (!rowwise || !with_row_kind<Isa>(p.v, vbase, k0, s.v_direct, [&](auto kind, const char* rows, int64_t rb) {
+          row_pv<Isa, decltype(kind)::value>(nk, nrows, s.Dv, rows, rb, st, ld, alpha, ot);
+        })) {
+      if (!bf16_pv) {
+        int64_t vs;
+        const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
+        gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
+      }
     }
   }
 

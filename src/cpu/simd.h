@@ -94,6 +94,8 @@ struct ScalarT {
   static V max(V a, V b) { return a > b ? a : b; }
   static V exp2(V x) { return std::exp2(x); }
   static T hsum(V a) { return a; }
+  static V load_bf16(const uint16_t* s) { return T(bf16_to_float(*s)); }  // W elements, converted
+  static V load_f16(const uint16_t* s) { return T(f16_to_float(*s)); }
   static void load_bf16_row(const uint16_t* s, T* d, int64_t n) {
     for (int64_t i = 0; i < n; ++i) d[i] = bf16_to_float(s[i]);
   }
@@ -137,18 +139,19 @@ struct Avx2 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static V load_bf16(const uint16_t* s) {  // W elements, converted
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+  static V load_f16(const uint16_t* s) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s))); }
   static void load_bf16_row(const uint16_t* s, float* d, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i));
-      _mm256_storeu_ps(d + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
-    }
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, load_bf16(s + i));
     for (; i < n; ++i) d[i] = bf16_to_float(s[i]);
   }
   static void load_f16_row(const uint16_t* s, float* d, int64_t n) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-      _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(d + i, load_f16(s + i));
     for (; i < n; ++i) d[i] = f16_to_float(s[i]);
   }
 };
@@ -180,18 +183,21 @@ struct Avx512 {
     return _mm512_scalef_ps(p, n);
   }
   static float hsum(V a) { return _mm512_reduce_add_ps(a); }
+  static V load_bf16(const uint16_t* s) {  // W elements, converted
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  static V load_f16(const uint16_t* s) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  }
   static void load_bf16_row(const uint16_t* s, float* d, int64_t n) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i));
-      _mm512_storeu_ps(d + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
-    }
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, load_bf16(s + i));
     for (; i < n; ++i) d[i] = bf16_to_float(s[i]);
   }
   static void load_f16_row(const uint16_t* s, float* d, int64_t n) {
     int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-      _mm512_storeu_ps(d + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i))));
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(d + i, load_f16(s + i));
     for (; i < n; ++i) d[i] = f16_to_float(s[i]);
   }
 };
