@@ -28,6 +28,8 @@ Ops (--op takes one or more; default fwd, plus decode on CUDA):
   decode  (CUDA) 1 and 16 queries against a GQA 32/8 KV cache at issue 10's (B, S) cells,
           GB/s of K and V read; paged pools (rows with "page_size"); a fused serving step;
           a 32-layer decode step captured in a CUDA graph against SDPA's (bench_cuda_decode).
+          CPU: one query against GQA 32/8 caches, bf16 and fp32, against torch's CPU SDPA
+          (bench_cpu_decode).
   varlen  64 random-length sequences (bench_features.py), forward and training step,
           against torch's varlen_attn and FA4's varlen when they import.
   sparse  the video locality block mask (video3d, also at 64-blocks) and the causal
@@ -548,6 +550,43 @@ def bench_cpu_bwd(quick=False, log=print, run=None):
     return run.rows[n0:]
 
 
+CPU_DECODE_CELLS = ((1, 32768), (8, 4096), (4, 8192))
+
+
+def bench_cpu_decode(quick=False, log=print, run=None):
+    """Decode on the CPU: one new query per sequence against a GQA KV cache (H=32, Hkv=8,
+    D=128) through flash_attention_kvcache with the lengths given, bf16 and fp32, against
+    torch's CPU SDPA (enable_gqa); GB/s of K and V read."""
+    run = run or _Run("cpu", log=log)
+    n0 = len(run.rows)
+    H, Hkv, D = 32, 8, 128
+    for dt in ("bf16", "fp32"):
+        for B, S in CPU_DECODE_CELLS[:1] if quick else CPU_DECODE_CELLS:
+            if run.out_of_time():
+                continue
+            dtype = _DTYPES[dt]
+            g = torch.Generator().manual_seed(0)
+            q = torch.randn(B, H, 1, D, generator=g).to(dtype)
+            k, v = (torch.randn(B, Hkv, S, D, generator=g).to(dtype) for _ in range(2))
+            lens = torch.full((B,), S, dtype=torch.int32)
+            kv_bytes = 2 * B * Hkv * S * D * q.element_size()
+            with torch.no_grad():
+                _stats_reset()
+                ours = time_cpu(lambda: steelattn.flash_attention_kvcache(q, k, v, cache_seqlens=lens))
+                path = _stats_read()
+                ref = time_cpu(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            for name, ms in (("steelattn", ours), ("torch-cpu", ref)):
+                row = _row("decode", dt, B, H, Hkv, 1, S, D, False, None, name, ms, None)
+                row["gbps"] = round(kv_bytes / ms / 1e6, 2)
+                if name == "steelattn" and path is not None:
+                    row["path"] = path
+                run.add(row)
+            log(f"  decode {dt:5s} B={B} S={S:5d}  GB/s: steelattn {kv_bytes / ours / 1e6:6.2f}  "
+                f"torch-cpu {kv_bytes / ref / 1e6:6.2f}  ratio {ref / ours:5.2f}x")
+            run.flush()
+    return run.rows[n0:]
+
+
 def bench_cpu(quick=False, log=print, run=None):
     run = run or _Run("cpu", log=log)
     rows = []
@@ -1039,7 +1078,7 @@ def run(device="cpu", quick=False, ops=None, log=print, json_path=None, md_path=
         "host": lambda: bench_host(device, quick, log, state),
         "fwd": lambda: (bench_cuda if device == "cuda" else bench_cpu)(quick, log, state),
         "bwd": lambda: (bench_cuda_bwd if device == "cuda" else bench_cpu_bwd)(quick, log, state),
-        "decode": lambda: bench_cuda_decode(quick, log, state) if device == "cuda" else log("  decode: CUDA only"),
+        "decode": lambda: (bench_cuda_decode if device == "cuda" else bench_cpu_decode)(quick, log, state),
         "varlen": lambda: _features().bench_varlen(device, quick, log, state),
         "sparse": lambda: _features().bench_sparse(device, quick, log, state),
         "e2e": lambda: _e2e().bench_e2e(device, quick, log, state),
