@@ -191,17 +191,15 @@ void row_pv(int64_t nk, int64_t nrows, int64_t Dv, const char* vt, int64_t vr, c
   }
 }
 
-// Keys [k0, k0 + nk) of a K or V tensor for row_scores / row_pv: the kind from its dtype
-// (in place when it is the compute type), false when the rows cannot be read that way.
-template <class Isa, class Fn>
-bool with_row_kind(const TensorRef& t, const char* base, int64_t k0, bool direct, Fn&& fn) {
+// Keys from k0 of a K or V tensor for row_scores / row_pv, and their kind: in place when
+// the dtype is the compute type, else bf16 or fp16 (the other dtypes compute_tile takes).
+template <class Fn>
+void with_row_kind(const TensorRef& t, const char* base, int64_t k0, bool direct, Fn&& fn) {
   const int64_t rb = t.stride[2] * dtype_size(t.dtype);  // bytes between rows
   const char* rows = base + k0 * rb;
   if (direct) fn(std::integral_constant<int, 0>{}, rows, rb);
   else if (t.dtype == DType::bf16) fn(std::integral_constant<int, 1>{}, rows, rb);
-  else if (t.dtype == DType::f16) fn(std::integral_constant<int, 2>{}, rows, rb);
-  else return false;
-  return true;
+  else fn(std::integral_constant<int, 2>{}, rows, rb);
 }
 
 // Packs bf16 q rows in pairs along d: dst[((d / 2) * ld + r) * 2 + d % 2] = q[b, h_r, i_r, d]
@@ -323,14 +321,14 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
           for (int64_t c = 0; c < lanes; c += W) Isa::store(st + j * ld + c, Isa::mul(qs, Isa::load(st + j * ld + c)));
       }
     }
-    if (!rowwise || !with_row_kind<Isa>(p.k, kbase, k0, s.k_direct, [&](auto kind, const char* rows, int64_t rb) {
-          row_scores<Isa, decltype(kind)::value>(nk, nrows, lanes, s.D, rows, rb, qt, st, ld);
-        })) {
-      if (!bf16_dot) {
-        int64_t ks;
-        const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
-        gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
-      }
+    if (rowwise) {
+      with_row_kind(p.k, kbase, k0, s.k_direct, [&](auto kind, const char* rows, int64_t rb) {
+        row_scores<Isa, decltype(kind)::value>(nk, nrows, lanes, s.D, rows, rb, qt, st, ld);
+      });
+    } else if (!bf16_dot) {
+      int64_t ks;
+      const T* kt = compute_tile<Isa>(p.k, kbase, k0, nk, s.D, s.k_direct, kb, &ks);
+      gemm<Isa, false>(nk, lanes, s.D, kt, ks, 1, qt, ld, st, ld);
     }
     const bool full = tile_fully_visible(p, i_lo, i_hi, k0, k0 + nk);
     if (!full) transform_tile<false>(p, T(s.cap_log2), ri, b, k0, nk, lanes, st, ld, static_cast<T*>(nullptr), block_test);
@@ -353,14 +351,14 @@ void fwd_task(FwdCtx& ctx, int64_t task, int thread) {
         gemm_bf16<Isa, true>(s.Dv, lanes, (nk + 1) / 2 * 2, v_pairs, 2, p_pairs, ld, ot, ld, 2 * Dvp, alpha);
       }
     }
-    if (!rowwise || !with_row_kind<Isa>(p.v, vbase, k0, s.v_direct, [&](auto kind, const char* rows, int64_t rb) {
-          row_pv<Isa, decltype(kind)::value>(nk, nrows, s.Dv, rows, rb, st, ld, alpha, ot);
-        })) {
-      if (!bf16_pv) {
-        int64_t vs;
-        const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
-        gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
-      }
+    if (rowwise) {
+      with_row_kind(p.v, vbase, k0, s.v_direct, [&](auto kind, const char* rows, int64_t rb) {
+        row_pv<Isa, decltype(kind)::value>(nk, nrows, s.Dv, rows, rb, st, ld, alpha, ot);
+      });
+    } else if (!bf16_pv) {
+      int64_t vs;
+      const T* vt = compute_tile<Isa>(p.v, vbase, k0, nk, s.Dv, s.v_direct, vb, &vs);
+      gemm<Isa, true>(s.Dv, lanes, nk, vt, 1, vs, st, ld, ot, ld, alpha);
     }
   }
 

@@ -218,6 +218,22 @@ __global__ void __launch_bounds__(256) bwd_pre_kernel(const PrePostParams p) {
 constexpr int kPostMaxHalfCols = 128;  // D 256 at 64-row steps: 64 x 128 floats a half
 constexpr int kPostThreads = 256;
 
+// The convert kernels' last pass: `live` rows of a row-major tile (row stride ld) holding dq
+// columns [d0, d0 + cols) of head bh, written from tensor row `first` on as 16-byte pieces
+// (a warp store covers whole 128-byte lines); zero-padded columns (>= D) are skipped.
+template <class Elem>
+__device__ __forceinline__ void store_dq_tile(const PrePostParams& p, int64_t bh, const Elem* tile, int ld, int live,
+                                              int cols, int d0, int64_t first) {
+  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
+  Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
+  const int chunks = cols / 8;  // D is a multiple of 8
+  for (int c = threadIdx.x; c < live * chunks; c += kPostThreads) {
+    const int row = c / chunks, d = d0 + (c - row * chunks) * 8;
+    if (d >= p.D) continue;
+    *reinterpret_cast<uint4*>(dq + (first + row) * p.dq_sn + d) = *reinterpret_cast<const uint4*>(tile + row * ld + d - d0);
+  }
+}
+
 template <class Elem>
 __global__ void __launch_bounds__(kPostThreads) bwd_post_kernel(const PrePostParams p) {
   constexpr int kMaxGroups = 16 * kPostMaxHalfCols / kPostThreads;  // per thread
@@ -259,22 +275,14 @@ __global__ void __launch_bounds__(kPostThreads) bwd_post_kernel(const PrePostPar
     }
   }
   __syncthreads();
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
-  const int chunks = half_cols / 8;  // 16-byte pieces of a row; D is a multiple of 8
-  for (int c = threadIdx.x; c < live * chunks; c += kPostThreads) {
-    const int row = c / chunks, d = d0 + (c - row * chunks) * 8;
-    if (d >= p.D) continue;  // a zero-padded column
-    const int64_t i = w0 + row + r.x;
-    *reinterpret_cast<uint4*>(dq + i * p.dq_sn + d) = *reinterpret_cast<const uint4*>(tile + row * ld + d - d0);
-  }
+  store_dq_tile(p, bh, tile, ld, live, half_cols, d0, static_cast<int64_t>(w0) + r.x);
 }
 
 // The 80-row step's dQ accumulator (bwd_kernel.h, Rows80): per query block of 80 rows, two
 // blocks of dQ^T (64 of D x 80 queries each, in the wgmma accumulator's order: a float4
 // holds (d, q), (d, q + 1), (d + 8, q), (d + 8, q + 1)). One CTA per query block reads both
 // (each warp load 512 contiguous bytes), transposes them into a row-major [80][D] tile in
-// shared memory and writes 16-byte row pieces, as bwd_post_kernel does. Dense calls only.
+// shared memory and writes 16-byte row pieces (store_dq_tile). Dense calls only.
 template <class Elem>
 __global__ void __launch_bounds__(kPostThreads) bwd_post_rows80_kernel(const PrePostParams p) {
   constexpr int BM = sm90::kBwdRows80M, KD = 128, ld = KD + 8;
@@ -304,15 +312,7 @@ __global__ void __launch_bounds__(kPostThreads) bwd_post_rows80_kernel(const Pre
     t[8] = static_cast<uint16_t>(c), t[ld + 8] = static_cast<uint16_t>(c >> 16);
   }
   __syncthreads();
-  const int b = static_cast<int>(bh / p.H), h = static_cast<int>(bh % p.H);
-  Elem* dq = static_cast<Elem*>(p.dq) + b * p.dq_sb + h * p.dq_sh;
-  constexpr int chunks = KD / 8;  // 16-byte pieces of a row
-  for (int c = threadIdx.x; c < live * chunks; c += kPostThreads) {
-    const int row = c / chunks, d = (c - row * chunks) * 8;
-    if (d >= p.D) continue;  // a zero-padded column
-    *reinterpret_cast<uint4*>(dq + static_cast<int64_t>(w0 + row) * p.dq_sn + d) =
-        *reinterpret_cast<const uint4*>(tile + row * ld + d);
-  }
+  store_dq_tile(p, bh, tile, ld, live, KD, 0, w0);
 }
 
 // The kernel a (D, Dv) pair runs on: the narrow kernel at 64, 96 or 128, the wide
